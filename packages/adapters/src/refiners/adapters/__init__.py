@@ -1,0 +1,3 @@
+"""refiners.adapters: see the workspace README."""
+
+__all__: list[str] = []

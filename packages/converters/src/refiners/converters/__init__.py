@@ -1,0 +1,3 @@
+"""refiners.converters: see the workspace README."""
+
+__all__: list[str] = []

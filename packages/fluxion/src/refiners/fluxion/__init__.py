@@ -1,0 +1,1 @@
+"""Fluxion: a declarative layer on PyTorch."""

@@ -1,0 +1,3 @@
+"""refiners.foundationals: see the workspace README."""
+
+__all__: list[str] = []

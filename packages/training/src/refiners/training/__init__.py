@@ -1,0 +1,3 @@
+"""refiners.training: see the workspace README."""
+
+__all__: list[str] = []
