@@ -136,7 +136,7 @@ class Chain(ContextModule):
     def _subtree_contexts(self) -> Contexts:
         provider = ContextProvider()
         provider.add_defaults(self.init_context())
-        for module, _ in self.walk(Chain):
+        for module, _ in self.walk(Chain, recurse=True):
             provider.add_defaults(module.init_context())
         return provider.contexts
 
@@ -290,7 +290,7 @@ class Chain(ContextModule):
         """The Chain of this tree that has `module` as a child, or None."""
         if module in self:
             return self
-        for chain, _ in self.walk(Chain):
+        for chain, _ in self.walk(Chain, recurse=True):
             if module in chain:
                 return chain
         return None
