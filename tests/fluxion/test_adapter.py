@@ -87,7 +87,7 @@ def test_inject_into_a_chain_that_does_not_hold_the_target_fails_clearly() -> No
     model = make_model()
     adapter = Double(model.layer(0, fl.Linear))
     with pytest.raises(ValueError, match=r"not a child of it \(the target is in Chain\)"):
-        adapter.inject(model["Chain"])
+        adapter.inject(model.layer("Chain", fl.Chain))
     lone = Double(fl.Linear(3, 3))
     with pytest.raises(ValueError, match=r"is in no Chain. Pass the Chain to inject into"):
         lone.inject()
@@ -123,7 +123,7 @@ def test_fosdem_my_adapter_example() -> None:
 
     # Find the target and its parent in the chain.
     # For simplicity let us assume it is the only Linear.
-    for target, parent in my_model.walk(fl.Linear):
+    for target, parent in my_model.walk(fl.Linear):  # noqa: B007
         break
 
     adapter = MyAdapter(target)  # pyright: ignore[reportPossiblyUnboundVariable]

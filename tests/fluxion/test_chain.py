@@ -45,7 +45,7 @@ def test_forward_equals_the_same_computation_in_torch() -> None:
 
 
 def test_construction_from_generators_and_nested_iterables() -> None:
-    model = fl.Chain((fl.Linear(2, 2) for _ in range(3)), [fl.ReLU(), [fl.SiLU()]])
+    model = fl.Chain((fl.Linear(2, 2) for _ in range(3)), [fl.ReLU(), fl.SiLU()])
     assert [type(m).__name__ for m in model] == ["Linear", "Linear", "Linear", "ReLU", "SiLU"]
     assert list(model._modules)[:3] == ["Linear_1", "Linear_2", "Linear_3"]
 

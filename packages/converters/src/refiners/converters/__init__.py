@@ -1,3 +1,5 @@
-"""refiners.converters: see the workspace README."""
+"""refiners.converters: turn diffusers, transformers, original and community checkpoints into refiners weights."""
 
-__all__: list[str] = []
+from refiners.converters.engine import ConversionError, KeyMap, convert_state_dict
+
+__all__ = ["ConversionError", "KeyMap", "convert_state_dict"]

@@ -7,7 +7,8 @@ before touching any weight. Image helpers need Pillow (`pip install "refiners-fl
 import os
 import random
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Generator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,11 +55,11 @@ _MAX_LISTED = 10
 
 
 @contextmanager
-def _open_safetensors(path: str | Path, device: Device = "cpu") -> Iterator[Any]:
+def _open_safetensors(path: str | Path, device: Device = "cpu") -> Generator[Any]:
     """`safe_open`, with errors that name the file and say what to do."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no such safetensors file: {path}")
+        raise FileNotFoundError(f"no such safetensors file: {path} (check the path and the working directory)")
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a directory: pass the path of a .safetensors file inside it")
     try:
@@ -94,7 +95,8 @@ def load_from_safetensors(path: str | Path, device: Device = "cpu") -> dict[str,
         ValueError: The file is not a valid or complete safetensors file.
     """
     with _open_safetensors(path, device) as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}
+        keys: list[str] = handle.keys()
+        return {key: handle.get_tensor(key) for key in keys}
 
 
 def load_metadata_from_safetensors(path: str | Path) -> dict[str, str]:
@@ -218,7 +220,8 @@ def load_state_dict_from_safetensors(module: torch.nn.Module, path: str | Path, 
     path = Path(path)
     targets = module.state_dict(keep_vars=True)
     with _open_safetensors(path) as handle:
-        file_shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        keys: list[str] = handle.keys()
+        file_shapes = {key: tuple[int, ...](handle.get_slice(key).get_shape()) for key in keys}
     report = _compare(file_shapes, {key: tuple(tensor.shape) for key, tensor in targets.items()})
     if strict and not report.complete:
         raise ValueError(_mismatch_message(module, path, report, file_shapes, targets))
@@ -234,9 +237,7 @@ def load_state_dict_from_safetensors(module: torch.nn.Module, path: str | Path, 
                 _load_one(module, key, targets[key], handle, materialized)
 
     if not report.complete:
-        import warnings
-
-        still_meta = [key for key in report.missing if _resolve(module, key)[2].device.type == "meta"]
+        still_meta = [key for key in report.missing if targets[key].device.type == "meta"]
         note = f"\n{len(still_meta)} missing weights are still on the meta device." if still_meta else ""
         warnings.warn(
             f"loaded {len(report.loaded)} of {len(targets)} tensors of {type(module).__name__} from {path}:\n"
@@ -308,14 +309,18 @@ def _extra_prefix(report: LoadReport) -> str | None:
     return best if best is not None and counts[best] >= len(missing) / 2 else None
 
 
-def _resolve(module: torch.nn.Module, key: str) -> tuple[torch.nn.Module, str, Tensor]:
-    """The module that owns `key`'s weight, the weight's attribute name, and the weight."""
+def _owner(module: torch.nn.Module, key: str) -> tuple[torch.nn.Module, str]:
+    """The submodule that holds `key`'s weight, and the weight's attribute name there."""
     owner_path, _, name = key.rpartition(".")
-    owner = module.get_submodule(owner_path)
-    tensor = owner._parameters.get(name)
-    if tensor is None:
-        tensor = owner._buffers[name]
-    return owner, name, tensor
+    try:
+        owner = module.get_submodule(owner_path)
+    except AttributeError as error:
+        raise ValueError(
+            f"cannot materialize {key!r} of {type(module).__name__}: no submodule {owner_path!r}"
+        ) from error
+    if name not in owner._parameters and name not in owner._buffers:
+        raise ValueError(f"cannot materialize {key!r}: {type(owner).__name__} has no parameter or buffer {name!r}")
+    return owner, name
 
 
 def _load_one(module: torch.nn.Module, key: str, target: Tensor, handle: Any, materialized: dict[int, Tensor]) -> None:
@@ -323,18 +328,22 @@ def _load_one(module: torch.nn.Module, key: str, target: Tensor, handle: Any, ma
     if target.device.type != "meta":
         target.copy_(handle.get_tensor(key))
         return
-    owner, name, current = _resolve(module, key)
+    owner, name = _owner(module, key)
+    current: Tensor | None = owner._parameters.get(name)
+    if current is None:
+        current = owner._buffers[name]
+        assert current is not None, f"{key} is a None buffer, which state_dict() does not list"
     if (replacement := materialized.get(id(current))) is None:
         value = handle.get_tensor(key).to(dtype=current.dtype)
         if isinstance(current, torch.nn.Parameter):
             replacement = torch.nn.Parameter(value, requires_grad=current.requires_grad)
         else:
             replacement = value
-        # Tied weights (one tensor at two keys) stay tied: the other owners get the same new tensor.
+        # Tied weights (one tensor at two keys) stay tied: their other owners get the same new tensor.
         materialized[id(current)] = replacement
     else:
         replacement.copy_(handle.get_tensor(key))
-    if name in owner._parameters:
+    if isinstance(replacement, torch.nn.Parameter):
         owner._parameters[name] = replacement
     else:
         owner._buffers[name] = replacement
@@ -387,7 +396,7 @@ def summarize_tensor(tensor: Tensor, /) -> str:
 def _statistics(tensor: Tensor) -> list[str]:
     if not tensor.is_floating_point():
         return [f"min={tensor.min().item()}", f"max={tensor.max().item()}"]
-    values = tensor.double()
+    values = tensor.float()
     finite = values[values.isfinite()]
     stats: list[str] = []
     if finite.numel() > 0:
@@ -540,6 +549,8 @@ def image_to_tensor(image: "Image.Image", device: Device | None = None, dtype: t
         device: Where the tensor goes.
         dtype: A floating dtype (default float32).
     """
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"image_to_tensor makes values in [0, 1]: it needs a floating dtype, got {dtype}")
     if (channels := _CHANNELS.get(image.mode)) is None:
         raise ValueError(
             f"image_to_tensor supports modes {', '.join(_CHANNELS)}; got a {image.mode!r} image: "

@@ -1,6 +1,6 @@
 """The Adapter API: patch a model by wrapping one of its layers, and undo it exactly."""
 
-from collections.abc import Iterator
+from collections.abc import Generator
 from contextlib import contextmanager
 from typing import Generic, Self, TypeVar, cast
 
@@ -43,10 +43,12 @@ class Adapter(Generic[T]):
     _target: list[T]
 
     @contextmanager
-    def setup_adapter(self, target: T) -> Iterator[None]:
+    def setup_adapter(self, target: T) -> Generator[None]:
         """Build the adapter's Chain inside this block: the target is held without leaving its tree."""
         if not isinstance(self, Chain):
-            raise TypeError(f"{type(self).__name__} must also be a Chain subclass, e.g. `class A(fl.Chain, fl.Adapter[T])`")
+            raise TypeError(
+                f"{type(self).__name__} must also be a Chain subclass, e.g. `class A(fl.Chain, fl.Adapter[T])`"
+            )
         object.__setattr__(self, "_foreign_child", target)
         try:
             yield
@@ -64,7 +66,9 @@ class Adapter(Generic[T]):
         adapter = self._as_chain
         target = self.target
         if adapter.parent is not None:
-            raise ValueError(f"{type(self).__name__} is already injected (in {adapter.parent.get_path()}); eject it first")
+            raise ValueError(
+                f"{type(self).__name__} is already injected (in {adapter.parent.get_path()}); eject it first"
+            )
         parent = parent if parent is not None else target.parent
         if parent is None:
             raise ValueError(

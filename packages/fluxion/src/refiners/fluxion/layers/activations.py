@@ -46,6 +46,8 @@ class GeLU(Activation):
 
     def __init__(self, approximation: Literal["none", "tanh", "quick"] = "none") -> None:
         super().__init__()
+        if approximation not in ("none", "tanh", "quick"):
+            raise ValueError(f'GeLU approximation must be "none", "tanh" or "quick", got {approximation!r}')
         self.approximation = approximation
 
     def forward(self, x: Tensor) -> Tensor:
@@ -56,6 +58,8 @@ class GeLU(Activation):
                 return gelu(x, approximate="tanh")
             case "quick":
                 return x * torch.sigmoid(1.702 * x)
+            case _:  # pragma: no cover (rejected in __init__)
+                raise ValueError(f"unknown GeLU approximation {self.approximation!r}")
 
 
 class GLU(Activation):

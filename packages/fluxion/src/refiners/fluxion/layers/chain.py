@@ -6,7 +6,7 @@ from typing import Any, Self, TypeVar, overload
 
 import torch
 
-from refiners.fluxion.context import Contexts, ContextProvider
+from refiners.fluxion.context import ContextProvider, Contexts
 from refiners.fluxion.layers.module import ContextModule, Module
 from refiners.fluxion.layers.tree import describe_inputs, render_tree
 
@@ -234,9 +234,7 @@ class Chain(ContextModule):
         return module
 
     @overload
-    def walk(
-        self, predicate: type[T], recurse: bool = False
-    ) -> Iterator[tuple[T, "Chain"]]: ...  # pragma: no cover
+    def walk(self, predicate: type[T], recurse: bool = False) -> Iterator[tuple[T, "Chain"]]: ...  # pragma: no cover
 
     @overload
     def walk(

@@ -1,11 +1,15 @@
 """Convolutions."""
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
 from refiners.fluxion.layers.module import WeightedModule
 
 __all__ = ["Conv2d", "ConvTranspose2d"]
+
+PaddingMode = Literal["zeros", "reflect", "replicate", "circular"]
 
 
 class Conv2d(torch.nn.Conv2d, WeightedModule):
@@ -21,6 +25,8 @@ class Conv2d(torch.nn.Conv2d, WeightedModule):
         use_bias: Whether to add a learned bias.
         dilation: Spacing between kernel elements.
         padding_mode: `"zeros"`, `"reflect"`, `"replicate"` or `"circular"`.
+        device: Where the weights live.
+        dtype: The weights' dtype.
     """
 
     def __init__(
@@ -33,7 +39,7 @@ class Conv2d(torch.nn.Conv2d, WeightedModule):
         groups: int = 1,
         use_bias: bool = True,
         dilation: int | tuple[int, int] = 1,
-        padding_mode: str = "zeros",
+        padding_mode: PaddingMode = "zeros",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -52,8 +58,8 @@ class Conv2d(torch.nn.Conv2d, WeightedModule):
         )
         self.use_bias = use_bias
 
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x)
+    def forward(self, input: Tensor) -> Tensor:
+        return super().forward(input)
 
 
 class ConvTranspose2d(torch.nn.ConvTranspose2d, WeightedModule):
@@ -69,6 +75,9 @@ class ConvTranspose2d(torch.nn.ConvTranspose2d, WeightedModule):
         groups: Number of blocked connections from input to output channels.
         use_bias: Whether to add a learned bias.
         dilation: Spacing between kernel elements.
+        padding_mode: Only `"zeros"` (torch's transposed convolutions support no other).
+        device: Where the weights live.
+        dtype: The weights' dtype.
     """
 
     def __init__(
@@ -82,7 +91,7 @@ class ConvTranspose2d(torch.nn.ConvTranspose2d, WeightedModule):
         groups: int = 1,
         use_bias: bool = True,
         dilation: int | tuple[int, int] = 1,
-        padding_mode: str = "zeros",
+        padding_mode: PaddingMode = "zeros",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -102,5 +111,5 @@ class ConvTranspose2d(torch.nn.ConvTranspose2d, WeightedModule):
         )
         self.use_bias = use_bias
 
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x)
+    def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
+        return super().forward(input, output_size=output_size)

@@ -1,5 +1,7 @@
 """Linear layers."""
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -31,8 +33,8 @@ class Linear(torch.nn.Linear, WeightedModule):
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x)
+    def forward(self, input: Tensor) -> Tensor:
+        return super().forward(input)
 
 
 class MultiLinear(Chain):
@@ -44,6 +46,8 @@ class MultiLinear(Chain):
         inner_dim: Size of the hidden layers.
         num_layers: Number of Linear layers.
         activation: The activation class put between Linear layers.
+        device: Where the weights live.
+        dtype: The weights' dtype.
     """
 
     def __init__(
@@ -60,7 +64,7 @@ class MultiLinear(Chain):
             raise ValueError(f"MultiLinear needs at least one layer, got num_layers={num_layers}")
         sizes = [input_dim] + [inner_dim] * (num_layers - 1) + [output_dim]
         layers: list[WeightedModule | Activation] = []
-        for index, (size_in, size_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        for index, (size_in, size_out) in enumerate(itertools.pairwise(sizes)):
             layers.append(Linear(size_in, size_out, device=device, dtype=dtype))
             if index < num_layers - 1:
                 layers.append(activation())

@@ -1,0 +1,753 @@
+"""LoRA: low-rank updates of Linear and Conv2d weights, injected and ejected with the Adapter API.
+
+A LoRA (Hu et al., 2021, https://arxiv.org/abs/2106.09685) adds `scale * alpha / rank * up(down(x))` to the output of
+a target layer `W`, i.e. it runs the target with the weight `W + scale * alpha / rank * up @ down`. `down` projects to
+`rank` features, `up` projects back; `up` starts at zero so that a fresh LoRA changes nothing.
+
+Example:
+    ```py
+    import torch
+    import refiners.fluxion.layers as fl
+    from refiners.fluxion.adapters.lora import SingleLoraAdapter, lora_parameters
+
+    model = fl.Chain(fl.Linear(8, 8), fl.ReLU(), fl.Linear(8, 4))
+    x = torch.randn(2, 8)
+    before = model(x)
+    for linear, parent in model.walk(fl.Linear):
+        SingleLoraAdapter(target=linear, rank=2).inject(parent)
+    assert torch.equal(model(x), before)  # `up` starts at zero
+    assert len(lora_parameters(model)) == 4  # what an optimizer trains: down and up of both LoRAs
+    ```
+"""
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Generator
+from contextlib import contextmanager
+from typing import Any, Generic, Self, TypeVar, cast
+
+import torch
+from torch import Tensor
+
+from refiners.fluxion.adapters.adapter import Adapter
+
+# Submodules rather than `import refiners.fluxion.layers as fl`: `refiners.fluxion.layers` imports this package
+# (for `fl.Adapter`), so its names may not exist yet while this module loads.
+from refiners.fluxion.layers.chain import Chain
+from refiners.fluxion.layers.combinators import Sum
+from refiners.fluxion.layers.conv import Conv2d, PaddingMode
+from refiners.fluxion.layers.linear import Linear
+from refiners.fluxion.layers.module import Module, WeightedModule
+
+__all__ = [
+    "Lora",
+    "LinearLora",
+    "Conv2dLora",
+    "LoraScaling",
+    "LoraAdapter",
+    "SingleLoraAdapter",
+    "add_loras_to",
+    "lora_parameters",
+]
+
+T = TypeVar("T", bound=WeightedModule)
+
+
+class LoraScaling(Module):
+    """Multiply by a LoRA's factor `scale * alpha / rank` (kept up to date by the `Lora` that holds it).
+
+    Args:
+        factor: The multiplier.
+    """
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.factor
+
+
+class Lora(Generic[T], Chain, ABC):
+    """A named low-rank update of a target layer: `down`, then `up`, then the factor `scale * alpha / rank`.
+
+    Use `LinearLora` or `Conv2dLora`; build one for a layer with `Lora.from_target`, or from trained tensors with
+    `Lora.from_weights`. `down` is initialised like PEFT's `lora_A` (Kaiming-uniform, `a=sqrt(5)`) and `up` is zero.
+
+    Args:
+        name: The LoRA's name, unique among the LoRAs of a `LoraAdapter` (e.g. `"default"`, `"pokemon"`).
+        rank: The inner size of the update.
+        alpha: With `rank`, sets the factor `alpha / rank` (PEFT's `lora_alpha`); defaults to `rank` (factor 1).
+        scale: How much of the update to apply; change it with `scale = ...` or `LoraAdapter.set_scale`.
+    """
+
+    def __init__(self, name: str, *layers: T, rank: int, alpha: float | None = None, scale: float = 1.0) -> None:
+        self.name = name
+        self._rank = rank
+        self._alpha = float(rank if alpha is None else alpha)
+        self._scale = float(scale)
+        # Set by `LoraAdapter.fuse`: the update is already in the target's weight, so the adapter skips this LoRA.
+        self._fused = False
+        super().__init__(*layers, LoraScaling(self.factor))
+        self.reset_parameters()
+
+    @property
+    def down(self) -> T:
+        """The projection to `rank` features (PEFT's `lora_A`)."""
+        return cast(T, self[0])
+
+    @property
+    def up(self) -> T:
+        """The projection back to the target's output features (PEFT's `lora_B`)."""
+        return cast(T, self[1])
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def alpha(self) -> float:
+        return self._alpha
+
+    @property
+    def scale(self) -> float:
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self._scale = float(value)
+        self.layer(2, LoraScaling).factor = self.factor
+        if self._fused:
+            adapter = self.parent
+            assert isinstance(adapter, LoraAdapter), "a fused LoRA is inside the adapter that fused it"
+            _write_fused_weight(adapter.target)
+
+    @property
+    def factor(self) -> float:
+        """The multiplier of `up(down(x))`: `scale * alpha / rank`."""
+        return self._scale * self._alpha / self._rank
+
+    @property
+    def is_fused(self) -> bool:
+        """Whether this LoRA is folded into its target's weight (see `LoraAdapter.fuse`)."""
+        return self._fused
+
+    def reset_parameters(self) -> None:
+        """Initialise like PEFT: Kaiming-uniform `down`, zero `up` (so that the LoRA starts as a no-op)."""
+        torch.nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        torch.nn.init.zeros_(self.up.weight)
+
+    def delta_weight(self) -> Tensor:
+        """The update of the target's weight, `factor * up @ down`, in float32 and with the target weight's shape."""
+        down = self.down.weight.detach().float()
+        up = self.up.weight.detach().float()
+        # `up` is a 1x1 convolution for Conv2d: flattened, both cases are one matrix product.
+        return self.factor * (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+
+    def is_compatible(self, layer: Module) -> bool:
+        """Whether this LoRA can update the weight of `layer`."""
+        return self._incompatibility(layer) is None
+
+    def check_compatible(self, layer: Module) -> None:
+        """Raise a ValueError that names both shapes if this LoRA cannot update the weight of `layer`."""
+        if (reason := self._incompatibility(layer)) is not None:
+            down, up = tuple(self.down.weight.shape), tuple(self.up.weight.shape)
+            weight = tuple(layer.weight.shape) if isinstance(layer, WeightedModule) else "no weight"
+            raise ValueError(
+                f"{type(self).__name__} {self.name!r} (down {down}, up {up}) does not fit {type(layer).__name__} at "
+                f"{layer.get_path()} (weight {weight}): {reason}. Build the LoRA for this layer with "
+                f"`Lora.from_target(name, layer, rank=...)`, or check which layer these weights belong to."
+            )
+
+    @abstractmethod
+    def _incompatibility(self, layer: Module) -> str | None:
+        """Why this LoRA cannot update `layer`, or None if it can."""
+
+    def _follow(self, target: T) -> None:
+        """Take from the target what the weights do not carry (a convolution's stride, padding...)."""
+
+    @classmethod
+    def from_target(
+        cls,
+        name: str,
+        target: WeightedModule,
+        rank: int = 16,
+        alpha: float | None = None,
+        scale: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Self:
+        """A fresh LoRA that fits `target`: a `LinearLora` for a Linear, a `Conv2dLora` for a Conv2d.
+
+        Args:
+            name: The LoRA's name.
+            target: The layer whose weight it updates.
+            rank: The inner size of the update.
+            alpha: See `Lora`; defaults to `rank`.
+            scale: See `Lora`.
+            device: Where the LoRA's weights live; defaults to the target's device.
+            dtype: The LoRA's dtype; defaults to the target's dtype.
+        """
+        device = target.device if device is None else device
+        dtype = target.dtype if dtype is None else dtype
+        lora: Lora[Any]
+        match target:
+            case Linear():
+                lora = LinearLora(
+                    name, target.in_features, target.out_features, rank, alpha, scale, device=device, dtype=dtype
+                )
+            case Conv2d():
+                if target.groups != 1:
+                    raise ValueError(
+                        f"cannot build a LoRA for {target.get_path()}: it is a grouped convolution "
+                        f"(groups={target.groups}), and Conv2dLora only updates convolutions with groups=1"
+                    )
+                kernel_height, kernel_width = target.kernel_size
+                lora = Conv2dLora(
+                    name,
+                    target.in_channels,
+                    target.out_channels,
+                    rank,
+                    alpha,
+                    scale,
+                    kernel_size=(kernel_height, kernel_width),
+                    device=device,
+                    dtype=dtype,
+                )
+                lora._follow(target)
+            case _:
+                raise TypeError(
+                    f"cannot build a LoRA for {target.get_path()}: it is a {type(target).__name__}, and LoRAs update "
+                    f"Linear and Conv2d layers only"
+                )
+        if not isinstance(lora, cls):
+            raise TypeError(
+                f"{cls.__name__} cannot update {target.get_path()}, a {type(target).__name__}: use "
+                f"{type(lora).__name__}.from_target (or Lora.from_target, which picks the right kind)"
+            )
+        return lora
+
+    @classmethod
+    def from_weights(
+        cls, name: str, down: Tensor, up: Tensor, alpha: float | None = None, scale: float = 1.0
+    ) -> "Lora[Any]":
+        """A LoRA holding trained `down` and `up` weights (PEFT's `lora_A` and `lora_B`), on their device and dtype.
+
+        Matrices make a `LinearLora`; 4D kernels (with a 1x1 `up`) make a `Conv2dLora`, whose stride, padding and
+        dilation are taken from its target when it joins a `LoraAdapter`.
+
+        Args:
+            name: The LoRA's name.
+            down: `(rank, in_features)` or `(rank, in_channels, kernel_height, kernel_width)`.
+            up: `(out_features, rank)` or `(out_channels, rank, 1, 1)`.
+            alpha: See `Lora`; defaults to the rank (what most LoRA files assume when they store no alpha).
+            scale: See `Lora`.
+        """
+        shapes = f"down {tuple(down.shape)} and up {tuple(up.shape)}"
+        if down.dim() != up.dim() or down.dim() not in (2, 4):
+            raise ValueError(
+                f"LoRA {name!r}: {shapes} must both be matrices (Linear) or both 4D kernels (Conv2d). Pass the "
+                f"`down` (lora_A) and `up` (lora_B) weights of the same layer."
+            )
+        if down.shape[0] != up.shape[1]:
+            raise ValueError(
+                f"LoRA {name!r}: {shapes} disagree on the rank (down.shape[0]={down.shape[0]}, "
+                f"up.shape[1]={up.shape[1]}). Check that `down` is lora_A and `up` is lora_B of the same layer."
+            )
+        rank = down.shape[0]
+        lora: Lora[Any]
+        if down.dim() == 2:
+            lora = LinearLora(
+                name, down.shape[1], up.shape[0], rank, alpha, scale, device=down.device, dtype=down.dtype
+            )
+        else:
+            if tuple(up.shape[2:]) != (1, 1):
+                raise ValueError(f"LoRA {name!r}: {shapes}: a Conv2d LoRA's `up` must be a 1x1 kernel")
+            lora = Conv2dLora(
+                name,
+                down.shape[1],
+                up.shape[0],
+                rank,
+                alpha,
+                scale,
+                kernel_size=(down.shape[2], down.shape[3]),
+                device=down.device,
+                dtype=down.dtype,
+            )
+        if not isinstance(lora, cls):
+            raise TypeError(f"{cls.__name__}.from_weights got weights of a {type(lora).__name__}: {shapes}")
+        with torch.no_grad():
+            lora.down.weight.copy_(down)
+            lora.up.weight.copy_(up)
+        return lora
+
+
+class LinearLora(Lora[Linear]):
+    """A LoRA for a Linear: `down` is `Linear(in_features, rank)`, `up` is `Linear(rank, out_features)`, no biases.
+
+    Args:
+        name: The LoRA's name.
+        in_features: The target's input size.
+        out_features: The target's output size.
+        rank: The inner size of the update.
+        alpha: See `Lora`; defaults to `rank`.
+        scale: See `Lora`.
+        device: Where the weights live.
+        dtype: The weights' dtype.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        in_features: int,
+        out_features: int,
+        rank: int = 16,
+        alpha: float | None = None,
+        scale: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        _check_rank(name, rank)
+        super().__init__(
+            name,
+            Linear(in_features, rank, bias=False, device=device, dtype=dtype),
+            Linear(rank, out_features, bias=False, device=device, dtype=dtype),
+            rank=rank,
+            alpha=alpha,
+            scale=scale,
+        )
+
+    @property
+    def in_features(self) -> int:
+        return self.down.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.up.out_features
+
+    def _incompatibility(self, layer: Module) -> str | None:
+        if not isinstance(layer, Linear):
+            return f"a LinearLora updates a Linear, not a {type(layer).__name__}"
+        if (layer.in_features, layer.out_features) != (self.in_features, self.out_features):
+            return (
+                f"the LoRA maps {self.in_features} to {self.out_features} features, the layer maps "
+                f"{layer.in_features} to {layer.out_features}"
+            )
+        return None
+
+
+class Conv2dLora(Lora[Conv2d]):
+    """A LoRA for a Conv2d: `down` is a convolution to `rank` channels that slides like the target, `up` is 1x1.
+
+    The stride, padding, dilation and padding mode of `down` are the target's: weights do not carry them, so they
+    are taken from the target when the LoRA joins a `LoraAdapter` (a LoRA updates the target's kernel, so it must
+    slide exactly like it).
+
+    Args:
+        name: The LoRA's name.
+        in_channels: The target's input channels.
+        out_channels: The target's output channels.
+        rank: The inner size of the update.
+        alpha: See `Lora`; defaults to `rank`.
+        scale: See `Lora`.
+        kernel_size: The target's kernel size.
+        stride: The target's stride.
+        padding: The target's padding.
+        dilation: The target's dilation.
+        padding_mode: The target's padding mode.
+        device: Where the weights live.
+        dtype: The weights' dtype.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        in_channels: int,
+        out_channels: int,
+        rank: int = 16,
+        alpha: float | None = None,
+        scale: float = 1.0,
+        kernel_size: int | tuple[int, int] = 1,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        padding_mode: PaddingMode = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        _check_rank(name, rank)
+        down = Conv2d(
+            in_channels,
+            rank,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            padding_mode=padding_mode,
+            use_bias=False,
+            device=device,
+            dtype=dtype,
+        )
+        up = Conv2d(rank, out_channels, 1, use_bias=False, device=device, dtype=dtype)
+        super().__init__(name, down, up, rank=rank, alpha=alpha, scale=scale)
+
+    @property
+    def in_channels(self) -> int:
+        return self.down.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.up.out_channels
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return self.down.kernel_size
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return self.down.stride
+
+    @property
+    def padding(self) -> str | tuple[int, ...]:
+        return self.down.padding
+
+    @property
+    def dilation(self) -> tuple[int, ...]:
+        return self.down.dilation
+
+    @property
+    def padding_mode(self) -> PaddingMode:
+        return self.down.padding_mode
+
+    def _incompatibility(self, layer: Module) -> str | None:
+        if not isinstance(layer, Conv2d):
+            return f"a Conv2dLora updates a Conv2d, not a {type(layer).__name__}"
+        if layer.groups != 1:
+            return f"the layer is a grouped convolution (groups={layer.groups}), Conv2dLora needs groups=1"
+        ours = (self.in_channels, self.out_channels, self.kernel_size)
+        theirs = (layer.in_channels, layer.out_channels, layer.kernel_size)
+        if ours != theirs:
+            return (
+                f"the LoRA maps {ours[0]} to {ours[1]} channels with a {ours[2]} kernel, the layer maps "
+                f"{theirs[0]} to {theirs[1]} channels with a {theirs[2]} kernel"
+            )
+        return None
+
+    def _follow(self, target: Conv2d) -> None:
+        down = self.down
+        down.stride = target.stride
+        down.padding = target.padding
+        down.dilation = target.dilation
+        down.padding_mode = target.padding_mode
+        # torch derives this from padding and kernel size (equal to the target's) in `__init__`: copy it too.
+        down._reversed_padding_repeated_twice = target._reversed_padding_repeated_twice
+
+
+def _check_rank(name: str, rank: int) -> None:
+    if rank < 1:
+        raise ValueError(f"LoRA {name!r}: rank must be a positive integer, got {rank}")
+
+
+class _Fusion:
+    """What undoes `fuse` exactly: the target's weight before any LoRA was folded into it, and those LoRAs.
+
+    It lives on the target (not on an adapter) because adapters stacked on one target fuse into the same weight.
+    """
+
+    def __init__(self, original: Tensor) -> None:
+        self.original = original
+        self.loras: list[Lora[Any]] = []
+
+
+_FUSION_KEY = "_lora_fusion"
+
+
+def _fusion_of(target: WeightedModule) -> _Fusion | None:
+    return target.__dict__.get(_FUSION_KEY)
+
+
+def _write_fused_weight(target: WeightedModule) -> None:
+    """Set the target's weight to its original plus the updates of the LoRAs fused into it, or to the original."""
+    fusion = _fusion_of(target)
+    assert fusion is not None, "only called on a target with fused LoRAs"
+    with torch.no_grad():
+        if not fusion.loras:
+            # A copy of the original, not a subtraction: in float16/bfloat16 `(W + d) - d` is not `W`.
+            target.weight.copy_(fusion.original)
+            del target.__dict__[_FUSION_KEY]
+            return
+        merged = fusion.original.float()
+        merged = merged + sum(lora.delta_weight().to(merged.device) for lora in fusion.loras)
+        # One rounding to the stored dtype, whatever the number of LoRAs.
+        target.weight.copy_(merged)
+
+
+class LoraAdapter(Sum, Adapter[WeightedModule]):
+    """Named LoRAs on one Linear or Conv2d: the output is `target(x) + sum(lora(x) for lora in loras)`.
+
+    Each LoRA has its own scale (`scales`, `set_scale`). LoRAs can be added and removed while injected. `fuse` folds
+    LoRAs into the target's weight, so that inference costs no more than the bare target; `unfuse` restores the
+    weight bit for bit. Ejecting unfuses this adapter's LoRAs, then restores the tree exactly.
+
+    Args:
+        target: The Linear or Conv2d to update.
+        *loras: The LoRAs, with distinct names, each fitting the target.
+
+    Example:
+        ```py
+        import torch
+        import refiners.fluxion.layers as fl
+        from refiners.fluxion.adapters.lora import LinearLora, LoraAdapter
+
+        model = fl.Chain(fl.Linear(8, 4))
+        linear = model.layer(0, fl.Linear)
+        adapter = LoraAdapter(linear, LinearLora("style", 8, 4, rank=2), LinearLora("subject", 8, 4, rank=2)).inject()
+        adapter.set_scale("style", 0.5)
+        assert adapter.scales == {"style": 0.5, "subject": 1.0}
+        subject = adapter.remove_lora("subject")
+        assert adapter.names == ["style"] and subject.parent is None
+        adapter.eject()
+        assert model.layer(0, fl.Linear) is linear
+        ```
+    """
+
+    def __init__(self, target: WeightedModule, *loras: Lora[Any]) -> None:
+        _check_distinct_names([lora.name for lora in loras])
+        for lora in loras:
+            self._prepare(lora, target)
+        with self.setup_adapter(target):
+            super().__init__(target, *loras)
+
+    @property
+    def loras(self) -> dict[str, Lora[Any]]:
+        """This adapter's LoRAs by name, in order."""
+        return {layer.name: layer for layer in self if isinstance(layer, Lora)}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.loras)
+
+    @property
+    def scales(self) -> dict[str, float]:
+        """The scale of each LoRA by name (a copy: change one with `set_scale`)."""
+        return {name: lora.scale for name, lora in self.loras.items()}
+
+    def set_scale(self, name: str, scale: float) -> None:
+        """Set the scale of the LoRA `name` (a fused LoRA is re-fused at the new scale)."""
+        self._lora(name).scale = scale
+
+    def add_lora(self, lora: Lora[Any]) -> None:
+        """Add `lora`, which must fit the target and have a name this adapter does not have yet."""
+        _check_distinct_names([*self.names, lora.name])
+        self._prepare(lora, self.target)
+        with self._holding_target():
+            self.append(lora)
+
+    def remove_lora(self, name: str) -> Lora[Any]:
+        """Remove the LoRA `name` (unfused first if needed) and return it, out of the tree."""
+        lora = self._lora(name)
+        self.unfuse(name)
+        with self._holding_target():
+            self.remove(lora)
+        return lora
+
+    def fuse(self, name: str | None = None) -> None:
+        """Fold the LoRA `name` (default: all of them) into the target's weight; forwards then skip it.
+
+        The updates are summed in float32 with the original weight and written once in the weight's dtype. The
+        original weight is kept (a clone, on its device and in its dtype) until every LoRA fused into this target is
+        unfused: fusing costs one extra copy of the target's weight, whatever the number of LoRAs. A fused LoRA
+        gets no gradient; unfuse it to train it.
+        """
+        loras = [lora for lora in self._selected(name) if not lora.is_fused]
+        if not loras:
+            return
+        target = self.target
+        fusion = _fusion_of(target)
+        if fusion is None:
+            fusion = _Fusion(original=target.weight.detach().clone())
+            object.__setattr__(target, _FUSION_KEY, fusion)
+        for lora in loras:
+            fusion.loras.append(lora)
+            lora._fused = True
+        _write_fused_weight(target)
+
+    def unfuse(self, name: str | None = None) -> None:
+        """Take the LoRA `name` (default: all of them) out of the target's weight; forwards apply it again.
+
+        Once no LoRA is fused into the target, its weight is the original, bit for bit (in any dtype).
+        """
+        loras = [lora for lora in self._selected(name) if lora.is_fused]
+        if not loras:
+            return
+        target = self.target
+        fusion = _fusion_of(target)
+        assert fusion is not None, "fused LoRAs have a fusion record on their target"
+        for lora in loras:
+            fusion.loras = [fused for fused in fusion.loras if fused is not lora]
+            lora._fused = False
+        _write_fused_weight(target)
+
+    def eject(self) -> None:
+        """Unfuse this adapter's LoRAs and restore the tree as it was before `inject`."""
+        super().eject()
+        self.unfuse()
+
+    def forward(self, *args: Any) -> Any:
+        output: Any = None
+        for layer in self:
+            if isinstance(layer, Lora) and layer.is_fused:
+                continue
+            layer_output = self._call_layer(layer, *args)
+            output = layer_output if output is None else output + layer_output
+        return output
+
+    def _lora(self, name: str) -> Lora[Any]:
+        loras = self.loras
+        if name not in loras:
+            raise LookupError(
+                f"{self.get_path()} has no LoRA named {name!r}; its LoRAs are {list(loras)}. Pass one of these names."
+            )
+        return loras[name]
+
+    def _selected(self, name: str | None) -> list[Lora[Any]]:
+        return list(self.loras.values()) if name is None else [self._lora(name)]
+
+    @staticmethod
+    def _prepare(lora: Lora[Any], target: WeightedModule) -> None:
+        lora.check_compatible(target)
+        lora._follow(target)
+
+    @contextmanager
+    def _holding_target(self) -> Generator[None]:
+        # Before `inject` the target is our child but still belongs to its model: hold it as the Adapter API does
+        # while our children change, so that it is not taken from its tree.
+        target = self.target
+        holds = target in self and target.parent is not self
+        object.__setattr__(self, "_foreign_child", target if holds else None)
+        try:
+            yield
+        finally:
+            object.__setattr__(self, "_foreign_child", None)
+
+
+def _check_distinct_names(names: list[str]) -> None:
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(
+            f"LoRA names must be distinct within an adapter: {repeated} would appear more than once in {names}. "
+            f"Give each LoRA its own name."
+        )
+
+
+class SingleLoraAdapter(LoraAdapter):
+    """A `LoraAdapter` with one fresh LoRA fit to its target: a `LinearLora` or a `Conv2dLora`.
+
+    Args:
+        target: The Linear or Conv2d to update.
+        rank: The inner size of the update.
+        alpha: See `Lora`; defaults to `rank`.
+        scale: See `Lora`.
+        name: The LoRA's name.
+        device: Where the LoRA's weights live; defaults to the target's device.
+        dtype: The LoRA's dtype; defaults to the target's dtype.
+
+    Example:
+        ```py
+        import torch
+        import refiners.fluxion.layers as fl
+        from refiners.fluxion.adapters.lora import SingleLoraAdapter
+
+        model = fl.Chain(fl.Conv2d(3, 8, 3, padding=1), fl.ReLU(), fl.Chain(fl.Linear(8, 8)))
+        for layer in model.layers(fl.Chain):
+            for linear, parent in layer.walk(fl.Linear):
+                SingleLoraAdapter(target=linear, rank=4).inject(parent)
+        adapter = model.layer("Chain.SingleLoraAdapter", SingleLoraAdapter)
+        assert adapter.lora.rank == 4 and adapter.names == ["default"]
+        ```
+    """
+
+    def __init__(
+        self,
+        target: WeightedModule,
+        rank: int = 16,
+        alpha: float | None = None,
+        scale: float = 1.0,
+        name: str = "default",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        lora = Lora[Any].from_target(name, target, rank=rank, alpha=alpha, scale=scale, device=device, dtype=dtype)
+        super().__init__(target, lora)
+
+    @property
+    def lora(self) -> Lora[Any]:
+        """The adapter's LoRA."""
+        loras = list(self.loras.values())
+        if len(loras) != 1:
+            raise LookupError(f"{self.get_path()} holds {len(loras)} LoRAs ({self.names}); use `loras[name]`")
+        return loras[0]
+
+
+def add_loras_to(
+    model: Chain,
+    select: type[WeightedModule] | Callable[[Module, Chain], bool],
+    rank: int = 16,
+    alpha: float | None = None,
+    scale: float = 1.0,
+    name: str = "default",
+) -> list[LoraAdapter]:
+    """Add a fresh LoRA named `name` to every Linear or Conv2d of `model` that `select` picks.
+
+    A layer that already has a `LoraAdapter` gets the LoRA in that adapter; any other gets a new `LoraAdapter`,
+    injected in its place. The layers inside LoRAs are never selected.
+
+    Args:
+        model: The model to patch.
+        select: A layer type (e.g. `fl.Linear`), or a function of `(layer, parent)`.
+        rank: The inner size of the updates.
+        alpha: See `Lora`; defaults to `rank`.
+        scale: See `Lora`.
+        name: The new LoRAs' name.
+
+    Returns:
+        The adapters that received a LoRA, in tree order.
+    """
+    if isinstance(select, type):
+        layer_type = select
+
+        def selects(layer: Module, parent: Chain) -> bool:
+            return isinstance(layer, layer_type) and not isinstance(parent, Lora)
+
+    else:
+        predicate = select
+
+        def selects(layer: Module, parent: Chain) -> bool:
+            return not isinstance(parent, Lora) and predicate(layer, parent)
+
+    adapters: list[LoraAdapter] = []
+    for layer, parent in model.walk(selects):
+        if not isinstance(layer, Linear | Conv2d):
+            raise TypeError(
+                f"add_loras_to selected {layer.get_path()}, a {type(layer).__name__}: LoRAs update Linear and Conv2d "
+                f"layers only. Make `select` pick only those."
+            )
+        lora = Lora[Any].from_target(name, layer, rank=rank, alpha=alpha, scale=scale)
+        if isinstance(parent, LoraAdapter) and parent.target is layer:
+            parent.add_lora(lora)
+            adapters.append(parent)
+        else:
+            adapters.append(LoraAdapter(layer, lora).inject(parent))
+    if not adapters:
+        raise LookupError(f"add_loras_to found no layer to update in {model.get_path()}: `select` picked none")
+    return adapters
+
+
+def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters of every `Lora` in `model` (found by type, not by name): what a LoRA training optimises."""
+    parameters: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, Lora):
+            for parameter in module.parameters():
+                parameters.setdefault(id(parameter), parameter)
+    return list(parameters.values())

@@ -1,0 +1,1 @@
+"""Latent diffusion: the models and solvers of Stable Diffusion."""
