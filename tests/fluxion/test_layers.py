@@ -1,6 +1,9 @@
 """Every fluxion layer against its torch counterpart: same weights, same inputs, same outputs."""
 
+import inspect
 import math
+import re
+import textwrap
 from collections.abc import Callable
 
 import pytest
@@ -10,6 +13,7 @@ from torch import Tensor
 from torch.testing import assert_close
 
 import refiners.fluxion.layers as fl
+from refiners.fluxion.layers import attentions, basics, converter, embedding, norm, sampling
 from refiners.fluxion.layers.sampling import InterpolateMode, PushShape
 
 # Tolerances: `atol=0, rtol=0` where both sides run the same op on the same weights (bitwise equal);
@@ -20,6 +24,11 @@ from refiners.fluxion.layers.sampling import InterpolateMode, PushShape
 @pytest.fixture(autouse=True)
 def seed() -> None:
     torch.manual_seed(0)
+
+
+def layer_id(value: object) -> str:
+    """Test ids that name the layer and are the same in every process (no function addresses, for pytest-xdist)."""
+    return str(value) if isinstance(value, fl.Module) else ""
 
 
 def randomize(module: torch.nn.Module) -> None:
@@ -313,7 +322,7 @@ def quick_gelu(x: Tensor) -> Tensor:
         (fl.Multiply(scale=2.5, bias=-1.0), lambda x: 2.5 * x - 1.0),
         (fl.Identity(), torch.nn.Identity()),
     ],
-    ids=lambda value: str(value) if isinstance(value, fl.Module) else "",
+    ids=layer_id,
 )
 def test_element_wise(layer: fl.Module, reference: Callable[[Tensor], Tensor]) -> None:
     x = torch.randn(3, 4, 10) * 3
@@ -351,7 +360,7 @@ def test_gelu_rejects_unknown_approximation() -> None:
         (fl.Squeeze(dim=3), lambda x: x.squeeze(3)),
         (fl.Unsqueeze(dim=-2), lambda x: x.unsqueeze(-2)),
     ],
-    ids=str,
+    ids=layer_id,
 )
 def test_shape_layer(layer: fl.Module, reference: Callable[[Tensor], Tensor]) -> None:
     x = torch.randn(2, 3, 4, 1, 5)
@@ -467,7 +476,7 @@ def test_downsample_without_register_shape_leaves_no_shape() -> None:
         (fl.ReflectionPad2d((1, 0, 2, 3)), lambda x: F.pad(x, (1, 0, 2, 3), mode="reflect"), (2, 3, 5, 6)),
         (fl.PixelUnshuffle(2), lambda x: F.pixel_unshuffle(x, 2), (2, 3, 8, 6)),
     ],
-    ids=str,
+    ids=layer_id,
 )
 def test_pooling_and_padding(layer: fl.Module, reference: Callable[[Tensor], Tensor], shape: tuple[int, ...]) -> None:
     x = torch.randn(*shape)
@@ -634,3 +643,23 @@ def test_attention_heads_are_head_dim_scaled() -> None:
     weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(4), dim=-1)
     expected = (weights @ v).transpose(1, 2).reshape(1, 1, 8)
     assert_close(layer(query, key, value), expected, atol=1e-6, rtol=1e-6)
+
+
+# -- docstring examples ------------------------------------------------------------------------------------------
+
+LAYER_MODULES = [basics, converter, embedding, norm, attentions, sampling]
+EXAMPLES = [
+    (f"{module.__name__}.{name}", block)
+    for module in LAYER_MODULES
+    for name in module.__all__
+    for block in re.findall(r"```py\n(.*?)\s*```", inspect.getdoc(getattr(module, name)) or "", flags=re.DOTALL)
+]
+
+
+def test_there_are_examples() -> None:
+    assert {name.rsplit(".", 1)[-1] for name, _ in EXAMPLES} >= {"Reshape", "Converter", "Attention", "Upsample"}
+
+
+@pytest.mark.parametrize(("name", "code"), EXAMPLES, ids=[name for name, _ in EXAMPLES])
+def test_docstring_example(name: str, code: str) -> None:
+    exec(compile(textwrap.dedent(code), f"<example of {name}>", "exec"), {"__name__": "example"})

@@ -21,6 +21,7 @@ from refiners.fluxion.adapters.lora import (
     add_loras_to,
     lora_parameters,
 )
+from refiners.fluxion.layers.conv import PaddingMode
 
 ATOL, RTOL = 1e-5, 1e-5
 
@@ -77,7 +78,7 @@ def test_linear_lora_adds_the_merged_weight_update(alpha: float | None, scale: f
     [(1, 1, 1, "zeros"), (2, 1, 1, "zeros"), (1, 2, 2, "zeros"), (2, 0, 1, "zeros"), (1, 1, 1, "reflect")],
 )
 def test_conv2d_lora_convolves_with_the_merged_kernel(
-    stride: int, padding: int, dilation: int, padding_mode: fl.conv.PaddingMode
+    stride: int, padding: int, dilation: int, padding_mode: PaddingMode
 ) -> None:
     conv = fl.Conv2d(4, 6, 3, stride=stride, padding=padding, dilation=dilation, padding_mode=padding_mode)
     model = fl.Chain(conv)
@@ -103,7 +104,7 @@ def test_conv2d_lora_convolves_with_the_merged_kernel(
 def test_a_fresh_lora_is_initialised_like_peft_and_changes_nothing() -> None:
     base = torch.nn.Sequential(torch.nn.Linear(12, 7), torch.nn.Conv2d(3, 5, 3, padding=1))
     torch.manual_seed(0)
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1"]))
+    peft_model: Any = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1"]))
     peft_layers: list[Any] = [peft_model.base_model.model[0], peft_model.base_model.model[1]]
 
     linear, conv = fl.Linear(12, 7), fl.Conv2d(3, 5, 3, padding=1)
@@ -128,7 +129,7 @@ def flatten(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1)
 
 
-def peft_reference_and_ours() -> tuple[torch.nn.Module, fl.Chain]:
+def peft_reference_and_ours() -> tuple[Any, fl.Chain]:
     base = torch.nn.Sequential(
         torch.nn.Conv2d(3, 6, 3, padding=1),
         torch.nn.ReLU(),
@@ -139,7 +140,7 @@ def peft_reference_and_ours() -> tuple[torch.nn.Module, fl.Chain]:
         torch.nn.Linear(10, 5),
     )
     config = LoraConfig(r=3, lora_alpha=7, target_modules=["0", "2", "4", "6"], init_lora_weights=False)
-    peft_model = get_peft_model(base, config)
+    peft_model: Any = get_peft_model(base, config)
     ours = fl.Chain(
         fl.Conv2d(3, 6, 3, padding=1),
         fl.ReLU(),
@@ -291,6 +292,18 @@ def test_a_thousand_fuse_unfuse_cycles_leave_the_weight_bit_identical() -> None:
     assert torch.equal(target.weight, original)
 
 
+def test_a_model_cast_while_fused_unfuses_to_its_cast_original_weight() -> None:
+    model = fl.Chain(fl.Linear(8, 8))
+    adapter = SingleLoraAdapter(model.layer(0, fl.Linear), rank=2)
+    adapter.inject()
+    randomize(adapter.lora, seed=6)
+    original = adapter.target.weight.detach().clone()
+    adapter.fuse()
+    model.to(dtype=torch.bfloat16)
+    adapter.unfuse()
+    assert torch.equal(adapter.target.weight, original.to(torch.bfloat16))
+
+
 def test_a_fused_lora_is_not_applied_again_and_follows_its_scale() -> None:
     linear = fl.Linear(6, 4)
     model = fl.Chain(linear)
@@ -369,7 +382,9 @@ def test_stacked_adapters_eject_in_any_order(eject_first: str) -> None:
     x = torch.randn(2, 6)
     hidden = model.layer(0, fl.Linear)(x).relu()
     expected = hidden @ (linear.weight + reference_delta(outer.lora) + reference_delta(inner.lora)).T + linear.bias
-    torch.testing.assert_close(model.layer("Chain.SingleLoraAdapter", LoraAdapter)(hidden), expected, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(
+        model.layer("Chain.SingleLoraAdapter", LoraAdapter)(hidden), expected, atol=ATOL, rtol=RTOL
+    )
 
     first, second = (outer, inner) if eject_first == "outer" else (inner, outer)
     first.eject()
@@ -476,7 +491,9 @@ def test_seed_readme_loop_puts_loras_on_attention_linears() -> None:
     assert all(isinstance(adapter.parent, fl.Distribute | fl.Attention) for adapter in adapters)
     assert torch.equal(vit(x), before)
     # The reference: the same ViT with each projection's weight replaced by W + scale * alpha / rank * up @ down.
-    reference_linears = [linear for attention in reference.layers(fl.Attention) for linear, _ in attention.walk(fl.Linear)]
+    reference_linears = [
+        linear for attention in reference.layers(fl.Attention) for linear, _ in attention.walk(fl.Linear)
+    ]
     for index, (adapter, reference_linear) in enumerate(zip(adapters, reference_linears, strict=True)):
         randomize(adapter.lora, seed=index)
         with torch.no_grad():
@@ -509,9 +526,15 @@ def _dedent(code: str) -> str:
 def test_a_lora_that_does_not_fit_its_target_is_refused_with_both_shapes() -> None:
     model = fl.Chain(fl.Linear(8, 6), fl.Conv2d(3, 4, 3))
     linear, conv = model.layer(0, fl.Linear), model.layer(1, fl.Conv2d)
-    with pytest.raises(ValueError, match=r"LinearLora 'x' \(down \(2, 8\), up \(5, 2\)\) does not fit Linear at Chain.Linear \(weight \(6, 8\)\): the LoRA maps 8 to 5 features, the layer maps 8 to 6"):
+    with pytest.raises(
+        ValueError,
+        match=r"LinearLora 'x' \(down \(2, 8\), up \(5, 2\)\) does not fit Linear at Chain.Linear \(weight \(6, 8\)\): the LoRA maps 8 to 5 features, the layer maps 8 to 6",
+    ):
         LoraAdapter(linear, LinearLora("x", 8, 5, rank=2))
-    with pytest.raises(ValueError, match=r"the LoRA maps 3 to 4 channels with a \(1, 1\) kernel, the layer maps 3 to 4 channels with a \(3, 3\) kernel"):
+    with pytest.raises(
+        ValueError,
+        match=r"the LoRA maps 3 to 4 channels with a \(1, 1\) kernel, the layer maps 3 to 4 channels with a \(3, 3\) kernel",
+    ):
         LoraAdapter(conv, Conv2dLora("x", 3, 4, rank=2))
     adapter = SingleLoraAdapter(linear, rank=2)
     with pytest.raises(ValueError, match=r"Conv2dLora 'c' .* a Conv2dLora updates a Conv2d, not a Linear"):
@@ -551,7 +574,9 @@ def test_unsupported_targets_and_ranks_are_refused() -> None:
     model = fl.Chain(fl.Conv2d(4, 4, 3, groups=2), fl.ConvTranspose2d(4, 4, 3), fl.Linear(4, 4), fl.ReLU())
     with pytest.raises(ValueError, match=r"Chain.Conv2d: it is a grouped convolution \(groups=2\)"):
         SingleLoraAdapter(model.layer(0, fl.Conv2d))
-    with pytest.raises(TypeError, match=r"Chain.ConvTranspose2d: it is a ConvTranspose2d, and LoRAs update Linear and Conv2d"):
+    with pytest.raises(
+        TypeError, match=r"Chain.ConvTranspose2d: it is a ConvTranspose2d, and LoRAs update Linear and Conv2d"
+    ):
         SingleLoraAdapter(model.layer(1, fl.ConvTranspose2d))
     with pytest.raises(TypeError, match=r"Conv2dLora cannot update Chain.Linear, a Linear: use LinearLora.from_target"):
         Conv2dLora.from_target("x", model.layer(2, fl.Linear))
@@ -561,7 +586,7 @@ def test_unsupported_targets_and_ranks_are_refused() -> None:
         add_loras_to(model, lambda layer, _parent: isinstance(layer, fl.ReLU))
     with pytest.raises(LookupError, match=r"add_loras_to found no layer to update in Chain"):
         add_loras_to(model, fl.MultiLinear)  # pyright: ignore[reportArgumentType]
+    adapter = SingleLoraAdapter(model.layer(2, fl.Linear), rank=1)
+    adapter.add_lora(LinearLora("b", 4, 4, rank=1))
     with pytest.raises(LookupError, match=r"holds 2 LoRAs \(\['default', 'b'\]\); use `loras\[name\]`"):
-        adapter = SingleLoraAdapter(model.layer(2, fl.Linear), rank=1)
-        adapter.add_lora(LinearLora("b", 4, 4, rank=1))
         _ = adapter.lora

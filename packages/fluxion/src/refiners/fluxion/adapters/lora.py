@@ -76,19 +76,21 @@ class Lora(Generic[T], Chain, ABC):
 
     Args:
         name: The LoRA's name, unique among the LoRAs of a `LoraAdapter` (e.g. `"default"`, `"pokemon"`).
-        rank: The inner size of the update.
-        alpha: With `rank`, sets the factor `alpha / rank` (PEFT's `lora_alpha`); defaults to `rank` (factor 1).
+        down: The projection to `rank` features; the rank is its number of outputs.
+        up: The projection back to the target's output features.
+        alpha: With the rank, sets the factor `alpha / rank` (PEFT's `lora_alpha`); defaults to the rank (factor 1).
         scale: How much of the update to apply; change it with `scale = ...` or `LoraAdapter.set_scale`.
     """
 
-    def __init__(self, name: str, *layers: T, rank: int, alpha: float | None = None, scale: float = 1.0) -> None:
+    def __init__(self, name: str, down: T, up: T, alpha: float | None = None, scale: float = 1.0) -> None:
+        rank = down.weight.shape[0]
         self.name = name
         self._rank = rank
         self._alpha = float(rank if alpha is None else alpha)
         self._scale = float(scale)
         # Set by `LoraAdapter.fuse`: the update is already in the target's weight, so the adapter skips this LoRA.
         self._fused = False
-        super().__init__(*layers, LoraScaling(self.factor))
+        super().__init__(down, up, LoraScaling(self.factor))
         self.reset_parameters()
 
     @property
@@ -228,9 +230,7 @@ class Lora(Generic[T], Chain, ABC):
         return lora
 
     @classmethod
-    def from_weights(
-        cls, name: str, down: Tensor, up: Tensor, alpha: float | None = None, scale: float = 1.0
-    ) -> "Lora[Any]":
+    def from_weights(cls, name: str, down: Tensor, up: Tensor, alpha: float | None = None, scale: float = 1.0) -> Self:
         """A LoRA holding trained `down` and `up` weights (PEFT's `lora_A` and `lora_B`), on their device and dtype.
 
         Matrices make a `LinearLora`; 4D kernels (with a 1x1 `up`) make a `Conv2dLora`, whose stride, padding and
@@ -310,9 +310,8 @@ class LinearLora(Lora[Linear]):
         _check_rank(name, rank)
         super().__init__(
             name,
-            Linear(in_features, rank, bias=False, device=device, dtype=dtype),
-            Linear(rank, out_features, bias=False, device=device, dtype=dtype),
-            rank=rank,
+            down=Linear(in_features, rank, bias=False, device=device, dtype=dtype),
+            up=Linear(rank, out_features, bias=False, device=device, dtype=dtype),
             alpha=alpha,
             scale=scale,
         )
@@ -389,7 +388,7 @@ class Conv2dLora(Lora[Conv2d]):
             dtype=dtype,
         )
         up = Conv2d(rank, out_channels, 1, use_bias=False, device=device, dtype=dtype)
-        super().__init__(name, down, up, rank=rank, alpha=alpha, scale=scale)
+        super().__init__(name, down, up, alpha=alpha, scale=scale)
 
     @property
     def in_channels(self) -> int:
@@ -557,7 +556,8 @@ class LoraAdapter(Sum, Adapter[WeightedModule]):
         The updates are summed in float32 with the original weight and written once in the weight's dtype. The
         original weight is kept (a clone, on its device and in its dtype) until every LoRA fused into this target is
         unfused: fusing costs one extra copy of the target's weight, whatever the number of LoRAs. A fused LoRA
-        gets no gradient; unfuse it to train it.
+        gets no gradient; unfuse it to train it. A model cast or moved while fused unfuses to its original weight
+        cast or moved the same way (the kept copy itself stays where it was made).
         """
         loras = [lora for lora in self._selected(name) if not lora.is_fused]
         if not loras:

@@ -111,6 +111,8 @@ class Module(torch.nn.Module):
                     continue
                 if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
                     continue
+                if name in self._parameters or name in self._buffers or name in self._modules:
+                    continue  # weights, not hyperparameters (e.g. `bias`, which is None when disabled)
                 value = getattr(self, name, _MISSING)
                 if value is _MISSING or not _is_simple(value):
                     continue

@@ -168,6 +168,15 @@ class Upsample(Chain):
             `Downsample(register_shape=True)` in the same forward, which restores odd sizes exactly.
         device: Where the weights live.
         dtype: The weights' dtype.
+
+    Example:
+        ```py
+        import torch
+        import refiners.fluxion.layers as fl
+
+        model = fl.Chain(fl.Downsample(8, scale_factor=2, padding=1), fl.Upsample(8))
+        assert model(torch.randn(1, 8, 7, 9)).shape == (1, 8, 7, 9)
+        ```
     """
 
     def __init__(

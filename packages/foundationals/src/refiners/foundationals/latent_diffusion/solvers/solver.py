@@ -279,7 +279,7 @@ class Solver(fl.Module, ABC):
         train_steps, spacing = self.params.num_train_timesteps, self.timesteps_spacing
         match spacing:
             case TimestepSpacing.LINSPACE:
-                return torch.linspace(0, train_steps - 1, num_timesteps, dtype=torch.float64).flip(0)
+                return numpy_linspace(0, train_steps - 1, num_timesteps).flip(0)
             case TimestepSpacing.LEADING:
                 ratio = train_steps // num_timesteps
                 return (torch.arange(num_timesteps, dtype=torch.float64) * ratio).flip(0) + self.params.timesteps_offset
@@ -319,10 +319,19 @@ def sample_noise(like: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
+def numpy_linspace(start: float, end: float, num_points: int) -> Tensor:
+    """`numpy.linspace` in float64, whose `start + i * step` rounds (and breaks .5 ties) unlike `torch.linspace`."""
+    if num_points == 1:
+        return torch.tensor([start], dtype=torch.float64)
+    points = torch.arange(num_points, dtype=torch.float64) * ((end - start) / (num_points - 1)) + start
+    points[-1] = end
+    return points
+
+
 def karras_sigmas(sigma_min: float, sigma_max: float, num_sigmas: int) -> Tensor:
     """Noise levels evenly spaced in sigma^(1/7) (arXiv:2206.00364, eq. 5), descending, in float64."""
     rho = 7.0
-    ramp = torch.linspace(0, 1, num_sigmas, dtype=torch.float64)
+    ramp = numpy_linspace(0, 1, num_sigmas)
     max_inv_rho, min_inv_rho = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
     return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
 

@@ -1,0 +1,436 @@
+"""The Stable Diffusion 1.x UNet: diffusers' `UNet2DConditionModel` with the SD1.5 configuration.
+
+The tree reads like the architecture: a `TimestepEncoder` embeds the timestep, `DownBlocks` halve the resolution
+three times, a `MiddleBlock` works at the lowest one, `UpBlocks` come back up, each of them concatenating the output
+of its mirror down block (the skip connections, kept in the context `UNET_CONTEXT`), and an `OutputBlock` predicts
+the noise. The side inputs travel through the Context API: set them with `unet.set_timestep(...)` and
+`unet.set_clip_text_embedding(...)`, then call `unet(latents)`.
+"""
+
+from operator import itemgetter
+
+import torch
+from torch import Tensor
+
+import refiners.fluxion.layers as fl
+from refiners.fluxion.context import Contexts, lookup_key
+from refiners.foundationals.latent_diffusion.cross_attention import CROSS_ATTENTION_CONTEXT, CrossAttentionBlock2d
+from refiners.foundationals.latent_diffusion.range_adapter import (
+    RANGE_ADAPTER_CONTEXT,
+    TIMESTEP_CONTEXT,
+    TIMESTEP_EMBEDDING_KEY,
+    TIMESTEP_KEY,
+    RangeAdapter2d,
+    TimestepEncoder,
+)
+
+__all__ = [
+    "UNET_CONTEXT",
+    "RESIDUALS_KEY",
+    "CLIP_TEXT_EMBEDDING_KEY",
+    "SD1_CHANNELS",
+    "ResidualBlock",
+    "CLIPLCrossAttention",
+    "DownBlocks",
+    "MiddleBlock",
+    "UpBlocks",
+    "OutputBlock",
+    "ResidualAccumulator",
+    "ResidualConcatenator",
+    "SD1UNet",
+]
+
+UNET_CONTEXT = "unet"
+RESIDUALS_KEY = "residuals"
+"""`UNET_CONTEXT[RESIDUALS_KEY]`: the outputs of the down blocks, in order, that the up blocks concatenate."""
+
+CLIP_TEXT_EMBEDDING_KEY = "clip_text_embedding"
+"""The text embedding's key in `CROSS_ATTENTION_CONTEXT`."""
+
+SD1_CHANNELS = (320, 640, 1280, 1280)
+"""The widths of the four resolutions of the SD1 UNet (diffusers' `block_out_channels`)."""
+
+Channels = tuple[int, int, int, int]
+Device = torch.device | str | None
+
+
+class ResidualBlock(fl.Sum):
+    """`shortcut(x) + Conv(SiLU(GroupNorm(Conv(SiLU(GroupNorm(x))))))`: diffusers' `ResnetBlock2D`.
+
+    The shortcut is the identity, or a 1x1 convolution when the number of channels changes. `SD1UNet` wraps the
+    first 3x3 convolution in a `RangeAdapter2d`, which adds the timestep embedding to its output.
+
+    Args:
+        in_channels: Channels of the input.
+        out_channels: Channels of the output.
+        num_groups: Number of groups of the GroupNorms.
+        eps: The GroupNorms' epsilon.
+        device: Where the weights live.
+        dtype: The weights' dtype.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_groups: int = 32,
+        eps: float = 1e-5,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.num_groups = num_groups
+        self.eps = eps
+        super().__init__(
+            fl.Chain(
+                fl.GroupNorm(in_channels, num_groups, eps=eps, device=device, dtype=dtype),
+                fl.SiLU(),
+                fl.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, device=device, dtype=dtype),
+                fl.GroupNorm(out_channels, num_groups, eps=eps, device=device, dtype=dtype),
+                fl.SiLU(),
+                fl.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, device=device, dtype=dtype),
+            ),
+            fl.Identity()
+            if in_channels == out_channels
+            else fl.Conv2d(in_channels, out_channels, kernel_size=1, device=device, dtype=dtype),
+        )
+
+
+class CLIPLCrossAttention(CrossAttentionBlock2d):
+    """The SD1 UNet's transformer: cross-attention to the CLIP text embedding, 8 heads, no bias on q, k, v.
+
+    Args:
+        channels: Number of channels of the map.
+        context_embedding_dim: Size of the text embedding (768 for CLIP ViT-L).
+        num_attention_heads: Number of attention heads.
+        device: Where the weights live.
+        dtype: The weights' dtype.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        context_embedding_dim: int = 768,
+        num_attention_heads: int = 8,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            channels=channels,
+            context_embedding_dim=context_embedding_dim,
+            context_key=CLIP_TEXT_EMBEDDING_KEY,
+            num_attention_heads=num_attention_heads,
+            use_bias=False,
+            device=device,
+            dtype=dtype,
+        )
+
+
+def _attention(
+    channels: int, context_embedding_dim: int, num_attention_heads: int, device: Device, dtype: torch.dtype | None
+) -> CLIPLCrossAttention:
+    return CLIPLCrossAttention(channels, context_embedding_dim, num_attention_heads, device=device, dtype=dtype)
+
+
+class DownBlocks(fl.Chain):
+    """The encoder half: the input convolution, then at each of four resolutions two residual blocks (with
+    cross-attention at the first three) and a strided convolution to the next one.
+
+    Each child Chain produces one skip connection (12 in all); `SD1UNet` appends a `ResidualAccumulator` to each.
+
+    Args:
+        in_channels: Channels of the latents (4; 9 for inpainting: latents, mask and masked-image latents).
+        channels: The widths of the four resolutions.
+        context_embedding_dim: Size of the text embedding.
+        num_attention_heads: Number of attention heads of the transformers.
+        device: Where the weights live.
+        dtype: The weights' dtype.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 4,
+        channels: Channels = SD1_CHANNELS,
+        context_embedding_dim: int = 768,
+        num_attention_heads: int = 8,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.in_channels = in_channels
+        self.channels = channels
+        blocks: list[fl.Chain] = [
+            fl.Chain(fl.Conv2d(in_channels, channels[0], kernel_size=3, padding=1, device=device, dtype=dtype))
+        ]
+        previous = channels[0]
+        for level, width in enumerate(channels):
+            has_attention = level < 3
+            for _ in range(2):
+                blocks.append(
+                    fl.Chain(
+                        ResidualBlock(previous, width, device=device, dtype=dtype),
+                        *(
+                            [_attention(width, context_embedding_dim, num_attention_heads, device, dtype)]
+                            if has_attention
+                            else []
+                        ),
+                    )
+                )
+                previous = width
+            if level < 3:
+                blocks.append(fl.Chain(fl.Downsample(width, scale_factor=2, padding=1, device=device, dtype=dtype)))
+        super().__init__(blocks)
+
+
+class MiddleBlock(fl.Chain):
+    """At the lowest resolution: residual block, cross-attention, residual block.
+
+    Args:
+        channels: The width of the lowest resolution.
+        context_embedding_dim: Size of the text embedding.
+        num_attention_heads: Number of attention heads.
+        device: Where the weights live.
+        dtype: The weights' dtype.
+    """
+
+    def __init__(
+        self,
+        channels: int = 1280,
+        context_embedding_dim: int = 768,
+        num_attention_heads: int = 8,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.channels = channels
+        super().__init__(
+            ResidualBlock(channels, channels, device=device, dtype=dtype),
+            _attention(channels, context_embedding_dim, num_attention_heads, device, dtype),
+            ResidualBlock(channels, channels, device=device, dtype=dtype),
+        )
+
+
+class UpBlocks(fl.Chain):
+    """The decoder half: at each of four resolutions, from the lowest, three residual blocks (with cross-attention
+    at the last three resolutions), then an upsampling to the next one.
+
+    The input of each residual block is concatenated with a skip connection first (`SD1UNet` inserts a
+    `ResidualConcatenator` at the start of each child Chain), hence their input widths: the sum of the two.
+
+    Args:
+        channels: The widths of the four resolutions (as for `DownBlocks`).
+        context_embedding_dim: Size of the text embedding.
+        num_attention_heads: Number of attention heads.
+        device: Where the weights live.
+        dtype: The weights' dtype.
+    """
+
+    def __init__(
+        self,
+        channels: Channels = SD1_CHANNELS,
+        context_embedding_dim: int = 768,
+        num_attention_heads: int = 8,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.channels = channels
+        # The widths of the 12 skip connections, in the order the up blocks consume them (the last one first).
+        skips = [channels[0]] * 4 + [channels[1]] * 3 + [channels[2]] * 3 + [channels[3]] * 2
+        blocks: list[fl.Chain] = []
+        previous = channels[3]
+        for level, width in enumerate(reversed(channels)):
+            has_attention = level > 0
+            for index in range(3):
+                layers: list[fl.Module] = [
+                    ResidualBlock(previous + skips.pop(), width, device=device, dtype=dtype),
+                ]
+                if has_attention:
+                    layers.append(_attention(width, context_embedding_dim, num_attention_heads, device, dtype))
+                if index == 2 and level < 3:
+                    layers.append(fl.Upsample(width, device=device, dtype=dtype))
+                blocks.append(fl.Chain(layers))
+                previous = width
+        super().__init__(blocks)
+
+
+class OutputBlock(fl.Chain):
+    """`Conv(SiLU(GroupNorm(x)))`: from the first width back to the latent channels.
+
+    Args:
+        channels: Channels of the input.
+        out_channels: Channels of the output (the latents').
+        device: Where the weights live.
+        dtype: The weights' dtype.
+    """
+
+    def __init__(
+        self,
+        channels: int = 320,
+        out_channels: int = 4,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.channels = channels
+        self.out_channels = out_channels
+        super().__init__(
+            fl.GroupNorm(channels, 32, eps=1e-5, device=device, dtype=dtype),
+            fl.SiLU(),
+            fl.Conv2d(channels, out_channels, kernel_size=3, padding=1, device=device, dtype=dtype),
+        )
+
+
+class ResidualAccumulator(fl.ContextModule):
+    """Keep the input as the `n`-th skip connection (in `UNET_CONTEXT[RESIDUALS_KEY]`), and pass it through.
+
+    The list is replaced, not changed in place: its default value stays empty of tensors, so nothing of a forward
+    is kept alive after it.
+
+    Args:
+        n: The index of the skip connection.
+    """
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def forward(self, x: Tensor) -> Tensor:
+        context = self.use_context(UNET_CONTEXT)
+        residuals = list(lookup_key(context, UNET_CONTEXT, RESIDUALS_KEY))
+        residuals[self.n] = x
+        context[RESIDUALS_KEY] = residuals
+        return x
+
+
+class ResidualConcatenator(fl.Concatenate):
+    """Concatenate the `n`-th skip connection to the input, along the channels: `cat([x, residuals[n]], dim=1)`.
+
+    Args:
+        n: The index of the skip connection.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        super().__init__(
+            fl.Identity(),
+            fl.UseContext(UNET_CONTEXT, RESIDUALS_KEY).compose(itemgetter(n)),
+            dim=1,
+        )
+
+
+class SD1UNet(fl.Chain):
+    """The Stable Diffusion 1.x UNet: predicts the noise of `(batch, in_channels, height, width)` latents.
+
+    Set the side inputs, then call it on the latents:
+
+    - `set_timestep(timestep)`: a scalar or one timestep per batch element;
+    - `set_clip_text_embedding(embedding)`: `(batch, 77, 768)`, the CLIP ViT-L text encoder's output.
+
+    They stay set until changed. Any height and width are accepted (odd sizes too: each upsampling restores the
+    exact size of its mirror downsampling's input).
+
+    Args:
+        in_channels: Channels of the latents: 4, or 9 for the inpainting UNet (latents, mask, masked-image latents).
+        channels: The widths of the four resolutions: SD1's. Smaller ones build the same architecture at toy size
+            (each must be a multiple of 32, the GroupNorms' groups, and of `num_attention_heads`).
+        context_embedding_dim: Size of the text embedding.
+        num_attention_heads: Number of heads of the transformers (diffusers' `attention_head_dim`, 8 in SD1).
+        device: Where the weights live (`"meta"` builds the model without allocating nor initializing them, to
+            load weights into it).
+        dtype: The weights' dtype.
+
+    Example:
+        ```py
+        import torch
+        from refiners.foundationals.latent_diffusion.unet import SD1UNet
+
+        unet = SD1UNet(in_channels=4, channels=(32, 32, 64, 64), context_embedding_dim=16)
+        unet.set_timestep(torch.tensor([999, 500]))
+        unet.set_clip_text_embedding(torch.randn(2, 77, 16))
+        with torch.no_grad():
+            noise = unet(torch.randn(2, 4, 8, 8))
+        assert noise.shape == (2, 4, 8, 8)
+        ```
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 4,
+        *,
+        channels: Channels = SD1_CHANNELS,
+        context_embedding_dim: int = 768,
+        num_attention_heads: int = 8,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.in_channels = in_channels
+        self.channels = tuple(channels)
+        self.context_embedding_dim = context_embedding_dim
+        self.num_attention_heads = num_attention_heads
+        if len(self.channels) != 4:
+            raise ValueError(f"the SD1 UNet has four resolutions: channels must have 4 widths, got {channels}")
+        for width in self.channels:
+            if width % 32 != 0 or width % num_attention_heads != 0:
+                raise ValueError(
+                    f"each width must be a multiple of 32 (the GroupNorms' groups) and of num_attention_heads="
+                    f"{num_attention_heads}; got channels={channels}"
+                )
+        timestep_embedding_dim = 4 * channels[0]
+        attention = {"context_embedding_dim": context_embedding_dim, "num_attention_heads": num_attention_heads}
+        super().__init__(
+            TimestepEncoder(channels[0], timestep_embedding_dim, device=device, dtype=dtype),
+            DownBlocks(in_channels, channels, **attention, device=device, dtype=dtype),
+            MiddleBlock(channels[3], **attention, device=device, dtype=dtype),
+            UpBlocks(channels, **attention, device=device, dtype=dtype),
+            OutputBlock(channels[0], 4, device=device, dtype=dtype),
+        )
+        for residual_block in self.layers(ResidualBlock):
+            chain = residual_block.layer("Chain", fl.Chain)
+            RangeAdapter2d(
+                target=chain.layer("Conv2d_1", fl.Conv2d),
+                channels=residual_block.out_channels,
+                embedding_dim=timestep_embedding_dim,
+                device=device,
+                dtype=dtype,
+            ).inject(chain)
+        down_blocks = self.layer("DownBlocks", DownBlocks)
+        up_blocks = self.layer("UpBlocks", UpBlocks)
+        for n, block in enumerate(down_blocks.layers(fl.Chain)):
+            block.append(ResidualAccumulator(n))
+        for n, block in enumerate(up_blocks.layers(fl.Chain)):
+            block.insert(0, ResidualConcatenator(len(down_blocks) - 1 - n))
+
+    def init_context(self) -> Contexts:
+        return {
+            UNET_CONTEXT: {RESIDUALS_KEY: [None] * 12},
+            TIMESTEP_CONTEXT: {},
+            RANGE_ADAPTER_CONTEXT: {TIMESTEP_EMBEDDING_KEY: None},
+            CROSS_ATTENTION_CONTEXT: {},
+        }
+
+    def set_timestep(self, timestep: Tensor | int) -> None:
+        """Set the timestep of the next forwards: a scalar, or a `(batch,)` tensor with one per batch element.
+
+        Args:
+            timestep: The diffusion timestep(s), e.g. `solver.timesteps[step]`.
+        """
+        if isinstance(timestep, int):
+            timestep = torch.tensor([timestep])
+        if timestep.dim() > 1:
+            raise ValueError(
+                f"the timestep must be a scalar or a (batch,) tensor (one per batch element), got shape "
+                f"{tuple(timestep.shape)}"
+            )
+        self.set_context(TIMESTEP_CONTEXT, {TIMESTEP_KEY: timestep})
+
+    def set_clip_text_embedding(self, clip_text_embedding: Tensor) -> None:
+        """Set the text embedding the cross-attentions attend to in the next forwards.
+
+        Args:
+            clip_text_embedding: `(batch, sequence, context_embedding_dim)`: the CLIP text encoder's output, e.g.
+                `(2, 77, 768)` for a negative and a positive prompt with classifier-free guidance.
+        """
+        if clip_text_embedding.dim() != 3 or clip_text_embedding.shape[-1] != self.context_embedding_dim:
+            raise ValueError(
+                f"the CLIP text embedding must be (batch, sequence, {self.context_embedding_dim}), got shape "
+                f"{tuple(clip_text_embedding.shape)}. Pass the text encoder's output (e.g. CLIPTextEncoderL for SD1)."
+            )
+        self.set_context(CROSS_ATTENTION_CONTEXT, {CLIP_TEXT_EMBEDDING_KEY: clip_text_embedding})
