@@ -18,7 +18,8 @@ from refiners.foundationals.clip import CLIPTokenizer
 LONG_PROMPT = (
     "A photo of an astronaut riding a horse on Mars, highly detailed, digital art, trending on artstation. "
     "A cozy cabin in the snowy mountains at night, warm light glowing through the windows, cinematic lighting. "
-    "Portrait of an old fisherman with a gray beard, wrinkled skin, dramatic shadows, oil painting by a master."
+    "Portrait of an old fisherman with a gray beard, wrinkled skin, dramatic shadows, oil painting by a master. "
+    "An unseen quixotic zephyr whirls over the xylophonist's kaleidoscopic bazaar, 1987-2024."
 )
 
 PROMPTS = [
@@ -58,10 +59,10 @@ def tokenizer(clip_tokenizer_folder: Path) -> CLIPTokenizer:
     return CLIPTokenizer(clip_tokenizer_folder / "vocab.json", clip_tokenizer_folder / "merges.txt")
 
 
-def reference_ids(
-    reference: transformers.CLIPTokenizer, prompts: list[str], sequence_length: int = 77
-) -> torch.Tensor:
-    encoding = reference(prompts, padding="max_length", max_length=sequence_length, truncation=True, return_tensors="pt")
+def reference_ids(reference: transformers.CLIPTokenizer, prompts: list[str], sequence_length: int = 77) -> torch.Tensor:
+    encoding = reference(
+        prompts, padding="max_length", max_length=sequence_length, truncation=True, return_tensors="pt"
+    )
     return encoding.input_ids
 
 
@@ -112,13 +113,17 @@ def test_truncation_boundary(tokenizer: CLIPTokenizer, reference: transformers.C
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.testing.assert_close(tokenizer(fits), reference_ids(reference, [fits]), rtol=0, atol=0)
-    with pytest.warns(UserWarning, match=r"The prompt has 78 tokens \(start and end included\) .* takes 77: .* last 1\."):
+    with pytest.warns(
+        UserWarning, match=r"The prompt has 78 tokens \(start and end included\) .* takes 77: .* last 1\."
+    ):
         ids = tokenizer(overflows)
     torch.testing.assert_close(ids, reference_ids(reference, [overflows]), rtol=0, atol=0)
 
 
 def test_sequence_length(clip_tokenizer_folder: Path, reference: transformers.CLIPTokenizer) -> None:
-    tokenizer = CLIPTokenizer(clip_tokenizer_folder / "vocab.json", clip_tokenizer_folder / "merges.txt", sequence_length=8)
+    tokenizer = CLIPTokenizer(
+        clip_tokenizer_folder / "vocab.json", clip_tokenizer_folder / "merges.txt", sequence_length=8
+    )
     ids = forward_quietly(tokenizer, PROMPTS)
     torch.testing.assert_close(ids, reference_ids(reference, PROMPTS, sequence_length=8), rtol=0, atol=0)
 
@@ -126,7 +131,9 @@ def test_sequence_length(clip_tokenizer_folder: Path, reference: transformers.CL
 def test_pad_token_id(clip_tokenizer_folder: Path, reference: transformers.CLIPTokenizer) -> None:
     # OpenCLIP-G (SDXL) pads with `!`, id 0.
     pad_reference = transformers.CLIPTokenizer.from_pretrained(clip_tokenizer_folder, pad_token="!")
-    tokenizer = CLIPTokenizer(clip_tokenizer_folder / "vocab.json", clip_tokenizer_folder / "merges.txt", pad_token_id=0)
+    tokenizer = CLIPTokenizer(
+        clip_tokenizer_folder / "vocab.json", clip_tokenizer_folder / "merges.txt", pad_token_id=0
+    )
     assert pad_reference.pad_token_id == 0
 
     plain = [prompt for prompt in PROMPTS if "!" not in prompt]
@@ -160,7 +167,9 @@ def test_special_token_ids_without_special_tokens_in_vocabulary(
     default = CLIPTokenizer.from_vocabulary(vocabulary, merges)
     assert (default.start_of_text_token_id, default.end_of_text_token_id, default.pad_token_id) == (49406, 49407, 49407)
 
-    tokenizer = CLIPTokenizer.from_vocabulary(vocabulary, merges, start_of_text_token_id=5000, end_of_text_token_id=5001)
+    tokenizer = CLIPTokenizer.from_vocabulary(
+        vocabulary, merges, start_of_text_token_id=5000, end_of_text_token_id=5001
+    )
     prompts = [prompt for prompt in PROMPTS if "<|" not in prompt]
     expected = reference_ids(reference, prompts)
     expected = expected.masked_fill(expected == reference.bos_token_id, 5000)
@@ -217,17 +226,19 @@ def test_invalid_vocabulary_file(clip_tokenizer_folder: Path, tmp_path: Path) ->
 def test_invalid_merges_file(clip_tokenizer_folder: Path, tmp_path: Path) -> None:
     vocabulary = clip_tokenizer_folder / "vocab.json"
     (path := tmp_path / "merges.txt").write_text("#version: 0.2\ni n\nthree parts here\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"Line 3 of .*merges\.txt is not a merge \(`first second`\): 'three parts here'"):
+    with pytest.raises(
+        ValueError, match=r"Line 3 of .*merges\.txt is not a merge \(`first second`\): 'three parts here'"
+    ):
         CLIPTokenizer(vocabulary, path)
-    path.write_text("#version: 0.2\ni n\nq zz\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"Merge 2 \(q zz\) uses tokens absent from the vocabulary: 'zz', 'qzz'"):
+    path.write_text("#version: 0.2\ni n\nq jx\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"Merge 2 \(q jx\) uses tokens absent from the vocabulary: 'jx', 'qjx'"):
         CLIPTokenizer(vocabulary, path)
 
 
 def test_vocabulary_without_byte_symbols(clip_tokenizer_folder: Path) -> None:
     vocabulary, merges = read_tokenizer_folder(clip_tokenizer_folder)
     del vocabulary["a"], vocabulary["Ġ</w>"]
-    with pytest.raises(ValueError, match=r"lacks 2 of the 512 byte symbols .* \('a', 'Ġ</w>'\)"):
+    with pytest.raises(ValueError, match=r"lacks 2 of the 512 byte symbols .* \(e\.g\. 'a', 'Ġ</w>'\)"):
         CLIPTokenizer.from_vocabulary(vocabulary, merges)
 
 

@@ -33,6 +33,9 @@ from refiners.foundationals.latent_diffusion.solvers import (
     TimestepSpacing,
 )
 
+# diffusers' own numpy calls warn under numpy 2 (`__array__` without `copy`): not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 ATOL, RTOL = 1e-5, 1e-5
 
 # Stable Diffusion 1.5's `scheduler_config.json`, less the PNDM-only fields.
@@ -51,6 +54,14 @@ PREDICTION_TYPES = {
 SPACINGS = list(TimestepSpacing)
 
 Scheduler = Any  # diffusers schedulers share no typed base with `step`
+
+
+def sd15_scheduler(scheduler_class: Callable[..., Scheduler], steps: int | None, **config: Any) -> Scheduler:
+    """A diffusers scheduler with SD1.5's config (or `config` where given), its timesteps set for `steps` steps."""
+    scheduler = scheduler_class(**(SD15_CONFIG | config))
+    if steps is not None:
+        scheduler.set_timesteps(steps)
+    return scheduler
 
 
 def fake_model(x: Tensor, timestep: Tensor) -> Tensor:
@@ -91,14 +102,14 @@ def assert_same_path(
 def ddim_pair(
     spacing: TimestepSpacing, prediction: ModelPredictionType, final_sigma: FinalSigma, steps: int = 30
 ) -> tuple[Solver, Scheduler]:
-    scheduler = DDIMScheduler(
-        **SD15_CONFIG,
+    scheduler = sd15_scheduler(
+        DDIMScheduler,
+        steps,
         clip_sample=False,
         set_alpha_to_one=final_sigma == FinalSigma.ZERO,
         timestep_spacing=spacing.value,
         prediction_type=PREDICTION_TYPES[prediction],
     )
-    scheduler.set_timesteps(steps)
     params = SolverParams(timesteps_spacing=spacing, model_prediction_type=prediction, final_sigma=final_sigma)
     return DDIM(steps, params=params), scheduler
 
@@ -111,24 +122,26 @@ def test_ddim(spacing: TimestepSpacing, prediction: ModelPredictionType, final_s
 
 
 def test_ddim_defaults_are_stable_diffusion_15() -> None:
-    scheduler = DDIMScheduler(**SD15_CONFIG, clip_sample=False, set_alpha_to_one=False)
-    scheduler.set_timesteps(30)
+    scheduler = sd15_scheduler(DDIMScheduler, 30, clip_sample=False, set_alpha_to_one=False)
     assert_same_path(DDIM(30), scheduler)
 
 
 @pytest.mark.parametrize("prediction", list(ModelPredictionType))
 @pytest.mark.parametrize("spacing", SPACINGS)
 def test_ddpm(spacing: TimestepSpacing, prediction: ModelPredictionType) -> None:
-    scheduler = DDPMScheduler(
-        **SD15_CONFIG, clip_sample=False, timestep_spacing=spacing.value, prediction_type=PREDICTION_TYPES[prediction]
+    scheduler = sd15_scheduler(
+        DDPMScheduler,
+        25,
+        clip_sample=False,
+        timestep_spacing=spacing.value,
+        prediction_type=PREDICTION_TYPES[prediction],
     )
-    scheduler.set_timesteps(25)
     solver = DDPM(25, params=SolverParams(timesteps_spacing=spacing, model_prediction_type=prediction))
     assert_same_path(solver, scheduler)
 
 
 def test_ddpm_default_walks_every_training_timestep() -> None:
-    scheduler = DDPMScheduler(**SD15_CONFIG, clip_sample=False)  # no `set_timesteps`: the training schedule
+    scheduler = sd15_scheduler(DDPMScheduler, None, clip_sample=False)  # no `set_timesteps`: the training schedule
     solver = DDPM()
     assert torch.equal(solver.timesteps, scheduler.timesteps)
     # The last 30 steps, down to timestep 0 (the noise-free step), on a partly denoised latent.
@@ -151,8 +164,9 @@ def dpm_pair(
     final_sigma: FinalSigma = FinalSigma.ZERO,
     last_step_first_order: bool = False,
 ) -> tuple[Solver, Scheduler]:
-    scheduler = DPMSolverMultistepScheduler(
-        **SD15_CONFIG,
+    scheduler = sd15_scheduler(
+        DPMSolverMultistepScheduler,
+        steps,
         timestep_spacing=spacing.value,
         prediction_type=PREDICTION_TYPES[prediction],
         algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++",
@@ -160,7 +174,6 @@ def dpm_pair(
         final_sigmas_type=final_sigma.value,
         euler_at_final=last_step_first_order,
     )
-    scheduler.set_timesteps(steps)
     params = SolverParams(
         timesteps_spacing=spacing,
         model_prediction_type=prediction,
@@ -198,14 +211,14 @@ def euler_pair(
     karras: bool = False,
     final_sigma: FinalSigma = FinalSigma.ZERO,
 ) -> tuple[Solver, Scheduler]:
-    scheduler = EulerDiscreteScheduler(
-        **SD15_CONFIG,
+    scheduler = sd15_scheduler(
+        EulerDiscreteScheduler,
+        30,
         timestep_spacing=spacing.value,
         prediction_type=PREDICTION_TYPES[prediction],
         use_karras_sigmas=karras,
         final_sigmas_type=final_sigma.value,
     )
-    scheduler.set_timesteps(30)
     params = SolverParams(
         timesteps_spacing=spacing,
         model_prediction_type=prediction,
@@ -237,10 +250,12 @@ def test_euler_final_sigma_min() -> None:
 @pytest.mark.parametrize("prediction", [ModelPredictionType.NOISE, ModelPredictionType.V_PREDICTION])
 @pytest.mark.parametrize("spacing", SPACINGS)
 def test_euler_ancestral(spacing: TimestepSpacing, prediction: ModelPredictionType) -> None:
-    scheduler = EulerAncestralDiscreteScheduler(
-        **SD15_CONFIG, timestep_spacing=spacing.value, prediction_type=PREDICTION_TYPES[prediction]
+    scheduler = sd15_scheduler(
+        EulerAncestralDiscreteScheduler,
+        30,
+        timestep_spacing=spacing.value,
+        prediction_type=PREDICTION_TYPES[prediction],
     )
-    scheduler.set_timesteps(30)
     solver = EulerAncestral(30, params=SolverParams(timesteps_spacing=spacing, model_prediction_type=prediction))
     assert solver.init_noise_sigma == pytest.approx(float(scheduler.init_noise_sigma), rel=1e-7)
     assert_same_path(solver, scheduler)
@@ -250,14 +265,14 @@ def test_euler_ancestral(spacing: TimestepSpacing, prediction: ModelPredictionTy
 @pytest.mark.parametrize("steps", [4, 8])
 @pytest.mark.parametrize("prediction", list(ModelPredictionType))
 def test_lcm(prediction: ModelPredictionType, steps: int, original_steps: int) -> None:
-    scheduler = LCMScheduler(
-        **SD15_CONFIG,
+    scheduler = sd15_scheduler(
+        LCMScheduler,
+        steps,
         original_inference_steps=original_steps,
         clip_sample=False,
         set_alpha_to_one=False,
         prediction_type=PREDICTION_TYPES[prediction],
     )
-    scheduler.set_timesteps(steps)
     solver = LCMSolver(
         steps, params=SolverParams(model_prediction_type=prediction), original_inference_steps=original_steps
     )
@@ -265,34 +280,30 @@ def test_lcm(prediction: ModelPredictionType, steps: int, original_steps: int) -
 
 
 def test_uniform_noise_schedule() -> None:
-    scheduler = DDIMScheduler(**(SD15_CONFIG | {"beta_schedule": "linear"}), clip_sample=False, set_alpha_to_one=False)
-    scheduler.set_timesteps(30)
+    scheduler = sd15_scheduler(DDIMScheduler, 30, beta_schedule="linear", clip_sample=False, set_alpha_to_one=False)
     assert_same_path(DDIM(30, params=SolverParams(noise_schedule=NoiseSchedule.UNIFORM)), scheduler)
 
 
 def test_karras_noise_schedule() -> None:
     # Betas linear in beta^(1/7): diffusers has no such `beta_schedule`, so give it the betas.
     betas = torch.linspace(0.00085 ** (1 / 7), 0.012 ** (1 / 7), 1000, dtype=torch.float32) ** 7
-    config = SD15_CONFIG | {"trained_betas": betas.tolist()}
-    scheduler = DDIMScheduler(**config, clip_sample=False, set_alpha_to_one=False)
-    scheduler.set_timesteps(30)
+    scheduler = sd15_scheduler(
+        DDIMScheduler, 30, trained_betas=betas.tolist(), clip_sample=False, set_alpha_to_one=False
+    )
     assert_same_path(DDIM(30, params=SolverParams(noise_schedule=NoiseSchedule.KARRAS)), scheduler)
 
 
 IMG2IMG_CASES: dict[str, Callable[[], tuple[Solver, Scheduler]]] = {
     "ddim": lambda: ddim_pair(TimestepSpacing.LEADING, ModelPredictionType.NOISE, FinalSigma.MIN),
-    "ddpm": lambda: (DDPM(30, params=SolverParams(timesteps_spacing=TimestepSpacing.LEADING)), ddpm_scheduler(30)),
+    "ddpm": lambda: (
+        DDPM(30, params=SolverParams(timesteps_spacing=TimestepSpacing.LEADING)),
+        sd15_scheduler(DDPMScheduler, 30, clip_sample=False),
+    ),
     "dpm_solver": lambda: dpm_pair(30),
     "dpm_solver_sde_karras": lambda: dpm_pair(30, sde=True, karras=True),
     "euler": lambda: euler_pair(TimestepSpacing.LINSPACE, ModelPredictionType.NOISE),
     "euler_karras": lambda: euler_pair(TimestepSpacing.LEADING, ModelPredictionType.NOISE, karras=True),
 }
-
-
-def ddpm_scheduler(steps: int) -> Scheduler:
-    scheduler = DDPMScheduler(**SD15_CONFIG, clip_sample=False)
-    scheduler.set_timesteps(steps)
-    return scheduler
 
 
 @pytest.mark.parametrize("strength", [0.3, 0.75])
@@ -311,7 +322,9 @@ def test_img2img(case: str, strength: float) -> None:
     solver = full_solver.rebuild(first_inference_step=first_step)
     our_start = solver.add_noise(image_latent, noise, step=first_step)
     torch.testing.assert_close(our_start, their_start, atol=ATOL, rtol=RTOL)
-    assert_same_path(solver, scheduler, first_step=first_step, start=their_start, timesteps_atol=1e-4 * ("karras" in case))
+    assert_same_path(
+        solver, scheduler, first_step=first_step, start=their_start, timesteps_atol=1e-4 * ("karras" in case)
+    )
 
 
 @pytest.mark.parametrize("case", list(IMG2IMG_CASES))
@@ -327,7 +340,7 @@ def test_add_noise(case: str) -> None:
 
 
 def test_training_batch_add_noise_and_snr() -> None:
-    scheduler = DDPMScheduler(**SD15_CONFIG, clip_sample=False)
+    scheduler = sd15_scheduler(DDPMScheduler, None, clip_sample=False)
     solver = DDPM()
     x = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     noise = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -370,8 +383,7 @@ def test_rebuild() -> None:
     assert torch.equal(solver.rebuild().timesteps, solver.timesteps)
 
     lcm = LCMSolver(4, original_inference_steps=30).rebuild(num_inference_steps=6)
-    lcm_scheduler = LCMScheduler(**SD15_CONFIG, original_inference_steps=30)
-    lcm_scheduler.set_timesteps(6)
+    lcm_scheduler = sd15_scheduler(LCMScheduler, 6, original_inference_steps=30)
     assert isinstance(lcm, LCMSolver) and torch.equal(lcm.timesteps, lcm_scheduler.timesteps)
 
 

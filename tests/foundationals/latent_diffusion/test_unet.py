@@ -46,7 +46,7 @@ SD15_UNET_CONFIG: dict[str, Any] = {
 # The same architecture at toy size, as the inpainting UNet (latents + mask + masked-image latents).
 SMALL_CHANNELS = (32, 32, 64, 64)
 SMALL_CONTEXT_DIM = 16
-SMALL_INPAINTING_CONFIG = SD15_UNET_CONFIG | {
+SMALL_INPAINTING_CONFIG: dict[str, Any] = SD15_UNET_CONFIG | {
     "block_out_channels": list(SMALL_CHANNELS),
     "cross_attention_dim": SMALL_CONTEXT_DIM,
     "in_channels": 9,

@@ -29,6 +29,9 @@ END_OF_WORD = "</w>"
 PRE_TOKENIZATION_PATTERN = (
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 )
+# transformers' byte-level pre-tokenizer then splits each piece with GPT-2's pattern. That only changes a special
+# token left in the normalized text (typed in another case: `<|ENDOFTEXT|>`), which becomes `<|`, `endoftext`, `|>`.
+BYTE_LEVEL_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 METADATA_PREFIX = "clip_tokenizer."
 _METADATA_KEYS = (
@@ -189,7 +192,8 @@ class CLIPTokenizer(fl.Module):
         self._merges = [(first, second) for first, second in merges]
         self._merge_ranks = {pair: rank for rank, pair in enumerate(self._merges)}
         self._byte_to_symbol = bytes_to_unicode()
-        self._pattern = _compile(PRE_TOKENIZATION_PATTERN)
+        self._pre_tokenization_pattern = _compile(PRE_TOKENIZATION_PATTERN)
+        self._byte_level_pattern = _compile(BYTE_LEVEL_PATTERN)
         self._whitespace = _compile(r"\s+")
         self.sequence_length = sequence_length
         self.start_of_text_token_id = _special_token_id(vocabulary, START_OF_TEXT, start_of_text_token_id, 49406)
@@ -233,15 +237,17 @@ class CLIPTokenizer(fl.Module):
             if index % 2 == 1:
                 ids.append(self._special_tokens[segment])
                 continue
-            for word in self._pattern.findall(self._normalize(segment)):
+            for word in self._pre_tokenize(segment):
                 ids.extend(self._encode_word("".join(self._byte_to_symbol[byte] for byte in word.encode("utf-8"))))
         ids.append(self.end_of_text_token_id)
         return ids
 
-    def _normalize(self, text: str) -> str:
+    def _pre_tokenize(self, text: str) -> list[str]:
         text = self._whitespace.sub(" ", unicodedata.normalize("NFC", text))
         # Character by character, as `tokenizers` does: `str.lower` turns a word-final capital sigma into the final form.
-        return "".join(char.lower() for char in text)
+        text = "".join(char.lower() for char in text)
+        pieces = self._pre_tokenization_pattern.findall(text)
+        return [word for piece in pieces for word in self._byte_level_pattern.findall(piece)]
 
     def _merge_word(self, word: str) -> tuple[int, ...]:
         symbols = [*word[:-1], word[-1] + END_OF_WORD]

@@ -29,7 +29,9 @@ class DDIM(Solver):
     def _generate_timesteps(self) -> Tensor:
         return self._spaced_timesteps(self.num_inference_steps).round().long()
 
-    def __call__(self, x: Tensor, predicted_noise: Tensor, step: int, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(
+        self, x: Tensor, predicted_noise: Tensor, step: int, generator: torch.Generator | None = None
+    ) -> Tensor:
         timestep = int(self.timesteps[step])
         # As diffusers, step back by T // n whatever the spacing: exact for LEADING, approximate for the others.
         previous_timestep = timestep - self.params.num_train_timesteps // self.num_inference_steps
@@ -38,4 +40,6 @@ class DDIM(Solver):
             if self.final_sigma == FinalSigma.ZERO:
                 return predicted_x
             previous_timestep = 0
-        return self.cumulative_scale_factors[previous_timestep] * predicted_x + self.noise_std[previous_timestep] * noise
+        return (
+            self.cumulative_scale_factors[previous_timestep] * predicted_x + self.noise_std[previous_timestep] * noise
+        )

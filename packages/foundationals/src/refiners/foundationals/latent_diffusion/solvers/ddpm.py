@@ -17,7 +17,8 @@ class DDPM(Solver):
     """Denoising Diffusion Probabilistic Models (arXiv:2006.11239), as diffusers' `DDPMScheduler` ("fixed_small").
 
     By default it walks every training timestep: it is the schedule a trainer draws noise levels from
-    (`add_noise` with one step per sample, `signal_to_noise_ratios` for min-SNR weighting).
+    (`add_noise` with one step per sample, `signal_to_noise_ratios` for min-SNR weighting). Its last step always
+    lands on zero noise, so `params.final_sigma` does not apply.
 
     Args:
         num_inference_steps: The number of steps; None for every training timestep.
@@ -45,7 +46,9 @@ class DDPM(Solver):
     def _generate_timesteps(self) -> Tensor:
         return self._spaced_timesteps(self.num_inference_steps).round().long()
 
-    def __call__(self, x: Tensor, predicted_noise: Tensor, step: int, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(
+        self, x: Tensor, predicted_noise: Tensor, step: int, generator: torch.Generator | None = None
+    ) -> Tensor:
         timestep = int(self.timesteps[step])
         alpha_prod = self.alphas_cumprod[timestep]
         if step + 1 < self.num_inference_steps:

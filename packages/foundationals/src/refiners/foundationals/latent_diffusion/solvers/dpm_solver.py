@@ -115,7 +115,9 @@ class DPMSolver(Solver):
         # A second-order step onto zero noise would divide by an infinite log-ratio gap.
         return self.last_step_first_order or self.num_inference_steps < 15 or self.final_sigma == FinalSigma.ZERO
 
-    def __call__(self, x: Tensor, predicted_noise: Tensor, step: int, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(
+        self, x: Tensor, predicted_noise: Tensor, step: int, generator: torch.Generator | None = None
+    ) -> Tensor:
         estimate = self._predicted_sample(x, predicted_noise, step)
         last_estimate, self._last_estimate = self._last_estimate, (step, estimate)
         _, std = self._scale_and_std(self.sigmas[step])

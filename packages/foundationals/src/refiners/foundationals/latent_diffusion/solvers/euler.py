@@ -96,7 +96,9 @@ class Euler(Solver):
             case ModelPredictionType.V_PREDICTION:
                 return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
 
-    def __call__(self, x: Tensor, predicted_noise: Tensor, step: int, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(
+        self, x: Tensor, predicted_noise: Tensor, step: int, generator: torch.Generator | None = None
+    ) -> Tensor:
         sigma, next_sigma = self.sigmas[step], self.sigmas[step + 1]
         derivative = (x - self._predicted_sample(x, predicted_noise, sigma)) / sigma
         return x + derivative * (next_sigma - sigma)
@@ -122,7 +124,9 @@ class EulerAncestral(Euler):
         dtype: The schedule tensors' dtype.
     """
 
-    def __call__(self, x: Tensor, predicted_noise: Tensor, step: int, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(
+        self, x: Tensor, predicted_noise: Tensor, step: int, generator: torch.Generator | None = None
+    ) -> Tensor:
         sigma, next_sigma = self.sigmas[step], self.sigmas[step + 1]
         sigma_up = (next_sigma**2 * (sigma**2 - next_sigma**2) / sigma**2) ** 0.5
         sigma_down = (next_sigma**2 - sigma_up**2) ** 0.5

@@ -65,10 +65,14 @@ class LCMSolver(Solver):
         # The distillation schedule: every (T // original_steps)-th timestep, ending on T // original_steps - 1.
         ratio = train_steps // original_steps
         original_timesteps = (torch.arange(1, original_steps + 1) * ratio - 1).flip(0)
-        indices = (torch.arange(self.num_inference_steps, dtype=torch.float64) * (original_steps / self.num_inference_steps))
+        indices = torch.arange(self.num_inference_steps, dtype=torch.float64) * (
+            original_steps / self.num_inference_steps
+        )
         return original_timesteps[indices.floor().long()]
 
-    def __call__(self, x: Tensor, predicted_noise: Tensor, step: int, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(
+        self, x: Tensor, predicted_noise: Tensor, step: int, generator: torch.Generator | None = None
+    ) -> Tensor:
         timestep = int(self.timesteps[step])
         predicted_x, _ = self._predicted_sample_and_noise(x, predicted_noise, timestep)
         scaled_timestep = timestep * self.timestep_scaling
@@ -78,6 +82,5 @@ class LCMSolver(Solver):
         if step == self.num_inference_steps - 1:
             return denoised
         next_timestep = int(self.timesteps[step + 1])
-        return self.cumulative_scale_factors[next_timestep] * denoised + self.noise_std[next_timestep] * sample_noise(
-            denoised, generator
-        )
+        noise = sample_noise(denoised, generator)
+        return self.cumulative_scale_factors[next_timestep] * denoised + self.noise_std[next_timestep] * noise

@@ -160,7 +160,7 @@ class Solver(fl.Module, ABC):
             )
         self.num_inference_steps = num_inference_steps
         self.first_inference_step = first_inference_step
-        # In float32, as diffusers: every derived quantity (karras timesteps included) then matches it bit for bit.
+        # In float32, as diffusers: the timesteps and noise levels derived from it then match diffusers' own.
         alphas_cumprod = self._train_alphas_cumprod()
         self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
         self.register_buffer("cumulative_scale_factors", alphas_cumprod.sqrt(), persistent=False)
@@ -180,7 +180,9 @@ class Solver(fl.Module, ABC):
         """The inference timesteps, in diffusers' `scheduler.timesteps` order and dtype (on CPU)."""
 
     @abstractmethod
-    def __call__(self, x: Tensor, predicted_noise: Tensor, step: int, generator: torch.Generator | None = None) -> Tensor:
+    def __call__(
+        self, x: Tensor, predicted_noise: Tensor, step: int, generator: torch.Generator | None = None
+    ) -> Tensor:
         """One denoising step: the latent at `timesteps[step]` to the latent at the next timestep.
 
         Args:
@@ -284,7 +286,8 @@ class Solver(fl.Module, ABC):
                 ratio = train_steps // num_timesteps
                 return (torch.arange(num_timesteps, dtype=torch.float64) * ratio).flip(0) + self.params.timesteps_offset
             case TimestepSpacing.TRAILING:
-                # numpy's `arange(T, 0, -T / n)` computes `T + i * ((T - T / n) - T)`: same rounding, same ties.
+                # diffusers' `np.arange(T, 0, -T / n)` computes `T + i * ((T - T / n) - T)`: same rounding, same ties.
+                # For some n (61, 103, ...) its float end lets one more point in, a timestep of -1: we keep n points.
                 delta = (train_steps - train_steps / num_timesteps) - train_steps
                 return (torch.arange(num_timesteps, dtype=torch.float64) * delta + train_steps).round() - 1
 
@@ -297,7 +300,9 @@ class Solver(fl.Module, ABC):
                     f"default {getattr(defaults, field)!r}, or pick a solver that supports it."
                 )
         if params.sigma_schedule not in (None, NoiseSchedule.KARRAS):
-            raise ValueError(f"{name}: sigma_schedule must be None or NoiseSchedule.KARRAS, got {params.sigma_schedule}")
+            raise ValueError(
+                f"{name}: sigma_schedule must be None or NoiseSchedule.KARRAS, got {params.sigma_schedule}"
+            )
         if not 0.0 <= params.sde_variance <= 1.0:
             raise ValueError(f"{name}: sde_variance must be in [0, 1] (0: ODE, 1: SDE), got {params.sde_variance}")
         if not 0.0 < params.initial_diffusion_rate <= params.final_diffusion_rate < 1.0:
@@ -353,4 +358,3 @@ def interpolate(x: Tensor, values: Tensor) -> Tensor:
     low = x.floor().long().clamp(0, len(values) - 2)
     table = values.double()
     return (table[low + 1] - table[low]) * (x - low) + table[low]
-

@@ -1,0 +1,190 @@
+"""SD1UNet vs diffusers' UNet2DConditionModel: one denoising forward, same weights, SD1.5 config, CPU float32.
+
+Both models hold the very same weight tensors (ours is built on the meta device and given diffusers' tensors,
+converted by key only), and their outputs are checked to match before timing. Batch 2 (a negative and a positive
+prompt), text embedding (2, 77, 768), latents 32x32 and 64x64 (256 and 512 pixel images). Runs of ours and diffusers'
+alternate, round after round, in one process, so that drifts of the machine hit both alike; the ratio is taken per
+round and its median reported. Target: ours/diffusers <= 1.0.
+
+Usage:
+    uv run python benchmarks/unet.py [--rounds N] [--warmup N] [--threads N] [--json PATH]
+    uv run python benchmarks/unet.py --smoke  # a tiny UNet, one forward each: checks it runs, measures nothing
+"""
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from torch import Tensor
+
+from refiners.converters.unet import convert_diffusers_unet
+from refiners.foundationals.latent_diffusion.unet import SD1UNet
+
+__all__ = ["Result", "build_pair", "measure", "main"]
+
+TARGET_RATIO = 1.0
+BATCH = 2
+SIZES = (32, 64)
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+# The same architecture at toy size, for --smoke.
+TINY_CHANNELS = (32, 32, 64, 64)
+TINY_CONTEXT_DIM = 16
+TINY_UNET_CONFIG: dict[str, Any] = SD15_UNET_CONFIG | {
+    "block_out_channels": list(TINY_CHANNELS),
+    "cross_attention_dim": TINY_CONTEXT_DIM,
+}
+
+
+@dataclass
+class Result:
+    """The timings of one latent size: medians over rounds, in seconds per forward."""
+
+    variant: str
+    ours_s: float
+    diffusers_s: float
+    ratio: float
+    rounds: int
+
+
+def build_pair(tiny: bool = False) -> tuple[SD1UNet, UNet2DConditionModel]:
+    """diffusers' UNet with random weights, and ours holding the same weight tensors.
+
+    Args:
+        tiny: Build the toy-size UNet (for --smoke) instead of SD1.5's.
+    """
+    torch.manual_seed(0)
+    theirs = UNet2DConditionModel(**(TINY_UNET_CONFIG if tiny else SD15_UNET_CONFIG)).eval()
+    if tiny:
+        ours = SD1UNet(channels=TINY_CHANNELS, context_embedding_dim=TINY_CONTEXT_DIM, device="meta")
+    else:
+        ours = SD1UNet(device="meta")
+    ours.load_state_dict(convert_diffusers_unet(theirs.state_dict(), ours), strict=True, assign=True)
+    return ours, theirs
+
+
+def _time_call(forward: Callable[[], Tensor]) -> float:
+    start = time.perf_counter()
+    forward()
+    return time.perf_counter() - start
+
+
+def measure(ours: SD1UNet, theirs: UNet2DConditionModel, size: int, rounds: int, warmup: int) -> Result:
+    """Time ours and diffusers' alternately on `size`x`size` latents, `rounds` forwards each after `warmup` each.
+
+    Args:
+        ours: Our UNet.
+        theirs: diffusers' UNet, with the same weights.
+        size: Height and width of the latents.
+        rounds: Number of (ours, diffusers) measurement pairs; who goes first alternates.
+        warmup: Forwards of each model before measuring.
+    """
+    generator = torch.Generator().manual_seed(size)
+    context_dim = ours.context_embedding_dim
+    latents = torch.randn(BATCH, 4, size, size, generator=generator)
+    timesteps = torch.tensor([999, 500])
+    text_embedding = torch.randn(BATCH, 77, context_dim, generator=generator)
+    ours.set_timestep(timesteps)
+    ours.set_clip_text_embedding(text_embedding)
+
+    def run_ours() -> Tensor:
+        return ours(latents)
+
+    def run_theirs() -> Tensor:
+        return theirs(latents, timesteps, encoder_hidden_states=text_embedding).sample
+
+    with torch.no_grad():
+        # The comparison is only fair if both compute the same thing.
+        expected = run_theirs()
+        atol = 1e-4 * expected.abs().max().item()
+        torch.testing.assert_close(run_ours(), expected, atol=atol, rtol=0)
+        del expected
+        for _ in range(warmup):
+            run_ours()
+            run_theirs()
+        ours_times: list[float] = []
+        theirs_times: list[float] = []
+        for round_index in range(rounds):
+            if round_index % 2 == 0:
+                ours_times.append(_time_call(run_ours))
+                theirs_times.append(_time_call(run_theirs))
+            else:
+                theirs_times.append(_time_call(run_theirs))
+                ours_times.append(_time_call(run_ours))
+    ratios = [o / t for o, t in zip(ours_times, theirs_times, strict=True)]
+    return Result(
+        variant=f"latents {size}x{size}",
+        ours_s=statistics.median(ours_times),
+        diffusers_s=statistics.median(theirs_times),
+        ratio=statistics.median(ratios),
+        rounds=rounds,
+    )
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5, help="measurement pairs per latent size (default: 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="forwards of each model before measuring (default: 1)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: 2)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="latent sizes (default: 32 64)")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument("--smoke", action="store_true", help="a tiny UNet, one forward each: checks it runs")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.rounds, args.warmup, args.sizes = 1, 0, [8]
+    torch.set_num_threads(args.threads)
+
+    ours, theirs = build_pair(tiny=args.smoke)
+    gc.collect()
+    results = [measure(ours, theirs, size, args.rounds, args.warmup) for size in args.sizes]
+    machine = f"{_cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    model = "tiny UNet (smoke)" if args.smoke else "SD1.5 UNet"
+    print(f"SD1UNet vs diffusers UNet2DConditionModel, {model}, batch {BATCH}, float32, CPU ({machine})")
+    print(f"median of {args.rounds} interleaved rounds, {args.warmup} warmup; target ours/diffusers <= {TARGET_RATIO}")
+    print(f"{'variant':<16} {'ours (s)':>10} {'diffusers (s)':>14} {'ours/diffusers':>15}")
+    for result in results:
+        print(f"{result.variant:<16} {result.ours_s:>10.3f} {result.diffusers_s:>14.3f} {result.ratio:>15.3f}")
+    if args.json is not None:
+        payload = {"machine": machine, "target_ratio": TARGET_RATIO, "results": [asdict(r) for r in results]}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
