@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--smoke", action="store_true", help="a tiny UNet, one forward each: checks it runs")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.rounds, args.warmup, args.sizes = 1, 0, [8]
+        args.rounds, args.warmup, args.sizes, args.threads = 1, 0, [8], 1
     torch.set_num_threads(args.threads)
 
     ours, theirs = build_pair(tiny=args.smoke)

@@ -171,3 +171,14 @@ def test_rule_6_a_detached_chain_gets_a_store_of_its_own() -> None:
     assert child.provider is not root.provider
     assert child() == "default"
     assert "own" in root.provider.contexts  # the root keeps what it had
+
+
+def test_rule_5_in_place_mutation_of_a_list_does_not_leak() -> None:
+    model = fl.Chain(
+        fl.SetContext("c", "seen", callback=lambda seen, x: seen.append(x)),
+        fl.UseContext("c", "seen"),
+    )
+    model.set_context("c", {"seen": []})
+    assert model(1) == [1]
+    assert model(2) == [2]
+    assert model.provider.contexts["c"]["seen"] == []

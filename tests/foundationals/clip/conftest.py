@@ -5,6 +5,7 @@ each byte symbol and its `</w>` end-of-word variant first in the vocabulary, the
 `<|startoftext|>` and `<|endoftext|>`; `merges.txt` starts with the `#version: 0.2` header.
 """
 
+import itertools
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -100,7 +101,7 @@ def learn_merges(corpus: str, num_merges: int) -> list[tuple[str, str]]:
     pair_counts: Counter[tuple[str, str]] = Counter()
     pair_words: defaultdict[tuple[str, str], set[int]] = defaultdict(set)
     for index, symbols in enumerate(words):
-        for pair in zip(symbols, symbols[1:], strict=False):
+        for pair in itertools.pairwise(symbols):
             pair_counts[pair] += frequencies[index]
             pair_words[pair].add(index)
 
@@ -111,7 +112,7 @@ def learn_merges(corpus: str, num_merges: int) -> list[tuple[str, str]]:
         merges.append(best)
         for index in pair_words.pop(best):
             symbols = words[index]
-            for pair in zip(symbols, symbols[1:], strict=False):
+            for pair in itertools.pairwise(symbols):
                 pair_counts[pair] -= frequencies[index]
                 if pair_counts[pair] <= 0:
                     del pair_counts[pair]
@@ -125,7 +126,7 @@ def learn_merges(corpus: str, num_merges: int) -> list[tuple[str, str]]:
                     merged.append(symbols[position])
                     position += 1
             words[index] = merged
-            for pair in zip(merged, merged[1:], strict=False):
+            for pair in itertools.pairwise(merged):
                 pair_counts[pair] += frequencies[index]
                 pair_words[pair].add(index)
     return merges

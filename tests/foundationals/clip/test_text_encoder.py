@@ -54,7 +54,7 @@ SD15_TEXT_ENCODER_CONFIG: dict[str, Any] = {
     "pad_token_id": 1,
 }
 # stabilityai/stable-diffusion-2-1, text_encoder/config.json: OpenCLIP ViT-H, its 24th layer left out.
-SD2_TEXT_ENCODER_CONFIG = SD15_TEXT_ENCODER_CONFIG | {
+SD2_TEXT_ENCODER_CONFIG: dict[str, Any] = SD15_TEXT_ENCODER_CONFIG | {
     "hidden_act": "gelu",
     "hidden_size": 1024,
     "intermediate_size": 4096,
@@ -63,7 +63,7 @@ SD2_TEXT_ENCODER_CONFIG = SD15_TEXT_ENCODER_CONFIG | {
     "projection_dim": 512,
 }
 # stabilityai/stable-diffusion-xl-base-1.0, text_encoder_2/config.json (a CLIPTextModelWithProjection).
-SDXL_TEXT_ENCODER_2_CONFIG = SD15_TEXT_ENCODER_CONFIG | {
+SDXL_TEXT_ENCODER_2_CONFIG: dict[str, Any] = SD15_TEXT_ENCODER_CONFIG | {
     "hidden_act": "gelu",
     "hidden_size": 1280,
     "intermediate_size": 5120,
@@ -258,7 +258,9 @@ def test_sdxl_text_encoder_g_with_pooling(tmp_path: Path) -> None:
     ],
 )
 def test_presets_build_on_meta_with_the_shapes_of_the_real_checkpoints(
-    preset: type[CLIPTextEncoder], config: dict[str, Any], reference_class: type[CLIPTextModel]
+    preset: type[CLIPTextEncoder],
+    config: dict[str, Any],
+    reference_class: type[CLIPTextModel | CLIPTextModelWithProjection],
 ) -> None:
     encoder = preset(device="meta")
     assert all(tensor.device.type == "meta" for tensor in encoder.state_dict().values())
@@ -283,7 +285,7 @@ def test_a_checkpoint_that_is_not_a_clip_text_model_is_refused_with_its_keys() -
         convert_transformers_clip_text(source, CLIPTextEncoderL(device="meta"))
     message = str(error.value)
     assert "source keys that nothing in the target uses" in message
-    assert "vision_model.embeddings.patch_embedding.weight" in message
+    assert "embeddings.patch_embedding.weight" in message and "embeddings.class_embedding" in message
     assert "target weights left unfilled" in message and "Sum.TokenEncoder.weight" in message
 
 

@@ -13,7 +13,8 @@ Rules (each one is tested in `tests/fluxion/test_context.py`):
    root's store, at any depth. Reading a context or key that nobody provides is an error that lists what is
    provided.
 5. What a forward writes into the store is per-call state: when the outermost forward returns (or raises), the
-   store is restored to what it was before the call, so nothing leaks from one forward into the next.
+   store is restored to what it was before the call, so nothing leaks from one forward into the next. This holds for
+   lists, dicts and sets mutated in place too (the forward works on copies of them; tensors are shared).
 6. A Chain detached from its tree (popped, removed, ejected) gets a store of its own again, rebuilt from the
    `init_context()` of its subtree.
 """
@@ -68,14 +69,29 @@ class ContextProvider:
         return self._forward_depth > 0
 
     def enter_forward(self) -> Contexts:
-        """Start a forward: returns the snapshot that `exit_forward` restores (rule 5)."""
+        """Start a forward: returns the snapshot that `exit_forward` restores (rule 5).
+
+        The forward works on a copy of the store in which lists, dicts and sets are copied too, so that a layer that
+        mutates one in place (e.g. `SetContext(callback=lambda shapes, x: shapes.append(x))`) leaves the snapshot intact.
+        Tensors and other values are shared, not copied.
+        """
         self._forward_depth += 1
-        return {name: dict(context) for name, context in self.contexts.items()}
+        snapshot = self.contexts
+        self.contexts = {
+            name: {key: _copy_container(value) for key, value in context.items()} for name, context in snapshot.items()
+        }
+        return snapshot
 
     def exit_forward(self, snapshot: Contexts) -> None:
         self._forward_depth -= 1
         if self._forward_depth == 0:
             self.contexts = snapshot
+
+
+def _copy_container(value: Any) -> Any:
+    if isinstance(value, (list, dict, set)):  # a tuple, not `list | dict | set`: torch.compile cannot trace unions
+        return value.copy()  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+    return value
 
 
 def lookup_key(context: Context, context_name: str, key: str) -> Any:

@@ -7,7 +7,10 @@ from torch import Tensor
 
 import refiners.fluxion.layers as fl
 
-__all__ = ["PositionalEncoder", "FeedForward", "TransformerLayer"]
+__all__ = ["GeLUApproximation", "PositionalEncoder", "FeedForward", "TransformerLayer"]
+
+GeLUApproximation = Literal["none", "tanh", "quick"]
+"""The GeLU variants of `fl.GeLU`: OpenAI's CLIP uses `"quick"`, OpenCLIP's `"none"` (exact)."""
 
 
 class PositionalEncoder(fl.Embedding):
@@ -58,7 +61,7 @@ class FeedForward(fl.Chain):
         self,
         embedding_dim: int,
         feedforward_dim: int,
-        gelu_approximation: Literal["none", "tanh", "quick"] = "none",
+        gelu_approximation: GeLUApproximation = "none",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -92,7 +95,7 @@ class TransformerLayer(fl.Chain):
         num_attention_heads: int,
         feedforward_dim: int,
         layer_norm_eps: float = 1e-5,
-        gelu_approximation: Literal["none", "tanh", "quick"] = "none",
+        gelu_approximation: GeLUApproximation = "none",
         is_causal: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,

@@ -7,7 +7,7 @@ and projected embedding of the whole prompt (`TextEncoderWithPooling`).
 """
 
 from pathlib import Path
-from typing import Literal, Self
+from typing import Self
 
 import torch
 from torch import Tensor
@@ -16,7 +16,7 @@ import refiners.fluxion.layers as fl
 from refiners.fluxion.adapters.adapter import Adapter
 from refiners.fluxion.context import Contexts, lookup_key
 from refiners.fluxion.utils import load_metadata_from_safetensors
-from refiners.foundationals.clip.common import PositionalEncoder, TransformerLayer
+from refiners.foundationals.clip.common import GeLUApproximation, PositionalEncoder, TransformerLayer
 from refiners.foundationals.clip.tokenizer import METADATA_PREFIX, CLIPTokenizer
 
 __all__ = [
@@ -92,6 +92,8 @@ class CLIPTextEncoder(fl.Chain):
         dtype: The weights' dtype.
     """
 
+    gelu_approximation: GeLUApproximation
+
     def __init__(
         self,
         embedding_dim: int = 768,
@@ -101,7 +103,7 @@ class CLIPTextEncoder(fl.Chain):
         num_attention_heads: int = 12,
         feedforward_dim: int = 3072,
         layer_norm_eps: float = 1e-5,
-        gelu_approximation: Literal["none", "tanh", "quick"] = "none",
+        gelu_approximation: GeLUApproximation = "none",
         tokenizer: CLIPTokenizer | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,

@@ -1,0 +1,317 @@
+"""The original Stable Diffusion layout ("ldm", single-file checkpoints) in terms of diffusers' and transformers'.
+
+A single-file checkpoint (`v1-5-pruned-emaonly.safetensors`, `.ckpt`) holds the three models of the original
+latent-diffusion code under `model.diffusion_model.` (UNet), `first_stage_model.` (autoencoder) and
+`cond_stage_model.transformer.` (a transformers `CLIPTextModel`). Their module paths differ from diffusers':
+`ModuleRenaming` pairs them, module by module, and the pairs are derived by walking the block structure as
+diffusers' `convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint` / `convert_ldm_clip_checkpoint` do, so a
+diffusers key map (diffusers key -> refiners key) becomes a map from the original keys with `original_key_map`.
+
+The autoencoder's mid-block attention projections are 1x1 convolutions in the original layout (`q`, `k`, `v`,
+`proj_out`, 4-D weights): they are flattened into the Linear weights diffusers uses (`to_q`, ..., `to_out.0`).
+"""
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from torch import Tensor
+
+from refiners.converters.engine import KeyMap
+
+__all__ = [
+    "LDM_PREFIXES",
+    "LDM_TRAINING_BUFFERS",
+    "ModuleRenaming",
+    "ldm_unet_renaming",
+    "ldm_autoencoder_renaming",
+    "ldm_clip_text_renaming",
+    "ldm_component_prefix",
+    "is_ldm_checkpoint",
+    "ldm_unknown_keys",
+    "original_key_map",
+    "ldm_to_diffusers",
+]
+
+LDM_PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "cond_stage_model.transformer.",
+}
+"""Where each component's keys live in an original single-file checkpoint."""
+
+LDM_TRAINING_BUFFERS = frozenset(
+    {
+        "betas",
+        "alphas_cumprod",
+        "alphas_cumprod_prev",
+        "sqrt_alphas_cumprod",
+        "sqrt_one_minus_alphas_cumprod",
+        "log_one_minus_alphas_cumprod",
+        "sqrt_recip_alphas_cumprod",
+        "sqrt_recipm1_alphas_cumprod",
+        "posterior_variance",
+        "posterior_log_variance_clipped",
+        "posterior_mean_coef1",
+        "posterior_mean_coef2",
+        "logvar",
+    }
+)
+"""Top-level buffers of the original training code: the noise schedule, which refiners' solvers compute themselves."""
+
+_EMA_PREFIX = "model_ema."
+# A standalone original-layout autoencoder file (e.g. `vae-ft-mse-840000-ema-pruned`) has no `first_stage_model.`.
+_BARE_LDM_VAE_KEY = "encoder.down.0.block.0.conv1.weight"
+
+_UNET_RESNET = (
+    ("in_layers.0", "norm1"),
+    ("in_layers.2", "conv1"),
+    ("emb_layers.1", "time_emb_proj"),
+    ("out_layers.0", "norm2"),
+    ("out_layers.3", "conv2"),
+    ("skip_connection", "conv_shortcut"),
+)
+_VAE_ATTENTION = (("norm", "group_norm"), ("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0"))
+
+
+class ModuleRenaming:
+    """Module paths of the original layout paired with diffusers'; a key is renamed by its longest paired prefix.
+
+    Args:
+        pairs: `(original, diffusers)` module paths. A pair renames the module and everything inside it; a longer
+            pair inside it takes precedence (e.g. a resnet, then its `skip_connection` -> `conv_shortcut`).
+        conv_as_linear: Diffusers paths of Linear layers that the original layout stores as 1x1 convolutions.
+
+    Raises:
+        ValueError: A path appears in two pairs.
+    """
+
+    def __init__(self, pairs: Iterable[tuple[str, str]], conv_as_linear: Iterable[str] = ()) -> None:
+        self.conv_as_linear = frozenset(conv_as_linear)
+        self._to_diffusers: dict[str, str] = {}
+        self._to_original: dict[str, str] = {}
+        for original, diffusers in pairs:
+            if original in self._to_diffusers or diffusers in self._to_original:
+                raise ValueError(f"{original!r} <-> {diffusers!r} is paired twice")
+            self._to_diffusers[original] = diffusers
+            self._to_original[diffusers] = original
+
+    @staticmethod
+    def _rename(key: str, table: Mapping[str, str]) -> str | None:
+        parts = key.split(".")
+        for end in range(len(parts), -1, -1):
+            if (renamed := table.get(".".join(parts[:end]))) is not None:
+                return ".".join(part for part in (renamed, *parts[end:]) if part)
+        return None
+
+    def to_diffusers(self, key: str) -> str | None:
+        """The diffusers name of an original key, or None if no paired module holds it."""
+        return self._rename(key, self._to_diffusers)
+
+    def to_original(self, key: str) -> str | None:
+        """The original name of a diffusers key, or None if no paired module holds it."""
+        return self._rename(key, self._to_original)
+
+
+def _unet_resnet(original: str, diffusers: str) -> list[tuple[str, str]]:
+    return [(f"{original}.{o}", f"{diffusers}.{d}") for o, d in _UNET_RESNET]
+
+
+def ldm_unet_renaming(
+    layers_per_block: int = 2, attention_levels: Sequence[bool] = (True, True, True, False)
+) -> ModuleRenaming:
+    """The original UNet's (`openaimodel.UNetModel`) module paths and diffusers' `UNet2DConditionModel`'s.
+
+    The original numbers its blocks flat: `input_blocks.0` is `conv_in`, then each resolution has
+    `layers_per_block` blocks (`.0` a resnet, `.1` a spatial transformer where there is attention) and a
+    downsampler (`.0.op`) but the last; `output_blocks` mirror them with one more block per resolution, the
+    upsampler being the block's last layer (`.1.conv`, or `.2.conv` after a transformer).
+
+    Args:
+        layers_per_block: Resnets per down block (diffusers' `layers_per_block`; SD1: 2).
+        attention_levels: For each resolution, highest first, whether its blocks have a transformer (SD1: all but
+            the lowest).
+    """
+    levels = len(attention_levels)
+    pairs = [
+        ("time_embed.0", "time_embedding.linear_1"),
+        ("time_embed.2", "time_embedding.linear_2"),
+        ("input_blocks.0.0", "conv_in"),
+        ("out.0", "conv_norm_out"),
+        ("out.2", "conv_out"),
+    ]
+    block = 1
+    for level, attention in enumerate(attention_levels):
+        for index in range(layers_per_block):
+            pairs += _unet_resnet(f"input_blocks.{block}.0", f"down_blocks.{level}.resnets.{index}")
+            if attention:
+                pairs.append((f"input_blocks.{block}.1", f"down_blocks.{level}.attentions.{index}"))
+            block += 1
+        if level < levels - 1:
+            pairs.append((f"input_blocks.{block}.0.op", f"down_blocks.{level}.downsamplers.0.conv"))
+            block += 1
+    pairs += _unet_resnet("middle_block.0", "mid_block.resnets.0")
+    pairs.append(("middle_block.1", "mid_block.attentions.0"))
+    pairs += _unet_resnet("middle_block.2", "mid_block.resnets.1")
+    block = 0
+    for level, attention in enumerate(reversed(attention_levels)):
+        for index in range(layers_per_block + 1):
+            pairs += _unet_resnet(f"output_blocks.{block}.0", f"up_blocks.{level}.resnets.{index}")
+            if attention:
+                pairs.append((f"output_blocks.{block}.1", f"up_blocks.{level}.attentions.{index}"))
+            if index == layers_per_block and level < levels - 1:
+                upsampler = f"output_blocks.{block}.{2 if attention else 1}.conv"
+                pairs.append((upsampler, f"up_blocks.{level}.upsamplers.0.conv"))
+            block += 1
+    return ModuleRenaming(pairs)
+
+
+def _vae_resnet(original: str, diffusers: str) -> list[tuple[str, str]]:
+    # Same names inside (norm1, conv1, norm2, conv2) but the 1x1 shortcut.
+    return [(original, diffusers), (f"{original}.nin_shortcut", f"{diffusers}.conv_shortcut")]
+
+
+def _vae_mid_block(part: str) -> list[tuple[str, str]]:
+    original, diffusers = f"{part}.mid", f"{part}.mid_block"
+    return [
+        *_vae_resnet(f"{original}.block_1", f"{diffusers}.resnets.0"),
+        *((f"{original}.attn_1.{o}", f"{diffusers}.attentions.0.{d}") for o, d in _VAE_ATTENTION),
+        *_vae_resnet(f"{original}.block_2", f"{diffusers}.resnets.1"),
+    ]
+
+
+def ldm_autoencoder_renaming(levels: int = 4, layers_per_block: int = 2) -> ModuleRenaming:
+    """The original autoencoder's (`AutoencoderKL` of latent-diffusion) module paths and diffusers' `AutoencoderKL`'s.
+
+    The decoder's resolutions are numbered from the lowest in the original (`decoder.up.3` runs first) and from the
+    first to run in diffusers (`decoder.up_blocks.0`).
+
+    Args:
+        levels: Resolutions (diffusers' `len(block_out_channels)`; SD1: 4).
+        layers_per_block: Resnets per encoder block (the decoder's have one more; SD1: 2).
+    """
+    pairs: list[tuple[str, str]] = [
+        (name, name) for name in ("encoder.conv_in", "encoder.conv_out", "quant_conv", "post_quant_conv")
+    ]
+    pairs += [(name, name) for name in ("decoder.conv_in", "decoder.conv_out")]
+    pairs += [("encoder.norm_out", "encoder.conv_norm_out"), ("decoder.norm_out", "decoder.conv_norm_out")]
+    for level in range(levels):
+        for index in range(layers_per_block):
+            pairs += _vae_resnet(f"encoder.down.{level}.block.{index}", f"encoder.down_blocks.{level}.resnets.{index}")
+        if level < levels - 1:
+            pairs.append((f"encoder.down.{level}.downsample.conv", f"encoder.down_blocks.{level}.downsamplers.0.conv"))
+    pairs += _vae_mid_block("encoder") + _vae_mid_block("decoder")
+    linears = ("to_q", "to_k", "to_v", "to_out.0")
+    attention = [f"{part}.mid_block.attentions.0.{name}" for part in ("encoder", "decoder") for name in linears]
+    for level in range(levels):
+        original = f"decoder.up.{levels - 1 - level}"
+        for index in range(layers_per_block + 1):
+            pairs += _vae_resnet(f"{original}.block.{index}", f"decoder.up_blocks.{level}.resnets.{index}")
+        if level < levels - 1:
+            pairs.append((f"{original}.upsample.conv", f"decoder.up_blocks.{level}.upsamplers.0.conv"))
+    return ModuleRenaming(pairs, conv_as_linear=attention)
+
+
+def ldm_clip_text_renaming(with_text_model: bool = True) -> ModuleRenaming:
+    """The original text encoder's paths (a transformers `CLIPTextModel` itself) and transformers' `text_model.*`.
+
+    Args:
+        with_text_model: Whether the checkpoint names the keys `text_model.*` (most do) or, as checkpoints saved
+            with older transformers versions, directly `embeddings.*`, `encoder.*`, `final_layer_norm.*`.
+    """
+    if with_text_model:
+        return ModuleRenaming([("text_model", "text_model")])
+    return ModuleRenaming((name, f"text_model.{name}") for name in ("embeddings", "encoder", "final_layer_norm"))
+
+
+def is_ldm_checkpoint(keys: Iterable[str]) -> bool:
+    """Whether a single file's keys are in the original layout (rather than one diffusers component's)."""
+    prefixes = (*LDM_PREFIXES.values(), "cond_stage_model.", "conditioner.")
+    return any(key.startswith(prefixes) for key in keys)
+
+
+def ldm_component_prefix(keys: Iterable[str], component: str) -> str | None:
+    """The prefix of `component`'s keys in an original-layout file, or None if the file lacks the component.
+
+    A standalone original autoencoder file has its keys unprefixed (`encoder.down.0...`): its prefix is "".
+    """
+    keys = list(keys)
+    prefix = LDM_PREFIXES[component]
+    if any(key.startswith(prefix) for key in keys):
+        return prefix
+    if component == "vae" and _BARE_LDM_VAE_KEY in keys:
+        return ""
+    return None
+
+
+def ldm_unknown_keys(keys: Iterable[str]) -> list[str]:
+    """The keys of an original-layout checkpoint that belong to no Stable Diffusion 1.x component.
+
+    The noise schedule buffers (`LDM_TRAINING_BUFFERS`) and the EMA copy of the UNet that full training checkpoints
+    carry (`model_ema.*`; the main weights are converted, as diffusers does by default) are known, not unknown.
+    """
+    return [
+        key
+        for key in keys
+        if not key.startswith((*LDM_PREFIXES.values(), _EMA_PREFIX)) and key not in LDM_TRAINING_BUFFERS
+    ]
+
+
+def original_key_map(key_map: KeyMap, renaming: ModuleRenaming, prefix: str) -> KeyMap:
+    """`key_map`, from diffusers/transformers keys, rewritten to read the original layout's keys.
+
+    Errors of the conversion then name the keys as the checkpoint has them. The transforms (keyed by target) are
+    kept; a source key is ignored when its diffusers name is.
+
+    Args:
+        key_map: A map from diffusers/transformers keys (e.g. `diffusers_unet_key_map(unet)`).
+        renaming: The component's module pairs (e.g. `ldm_unet_renaming()`).
+        prefix: The component's prefix in the checkpoint (e.g. `model.diffusion_model.`).
+
+    Raises:
+        ValueError: A key of `key_map` lies outside every paired module (the renaming does not fit the model).
+    """
+    composed = KeyMap(transforms=dict(key_map.transforms))
+    for source, target in key_map.mapping.items():
+        if (original := renaming.to_original(source)) is None:
+            raise ValueError(f"the original layout has no module for {source!r}: the renaming does not fit the model")
+        composed.add(prefix + original, target)
+
+    def ignored(key: str) -> bool:
+        if not key.startswith(prefix):
+            return False
+        diffusers = renaming.to_diffusers(key.removeprefix(prefix))
+        return diffusers is not None and key_map.is_ignored(diffusers)
+
+    composed.ignored.append(ignored)
+    return composed
+
+
+def ldm_to_diffusers(checkpoint: Mapping[str, Tensor], renaming: ModuleRenaming, prefix: str) -> dict[str, Tensor]:
+    """One component of an original-layout checkpoint, with diffusers/transformers keys and shapes.
+
+    The 1x1 convolution weights of Linear layers (`renaming.conv_as_linear`, the autoencoder's attention) are
+    flattened.
+
+    Args:
+        checkpoint: The original checkpoint's tensors.
+        renaming: The component's module pairs.
+        prefix: The component's prefix in the checkpoint.
+
+    Raises:
+        ValueError: Keys under `prefix` that no paired module holds; the message lists them.
+    """
+    converted: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    for key in checkpoint:
+        if not key.startswith(prefix):
+            continue
+        if (diffusers := renaming.to_diffusers(key.removeprefix(prefix))) is None:
+            unknown.append(key)
+            continue
+        tensor = checkpoint[key]
+        module, _, name = diffusers.rpartition(".")
+        if module in renaming.conv_as_linear and name == "weight" and tensor.dim() == 4:
+            tensor = tensor.flatten(1)
+        converted[diffusers] = tensor
+    if unknown:
+        raise ValueError(f"{len(unknown)} keys under {prefix!r} belong to no known module: {', '.join(unknown[:20])}")
+    return converted

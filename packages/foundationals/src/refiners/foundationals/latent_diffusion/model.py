@@ -1,0 +1,317 @@
+"""The base of latent diffusion pipelines: a denoising UNet, an autoencoder, a text encoder and a solver, together.
+
+`LatentDiffusionModel` runs one denoising step per call, with classifier-free guidance, and prepares what a
+generation starts from (`init_latents`: pure noise, or a noised image for image-to-image). The loop itself stays in
+the caller's hands, as in the README's Hello World:
+
+    clip_text_embedding = sd.compute_clip_text_embedding("a cute cat")
+    sd.set_num_inference_steps(30)
+    x = sd.init_latents((512, 512))
+    for step in sd.steps:
+        x = sd(x, step=step, clip_text_embedding=clip_text_embedding, condition_scale=7.5)
+    image = sd.lda.decode_latents(x)
+
+The random draws (posterior sample of an init image, initial noise, stochastic solvers' noise) come from a
+`torch.Generator` when one is given, else from torch's global generator (seeded by `manual_seed`); their order is
+diffusers' pipelines', so the same seed gives the same draws on both sides.
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+import refiners.fluxion.layers as fl
+from refiners.foundationals.clip.text_encoder import CLIPTextEncoder
+from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
+from refiners.foundationals.latent_diffusion.solvers.solver import Solver
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = ["LatentDiffusionModel"]
+
+# diffusers' img2img pipeline default: the share of the schedule an init image is denoised over.
+DEFAULT_STRENGTH = 0.8
+
+
+class LatentDiffusionModel(fl.Module, ABC):
+    """A latent diffusion pipeline: `unet`, `lda` (the autoencoder), `clip_text_encoder` and `solver`.
+
+    Calling it runs one denoising step: `model(x, step=step, clip_text_embedding=embedding, condition_scale=7.5)`.
+    The model's `device` and `dtype` are the UNet's; move all components at once with `.to(...)`.
+
+    Args:
+        unet: The denoising model; `set_unet_context` gives it the timestep and text embedding.
+        lda: The autoencoder between images and latents.
+        clip_text_encoder: The text encoder (with its tokenizer, to encode text).
+        solver: The diffusion solver (its number of steps can be changed with `set_num_inference_steps`).
+    """
+
+    unet: fl.Chain
+    lda: LatentDiffusionAutoencoder
+    clip_text_encoder: CLIPTextEncoder
+    solver: Solver
+
+    def __init__(
+        self,
+        unet: fl.Chain,
+        lda: LatentDiffusionAutoencoder,
+        clip_text_encoder: CLIPTextEncoder,
+        solver: Solver,
+    ) -> None:
+        super().__init__()
+        self.unet = unet
+        self.lda = lda
+        self.clip_text_encoder = clip_text_encoder
+        self.solver = solver
+
+    @property
+    def device(self) -> torch.device:
+        """Where the UNet's weights live (and where latents are made)."""
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The UNet's weights' dtype (that of the latents)."""
+        return self.unet.dtype
+
+    @abstractmethod
+    def set_unet_context(self, *, timestep: Tensor, clip_text_embedding: Tensor) -> None:
+        """Give the UNet the side inputs of its next forward.
+
+        Args:
+            timestep: The diffusion timestep (a scalar tensor).
+            clip_text_embedding: The text embedding, one row per row of the UNet's input.
+        """
+
+    # -- schedule ----------------------------------------------------------------------------------------------
+
+    def set_num_inference_steps(self, num_inference_steps: int) -> None:
+        """Use a schedule of `num_inference_steps` steps, all of which `steps` then lists.
+
+        `init_latents` with an init image starts the schedule later (see its `strength`).
+
+        Args:
+            num_inference_steps: The number of steps of the full schedule.
+        """
+        self.solver = self.solver.rebuild(num_inference_steps=num_inference_steps, first_inference_step=0)
+
+    @property
+    def steps(self) -> list[int]:
+        """The step indices a generation runs, in order: from the solver's first inference step to the last."""
+        return list(self.solver.inference_steps)
+
+    # -- text --------------------------------------------------------------------------------------------------
+
+    def compute_clip_text_embedding(self, text: str | Sequence[str], negative_text: str | Sequence[str] = "") -> Tensor:
+        """The text embedding classifier-free guidance needs: the negative prompts' rows, then the prompts'.
+
+        Both halves are encoded in one batch. `__call__` repeats each prompt's rows over as many latents as there
+        are per prompt.
+
+        Args:
+            text: A prompt, or a batch of prompts.
+            negative_text: What to steer away from: one negative prompt for all prompts, or one per prompt. The
+                empty default is the unconditional embedding of classifier-free guidance.
+
+        Returns:
+            `(2 * prompts, sequence_length, embedding_dim)`: `cat([negative, positive])`.
+        """
+        prompts = _prompt_list(text, "text")
+        if isinstance(negative_text, str):
+            negatives = [negative_text] * len(prompts)
+        else:
+            negatives = list(negative_text)
+            if len(negatives) != len(prompts):
+                raise ValueError(
+                    f"got {len(negatives)} negative prompts for {len(prompts)} prompts: give one negative prompt per "
+                    "prompt, or a single string for all of them"
+                )
+        return self.clip_text_encoder([*negatives, *prompts])
+
+    # -- latents -----------------------------------------------------------------------------------------------
+
+    def init_latents(
+        self,
+        size: tuple[int, int],
+        init_image: "Image.Image | None" = None,
+        noise: Tensor | None = None,
+        strength: float | None = None,
+        *,
+        batch_size: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """The latents a generation starts from: noise, or (image-to-image) an image's latents, noised.
+
+        Without an init image: the noise, scaled to the solver's initial noise level (1 except for Euler-like
+        solvers), and the solver starts at its first step. With one: the image (resized to `size` if needed) is
+        encoded, drawing from the autoencoder's posterior as diffusers' pipelines do, then noised to the level of
+        the first step that `strength` leaves, where the solver then starts (`steps` lists the remaining ones).
+        Set the number of steps first (`set_num_inference_steps`).
+
+        Args:
+            size: `(height, width)` of the image to generate, in pixels (multiples of the autoencoder's downscale
+                factor, 8 for Stable Diffusion).
+            init_image: The image to start from (image-to-image).
+            noise: The noise, `(batch, latent_channels, height / 8, width / 8)`; drawn when not given.
+            strength: Image-to-image only: the share of the schedule to denoise the image over, in (0, 1], as
+                diffusers' `strength`: 1 runs every step from a (nearly) fully noised image, lower values keep more
+                of the image. Default 0.8.
+            batch_size: How many latents to draw when `noise` is not given (default 1).
+            generator: The random generator of the draws (default: torch's global one, see `manual_seed`).
+
+        Returns:
+            The initial latents, `(batch, latent_channels, height / 8, width / 8)`.
+        """
+        height, width = self._check_size(size)
+        if init_image is None and strength is not None:
+            raise ValueError(
+                f"strength={strength} sets how much of an init image to keep, but no init_image was given: pass one "
+                "(image-to-image), or leave strength out (text-to-image)"
+            )
+        first_step = 0 if init_image is None else self._first_step(DEFAULT_STRENGTH if strength is None else strength)
+        if first_step != self.solver.first_inference_step:
+            self.solver = self.solver.rebuild(first_inference_step=first_step)
+        image_latents = None
+        if init_image is not None:
+            image_latents = self._encode_image(_resized(init_image.convert("RGB"), (width, height)), generator)
+        factor = self.lda.downscale_factor
+        shape = (self.lda.latent_channels, height // factor, width // factor)
+        if noise is None:
+            noise = _randn((batch_size or 1, *shape), generator, self.device, self.dtype)
+        elif tuple(noise.shape[1:]) != shape or (batch_size is not None and noise.shape[0] != batch_size):
+            expected = f"({batch_size if batch_size is not None else 'batch'}, {', '.join(map(str, shape))})"
+            raise ValueError(
+                f"the noise for a {width}x{height} (width x height) image must be {expected}, got "
+                f"{tuple(noise.shape)}: latents are {factor} times smaller than the image, with "
+                f"{self.lda.latent_channels} channels"
+            )
+        if image_latents is None:
+            return noise * self.solver.init_noise_sigma
+        return self.solver.add_noise(image_latents, noise, step=first_step)
+
+    def _encode_image(self, image: "Image.Image", generator: torch.Generator | None) -> Tensor:
+        """An RGB image's latents, `(1, latent_channels, h, w)`, drawn from the posterior (diffusers' `retrieve_latents`)."""
+        from refiners.fluxion.utils import image_to_tensor
+
+        pixels = image_to_tensor(image, device=self.lda.device, dtype=self.lda.dtype) * 2 - 1
+        return self.lda.encode(pixels, sample=True, generator=generator).to(device=self.device, dtype=self.dtype)
+
+    def _check_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        height, width = size
+        factor = self.lda.downscale_factor
+        if height <= 0 or width <= 0 or height % factor != 0 or width % factor != 0:
+            fixed_height, fixed_width = max(height // factor, 1) * factor, max(width // factor, 1) * factor
+            raise ValueError(
+                f"the image size must be made of positive multiples of {factor} (one latent covers {factor}x{factor} "
+                f"pixels), got height={height}, width={width}: use e.g. height={fixed_height}, width={fixed_width}"
+            )
+        return height, width
+
+    def _first_step(self, strength: float) -> int:
+        """The step an image-to-image generation starts at: diffusers' `get_timesteps`."""
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(
+                f"strength must be in (0, 1], got {strength}: 1 denoises over the whole schedule, lower values keep "
+                "more of the init image"
+            )
+        num_steps = self.solver.num_inference_steps
+        # int() truncates as diffusers' `int(num_inference_steps * strength)` does: the same steps on both sides.
+        denoised = min(int(num_steps * strength), num_steps)
+        if denoised == 0:
+            raise ValueError(
+                f"strength={strength} of {num_steps} steps leaves no step to run: raise strength to at least "
+                f"{1 / num_steps:.3g} or use more steps (set_num_inference_steps)"
+            )
+        return num_steps - denoised
+
+    # -- denoising ---------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        x: Tensor,
+        step: int,
+        *,
+        clip_text_embedding: Tensor,
+        condition_scale: float = 7.5,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """One denoising step with classifier-free guidance: the latents at `solver.timesteps[step]` to the next step's.
+
+        The UNet predicts the noise of the latents under the negative and the positive prompts in one batch, and the
+        prediction is `negative + condition_scale * (positive - negative)`.
+
+        Args:
+            x: The latents, `(batch, latent_channels, height, width)`.
+            step: The index of the step in the solver's schedule (one of `steps`).
+            clip_text_embedding: `compute_clip_text_embedding`'s `(2 * prompts, sequence, dim)`, negative rows
+                first. `batch` must be a multiple of `prompts`: each prompt serves `batch / prompts` consecutive
+                latents.
+            condition_scale: The guidance scale (diffusers' `guidance_scale`).
+            generator: The random generator of stochastic solvers (default: torch's global one).
+        """
+        rows, batch = clip_text_embedding.shape[0], x.shape[0]
+        if clip_text_embedding.dim() != 3 or rows % 2 != 0 or batch % (rows // 2) != 0:
+            raise ValueError(
+                f"the text embedding must be (2 * prompts, sequence, dim), negative rows then positive rows, as "
+                f"compute_clip_text_embedding makes it, for a number of latents that is a multiple of the number of "
+                f"prompts: got shape {tuple(clip_text_embedding.shape)} for {batch} latents"
+            )
+        return self._denoise(x, step, clip_text_embedding, condition_scale, generator)
+
+    def _denoise(
+        self,
+        x: Tensor,
+        step: int,
+        clip_text_embedding: Tensor,
+        condition_scale: float | None,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """One step; without guidance when `condition_scale` is None (`clip_text_embedding`: the positive rows)."""
+        latents = self.solver.scale_model_input(x, step=step)
+        repeats = x.shape[0] // (clip_text_embedding.shape[0] // (1 if condition_scale is None else 2))
+        if condition_scale is None:
+            embedding = clip_text_embedding.repeat_interleave(repeats, dim=0)
+        else:
+            # Each half repeated on its own: the negative rows stay first, as diffusers batches them.
+            negative, positive = clip_text_embedding.chunk(2)
+            embedding = torch.cat([negative.repeat_interleave(repeats, 0), positive.repeat_interleave(repeats, 0)])
+            latents = torch.cat([latents, latents])
+        self.set_unet_context(timestep=self.solver.timesteps[step], clip_text_embedding=embedding)
+        prediction = self.unet(self._unet_input(latents))
+        if condition_scale is not None:
+            unconditional, conditional = prediction.chunk(2)
+            prediction = unconditional + condition_scale * (conditional - unconditional)
+        return self.solver(x, predicted_noise=prediction, step=step, generator=generator)
+
+    def _unet_input(self, latents: Tensor) -> Tensor:
+        """The UNet's input for the (scaled, batched) latents: themselves; inpainting appends its conditions."""
+        return latents
+
+
+def _prompt_list(text: str | Sequence[str], name: str) -> list[str]:
+    prompts = [text] if isinstance(text, str) else list(text)
+    if not prompts:
+        raise ValueError(f"{name} is an empty list: give at least one prompt")
+    return prompts
+
+
+def _randn(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """Gaussian noise drawn on the generator's device, then moved (as diffusers' `randn_tensor`: a CPU seed gives the
+    same noise whatever the model's device)."""
+    draw_device = device if generator is None else generator.device
+    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
+
+
+def _resized(image: "Image.Image", size: tuple[int, int]) -> "Image.Image":
+    """`image` at `(width, height)`, resized with Lanczos (diffusers' image processor default) when it differs."""
+    if image.size == size:
+        return image
+    from PIL import Image
+
+    return image.resize(size, resample=Image.Resampling.LANCZOS)

@@ -1,0 +1,369 @@
+"""Stable Diffusion 1.x: text-to-image, image-to-image and inpainting, step by step or in one `generate` call.
+
+Loading real weights without paying for a random initialization: build the model on the "meta" device (nothing is
+allocated), then load each component; its tensors are created from the file, on CPU (move the model afterwards):
+
+    sd15 = StableDiffusion_1(device="meta")
+    sd15.clip_text_encoder.load_from_safetensors("clip.safetensors")
+    sd15.lda.load_from_safetensors("lda.safetensors")
+    sd15.unet.load_from_safetensors("unet.safetensors")
+    sd15.to(device="cuda", dtype=torch.float16)  # optional
+
+`StableDiffusion_1(device="cuda")` works too, but initializes ~1B random weights (4 GB in float32) that loading
+then overwrites. The solver never lives on the meta device: its schedule is computed when it is built.
+"""
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypeVar
+
+import torch
+from torch import Tensor
+from torch.nn.functional import interpolate
+
+from refiners.fluxion.utils import image_to_tensor
+from refiners.foundationals.clip.text_encoder import CLIPTextEncoder, CLIPTextEncoderL
+from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder, SD1Autoencoder
+from refiners.foundationals.latent_diffusion.model import LatentDiffusionModel, _prompt_list, _resized
+from refiners.foundationals.latent_diffusion.solvers.dpm_solver import DPMSolver
+from refiners.foundationals.latent_diffusion.solvers.solver import Solver
+from refiners.foundationals.latent_diffusion.unet import SD1UNet
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = ["StableDiffusion_1", "StableDiffusion_1_Inpainting"]
+
+Device = torch.device | str | None
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
+# diffusers' StableDiffusionPipeline draws 512x512 images by default (the UNet's sample_size times 8).
+DEFAULT_SIZE = 512
+
+
+class StableDiffusion_1(LatentDiffusionModel):  # noqa: N801 (the name of the seed README's API)
+    """Stable Diffusion 1.x: `SD1UNet`, `SD1Autoencoder`, `CLIPTextEncoderL` and a solver (DPM-Solver++, 30 steps).
+
+    Components that are not given are built with Stable Diffusion 1.5's sizes on `device` (use `"meta"` to load
+    weights into them without a random initialization: see the module's documentation).
+
+    Args:
+        unet: The denoising UNet, 4 input channels (default: `SD1UNet(in_channels=4)`).
+        lda: The autoencoder (default: `SD1Autoencoder()`).
+        clip_text_encoder: The text encoder (default: `CLIPTextEncoderL()`; give it a tokenizer, or load weights
+            converted with their tokenizer, to encode text).
+        solver: The solver (default: `DPMSolver(num_inference_steps=30)`).
+        device: Where the components built here live; given components are moved there (None: left where they are).
+            The solver goes to CPU when this is "meta".
+        dtype: The weights' dtype of the components built here; given components are cast to it (None: left as
+            they are). The solver's schedule stays in float32.
+
+    Example:
+        ```py
+        import torch
+        from refiners.fluxion.utils import manual_seed
+        from refiners.foundationals.clip import CLIPTextEncoder
+        from refiners.foundationals.latent_diffusion import LatentDiffusionAutoencoder, SD1UNet, StableDiffusion_1
+
+        sd = StableDiffusion_1(  # toy sizes; StableDiffusion_1(device="meta") then load weights for the real ones
+            unet=SD1UNet(channels=(32, 32, 64, 64), context_embedding_dim=32),
+            lda=LatentDiffusionAutoencoder(0.18215, block_out_channels=(32, 32, 32, 32), layers_per_block=1),
+            clip_text_encoder=CLIPTextEncoder(embedding_dim=32, num_layers=1, num_attention_heads=4, feedforward_dim=64),
+        )
+        sd.set_num_inference_steps(5)
+        manual_seed(2)
+        x = sd.init_latents((64, 96))
+        clip_text_embedding = torch.randn(2, 77, 32)  # the negative, then the positive prompt's embedding
+        with torch.no_grad():
+            for step in sd.steps:
+                x = sd(x, step=step, clip_text_embedding=clip_text_embedding, condition_scale=7.5)
+            image = sd.lda.decode_latents(x)
+        assert image.size == (96, 64)
+        ```
+    """
+
+    unet: SD1UNet
+    # The UNet's input channels: the latents' (4); the inpainting variant adds its conditions'.
+    unet_in_channels: int = 4
+
+    def __init__(
+        self,
+        unet: SD1UNet | None = None,
+        lda: LatentDiffusionAutoencoder | None = None,
+        clip_text_encoder: CLIPTextEncoder | None = None,
+        solver: Solver | None = None,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        # The schedule is computed when the solver is built: on the meta device it would be lost.
+        solver_device = "cpu" if device is not None and torch.device(device).type == "meta" else device
+        unet = _moved(unet, device, dtype) or SD1UNet(self.unet_in_channels, device=device, dtype=dtype)
+        lda = _moved(lda, device, dtype) or SD1Autoencoder(device=device, dtype=dtype)
+        clip_text_encoder = _moved(clip_text_encoder, device, dtype) or CLIPTextEncoderL(device=device, dtype=dtype)
+        solver = solver.to(device=solver_device) if solver is not None else None
+        solver = solver or DPMSolver(num_inference_steps=30, device=solver_device)
+        self._check_components(unet, lda, clip_text_encoder)
+        super().__init__(unet=unet, lda=lda, clip_text_encoder=clip_text_encoder, solver=solver)
+
+    def _check_components(self, unet: SD1UNet, lda: LatentDiffusionAutoencoder, encoder: CLIPTextEncoder) -> None:
+        if unet.in_channels != self.unet_in_channels:
+            advice = {
+                4: "use StableDiffusion_1 for a text-to-image UNet",
+                9: "use StableDiffusion_1_Inpainting for an inpainting UNet",
+            }.get(unet.in_channels, "build it with the matching in_channels")
+            raise ValueError(
+                f"{type(self).__name__} needs a UNet with {self.unet_in_channels} input channels, got one with "
+                f"{unet.in_channels}: {advice}"
+            )
+        if unet.context_embedding_dim != encoder.embedding_dim:
+            raise ValueError(
+                f"the UNet attends to text embeddings of size {unet.context_embedding_dim} but the text encoder makes "
+                f"them of size {encoder.embedding_dim}: build them for the same model (768 for SD1's CLIP ViT-L)"
+            )
+        if lda.latent_channels != 4:
+            raise ValueError(
+                f"Stable Diffusion 1 works on 4-channel latents, the autoencoder has {lda.latent_channels}"
+            )
+
+    def set_unet_context(self, *, timestep: Tensor, clip_text_embedding: Tensor) -> None:
+        self.unet.set_timestep(timestep)
+        self.unet.set_clip_text_embedding(clip_text_embedding)
+
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        init_image: "Image.Image | None" = None,
+        strength: float | None = None,
+        mask: "Image.Image | None" = None,
+        num_images_per_prompt: int = 1,
+        progress: bool = True,
+    ) -> "list[Image.Image]":
+        """Generate images in one call, as diffusers' Stable Diffusion pipelines do (with the same seeds).
+
+        Text-to-image, or image-to-image with `init_image` (and `strength`). With `seed`, the random draws are those
+        of diffusers' pipeline called with `generator=torch.Generator("cpu").manual_seed(seed)` (on the same
+        solver, the images match); without, they come from torch's global generator (see `manual_seed`). The
+        solver's type is kept; its number of steps is set to `num_inference_steps`.
+
+        Args:
+            prompt: A prompt, or a batch of prompts.
+            negative_prompt: What to steer away from: one for all prompts, or one per prompt (needs
+                `guidance_scale > 1`). Default: the empty prompt.
+            num_inference_steps: The number of steps of the schedule (image-to-image runs `strength` of them).
+            guidance_scale: The classifier-free guidance scale; at 1 or below, no guidance (one UNet batch instead
+                of two), as in diffusers.
+            height: The images' height in pixels, a multiple of 8 (default: the init image's, else 512).
+            width: The images' width in pixels, a multiple of 8 (default: the init image's, else 512).
+            seed: Seed of a CPU `torch.Generator` for all the random draws.
+            init_image: The image to start from; resized (Lanczos) to `height` x `width` if needed.
+            strength: Image-to-image: how much of the schedule the init image goes through, in (0, 1] (default 0.8;
+                1 for inpainting).
+            mask: Inpainting only (`StableDiffusion_1_Inpainting`): white where to paint, the size of the init image.
+            num_images_per_prompt: How many images to generate per prompt (consecutive in the result).
+            progress: Show a progress bar.
+
+        Returns:
+            The images, `num_images_per_prompt` per prompt, in the prompts' order.
+        """
+        from tqdm import tqdm
+
+        prompts = _prompt_list(prompt, "prompt")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        if negative_prompt is not None and guidance_scale <= 1.0:
+            raise ValueError(
+                f"negative_prompt only acts through classifier-free guidance, which guidance_scale={guidance_scale} "
+                "turns off: use a guidance_scale above 1, or drop the negative prompt"
+            )
+        if strength is not None and init_image is None:
+            raise ValueError(f"strength={strength} needs an init_image: pass the image to start from")
+        if strength is not None and not 0.0 < strength <= 1.0:
+            raise ValueError(
+                f"strength must be in (0, 1], got {strength}: 1 denoises over the whole schedule, lower values keep "
+                "more of the init image"
+            )
+        size = (
+            height if height is not None else init_image.height if init_image is not None else DEFAULT_SIZE,
+            width if width is not None else init_image.width if init_image is not None else DEFAULT_SIZE,
+        )
+        self._check_size(size)
+        self._check_generation_images(init_image, mask)
+        if init_image is not None:
+            init_image = _resized(init_image.convert("RGB"), (size[1], size[0]))
+        if mask is not None:
+            mask = _resized(mask.convert("L"), (size[1], size[0]))
+
+        generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            if guidance_scale > 1.0:
+                embedding = self.compute_clip_text_embedding(prompts, negative_prompt or "")
+            else:
+                embedding = self.clip_text_encoder(prompts)
+            self.set_num_inference_steps(num_inference_steps)
+            x = self.init_latents(
+                size,
+                init_image,
+                strength=strength,
+                batch_size=len(prompts) * num_images_per_prompt,
+                generator=generator,
+            )
+            self._set_generation_conditions(init_image, mask, generator)
+            condition_scale = guidance_scale if guidance_scale > 1.0 else None
+            for step in tqdm(self.steps, desc=type(self).__name__, disable=not progress):
+                x = self._denoise(x, step, embedding, condition_scale, generator)
+            return self.lda.latents_to_images(x.to(device=self.lda.device, dtype=self.lda.dtype))
+
+    def _check_generation_images(self, init_image: "Image.Image | None", mask: "Image.Image | None") -> None:
+        if mask is not None:
+            raise ValueError(
+                "a mask is for inpainting, which needs an inpainting UNet: use StableDiffusion_1_Inpainting with the "
+                "inpainting weights"
+            )
+
+    def _set_generation_conditions(
+        self, init_image: "Image.Image | None", mask: "Image.Image | None", generator: torch.Generator | None
+    ) -> None:
+        """Set what the UNet needs besides the latents, after they are drawn (diffusers' order of draws)."""
+
+
+class StableDiffusion_1_Inpainting(StableDiffusion_1):  # noqa: N801
+    """Stable Diffusion 1.x inpainting: the UNet also sees the mask and the latents of the image outside the mask.
+
+    Its UNet has 9 input channels: the latents, the mask at the latents' size, and the masked image's latents,
+    concatenated as diffusers' `StableDiffusionInpaintPipeline` does. Set them with `set_inpainting_conditions`
+    before denoising; they apply to every latent of the batch. At full strength (the default), a generation starts
+    from pure noise: the image only reaches the UNet through the conditions.
+
+    Args:
+        unet: The inpainting UNet (default: `SD1UNet(in_channels=9)`).
+        lda: The autoencoder (default: `SD1Autoencoder()`).
+        clip_text_encoder: The text encoder (default: `CLIPTextEncoderL()`).
+        solver: The solver (default: `DPMSolver(num_inference_steps=30)`).
+        device: Where the components built here live; given components are moved there (None: left where they are).
+        dtype: The weights' dtype of the components built here; given components are cast to it.
+    """
+
+    unet_in_channels = 9
+
+    def __init__(
+        self,
+        unet: SD1UNet | None = None,
+        lda: LatentDiffusionAutoencoder | None = None,
+        clip_text_encoder: CLIPTextEncoder | None = None,
+        solver: Solver | None = None,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            unet=unet, lda=lda, clip_text_encoder=clip_text_encoder, solver=solver, device=device, dtype=dtype
+        )
+        self.mask_latents: Tensor | None = None
+        self.target_image_latents: Tensor | None = None
+
+    def set_inpainting_conditions(
+        self, target_image: "Image.Image", mask: "Image.Image", generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Set the image to inpaint and where: the mask and the masked image's latents that the UNet then sees.
+
+        As diffusers: the mask is binarized at 0.5 (white: paint), the image is blanked where the mask is set and
+        encoded drawing from the autoencoder's posterior, and the mask is resized (nearest) to the latents' size.
+
+        Args:
+            target_image: The image to inpaint (width and height multiples of 8).
+            mask: Where to paint (white) and what to keep (black), the size of the image.
+            generator: The random generator of the posterior draw (default: torch's global one).
+
+        Returns:
+            The mask `(1, 1, h, w)` and the masked image's latents `(1, 4, h, w)`, at the latents' size.
+        """
+        if mask.size != target_image.size:
+            raise ValueError(
+                f"the mask must have the size of the image it applies to: got a {mask.width}x{mask.height} mask for "
+                f"a {target_image.width}x{target_image.height} image (width x height); resize the mask to the image"
+            )
+        height, width = self._check_size((target_image.height, target_image.width))
+        pixels = image_to_tensor(target_image.convert("RGB"), device=self.lda.device, dtype=self.lda.dtype) * 2 - 1
+        mask_tensor = (image_to_tensor(mask.convert("L"), device=self.lda.device, dtype=torch.float32) >= 0.5).to(
+            self.lda.dtype
+        )
+        masked_image = pixels * (mask_tensor < 0.5)
+        factor = self.lda.downscale_factor
+        self.mask_latents = interpolate(mask_tensor, size=(height // factor, width // factor)).to(
+            device=self.device, dtype=self.dtype
+        )
+        self.target_image_latents = self.lda.encode(masked_image, sample=True, generator=generator).to(
+            device=self.device, dtype=self.dtype
+        )
+        return self.mask_latents, self.target_image_latents
+
+    def init_latents(
+        self,
+        size: tuple[int, int],
+        init_image: "Image.Image | None" = None,
+        noise: Tensor | None = None,
+        strength: float | None = None,
+        *,
+        batch_size: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """As `LatentDiffusionModel.init_latents`, but at full strength (the default here) the init image is not
+        used: the latents are pure noise, as in diffusers' inpainting pipeline.
+
+        Args:
+            size: `(height, width)` of the image to generate, in pixels.
+            init_image: The image to start from, for a strength below 1.
+            noise: The noise; drawn when not given.
+            strength: The share of the schedule to denoise the image over, in (0, 1] (default 1).
+            batch_size: How many latents to draw when `noise` is not given (default 1).
+            generator: The random generator of the draws.
+        """
+        if init_image is not None and (strength is None or strength == 1.0):
+            init_image, strength = None, None
+        return super().init_latents(size, init_image, noise, strength, batch_size=batch_size, generator=generator)
+
+    def _unet_input(self, latents: Tensor) -> Tensor:
+        if self.mask_latents is None or self.target_image_latents is None:
+            raise ValueError(
+                "the inpainting model needs its conditions: call set_inpainting_conditions(target_image, mask) first"
+            )
+        if self.mask_latents.shape[2:] != latents.shape[2:]:
+            raise ValueError(
+                f"the inpainting conditions are for {tuple(self.mask_latents.shape[2:])} latents, got "
+                f"{tuple(latents.shape[2:])}: call set_inpainting_conditions with an image of the generation's size"
+            )
+        batch = latents.shape[0]
+        return torch.cat(
+            [
+                latents,
+                self.mask_latents.expand(batch, -1, -1, -1),
+                self.target_image_latents.expand(batch, -1, -1, -1),
+            ],
+            dim=1,
+        )
+
+    def _check_generation_images(self, init_image: "Image.Image | None", mask: "Image.Image | None") -> None:
+        if init_image is None or mask is None:
+            raise ValueError("inpainting needs the image to paint into (init_image) and where to paint (mask)")
+        if mask.size != init_image.size:
+            raise ValueError(
+                f"the mask must have the size of the image it applies to: got a {mask.width}x{mask.height} mask for "
+                f"a {init_image.width}x{init_image.height} init_image (width x height); resize the mask to the image"
+            )
+
+    def _set_generation_conditions(
+        self, init_image: "Image.Image | None", mask: "Image.Image | None", generator: torch.Generator | None
+    ) -> None:
+        assert init_image is not None and mask is not None, "checked by _check_generation_images"
+        self.set_inpainting_conditions(init_image, mask, generator)
+
+
+def _moved(module: ModuleT | None, device: Device, dtype: torch.dtype | None) -> ModuleT | None:
+    """A given component on the pipeline's device and dtype (when they are given)."""
+    if module is None or (device is None and dtype is None):
+        return module
+    return module.to(device=device, dtype=dtype)
