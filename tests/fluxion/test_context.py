@@ -61,7 +61,9 @@ def test_rule_2_an_adapter_injected_later_sees_its_new_ancestors_contexts() -> N
     class Scale(fl.Chain, fl.Adapter[fl.Linear]):
         def __init__(self, target: fl.Linear) -> None:
             with self.setup_adapter(target):
-                super().__init__(target, fl.Lambda(lambda x: x), fl.Sum(fl.Identity(), fl.UseContext("scaling", "offset")))
+                super().__init__(
+                    target, fl.Lambda(lambda x: x), fl.Sum(fl.Identity(), fl.UseContext("scaling", "offset"))
+                )
 
     class Model(fl.Chain):
         def init_context(self) -> Contexts:
@@ -99,7 +101,9 @@ def test_rule_4_unknown_context_or_key_lists_what_is_provided() -> None:
     model = make_my_provider()
     model.append(fl.UseContext("other context", "k"))
     model.set_context("my context", {"my key": 4})
-    with pytest.raises(fl.ChainError, match=r"no context named 'other context'.*Provided contexts: 'my context' \(keys: \['my key'\]\)"):
+    with pytest.raises(
+        fl.ChainError, match=r"no context named 'other context'.*Provided contexts: 'my context' \(keys: \['my key'\]\)"
+    ):
         model()
     model = fl.Chain(fl.UseContext("my context", "missing"))
     model.set_context("my context", {"my key": 1})
