@@ -27,6 +27,7 @@ __all__ = ["Result", "build_pair", "measure", "main"]
 
 TARGET_RATIO = 1.10
 WIDTH = 256
+NARROW = 8
 BLOCKS = 64
 
 
@@ -74,18 +75,19 @@ def _time_calls(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     return (time.perf_counter() - start) / calls
 
 
-def measure(variant: str, nested: bool, rounds: int, calls: int, warmup: int) -> Result:
+def measure(variant: str, nested: bool, width: int, rounds: int, calls: int, warmup: int) -> Result:
     """Time ours and torch's alternately, `rounds` times `calls` forwards each, after `warmup` forwards each.
 
     Args:
         variant: The name shown in the table.
         nested: See `build_pair`.
+        width: See `build_pair`.
         rounds: Number of (ours, torch) measurement pairs; who goes first alternates.
         calls: Forwards per measurement.
         warmup: Forwards of each model before measuring.
     """
-    ours, theirs = build_pair(nested)
-    x = torch.randn(1, WIDTH)
+    ours, theirs = build_pair(nested, width=width)
+    x = torch.randn(1, width)
     with torch.no_grad():
         # The comparison is only fair if both compute the same thing.
         torch.testing.assert_close(ours(x), theirs(x), atol=0, rtol=0)
@@ -136,11 +138,13 @@ def main(argv: list[str] | None = None) -> list[Result]:
     torch.set_num_threads(args.threads)
 
     results = [
-        measure(f"nested: {BLOCKS} x Chain(Linear, ReLU)", True, args.rounds, args.calls, args.warmup),
-        measure(f"flat: {BLOCKS} x (Linear, ReLU)", False, args.rounds, args.calls, args.warmup),
+        measure(f"nested: {BLOCKS} x Chain(Linear, ReLU)", True, WIDTH, args.rounds, args.calls, args.warmup),
+        measure(f"flat: {BLOCKS} x (Linear, ReLU)", False, WIDTH, args.rounds, args.calls, args.warmup),
+        # Not a target: with tiny layers the forward is almost all dispatch, so this shows the overhead undiluted.
+        measure(f"nested, width {NARROW} (dispatch only)", True, NARROW, args.rounds, args.calls, args.warmup),
     ]
     machine = f"{_cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
-    print(f"Chain vs torch.nn.Sequential, Linear({WIDTH}, {WIDTH}), batch 1, CPU ({machine})")
+    print(f"Chain vs torch.nn.Sequential, Linear({WIDTH}, {WIDTH}) unless said, batch 1, CPU ({machine})")
     print(f"median of {args.rounds} interleaved rounds of {args.calls} forwards; target ours/torch <= {TARGET_RATIO}")
     print(f"{'variant':<36} {'ours (us)':>10} {'torch (us)':>11} {'ours/torch':>11}")
     for result in results:

@@ -101,6 +101,12 @@ def token_ids(pad_token_id: int, generator: torch.Generator) -> Tensor:
     return ids
 
 
+def shallow_config(config: dict[str, Any], num_layers: int) -> CLIPTextConfig:
+    """A real config with fewer layers: every width stays real."""
+    shallow: dict[str, Any] = {**config, "num_hidden_layers": num_layers}
+    return CLIPTextConfig(**shallow)
+
+
 def with_num_layers(preset: CLIPTextEncoder, num_layers: int) -> CLIPTextEncoder:
     """The preset's architecture (real widths, heads, activation) with fewer layers, to run fast."""
     return CLIPTextEncoder(
@@ -207,7 +213,7 @@ def test_sd15_encodes_text_with_the_tokenizer_from_the_metadata(sd15: SD15) -> N
 @torch.no_grad()
 def test_sd2_text_encoder_h(tmp_path: Path) -> None:
     torch.manual_seed(1)
-    reference = CLIPTextModel(CLIPTextConfig(**SD2_TEXT_ENCODER_CONFIG | {"num_hidden_layers": 2})).eval()
+    reference = CLIPTextModel(shallow_config(SD2_TEXT_ENCODER_CONFIG, num_layers=2)).eval()
     randomize(reference)
     reference.save_pretrained(tmp_path)  # transformers 5 layout: no `text_model.` prefix
     encoder = with_num_layers(CLIPTextEncoderH(device="meta"), num_layers=2)
@@ -224,7 +230,7 @@ def test_sd2_text_encoder_h(tmp_path: Path) -> None:
 @torch.no_grad()
 def test_sdxl_text_encoder_g_with_pooling(tmp_path: Path) -> None:
     torch.manual_seed(2)
-    config = CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG | {"num_hidden_layers": 2})
+    config = shallow_config(SDXL_TEXT_ENCODER_2_CONFIG, num_layers=2)
     reference = CLIPTextModelWithProjection(config).eval()
     randomize(reference)
     reference.save_pretrained(tmp_path)

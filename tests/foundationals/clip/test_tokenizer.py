@@ -4,6 +4,8 @@ Ids are integers: every comparison is exact (`assert_close` with `rtol=0, atol=0
 """
 
 import json
+import re
+import textwrap
 import warnings
 from pathlib import Path
 
@@ -198,6 +200,14 @@ def test_metadata_round_trip_through_safetensors(
 
 def test_repr(tokenizer: CLIPTokenizer) -> None:
     assert str(tokenizer) == "CLIPTokenizer(start_of_text_token_id=2512, end_of_text_token_id=2513, pad_token_id=2513)"
+
+
+def test_docstring_example_runs(clip_tokenizer_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    docstring = CLIPTokenizer.__doc__
+    assert docstring is not None
+    (example,) = re.findall(r"```py\n(.*?)```", docstring, flags=re.DOTALL)
+    monkeypatch.chdir(clip_tokenizer_folder.parent)
+    exec(textwrap.dedent(example), {})
 
 
 # -- errors ---------------------------------------------------------------------------------------------------------

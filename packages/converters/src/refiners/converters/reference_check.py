@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from refiners.converters.single_file import LDM_PREFIXES, is_ldm_checkpoint, ldm_component_prefix
+from refiners.converters.single_file import ldm_component_prefix
 from refiners.converters.sources import DiffusersFolder, Source, SourceError
 from refiners.fluxion.utils import load_state_dict_from_safetensors
 from refiners.foundationals.clip import CLIPTextEncoderL
@@ -132,7 +132,7 @@ def _component_state_dict(source: Source, component: str) -> dict[str, Tensor]:
 
     tensors = source.tensors
     prefix = ldm_component_prefix(tensors, component)
-    if prefix is None or (prefix != "" and not is_ldm_checkpoint(tensors)):
+    if prefix is None:  # one component's weights, already in diffusers/transformers layout
         return dict(tensors)
     checkpoint = {key: tensors[key] for key in tensors if key.startswith(prefix)}
     if component == "unet":
@@ -189,7 +189,8 @@ def _reference_unet(source: Source, in_channels: int) -> "UNet2DConditionModel":
         folder = source.component_folder("unet")
         return UNet2DConditionModel.from_pretrained(folder, variant=_weights_variant(source, "unet")).float()
     with torch.device("meta"):
-        model = UNet2DConditionModel(**SD15_UNET_CONFIG | {"in_channels": in_channels})
+        config: dict[str, Any] = SD15_UNET_CONFIG | {"in_channels": in_channels}
+        model = UNet2DConditionModel(**config)
     _assign(model, _component_state_dict(source, "unet"), "UNet2DConditionModel")
     return model.float()
 
@@ -236,6 +237,13 @@ def compare_autoencoder(source: Source, converted: Path, seed: int = 0) -> Compa
         return _compare(expected, autoencoder(image))
 
 
+def _shape_in_file(path: Path, key: str) -> tuple[int, ...]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return tuple(handle.get_slice(key).get_shape())
+
+
 def compare_unet(source: Source, converted: Path, seed: int = 0) -> Comparison:
     """Compare the noise predictions of diffusers' `UNet2DConditionModel` and `SD1UNet` on random inputs.
 
@@ -244,11 +252,10 @@ def compare_unet(source: Source, converted: Path, seed: int = 0) -> Comparison:
         converted: The converted `.safetensors` file (for `SD1UNet` with 4 or 9 input channels).
         seed: Seed of the random inputs (16x16 latents, a random text embedding, timestep 500).
     """
-    from safetensors import safe_open
-
-    with safe_open(str(converted), framework="pt") as handle:
-        conv_in = next(key for key in handle.keys() if key.startswith("DownBlocks.Chain_1."))
-        in_channels = handle.get_slice(conv_in).get_shape()[1]
+    # The first convolution of the down blocks reads the latents: its weight tells the input channels.
+    shapes = {key: tensor.shape for key, tensor in SD1UNet(device="meta").state_dict().items()}
+    conv_in = next(key for key, shape in shapes.items() if key.startswith("DownBlocks.") and len(shape) == 4)
+    in_channels = _shape_in_file(converted, conv_in)[1]
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(1, in_channels, 16, 16, generator=generator)
     text_embedding = torch.randn(1, 77, 768, generator=generator)
@@ -264,6 +271,3 @@ def compare_unet(source: Source, converted: Path, seed: int = 0) -> Comparison:
     unet.set_clip_text_embedding(text_embedding)
     with torch.no_grad():
         return _compare(expected, unet(latents))
-
-
-_ = LDM_PREFIXES

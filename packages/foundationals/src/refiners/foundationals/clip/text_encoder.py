@@ -57,7 +57,7 @@ class TokenEncoder(fl.Embedding):
         self.vocabulary_size = vocabulary_size
 
     def forward(self, input: Tensor) -> Tensor:
-        if not isinstance(input, Tensor):  # pyright: ignore[reportUnnecessaryIsInstance]
+        if not isinstance(input, Tensor):
             raise TypeError(
                 f"got {type(input).__name__} input but this text encoder has no tokenizer: it takes token ids of shape "
                 "(batch, sequence_length). Load weights converted with their vocabulary "

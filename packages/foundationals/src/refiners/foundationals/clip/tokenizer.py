@@ -18,7 +18,7 @@ import refiners.fluxion.layers as fl
 if TYPE_CHECKING:
     import regex
 
-__all__ = ["CLIPTokenizer"]
+__all__ = ["CLIPTokenizer", "bytes_to_unicode", "METADATA_PREFIX"]
 
 START_OF_TEXT = "<|startoftext|>"
 END_OF_TEXT = "<|endoftext|>"
@@ -63,10 +63,13 @@ class CLIPTokenizer(fl.Module):
     character, CLIP's pre-tokenization pattern, then BPE with the `</w>` end-of-word marker. `<|startoftext|>` and
     `<|endoftext|>` written verbatim in a prompt are read as those special tokens.
 
-    Two deliberate differences with transformers: the pad token only pads (transformers also reads a pad token
-    written in the prompt as that token, so with `pad_token="!"` every `!` of a prompt becomes id 0, where OpenCLIP,
-    which SDXL's text encoder was trained with, gives `!</w>`); characters more recent than Python's Unicode
-    database (14.0 for Python 3.11) may be classified differently than by the Rust `tokenizers` library.
+    transformers 5 has only this `tokenizers`-backed CLIP tokenizer, our reference. OpenAI's CLIP also ran `ftfy` and
+    `html.unescape`, and transformers 4's Python tokenizer without `ftfy` dropped control characters and split CJK
+    characters apart: neither is done here. Two deliberate differences with transformers: the pad token only pads
+    (transformers also reads a pad token written in the prompt as that token, so with `pad_token="!"` each `!` of a
+    prompt becomes id 0, where OpenCLIP, which SDXL's text encoder was trained with, reads `!</w>`); characters
+    more recent than Python's Unicode database (14.0 for Python 3.11) may be classified otherwise than by the Rust
+    `tokenizers` library.
 
     Args:
         vocabulary_path: The `vocab.json` file: a JSON object from token to id.
@@ -80,6 +83,16 @@ class CLIPTokenizer(fl.Module):
         pad_token_id: The id that fills the sequence after the end token. Defaults to the end token (SD1.5's
             CLIP-L); OpenCLIP-G (SDXL) pads with 0 (`!`).
         cache_size: How many distinct words keep their BPE ids in an LRU cache.
+
+    Example:
+        ```py
+        from refiners.foundationals.clip import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer("tokenizer/vocab.json", "tokenizer/merges.txt")  # an SD model's tokenizer folder
+        ids = tokenizer(["a photo of a cat", "a dog"])
+        assert ids.shape == (2, 77) and ids[1, 0] == tokenizer.start_of_text_token_id
+        assert tokenizer.encode("a dog") == ids[1, :4].tolist()  # start, a, dog, end
+        ```
     """
 
     def __init__(
@@ -244,7 +257,7 @@ class CLIPTokenizer(fl.Module):
 
     def _pre_tokenize(self, text: str) -> list[str]:
         text = self._whitespace.sub(" ", unicodedata.normalize("NFC", text))
-        # Character by character, as `tokenizers` does: `str.lower` turns a word-final capital sigma into the final form.
+        # Per character, as `tokenizers` does: `str.lower` would give a word-final capital sigma its final form.
         text = "".join(char.lower() for char in text)
         pieces = self._pre_tokenization_pattern.findall(text)
         return [word for piece in pieces for word in self._byte_level_pattern.findall(piece)]

@@ -18,7 +18,7 @@ diffusers' pipelines', so the same seed gives the same draws on both sides.
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import torch
 from torch import Tensor
@@ -33,11 +33,13 @@ if TYPE_CHECKING:
 
 __all__ = ["LatentDiffusionModel"]
 
+UNetT = TypeVar("UNetT", bound=fl.Chain)
+
 # diffusers' img2img pipeline default: the share of the schedule an init image is denoised over.
 DEFAULT_STRENGTH = 0.8
 
 
-class LatentDiffusionModel(fl.Module, ABC):
+class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT]):
     """A latent diffusion pipeline: `unet`, `lda` (the autoencoder), `clip_text_encoder` and `solver`.
 
     Calling it runs one denoising step: `model(x, step=step, clip_text_embedding=embedding, condition_scale=7.5)`.
@@ -50,14 +52,14 @@ class LatentDiffusionModel(fl.Module, ABC):
         solver: The diffusion solver (its number of steps can be changed with `set_num_inference_steps`).
     """
 
-    unet: fl.Chain
+    unet: UNetT
     lda: LatentDiffusionAutoencoder
     clip_text_encoder: CLIPTextEncoder
     solver: Solver
 
     def __init__(
         self,
-        unet: fl.Chain,
+        unet: UNetT,
         lda: LatentDiffusionAutoencoder,
         clip_text_encoder: CLIPTextEncoder,
         solver: Solver,

@@ -40,7 +40,7 @@ ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 DEFAULT_SIZE = 512
 
 
-class StableDiffusion_1(LatentDiffusionModel):  # noqa: N801 (the name of the seed README's API)
+class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):  # noqa: N801 (the name of the seed README's API)
     """Stable Diffusion 1.x: `SD1UNet`, `SD1Autoencoder`, `CLIPTextEncoderL` and a solver (DPM-Solver++, 30 steps).
 
     Components that are not given are built with Stable Diffusion 1.5's sizes on `device` (use `"meta"` to load
@@ -81,7 +81,6 @@ class StableDiffusion_1(LatentDiffusionModel):  # noqa: N801 (the name of the se
         ```
     """
 
-    unet: SD1UNet
     # The UNet's input channels: the latents' (4); the inpainting variant adds its conditions'.
     unet_in_channels: int = 4
 

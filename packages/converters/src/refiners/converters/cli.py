@@ -1,0 +1,172 @@
+"""`refiners-convert`: Stable Diffusion 1.x checkpoints to refiners weights, from the command line.
+
+    refiners-convert sd1 --from SOURCE --to FOLDER                  # clip_text, autoencoder and unet .safetensors
+    refiners-convert clip-text --from SOURCE --to clip_text.safetensors [--tokenizer TOKENIZER]
+    refiners-convert autoencoder --from SOURCE --to autoencoder.safetensors
+    refiners-convert unet --from SOURCE --to unet.safetensors
+
+SOURCE is a diffusers folder (or one component's folder), a single checkpoint file (`.safetensors`, `.ckpt`; the
+original layout, or one component's weights), or a Hugging Face Hub id such as `runwayml/stable-diffusion-v1-5`.
+Every command takes `--dtype {float32,float16,bfloat16}` (default: keep the source's) and `--check`, which runs
+the converted model and the reference (diffusers/transformers, from the `reference` extra) on a random input and
+prints the max abs difference. Progress goes to stderr, the written paths to stdout. Exit status: 0 on success,
+1 on an error or a failed check, 2 on a usage error.
+"""
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from refiners.converters.reference_check import (
+    Comparison,
+    compare_autoencoder,
+    compare_clip_text,
+    compare_unet,
+    missing_reference_packages,
+)
+from refiners.converters.sources import Source, open_source
+from refiners.converters.stable_diffusion import (
+    ConversionResult,
+    convert_autoencoder,
+    convert_clip_text,
+    convert_stable_diffusion_1,
+    convert_unet,
+)
+
+__all__ = ["main", "build_parser", "CHECK_TOLERANCE", "CHECK_TOLERANCE_AFTER_CAST"]
+
+CHECK_TOLERANCE = 1e-4
+"""`--check` fails above this max abs difference, relative to the reference output's scale."""
+CHECK_TOLERANCE_AFTER_CAST = 5e-2
+"""The same, when the weights were cast to a less precise dtype (their rounding shows in the output)."""
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_COMPONENTS = {"clip-text": ("text_encoder", "tokenizer"), "autoencoder": ("vae",), "unet": ("unet",)}
+_REFERENCES = {
+    "clip_text": ("clip-text", "transformers' CLIPTextModel", compare_clip_text),
+    "autoencoder": ("autoencoder", "diffusers' AutoencoderKL", compare_autoencoder),
+    "unet": ("unet", "diffusers' UNet2DConditionModel", compare_unet),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `refiners-convert` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="refiners-convert",
+        description="Convert Stable Diffusion 1.x checkpoints (diffusers folders, original single files, Hugging Face "
+        "Hub ids) into refiners weights.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps = {
+        "sd1": "the whole model: clip_text, autoencoder and unet .safetensors files in a folder",
+        "clip-text": "the text encoder, for CLIPTextEncoderL (with its tokenizer)",
+        "autoencoder": "the autoencoder, for SD1Autoencoder",
+        "unet": "the UNet, for SD1UNet (in_channels=9 for an inpainting model)",
+    }
+    for name, help in helps.items():
+        command = commands.add_parser(name, help=help, description=help)
+        command.add_argument(
+            "--from",
+            dest="source",
+            required=True,
+            metavar="SOURCE",
+            help="a diffusers folder, a component's folder, a checkpoint file (.safetensors, .ckpt) or a Hub id",
+        )
+        command.add_argument(
+            "--to",
+            dest="dest",
+            required=True,
+            metavar="FOLDER" if name == "sd1" else "FILE",
+            help="the folder to write the files in" if name == "sd1" else "the .safetensors file to write",
+        )
+        command.add_argument(
+            "--dtype", choices=list(_DTYPES), default=None, help="cast the weights (default: keep the source's)"
+        )
+        if name in ("sd1", "clip-text"):
+            command.add_argument(
+                "--tokenizer",
+                metavar="TOKENIZER",
+                default=None,
+                help="where to read the CLIP tokenizer when the source has none (single files): a folder with "
+                "vocab.json and merges.txt, or a Hub id such as openai/clip-vit-large-patch14",
+            )
+        command.add_argument(
+            "--check",
+            action="store_true",
+            help="compare the converted model's output with the reference's (diffusers/transformers) on a random "
+            "input and print the max abs difference",
+        )
+    return parser
+
+
+def _print_progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _is_cast(result: ConversionResult) -> bool:
+    return torch.finfo(result.dtype).eps > torch.finfo(result.source_dtype).eps
+
+
+def _check(name: str, source: Source, result: ConversionResult) -> bool:
+    label, reference, compare = _REFERENCES[name]
+    _print_progress(f"{label}: checking against {reference} on a random input...")
+    comparison: Comparison = compare(source, result.path)
+    tolerance = CHECK_TOLERANCE_AFTER_CAST if _is_cast(result) else CHECK_TOLERANCE
+    passed = comparison.relative <= tolerance
+    _print_progress(
+        f"{label}: max abs difference {comparison.max_abs_difference:.3g} "
+        f"({comparison.relative:.3g} of the output's scale {comparison.scale:.3g}; tolerance {tolerance:g}): "
+        + ("ok" if passed else "FAILED, the converted model does not compute what the reference computes")
+    )
+    return passed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `refiners-convert` with `argv` (default: the command line); returns the exit status.
+
+    Args:
+        argv: The arguments, without the program name.
+    """
+    args = build_parser().parse_args(argv)
+    dtype = _DTYPES[args.dtype] if args.dtype is not None else None
+    if args.check and (missing := missing_reference_packages()):
+        _print_progress(
+            f"refiners-convert: error: --check needs {' and '.join(missing)}: install the reference extra "
+            '(pip install "refiners-converters[reference]"), or leave --check out.'
+        )
+        return 1
+    try:
+        components = _COMPONENTS.get(args.command, ("unet", "vae", "text_encoder", "tokenizer"))
+        source = open_source(args.source, components=components)
+        results: dict[str, ConversionResult]
+        if args.command == "sd1":
+            results = convert_stable_diffusion_1(
+                source, args.dest, dtype, tokenizer=args.tokenizer, progress=_print_progress
+            )
+        else:
+            convert: dict[str, Callable[[], ConversionResult]] = {
+                "clip-text": lambda: convert_clip_text(
+                    source, args.dest, dtype, tokenizer=args.tokenizer, progress=_print_progress
+                ),
+                "autoencoder": lambda: convert_autoencoder(source, args.dest, dtype, progress=_print_progress),
+                "unet": lambda: convert_unet(source, args.dest, dtype, progress=_print_progress),
+            }
+            results = {args.command.replace("-", "_"): convert[args.command]()}
+        for result in results.values():
+            print(Path(result.path))
+        if args.check:
+            # Every component is checked, even after a failure, so that the report is complete.
+            passed = [_check(name, source, result) for name, result in results.items()]
+            if not all(passed):
+                return 1
+    except (ValueError, OSError) as error:
+        _print_progress(f"refiners-convert: error: {error}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
