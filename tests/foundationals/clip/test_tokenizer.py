@@ -270,3 +270,10 @@ def test_invalid_metadata(tokenizer: CLIPTokenizer) -> None:
         CLIPTokenizer.from_metadata(metadata | {"clip_tokenizer.pad_token_id": "!"})
     with pytest.raises(ValueError, match=r"Invalid CLIP tokenizer metadata: The vocabulary in the metadata must be"):
         CLIPTokenizer.from_metadata(metadata | {"clip_tokenizer.vocabulary": "[1, 2]"})
+
+
+def test_token_ids_pass_through(tokenizer: CLIPTokenizer, reference: transformers.CLIPTokenizer) -> None:
+    ids = reference_ids(reference, ["a photo of a cat"])
+    assert tokenizer(ids) is ids
+    with pytest.raises(ValueError, match="token ids as a \\(batch, sequence\\) integer tensor"):
+        tokenizer(ids.float())

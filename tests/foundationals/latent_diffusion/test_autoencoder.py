@@ -7,7 +7,6 @@ by the whole module.
 """
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,7 +63,8 @@ def reference_encode(reference: AutoencoderKL, x: Tensor) -> Tensor:
 
 
 def reference_decode(reference: AutoencoderKL, latents: Tensor) -> Tensor:
-    return reference.decode(latents / SCALING_FACTOR).sample  # pyright: ignore[reportAttributeAccessIssue]
+    decoded = reference.decode(latents / SCALING_FACTOR)  # pyright: ignore[reportArgumentType]
+    return decoded.sample  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def use_tiling(reference: AutoencoderKL, tile_size: int, overlap: int) -> None:
@@ -133,7 +133,7 @@ def test_key_map_rejects_a_checkpoint_that_does_not_fit(models: Models) -> None:
     incomplete = dict(models.checkpoint)
     del incomplete["decoder.up_blocks.2.resnets.0.conv_shortcut.weight"]
     incomplete["decoder.extra.weight"] = torch.zeros(1)
-    with pytest.raises(ConversionError, match=r"(?s)decoder\.up_blocks\.2\.resnets\.0\.conv_shortcut\.weight.*"):
+    with pytest.raises(ConversionError, match=r"decoder\.up_blocks\.2\.resnets\.0\.conv_shortcut\.weight"):
         convert_diffusers_autoencoder(incomplete, models.lda)
     with pytest.raises(ConversionError, match=r"decoder\.extra\.weight"):
         convert_diffusers_autoencoder(incomplete, models.lda)
@@ -221,7 +221,9 @@ def test_decode_latents(models: Models) -> None:
     with torch.no_grad():
         image = models.lda.decode_latents(latents)
         tensor_path = tensor_to_image((models.lda.decode(latents) + 1) / 2)
-        expected = VaeImageProcessor().postprocess(reference_decode(models.reference, latents), output_type="pil")[0]
+        expected = VaeImageProcessor().postprocess(reference_decode(models.reference, latents), output_type="pil")
+    assert isinstance(expected, list)
+    expected = expected[0]
     assert image.size == (48, 32) and image.mode == "RGB"
     assert np.array_equal(np.asarray(image), np.asarray(tensor_path))
     # diffusers rounds the same values: at most an off-by-one where float noise crosses a rounding boundary.
@@ -286,14 +288,14 @@ def test_tiled_is_exact_within_one_tile(models: Models) -> None:
 
 
 def test_tiling_is_as_close_to_untiled_as_diffusers(models: Models) -> None:
-    """A 64x80 image in 32x32 tiles overlapping by 8 pixels: a 3x3 grid for us, 3x4 (with thin last tiles) for
-    diffusers' tiled VAE with the same settings.
+    """A 48x64 image (height x width) in 32x32 tiles overlapping by 8 pixels: a 2x3 grid of full tiles for us, a 2x3
+    grid whose last row and column are thinner (24 and 16 pixels) for diffusers' tiled VAE with the same settings.
 
-    Tiling is an approximation (each tile is normalized and attended over on its own), so the tiled result is
-    compared with the untiled one. Ours must not be further from it than diffusers' (mean absolute difference; with
-    these seeds ours is about 10% closer, for encoding and decoding): 1.1 leaves room for other random draws.
+    Tiling is an approximation (each tile is normalized and attended over on its own), so both tiled results are
+    compared with the untiled one: ours must not be further from it than diffusers' (mean absolute difference). Over
+    seeds 12-14, ours is 0.70-0.84 times diffusers' for encoding and 0.87-0.89 times for decoding.
     """
-    x = smooth_images(torch.Generator().manual_seed(12), 1, 64, 80)
+    x = smooth_images(torch.Generator().manual_seed(12), 1, 48, 64)
     reference = models.reference
     with torch.no_grad():
         latents = reference_encode(reference, x)
@@ -311,9 +313,9 @@ def test_tiling_is_as_close_to_untiled_as_diffusers(models: Models) -> None:
     assert ours_latents.shape == diffusers_latents.shape == latents.shape
     assert ours_image.shape == diffusers_image.shape == image.shape
     ours_error, diffusers_error = (ours_latents - latents).abs().mean(), (diffusers_latents - latents).abs().mean()
-    assert 0 < ours_error <= 1.1 * diffusers_error
+    assert 0 < ours_error <= diffusers_error
     ours_error, diffusers_error = (ours_image - image).abs().mean(), (diffusers_image - image).abs().mean()
-    assert 0 < ours_error <= 1.1 * diffusers_error
+    assert 0 < ours_error <= diffusers_error
 
 
 def test_tiled_pil_methods(models: Models) -> None:

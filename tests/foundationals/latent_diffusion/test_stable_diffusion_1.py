@@ -199,7 +199,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
         "vae": vae,
         "text_encoder": text_encoder,
         "tokenizer": tokenizer,
-        "scheduler": DDIMScheduler(**SCHEDULER_CONFIG),
+        "scheduler": DDIMScheduler.from_config(SCHEDULER_CONFIG),
         "safety_checker": None,
         "feature_extractor": None,
         "requires_safety_checker": False,
@@ -321,7 +321,7 @@ def sd_inpainting(weights: Weights) -> StableDiffusion_1_Inpainting:
 
 @pytest.fixture
 def ddim(reference: Reference) -> Iterator[None]:
-    reference.use_scheduler(DDIMScheduler(**SCHEDULER_CONFIG))
+    reference.use_scheduler(DDIMScheduler.from_config(SCHEDULER_CONFIG))
     yield
 
 
@@ -397,7 +397,7 @@ def run_loop(
 def test_text_to_image_matches_diffusers(
     reference: Reference, weights: Weights, solver: type[Solver], scheduler: Any, steps: int
 ) -> None:
-    reference.use_scheduler(scheduler(**SCHEDULER_CONFIG))
+    reference.use_scheduler(scheduler.from_config(SCHEDULER_CONFIG))
     sd = load_toy(weights, solver=solver(num_inference_steps=30))
     noise = torch.randn(1, 4, HEIGHT // 8, WIDTH // 8, generator=generator())
     with torch.no_grad():
@@ -485,7 +485,7 @@ def test_inpainting_matches_diffusers(
 def test_hello_world(reference: Reference, weights: Weights) -> None:
     """The seed README's Hello World, word for word but for the toy components and the files' paths; both ways."""
     pipeline = StableDiffusionPipeline(**reference.text_to_image.components)
-    pipeline.scheduler = DPMSolverMultistepScheduler(**SCHEDULER_CONFIG)  # StableDiffusion_1's default solver
+    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(SCHEDULER_CONFIG)  # StableDiffusion_1's default solver
     pipeline.set_progress_bar_config(disable=True)
     prompt = "a cute cat"
     manual_seed(2)
@@ -581,7 +581,7 @@ def test_generate_inpainting_matches_diffusers(
 
 def test_generate_with_a_stochastic_solver_matches_diffusers(reference: Reference, weights: Weights) -> None:
     """Euler ancestral draws noise at every step (from the seed's generator) and scales the initial noise."""
-    reference.use_scheduler(EulerAncestralDiscreteScheduler(**SCHEDULER_CONFIG))
+    reference.use_scheduler(EulerAncestralDiscreteScheduler.from_config(SCHEDULER_CONFIG))
     sd = load_toy(weights, solver=EulerAncestral(num_inference_steps=30))
     kwargs: dict[str, Any] = {"num_inference_steps": 10, "height": HEIGHT, "width": WIDTH}
     with torch.no_grad():

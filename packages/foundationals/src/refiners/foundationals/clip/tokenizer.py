@@ -219,11 +219,19 @@ class CLIPTokenizer(fl.Module):
         self._special_tokens_pattern = _compile(f"({'|'.join(map(re.escape, self._special_tokens))})")
         self._encode_word = lru_cache(maxsize=cache_size)(self._merge_word)
 
-    def forward(self, text: str | list[str]) -> Tensor:
+    def forward(self, text: str | list[str] | Tensor) -> Tensor:
         """The ids of a prompt or a batch of prompts: an int64 tensor of shape (batch, sequence_length).
 
         A prompt with more tokens than `sequence_length` is truncated (its start and end tokens kept), with a warning.
+        Token ids given as an integer tensor pass through unchanged, so an encoder holding a tokenizer also takes ids.
         """
+        if isinstance(text, Tensor):
+            if text.is_floating_point() or text.dim() != 2:
+                raise ValueError(
+                    f"CLIPTokenizer takes text, or token ids as a (batch, sequence) integer tensor; got a tensor of "
+                    f"shape {tuple(text.shape)} and dtype {text.dtype}"
+                )
+            return text
         rows: list[list[int]] = []
         for prompt in [text] if isinstance(text, str) else text:
             ids = self.encode(prompt)
