@@ -6,6 +6,8 @@ meta device and loaded from the converted safetensors file. Both full-size model
 by the whole module.
 """
 
+import re
+import textwrap
 from dataclasses import dataclass
 from typing import Any
 
@@ -326,6 +328,13 @@ def test_tiled_pil_methods(models: Models) -> None:
         decoded = models.lda.tiled_decode_latents(latents, tile_size=32, overlap=16)
         tensor_path = tensor_to_image((models.lda.tiled_decode(latents, tile_size=32, overlap=16) + 1) / 2)
     assert np.array_equal(np.asarray(decoded), np.asarray(tensor_path))
+
+
+def test_docstring_example_runs() -> None:
+    docstring = LatentDiffusionAutoencoder.__doc__
+    assert docstring is not None
+    (example,) = re.findall(r"```py\n(.*?)```", docstring, flags=re.DOTALL)
+    exec(compile(textwrap.dedent(example), "<LatentDiffusionAutoencoder example>", "exec"), {})
 
 
 # -- errors ----------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 import refiners.fluxion.layers as fl
-from refiners.fluxion.utils import image_to_tensor, images_to_tensor, tensor_to_image, tensor_to_images
+from refiners.fluxion.utils import images_to_tensor, tensor_to_image, tensor_to_images
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -353,6 +353,22 @@ class LatentDiffusionAutoencoder(fl.Chain):
         num_groups: Groups of the GroupNorms.
         device: Where the weights live.
         dtype: The weights' dtype.
+
+    Example:
+        ```py
+        import torch
+        from PIL import Image
+        from refiners.foundationals.latent_diffusion import LatentDiffusionAutoencoder
+
+        # A toy autoencoder of the Stable Diffusion family (SD1Autoencoder is the real one).
+        lda = LatentDiffusionAutoencoder(encoder_scale=0.18215, block_out_channels=(32, 32, 32, 32), layers_per_block=1)
+        with torch.no_grad():
+            latents = lda.image_to_latents(Image.new("RGB", (64, 48)))
+            assert latents.shape == (1, 4, 6, 8)
+            assert lda.decode_latents(latents).size == (64, 48)
+            # Tile by tile, as for images too large to decode at once: here 2x2 tiles of 32x32 pixels.
+            assert lda.tiled_decode_latents(latents, tile_size=32, overlap=16).size == (64, 48)
+        ```
     """
 
     def __init__(
@@ -585,8 +601,6 @@ class LatentDiffusionAutoencoder(fl.Chain):
                     f"the autoencoder encodes images with {self.in_channels} channels, got a {image.mode!r} image: "
                     f"convert it first (e.g. `image.convert('RGB')`)"
                 )
-        if len(images) == 1:
-            return image_to_tensor(images[0], device=self.device, dtype=self.dtype) * 2 - 1
         return images_to_tensor(images, device=self.device, dtype=self.dtype) * 2 - 1
 
     def _check_images(self, x: Tensor, method: str) -> None:
