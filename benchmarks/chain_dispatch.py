@@ -1,9 +1,10 @@
 """What a `fl.Chain` costs over `torch.nn.Sequential`: the same deep MLP, the same weights, batch 1, on the CPU.
 
-At batch 1 a Linear(256, 256) takes a few microseconds, so the time is mostly Python dispatch: this measures the
-overhead of Chain's `__call__`/`forward` (context store, tuple unpacking, error location) per layer. Runs of ours and
+At batch 1 the layers are small, so Python dispatch is a sizeable part of the time: this measures the overhead of
+Chain's `__call__`/`forward` (context store, tuple unpacking, error location) per layer. Runs of ours and
 torch's alternate, round after round, in one process, so that drifts of the machine hit both alike; the ratio is
-taken per round and its median reported. Target: ours/torch <= 1.10.
+taken per round and its median reported. Times are this process's CPU time by default (`--clock wall` for elapsed
+time), so that other work on a shared machine does not count. Target: ours/torch <= 1.10.
 
 Usage:
     uv run python benchmarks/chain_dispatch.py [--rounds N] [--calls N] [--json PATH]
@@ -33,7 +34,8 @@ BLOCKS = 64
 
 @dataclass
 class Result:
-    """The timings of one variant: medians over rounds, in microseconds per forward."""
+    """The timings of one variant: medians over rounds, in microseconds per forward; `ratio` is the median of the
+    per-round ratios ours/torch."""
 
     variant: str
     ours_us: float
@@ -68,14 +70,18 @@ def build_pair(nested: bool, blocks: int = BLOCKS, width: int = WIDTH) -> tuple[
     )
 
 
-def _time_calls(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, calls: int) -> float:
-    start = time.perf_counter()
+CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def _time_calls(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, calls: int, clock: str) -> float:
+    now = CLOCKS[clock]
+    start = now()
     for _ in range(calls):
         model(x)
-    return (time.perf_counter() - start) / calls
+    return (now() - start) / calls
 
 
-def measure(variant: str, nested: bool, width: int, rounds: int, calls: int, warmup: int) -> Result:
+def measure(variant: str, nested: bool, width: int, rounds: int, calls: int, warmup: int, clock: str) -> Result:
     """Time ours and torch's alternately, `rounds` times `calls` forwards each, after `warmup` forwards each.
 
     Args:
@@ -85,6 +91,8 @@ def measure(variant: str, nested: bool, width: int, rounds: int, calls: int, war
         rounds: Number of (ours, torch) measurement pairs; who goes first alternates.
         calls: Forwards per measurement.
         warmup: Forwards of each model before measuring.
+        clock: `"cpu"` (this process's CPU time: time spent waiting for a core on a busy machine is not counted) or
+            `"wall"`.
     """
     ours, theirs = build_pair(nested, width=width)
     x = torch.randn(1, width)
@@ -98,11 +106,11 @@ def measure(variant: str, nested: bool, width: int, rounds: int, calls: int, war
         theirs_times: list[float] = []
         for round_index in range(rounds):
             if round_index % 2 == 0:
-                ours_times.append(_time_calls(ours, x, calls))
-                theirs_times.append(_time_calls(theirs, x, calls))
+                ours_times.append(_time_calls(ours, x, calls, clock))
+                theirs_times.append(_time_calls(theirs, x, calls, clock))
             else:
-                theirs_times.append(_time_calls(theirs, x, calls))
-                ours_times.append(_time_calls(ours, x, calls))
+                theirs_times.append(_time_calls(theirs, x, calls, clock))
+                ours_times.append(_time_calls(ours, x, calls, clock))
     ratios = [o / t for o, t in zip(ours_times, theirs_times, strict=True)]
     return Result(
         variant=variant,
@@ -126,10 +134,16 @@ def _cpu_model() -> str:
 
 def main(argv: list[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=41, help="measurement pairs per variant (default: 41)")
-    parser.add_argument("--calls", type=int, default=50, help="forwards per measurement (default: 50)")
+    parser.add_argument("--rounds", type=int, default=201, help="measurement pairs per variant (default: 201)")
+    parser.add_argument("--calls", type=int, default=10, help="forwards per measurement (default: 10)")
     parser.add_argument("--warmup", type=int, default=50, help="forwards of each model before measuring")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default: 1)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="cpu",
+        help="cpu: CPU time of this process, robust to other work on the machine (default); wall: elapsed time",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--smoke", action="store_true", help="a few iterations, to check the benchmark runs")
     args = parser.parse_args(argv)
@@ -137,20 +151,29 @@ def main(argv: list[str] | None = None) -> list[Result]:
         args.rounds, args.calls, args.warmup = 2, 2, 1
     torch.set_num_threads(args.threads)
 
+    timing = (args.rounds, args.calls, args.warmup, args.clock)
     results = [
-        measure(f"nested: {BLOCKS} x Chain(Linear, ReLU)", True, WIDTH, args.rounds, args.calls, args.warmup),
-        measure(f"flat: {BLOCKS} x (Linear, ReLU)", False, WIDTH, args.rounds, args.calls, args.warmup),
+        measure(f"nested: {BLOCKS} x Chain(Linear, ReLU)", True, WIDTH, *timing),
+        measure(f"flat: {BLOCKS} x (Linear, ReLU)", False, WIDTH, *timing),
         # Not a target: with tiny layers the forward is almost all dispatch, so this shows the overhead undiluted.
-        measure(f"nested, width {NARROW} (dispatch only)", True, NARROW, args.rounds, args.calls, args.warmup),
+        measure(f"nested, width {NARROW} (dispatch only)", True, NARROW, *timing),
     ]
     machine = f"{_cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
     print(f"Chain vs torch.nn.Sequential, Linear({WIDTH}, {WIDTH}) unless said, batch 1, CPU ({machine})")
-    print(f"median of {args.rounds} interleaved rounds of {args.calls} forwards; target ours/torch <= {TARGET_RATIO}")
+    print(
+        f"median of {args.rounds} interleaved rounds of {args.calls} forwards, {args.clock} time; "
+        f"target ours/torch <= {TARGET_RATIO}"
+    )
     print(f"{'variant':<36} {'ours (us)':>10} {'torch (us)':>11} {'ours/torch':>11}")
     for result in results:
         print(f"{result.variant:<36} {result.ours_us:>10.1f} {result.torch_us:>11.1f} {result.ratio:>11.3f}")
     if args.json is not None:
-        payload = {"machine": machine, "target_ratio": TARGET_RATIO, "results": [asdict(r) for r in results]}
+        payload = {
+            "machine": machine,
+            "clock": args.clock,
+            "target_ratio": TARGET_RATIO,
+            "results": [asdict(r) for r in results],
+        }
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
     return results
 

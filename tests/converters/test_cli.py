@@ -98,11 +98,11 @@ def test_unet_matches_diffusers(sd15_expected: dict[str, Tensor], converted: Pat
 def test_component_commands_and_check(
     sd15_folder: Path, converted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # From the model folder, and (for the UNet) from the component's own folder; each checked against the reference.
+    # From the model's folder and from a component's own folder, each checked against the reference. (The unet
+    # command and its check run in test_sd1_sources.py, on an inpainting UNet.)
     for command, source, name in [
         ("clip-text", sd15_folder, "clip_text.safetensors"),
-        ("autoencoder", sd15_folder, "autoencoder.safetensors"),
-        ("unet", sd15_folder / "unet", "unet.safetensors"),
+        ("autoencoder", sd15_folder / "vae", "autoencoder.safetensors"),
     ]:
         dest = tmp_path / name
         assert main([command, "--from", str(source), "--to", str(dest), "--check"]) == 0

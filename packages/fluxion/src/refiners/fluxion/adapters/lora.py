@@ -48,6 +48,7 @@ __all__ = [
     "SingleLoraAdapter",
     "add_loras_to",
     "lora_parameters",
+    "unfused_weight",
 ]
 
 T = TypeVar("T", bound=WeightedModule)
@@ -69,28 +70,36 @@ class LoraScaling(Module):
 
 
 class Lora(Generic[T], Chain, ABC):
-    """A named low-rank update of a target layer: `down`, then `up`, then the factor `scale * alpha / rank`.
+    """A named update of a target layer's weight; the classic kind is `down`, then `up`, then `scale * alpha / rank`.
 
     Use `LinearLora` or `Conv2dLora`; build one for a layer with `Lora.from_target`, or from trained tensors with
     `Lora.from_weights`. `down` is initialised like PEFT's `lora_A` (Kaiming-uniform, `a=sqrt(5)`) and `up` is zero.
 
+    Other kinds (LoCon, LoHa, LoKr, DoRA: `refiners.adapters.lora`) subclass `Lora` with their own children: they
+    override `delta_weight` (the update of the target's weight, which `LoraAdapter.fuse` adds to it),
+    `reset_parameters` and `_describe_weights`; a kind without a `down`/`up` pair overrides those two properties to
+    say so. Every `LoraScaling` child is kept at `factor`.
+
     Args:
         name: The LoRA's name, unique among the LoRAs of a `LoraAdapter` (e.g. `"default"`, `"pokemon"`).
-        down: The projection to `rank` features; the rank is its number of outputs.
-        up: The projection back to the target's output features.
+        *layers: The LoRA's children, run in order (for the classic kind: `down`, `up` and a `LoraScaling`).
+        rank: The inner size of the update (for the classic kind: the number of outputs of `down`).
         alpha: With the rank, sets the factor `alpha / rank` (PEFT's `lora_alpha`); defaults to the rank (factor 1).
         scale: How much of the update to apply; change it with `scale = ...` or `LoraAdapter.set_scale`.
     """
 
-    def __init__(self, name: str, down: T, up: T, alpha: float | None = None, scale: float = 1.0) -> None:
-        rank = down.weight.shape[0]
+    def __init__(
+        self, name: str, *layers: Module, rank: int, alpha: float | None = None, scale: float = 1.0
+    ) -> None:
+        _check_rank(name, rank)
         self.name = name
         self._rank = rank
         self._alpha = float(rank if alpha is None else alpha)
         self._scale = float(scale)
         # Set by `LoraAdapter.fuse`: the update is already in the target's weight, so the adapter skips this LoRA.
         self._fused = False
-        super().__init__(down, up, LoraScaling(self.factor))
+        super().__init__(*layers)
+        self._sync_scaling()
         self.reset_parameters()
 
     @property
@@ -118,7 +127,7 @@ class Lora(Generic[T], Chain, ABC):
     @scale.setter
     def scale(self, value: float) -> None:
         self._scale = float(value)
-        self.layer(2, LoraScaling).factor = self.factor
+        self._sync_scaling()
         if self._fused:
             adapter = self.parent
             assert isinstance(adapter, LoraAdapter), "a fused LoRA is inside the adapter that fused it"
@@ -134,13 +143,23 @@ class Lora(Generic[T], Chain, ABC):
         """Whether this LoRA is folded into its target's weight (see `LoraAdapter.fuse`)."""
         return self._fused
 
+    def _sync_scaling(self) -> None:
+        for layer in self:
+            if isinstance(layer, LoraScaling):
+                layer.factor = self.factor
+
     def reset_parameters(self) -> None:
         """Initialise like PEFT: Kaiming-uniform `down`, zero `up` (so that the LoRA starts as a no-op)."""
         torch.nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         torch.nn.init.zeros_(self.up.weight)
 
-    def delta_weight(self) -> Tensor:
-        """The update of the target's weight, `factor * up @ down`, in float32 and with the target weight's shape."""
+    def delta_weight(self, target_weight: Tensor | None = None) -> Tensor:
+        """The update of the target's weight, `factor * up @ down`, in float32 and with the target weight's shape.
+
+        Args:
+            target_weight: The target's weight without any LoRA fused into it. The classic kind ignores it; a kind
+                whose update depends on the weight (DoRA) computes from it.
+        """
         down = self.down.weight.detach().float()
         up = self.up.weight.detach().float()
         # `up` is a 1x1 convolution for Conv2d: flattened, both cases are one matrix product.
@@ -153,13 +172,16 @@ class Lora(Generic[T], Chain, ABC):
     def check_compatible(self, layer: Module) -> None:
         """Raise a ValueError that names both shapes if this LoRA cannot update the weight of `layer`."""
         if (reason := self._incompatibility(layer)) is not None:
-            down, up = tuple(self.down.weight.shape), tuple(self.up.weight.shape)
             weight = tuple(layer.weight.shape) if isinstance(layer, WeightedModule) else "no weight"
             raise ValueError(
-                f"{type(self).__name__} {self.name!r} (down {down}, up {up}) does not fit {type(layer).__name__} at "
+                f"{type(self).__name__} {self.name!r} ({self._describe_weights()}) does not fit {type(layer).__name__} at "
                 f"{layer.get_path()} (weight {weight}): {reason}. Build the LoRA for this layer with "
                 f"`Lora.from_target(name, layer, rank=...)`, or check which layer these weights belong to."
             )
+
+    def _describe_weights(self) -> str:
+        """The shapes of this LoRA's weights, for error messages."""
+        return f"down {tuple(self.down.weight.shape)}, up {tuple(self.up.weight.shape)}"
 
     @abstractmethod
     def _incompatibility(self, layer: Module) -> str | None:
@@ -310,8 +332,10 @@ class LinearLora(Lora[Linear]):
         _check_rank(name, rank)
         super().__init__(
             name,
-            down=Linear(in_features, rank, bias=False, device=device, dtype=dtype),
-            up=Linear(rank, out_features, bias=False, device=device, dtype=dtype),
+            Linear(in_features, rank, bias=False, device=device, dtype=dtype),
+            Linear(rank, out_features, bias=False, device=device, dtype=dtype),
+            LoraScaling(1.0),
+            rank=rank,
             alpha=alpha,
             scale=scale,
         )
@@ -388,7 +412,7 @@ class Conv2dLora(Lora[Conv2d]):
             dtype=dtype,
         )
         up = Conv2d(rank, out_channels, 1, use_bias=False, device=device, dtype=dtype)
-        super().__init__(name, down, up, alpha=alpha, scale=scale)
+        super().__init__(name, down, up, LoraScaling(1.0), rank=rank, alpha=alpha, scale=scale)
 
     @property
     def in_channels(self) -> int:
@@ -475,10 +499,22 @@ def _write_fused_weight(target: WeightedModule) -> None:
             target.weight.copy_(fusion.original)
             del target.__dict__[_FUSION_KEY]
             return
-        merged = fusion.original.float()
-        merged = merged + sum(lora.delta_weight().to(merged.device) for lora in fusion.loras)
+        # Every update is computed from the original weight, as an unfused LoRA's forward computes it (see
+        # `unfused_weight`): the fused weight does not depend on the order in which LoRAs were fused.
+        original = fusion.original.float()
+        merged = original + sum(lora.delta_weight(original).to(original.device) for lora in fusion.loras)
         # One rounding to the stored dtype, whatever the number of LoRAs.
         target.weight.copy_(merged)
+
+
+def unfused_weight(target: WeightedModule) -> Tensor:
+    """The weight of `target` without the LoRAs fused into it: what a weight-dependent LoRA (DoRA) updates.
+
+    Args:
+        target: A layer that LoRAs may be fused into (see `LoraAdapter.fuse`).
+    """
+    fusion = _fusion_of(target)
+    return target.weight if fusion is None else fusion.original
 
 
 class LoraAdapter(Sum, Adapter[WeightedModule]):

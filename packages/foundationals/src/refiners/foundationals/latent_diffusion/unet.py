@@ -406,13 +406,13 @@ class SD1UNet(fl.Chain):
             CROSS_ATTENTION_CONTEXT: {},
         }
 
-    def set_timestep(self, timestep: Tensor | int) -> None:
+    def set_timestep(self, timestep: Tensor | int | float) -> None:
         """Set the timestep of the next forwards: a scalar, or a `(batch,)` tensor with one per batch element.
 
         Args:
             timestep: The diffusion timestep(s), e.g. `solver.timesteps[step]`.
         """
-        if isinstance(timestep, int):
+        if not isinstance(timestep, Tensor):
             timestep = torch.tensor([timestep])
         if timestep.dim() > 1:
             raise ValueError(

@@ -1,0 +1,718 @@
+"""Captioned image folders for text-to-image training: discovery, captions, a Dataset and a LightningDataModule.
+
+A folder is read in either of two conventions (both may be mixed in one folder):
+
+- Hugging Face `imagefolder`: a `metadata.jsonl` with one JSON object per line, whose `file_name` is the image path
+  relative to the folder holding that `metadata.jsonl`, and whose `text` (or another `caption_column`) is the caption.
+- Sidecar files: `photo.txt` next to `photo.jpg` holds its caption.
+
+When an image has both, the `metadata.jsonl` line wins. Images are found recursively (`.jpg`, `.jpeg`, `.png`, `.webp`,
+`.bmp`, in any case); hidden files and folders (a name starting with ".") are skipped, so a cache may live inside.
+"""
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypedDict, runtime_checkable
+
+import torch
+from lightning import LightningDataModule
+from PIL import Image, ImageOps
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from refiners.fluxion.utils import load_from_safetensors, save_to_safetensors
+from refiners.training.data_transforms import ImageTransform, Interpolation, seeded_generator
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "METADATA_FILE",
+    "ImageFolderError",
+    "CaptionedImageFile",
+    "find_captioned_images",
+    "open_image",
+    "ItemKey",
+    "CaptionedImage",
+    "CaptionedImageDataset",
+    "EpochSampler",
+    "TrainingItem",
+    "TrainingBatch",
+    "collate_training_items",
+    "CachingEncoders",
+    "CaptionedImageDataModule",
+]
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+METADATA_FILE = "metadata.jsonl"
+# How many offending files an error lists before it says "and N more".
+_MAX_LISTED = 5
+
+
+class ImageFolderError(ValueError):
+    """A training image folder cannot be read as it is: the message says what, where, and how to fix it."""
+
+
+# -- discovery -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaptionedImageFile:
+    """An image file of a training folder and its caption.
+
+    Attributes:
+        path: The image file.
+        caption: Its caption (from `metadata.jsonl` or a `.txt` sidecar), stripped of surrounding whitespace.
+    """
+
+    path: Path
+    caption: str
+
+
+def find_captioned_images(folder: str | Path, caption_column: str = "text") -> list[CaptionedImageFile]:
+    """Every image under `folder` with its caption, sorted by relative path (see the module docstring).
+
+    Args:
+        folder: The image folder.
+        caption_column: The `metadata.jsonl` field that holds captions.
+
+    Raises:
+        ImageFolderError: The folder is missing or holds no image; a `metadata.jsonl` line is not valid JSON, lacks
+            `file_name` or the caption, names a missing file or names one file twice; an image has no caption.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise ImageFolderError(f"the image folder {root} {what}: pass the folder that holds the training images")
+    images, metadata_files = _walk(root)
+    if not images:
+        raise ImageFolderError(
+            f"no images found in {root} (searched recursively for {', '.join(sorted(IMAGE_EXTENSIONS))}, in any "
+            "case, skipping hidden folders): check the path, or add images"
+        )
+    known = {_normalized(path) for path in images}
+    captions: dict[Path, str] = {}
+    for metadata_file in metadata_files:
+        _read_metadata(metadata_file, caption_column, known, captions)
+    files: list[CaptionedImageFile] = []
+    uncaptioned: list[Path] = []
+    for path in images:
+        caption = captions.get(_normalized(path))
+        if caption is None and (sidecar := path.with_suffix(".txt")).is_file():
+            caption = _read_sidecar(sidecar)
+        if caption is None:
+            uncaptioned.append(path)
+        else:
+            files.append(CaptionedImageFile(path=path, caption=caption))
+    if uncaptioned:
+        example = uncaptioned[0].relative_to(root)
+        raise ImageFolderError(
+            f"{len(uncaptioned)} image(s) in {root} have no caption: {_listing(uncaptioned, root)}. Give each one "
+            f"a caption: a sidecar file {example.with_suffix('.txt').as_posix()} next to {example.as_posix()}, or a "
+            f'line {{"file_name": "{example.as_posix()}", "{caption_column}": "..."}} in {root / METADATA_FILE}'
+        )
+    return files
+
+
+def _walk(root: Path) -> tuple[list[Path], list[Path]]:
+    images: list[Path] = []
+    metadata_files: list[Path] = []
+    for directory, subdirectories, names in os.walk(root):
+        subdirectories[:] = sorted(name for name in subdirectories if not name.startswith("."))
+        for name in names:
+            if name.startswith("."):
+                continue
+            path = Path(directory) / name
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                images.append(path)
+            elif name == METADATA_FILE:
+                metadata_files.append(path)
+            elif name == "metadata.csv":
+                # Hugging Face also accepts a CSV; reading captions from only some files would be worse than failing.
+                raise ImageFolderError(
+                    f"{path}: metadata.csv is not read; convert it to {METADATA_FILE} (one JSON object per line "
+                    'with "file_name" and "text"), e.g. with pandas: '
+                    "`pd.read_csv(path).to_json(jsonl_path, orient='records', lines=True)`"
+                )
+    images.sort(key=lambda path: path.relative_to(root).as_posix())
+    metadata_files.sort(key=lambda path: path.relative_to(root).as_posix())
+    return images, metadata_files
+
+
+def _normalized(path: Path) -> Path:
+    return Path(os.path.normpath(path.absolute()))
+
+
+def _read_metadata(metadata_file: Path, caption_column: str, known: set[Path], captions: dict[Path, str]) -> None:
+    """Add the captions of a `metadata.jsonl` to `captions`, checking every line."""
+    missing: list[str] = []
+    origin: dict[Path, int] = {}
+    with metadata_file.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{metadata_file}, line {number}"
+            try:
+                record: Any = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ImageFolderError(
+                    f"{where} is not valid JSON ({error.msg}): each line must be one JSON object, e.g. "
+                    f'{{"file_name": "image.png", "{caption_column}": "a caption"}}'
+                ) from error
+            if not isinstance(record, dict):
+                raise ImageFolderError(f"{where} is a JSON {type(record).__name__}, not an object with file_name")
+            fields: dict[str, Any] = record
+            file_name, caption = fields.get("file_name"), fields.get(caption_column)
+            if not isinstance(file_name, str) or not isinstance(caption, str):
+                absent = [key for key, value in (("file_name", file_name), (caption_column, caption)) if value is None]
+                problem = f"lacks {' and '.join(absent)}" if absent else "has a file_name or caption that is no string"
+                raise ImageFolderError(
+                    f"{where} {problem} (its fields: {', '.join(fields) or 'none'}): each line needs a string "
+                    f'"file_name" and a string "{caption_column}"'
+                    + ("; pass caption_column= to read captions from another field" if caption_column in absent else "")
+                )
+            path = _normalized(metadata_file.parent / file_name)
+            if path not in known:
+                missing.append(f"{file_name} (line {number})" + (", not a supported image" if path.exists() else ""))
+                continue
+            if (previous := origin.get(path)) is not None or path in captions:
+                other = f"line {previous}" if previous is not None else "another metadata.jsonl"
+                raise ImageFolderError(
+                    f"{where} gives a second caption to {file_name} (first in {other}): keep one line per image"
+                )
+            origin[path] = number
+            captions[path] = caption.strip()
+    if missing:
+        raise ImageFolderError(
+            f"{metadata_file} names {len(missing)} file(s) that are not images of the folder: "
+            f"{_listing(missing)}. file_name is relative to the folder of {METADATA_FILE}; fix the names, or "
+            f"remove the lines of deleted images (supported images: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        )
+
+
+def _read_sidecar(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as error:
+        raise ImageFolderError(
+            f"the caption file {path} is not UTF-8 text ({error.reason}): save it as UTF-8"
+        ) from error
+
+
+def _listing(items: Sequence[Path | str], root: Path | None = None) -> str:
+    names = [item.relative_to(root).as_posix() if isinstance(item, Path) and root else str(item) for item in items]
+    listed = ", ".join(names[:_MAX_LISTED])
+    return listed + (f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else "")
+
+
+def open_image(path: Path) -> Image.Image:
+    """An image file as an upright RGB image: its EXIF orientation applied, alpha dropped (as diffusers does)."""
+    try:
+        with Image.open(path) as file:
+            image = ImageOps.exif_transpose(file)
+            return image.convert("RGB")
+    except Exception as error:  # Pillow raises many kinds on bad files (OSError, SyntaxError, struct.error, ...).
+        raise ImageFolderError(
+            f"cannot read the image {path} ({type(error).__name__}: {error}): replace or remove the file, or pass "
+            "skip_unreadable=True to leave unreadable images out (with a warning)"
+        ) from error
+
+
+# -- the dataset -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ItemKey:
+    """An item of a dataset as seen in one epoch: random crops, flips and caption dropout depend on both."""
+
+    index: int
+    epoch: int
+
+
+class CaptionedImage(TypedDict):
+    """An item of `CaptionedImageDataset`."""
+
+    image: Tensor  # 3 x resolution x resolution, float32 in [-1, 1]
+    caption: str
+    path: str
+
+
+class CaptionedImageDataset(Dataset[CaptionedImage]):
+    """The images of a folder with their captions (see `find_captioned_images`), transformed for training.
+
+    Each image is made upright (EXIF orientation), converted to RGB, resized so that its shorter side is
+    `resolution`, cropped to a square (center or random), maybe flipped, and scaled to [-1, 1]. The random choices
+    of an item depend only on (`seed`, epoch, index): index the dataset with an `ItemKey(index, epoch)` (as
+    `EpochSampler` does) for a new draw each epoch; a plain int index means epoch 0.
+
+    Args:
+        folder: The image folder.
+        resolution: The side of the square images, a multiple of 8.
+        center_crop: Crop the center; otherwise a random square.
+        random_flip: Flip horizontally with probability 1/2.
+        caption_dropout: The probability of replacing a caption with "" (to train classifier-free guidance).
+        caption_column: The `metadata.jsonl` field that holds captions.
+        interpolation: The resize filter ("bilinear" as diffusers' training script).
+        seed: The seed of the random crops, flips and caption dropout.
+        skip_unreadable: Decode every image once now and leave out, with a warning, those that fail; otherwise
+            only image headers are read now, and an unreadable image raises `ImageFolderError`.
+
+    Example:
+        ```py
+        import tempfile
+
+        from refiners.training.data import CaptionedImageDataset
+        from refiners.training.sample_data import make_image_folder
+
+        with tempfile.TemporaryDirectory() as folder:
+            make_image_folder(folder, n=4, convention="sidecar")
+            dataset = CaptionedImageDataset(folder, resolution=32)
+            item = dataset[0]
+            assert item["image"].shape == (3, 32, 32) and item["caption"].startswith("a ")
+        ```
+    """
+
+    def __init__(
+        self,
+        folder: str | Path,
+        resolution: int = 512,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        caption_dropout: float = 0.0,
+        caption_column: str = "text",
+        interpolation: Interpolation = "bilinear",
+        seed: int = 0,
+        skip_unreadable: bool = False,
+    ) -> None:
+        self.transform = ImageTransform(resolution, center_crop, random_flip, interpolation)
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout is a probability, in [0, 1]; got {caption_dropout}")
+        self.folder = Path(folder)
+        self.caption_dropout = caption_dropout
+        self.seed = seed
+        self.files = _readable(find_captioned_images(folder, caption_column), self.folder, skip_unreadable)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: int | ItemKey) -> CaptionedImage:
+        index, epoch = (key.index, key.epoch) if isinstance(key, ItemKey) else (key, 0)
+        return CaptionedImage(
+            image=self.image(index, epoch), caption=self.caption(index, epoch), path=str(self.files[index].path)
+        )
+
+    def image(self, index: int, epoch: int = 0) -> Tensor:
+        """The transformed image of item `index` in `epoch`: `3 x resolution x resolution`, float32 in [-1, 1]."""
+        index = range(len(self))[index]
+        return self.transform(open_image(self.files[index].path), seeded_generator(self.seed, epoch, index, "image"))
+
+    def caption(self, index: int, epoch: int = 0) -> str:
+        """The caption of item `index` in `epoch`: "" when dropped out."""
+        index = range(len(self))[index]
+        return "" if self.caption_dropped(index, epoch) else self.files[index].caption
+
+    def caption_dropped(self, index: int, epoch: int = 0) -> bool:
+        """Whether caption dropout replaces the caption of item `index` in `epoch` (drawn apart from the image's
+        crop and flip, so that it is the same whether or not the image is loaded)."""
+        if self.caption_dropout == 0.0:
+            return False
+        index = range(len(self))[index]
+        generator = seeded_generator(self.seed, epoch, index, "caption")
+        return torch.rand(1, generator=generator).item() < self.caption_dropout
+
+
+def _readable(files: list[CaptionedImageFile], root: Path, skip_unreadable: bool) -> list[CaptionedImageFile]:
+    unreadable: list[tuple[CaptionedImageFile, Exception]] = []
+    for file in files:
+        try:
+            with Image.open(file.path) as image:
+                if skip_unreadable:
+                    image.load()
+        except Exception as error:  # see `open_image`
+            unreadable.append((file, error))
+    if not unreadable:
+        return files
+    listing = _listing([f"{file.path.relative_to(root).as_posix()} ({error})" for file, error in unreadable])
+    if not skip_unreadable:
+        raise ImageFolderError(
+            f"{len(unreadable)} image(s) in {root} cannot be read: {listing}. Replace or remove them, or pass "
+            "skip_unreadable=True to leave them out (with a warning)"
+        )
+    if len(unreadable) == len(files):
+        raise ImageFolderError(f"no image of {root} can be read: {listing}")
+    warnings.warn(f"leaving out {len(unreadable)} unreadable image(s) of {root}: {listing}", stacklevel=3)
+    left_out = {id(file) for file, _ in unreadable}
+    return [file for file in files if id(file) not in left_out]
+
+
+class EpochSampler(Sampler[ItemKey]):
+    """Every index once per epoch, as `ItemKey(index, epoch)`, in an order drawn from (`seed`, epoch).
+
+    Lightning calls `set_epoch` before each epoch (and with the restored epoch when it resumes from a checkpoint).
+    As the epoch travels with each key, data loader workers (persistent or not) apply that epoch's augmentations.
+
+    Args:
+        length: The size of the dataset.
+        seed: The seed of the order.
+        shuffle: Shuffle each epoch; otherwise indices come in order.
+    """
+
+    def __init__(self, length: int, seed: int = 0, shuffle: bool = True) -> None:
+        super().__init__()
+        self.length = length
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[ItemKey]:
+        epoch = self.epoch
+        if not self.shuffle:
+            return iter([ItemKey(index, epoch) for index in range(self.length)])
+        order = torch.randperm(self.length, generator=seeded_generator(self.seed, epoch, "order")).tolist()
+        return iter([ItemKey(index, epoch) for index in order])
+
+
+# -- batches and caching ---------------------------------------------------------------------------------------
+
+
+class TrainingItem(TypedDict, total=False):
+    """An item as the data module serves it: `image` or cached `latents`, `caption` or cached `text_embeddings`."""
+
+    image: Tensor
+    caption: str
+    latents: Tensor
+    text_embeddings: Tensor
+
+
+class TrainingBatch(TypedDict, total=False):
+    """A batch of `TrainingItem`s: `images` (B x 3 x H x W in [-1, 1]) or `latents`, `captions` (a list) or
+    `text_embeddings`, each stacked along a first batch dimension."""
+
+    images: Tensor
+    captions: list[str]
+    latents: Tensor
+    text_embeddings: Tensor
+
+
+def collate_training_items(items: list[TrainingItem]) -> TrainingBatch:
+    """Stack the tensors of `items` and list their captions.
+
+    Args:
+        items: Items with the same keys.
+    """
+    batch = TrainingBatch()
+    if images := [item["image"] for item in items if "image" in item]:
+        batch["images"] = torch.stack(images)
+    if latents := [item["latents"] for item in items if "latents" in item]:
+        batch["latents"] = torch.stack(latents)
+    if text_embeddings := [item["text_embeddings"] for item in items if "text_embeddings" in item]:
+        batch["text_embeddings"] = torch.stack(text_embeddings)
+    if any("caption" in item for item in items):
+        batch["captions"] = [item["caption"] for item in items if "caption" in item]
+    return batch
+
+
+@runtime_checkable
+class CachingEncoders(Protocol):
+    """What a LightningModule provides for `CaptionedImageDataModule` to cache latents and text embeddings.
+
+    Both take a batch and return one tensor per element, stacked along the first dimension; they should be
+    deterministic (e.g. the mean of the autoencoder's posterior), since their output is reused every epoch.
+    """
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Latents of `images` (B x 3 x H x W in [-1, 1], on CPU): B x ..."""
+        ...
+
+    def encode_texts(self, captions: list[str]) -> Tensor:
+        """Embeddings of `captions`: B x ..."""
+        ...
+
+
+class _TrainingItems(Dataset[TrainingItem]):
+    def __init__(
+        self,
+        dataset: CaptionedImageDataset,
+        latents: list[Tensor] | None,
+        text_embeddings: list[Tensor] | None,
+        empty_text_embedding: Tensor | None,
+    ) -> None:
+        self.dataset = dataset
+        self.latents = latents
+        self.text_embeddings = text_embeddings
+        self.empty_text_embedding = empty_text_embedding
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: ItemKey) -> TrainingItem:
+        index, epoch = key.index, key.epoch
+        item = TrainingItem()
+        if self.latents is None:
+            item["image"] = self.dataset.image(index, epoch)
+        else:
+            item["latents"] = self.latents[index]
+        if self.text_embeddings is None:
+            item["caption"] = self.dataset.caption(index, epoch)
+        elif self.empty_text_embedding is not None and self.dataset.caption_dropped(index, epoch):
+            item["text_embeddings"] = self.empty_text_embedding
+        else:
+            item["text_embeddings"] = self.text_embeddings[index]
+        return item
+
+
+def _encode_once(
+    keys: list[str],
+    encode: Callable[[list[int]], Tensor],
+    batch_size: int,
+    what: str,
+    folder: Path | None,
+) -> list[Tensor]:
+    """One tensor per key, encoded in batches of `batch_size`, each distinct key once (or read from `folder`)."""
+    found: dict[str, Tensor] = {}
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        for key in dict.fromkeys(keys):
+            if (path := folder / f"{key}.safetensors").is_file():
+                found[key] = load_from_safetensors(path)[what]
+    first: dict[str, int] = {}
+    for position, key in enumerate(keys):
+        if key not in found:
+            first.setdefault(key, position)
+    pending = list(first.items())
+    for start in range(0, len(pending), batch_size):
+        chunk = pending[start : start + batch_size]
+        with torch.no_grad():
+            encoded = encode([position for _, position in chunk])
+        if not isinstance(encoded, Tensor) or encoded.shape[0] != len(chunk):  # pyright: ignore[reportUnnecessaryIsInstance]
+            got = f"shape {tuple(encoded.shape)}" if isinstance(encoded, Tensor) else type(encoded).__name__  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValueError(
+                f"the encoder of {what} must return one tensor per input, stacked on the first dimension: got "
+                f"{got} for {len(chunk)} inputs"
+            )
+        for (key, _), tensor in zip(chunk, encoded, strict=True):
+            found[key] = tensor.detach().cpu().contiguous()
+            if folder is not None:
+                save_to_safetensors(folder / f"{key}.safetensors", {what: found[key]})
+    return [found[key] for key in keys]
+
+
+def _digest(*parts: bytes | str) -> str:
+    hasher = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        hasher.update(len(data).to_bytes(8, "little") + data)
+    return hasher.hexdigest()
+
+
+# -- the data module -------------------------------------------------------------------------------------------
+
+
+class CaptionedImageDataModule(LightningDataModule):
+    """The training data of a text-to-image fine-tuning: a `CaptionedImageDataset`, batched and shuffled by seed.
+
+    Batches are `TrainingBatch` dicts: `images` (B x 3 x resolution x resolution, float32 in [-1, 1]) and `captions`
+    (a list of B strings). The order of each epoch and every random crop, flip and caption dropout depend only on
+    `seed` and the epoch, so that a run resumed from a checkpoint sees the data the uninterrupted run would have.
+
+    Caching: with `cache_latents` (`cache_text_embeddings`), batches carry `latents` (`text_embeddings`) in place of
+    `images` (`captions`), computed once before training by the LightningModule's `encode_images`
+    (`encode_texts`), see `CachingEncoders`, or by whatever `precompute` is given first. A cached latent is one
+    fixed view of an image: caching latents refuses random crops and flips rather than silently freezing one draw.
+    With caption dropout, the embedding of "" is cached too. With `cache_dir`, encodings are also stored there, one
+    file each, keyed by the image file's content and the transform (or by the caption) and `precompute`'s
+    `fingerprint`: use one `cache_dir` per set of encoder weights, or name them in `fingerprint`.
+
+    Args:
+        data_dir: The image folder (see `refiners.training.data`).
+        resolution: The side of the square training images, a multiple of 8.
+        batch_size: Items per batch (also the batch size of the encoders when caching).
+        num_workers: Data loader worker processes (0 loads in the training process).
+        center_crop: Crop the center; otherwise a random square.
+        random_flip: Flip horizontally with probability 1/2.
+        seed: The seed of the order, the augmentations and caption dropout.
+        caption_dropout: The probability of replacing a caption with "".
+        caption_column: The `metadata.jsonl` field that holds captions.
+        cache_latents: Encode the images once; batches carry `latents`.
+        cache_text_embeddings: Encode the captions once; batches carry `text_embeddings`.
+        cache_dir: Where to also store encodings, to reuse them across runs.
+
+    Example:
+        ```py
+        import tempfile
+
+        from refiners.training.data import CaptionedImageDataModule
+        from refiners.training.sample_data import make_image_folder
+
+        with tempfile.TemporaryDirectory() as folder:
+            make_image_folder(folder, n=4)
+            data = CaptionedImageDataModule(folder, resolution=32, batch_size=2)
+            data.setup("fit")
+            batch = next(iter(data.train_dataloader()))
+            assert batch["images"].shape == (2, 3, 32, 32) and len(batch["captions"]) == 2
+        ```
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        resolution: int = 512,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        center_crop: bool = True,
+        random_flip: bool = True,
+        seed: int = 0,
+        caption_dropout: float = 0.0,
+        caption_column: str = "text",
+        cache_latents: bool = False,
+        cache_text_embeddings: bool = False,
+        cache_dir: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        # Checked now, so that a bad configuration fails before any model is built.
+        transform = ImageTransform(resolution, center_crop, random_flip)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be 0 (load in the training process) or more, got {num_workers}")
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout is a probability, in [0, 1]; got {caption_dropout}")
+        if cache_latents and transform.is_random:
+            random = " and ".join(
+                name for name, on in (("random crops", not center_crop), ("random flips", random_flip)) if on
+            )
+            raise ValueError(
+                f"cache_latents=True encodes each image once, which would freeze one draw of the {random}: pass "
+                "center_crop=True and random_flip=False to cache latents, or cache_latents=False to keep the "
+                "augmentations"
+            )
+        self.data_dir = Path(data_dir)
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.seed = seed
+        self.caption_dropout = caption_dropout
+        self.caption_column = caption_column
+        self.cache_latents = cache_latents
+        self.cache_text_embeddings = cache_text_embeddings
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.dataset: CaptionedImageDataset | None = None
+        self._latents: list[Tensor] | None = None
+        self._text_embeddings: list[Tensor] | None = None
+        self._empty_text_embedding: Tensor | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.dataset is None:
+            self.dataset = CaptionedImageDataset(
+                self.data_dir,
+                resolution=self.resolution,
+                center_crop=self.center_crop,
+                random_flip=self.random_flip,
+                caption_dropout=self.caption_dropout,
+                caption_column=self.caption_column,
+                seed=self.seed,
+            )
+
+    @property
+    def needs_encoders(self) -> bool:
+        """Whether caching is on and the encodings are not computed yet."""
+        return (self.cache_latents and self._latents is None) or (
+            self.cache_text_embeddings and self._text_embeddings is None
+        )
+
+    def precompute(
+        self,
+        encode_images: Callable[[Tensor], Tensor] | None = None,
+        encode_texts: Callable[[list[str]], Tensor] | None = None,
+        fingerprint: str = "",
+    ) -> None:
+        """Compute (or read from `cache_dir`) the latents and text embeddings that caching asks for.
+
+        `train_dataloader` calls it with the LightningModule's encoders when they are missing; call it yourself
+        to use other encoders, or to cache outside a Trainer.
+
+        Args:
+            encode_images: Latents of a batch of images (needed with `cache_latents`).
+            encode_texts: Embeddings of a list of captions (needed with `cache_text_embeddings`).
+            fingerprint: Names the encoders in the `cache_dir` keys (e.g. their checkpoint's hash).
+        """
+        if self.dataset is None:
+            self.setup("fit")
+        assert self.dataset is not None
+        dataset = self.dataset
+        if self.cache_latents and self._latents is None:
+            if encode_images is None:
+                raise ValueError("cache_latents=True: precompute needs encode_images, a function images -> latents")
+            keys = [
+                _digest("latents", file.path.read_bytes(), dataset.transform.fingerprint, fingerprint)
+                for file in dataset.files
+            ]
+            self._latents = _encode_once(
+                keys,
+                lambda positions: encode_images(torch.stack([dataset.image(position) for position in positions])),
+                self.batch_size,
+                "latents",
+                self._cache_subfolder("latents"),
+            )
+        if self.cache_text_embeddings and self._text_embeddings is None:
+            if encode_texts is None:
+                raise ValueError(
+                    "cache_text_embeddings=True: precompute needs encode_texts, a function captions -> embeddings"
+                )
+            captions = [file.caption for file in dataset.files]
+            dropout = self.caption_dropout > 0
+            if dropout:
+                captions.append("")  # the embedding of a dropped-out caption, last
+            keys = [_digest("text_embeddings", caption, fingerprint) for caption in captions]
+            embeddings = _encode_once(
+                keys,
+                lambda positions: encode_texts([captions[position] for position in positions]),
+                self.batch_size,
+                "text_embeddings",
+                self._cache_subfolder("text_embeddings"),
+            )
+            self._text_embeddings = embeddings[: len(dataset)]
+            self._empty_text_embedding = embeddings[-1] if dropout else None
+
+    def _cache_subfolder(self, what: str) -> Path | None:
+        return None if self.cache_dir is None else self.cache_dir / what
+
+    def train_dataloader(self) -> DataLoader[TrainingItem]:
+        if self.dataset is None:
+            self.setup("fit")
+        assert self.dataset is not None
+        if self.needs_encoders:
+            module = self.trainer.lightning_module if self.trainer is not None else None
+            if not isinstance(module, CachingEncoders):
+                raise ValueError(
+                    "caching latents or text embeddings needs encoders: give the LightningModule the methods "
+                    "encode_images(images) -> latents and encode_texts(captions) -> embeddings (see "
+                    "CachingEncoders), or call datamodule.precompute(...) before training"
+                )
+            self.precompute(module.encode_images, module.encode_texts)
+        items = _TrainingItems(self.dataset, self._latents, self._text_embeddings, self._empty_text_embedding)
+        sampler = EpochSampler(len(items), seed=self.seed)
+        if self.trainer is not None:
+            # Lightning starts the first iterator (and its workers' prefetching) before it calls `set_epoch`: when
+            # it resumes from a checkpoint, the sampler must already be at the restored epoch.
+            sampler.set_epoch(self.trainer.current_epoch)
+        return DataLoader(
+            items,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate_training_items,
+            persistent_workers=self.num_workers > 0,
+        )
