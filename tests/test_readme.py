@@ -63,11 +63,11 @@ def test_commands_install_then_run() -> None:
 
 def test_ci_runs_the_readme_test_command() -> None:
     (test_command,) = [command for command in _commands() if command.startswith(SETUP) and "pytest" in command]
-    ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    assert test_command in ci, f"{test_command!r} must appear as a line of .ci/run"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test_command in ci.splitlines(), f"{test_command!r} must appear as a line of .ci/run"
     for check in ("uv run ruff format --check .", "uv run ruff check .", "uv run pyright"):
         assert check in _commands()
-        assert check in ci
+        assert re.search(rf"^check {re.escape(check)}$", ci, flags=re.MULTILINE), f"CI must run {check!r}"
 
 
 def test_lists_the_five_distributions() -> None:

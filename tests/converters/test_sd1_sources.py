@@ -184,6 +184,7 @@ def test_single_file_conversion_equals_the_folder_conversion(
     for name in ("clip_text", "autoencoder", "unet"):
         assert_same_files(tmp_path / f"{name}.safetensors", single_files.folder_fp16 / f"{name}.safetensors")
     assert "(original layout)" in err
+    assert "the checkpoint also has an EMA copy of the UNet (1 model_ema.* tensors)" in err
     # A single file has no tokenizer: it comes from --tokenizer, or the file has none and the user is told.
     metadata = load_metadata_from_safetensors(tmp_path / "clip_text.safetensors")
     if tokenizer:
@@ -483,6 +484,12 @@ def test_single_files_without_the_component(tmp_path: Path) -> None:
         convert_unet(diffusers_vae, tmp_path / "unet.safetensors")
     with pytest.raises(SourceError, match=r"holds one component's weights in diffusers layout, not a whole model"):
         convert_stable_diffusion_1(diffusers_vae, tmp_path / "out")
+    # A whole-model conversion checks every component before writing anything.
+    unet_only = tmp_path / "unet_only.safetensors"
+    save_to_safetensors(unet_only, {f"{LDM_PREFIXES['unet']}input_blocks.0.0.weight": torch.zeros(320, 4, 3, 3)})
+    with pytest.raises(SourceError, match=r"has no autoencoder: no key starts with first_stage_model\."):
+        convert_stable_diffusion_1(unet_only, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_stray_keys_are_listed(tmp_path: Path) -> None:

@@ -17,16 +17,15 @@ from torch import Tensor
 from torch.testing import assert_close
 
 import refiners.training
-from refiners.training import data, data_transforms, sample_data
+from refiners.training import data, data_transforms, image_folder, sample_data
 from refiners.training.data import (
     CaptionedImageDataModule,
     CaptionedImageDataset,
     EpochSampler,
     ItemKey,
-    ImageFolderError,
     TrainingBatch,
-    find_captioned_images,
 )
+from refiners.training.image_folder import ImageFolderError, find_captioned_images
 from refiners.training.sample_data import SampleImageFolder, make_image_folder
 
 IMAGES = 24  # in each folder of conftest.py
@@ -55,7 +54,7 @@ def _write(folder: Path, files: dict[str, str | bytes]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(content, bytes):
             path.write_bytes(content)
-        elif content == "" and path.suffix.lower() in data.IMAGE_EXTENSIONS:
+        elif content == "" and path.suffix.lower() in image_folder.IMAGE_EXTENSIONS:
             image_format = {".jpg": "JPEG", ".jpeg": "JPEG"}.get(path.suffix.lower(), path.suffix[1:].upper())
             _noise_image(16, 16).save(path, format=image_format)
         else:
@@ -67,7 +66,13 @@ def _metadata(*lines: dict[str, Any] | str) -> str:
     return "\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n"
 
 
-def _relative(root: Path, files: list[data.CaptionedImageFile]) -> dict[str, str]:
+def _field(batch: TrainingBatch, key: str) -> Any:
+    """A field of a batch that the test expects there (`TrainingBatch` keys are optional)."""
+    assert key in batch, f"the batch has no {key!r}: {sorted(batch)}"
+    return batch[key]  # pyright: ignore[reportUnknownVariableType]
+
+
+def _relative(root: Path, files: list[image_folder.CaptionedImageFile]) -> dict[str, str]:
     return {file.path.relative_to(root).as_posix(): file.caption for file in files}
 
 
@@ -300,19 +305,18 @@ def test_datamodule_batches(image_folder: SampleImageFolder) -> None:
     module.setup("fit")
     loader = module.train_dataloader()
     batches: list[TrainingBatch] = list(loader)
-    assert len(batches) == 5 and [len(batch["captions"]) for batch in batches] == [5, 5, 5, 5, 4]
+    assert len(batches) == 5 and [len(_field(batch, "captions")) for batch in batches] == [5, 5, 5, 5, 4]
     for batch in batches:
         assert set(batch) == {"images", "captions"}
-        images = batch["images"]
-        assert images.shape == (len(batch["captions"]), 3, 16, 16) and images.dtype == torch.float32
+        images = _field(batch, "images")
+        assert images.shape == (len(_field(batch, "captions")), 3, 16, 16) and images.dtype == torch.float32
         assert images.min() >= -1 and images.max() <= 1
-    assert batches[0]["images"].amin() == -1 or batches[0]["images"].amax() == 1  # the full range is used
-    captions = [caption for batch in batches for caption in batch["captions"]]
+    captions = [caption for batch in batches for caption in _field(batch, "captions")]
     assert sorted(captions) == sorted(image_folder.captions.values())
     # The batches follow the sampler's order: item by item, they are the dataset's items of that epoch.
     assert module.dataset is not None
     keys = list(loader.sampler)  # pyright: ignore[reportArgumentType]
-    stacked = torch.cat([batch["images"] for batch in batches])
+    stacked = torch.cat([_field(batch, "images") for batch in batches])
     for row, key in enumerate(keys):
         assert isinstance(key, ItemKey)
         assert torch.equal(stacked[row], module.dataset[key]["image"]) and captions[row] == module.dataset.caption(
@@ -321,9 +325,10 @@ def test_datamodule_batches(image_folder: SampleImageFolder) -> None:
 
 
 def test_datamodule_hyperparameters() -> None:
-    module = CaptionedImageDataModule("some/folder", resolution=64, batch_size=4, seed=7)
-    assert module.hparams["resolution"] == 64 and module.hparams["seed"] == 7
-    assert module.hparams["data_dir"] == "some/folder" and not module.hparams["cache_latents"]
+    module = CaptionedImageDataModule(Path("some/folder"), resolution=64, batch_size=4, seed=7, cache_dir=Path("c"))
+    assert module.hparams["resolution"] == 64 and module.hparams["seed"] == 7 and not module.hparams["cache_latents"]
+    # Strings, not paths: checkpoints store the hyperparameters and `torch.load(weights_only=True)` refuses paths.
+    assert module.hparams["data_dir"] == "some/folder" and module.hparams["cache_dir"] == "c"
 
 
 class _Encoders:
@@ -372,8 +377,8 @@ def test_caching_encodes_once_and_batches_carry_the_encodings(metadata_folder: S
     for _ in range(2):  # the encodings serve every epoch
         batches: list[TrainingBatch] = list(loader)
         keys = list(loader.sampler)  # pyright: ignore[reportArgumentType]
-        latents = torch.cat([batch["latents"] for batch in batches])
-        embeddings = torch.cat([batch["text_embeddings"] for batch in batches])
+        latents = torch.cat([_field(batch, "latents") for batch in batches])
+        embeddings = torch.cat([_field(batch, "text_embeddings") for batch in batches])
         assert all(set(batch) == {"latents", "text_embeddings"} for batch in batches)
         assert latents.shape == (IMAGES, 3, 2, 2) and embeddings.shape == (IMAGES, 3, 2)
         for row, key in enumerate(keys):
@@ -391,7 +396,7 @@ def test_caching_one_side_only(metadata_folder: SampleImageFolder) -> None:
     )
     module.precompute(encode_texts=encoders.encode_texts)
     batch: TrainingBatch = next(iter(module.train_dataloader()))
-    assert set(batch) == {"images", "text_embeddings"} and batch["images"].shape == (6, 3, 16, 16)
+    assert set(batch) == {"images", "text_embeddings"} and _field(batch, "images").shape == (6, 3, 16, 16)
     assert encoders.images == []
 
 
@@ -403,7 +408,7 @@ def test_caching_with_caption_dropout_uses_the_empty_caption(metadata_folder: Sa
     empty = encoders.embeddings[encoders.captions.index("")]
     loader = module.train_dataloader()
     keys = list(loader.sampler)  # pyright: ignore[reportArgumentType]
-    embeddings = torch.cat([batch["text_embeddings"] for batch in loader])
+    embeddings = torch.cat([_field(batch, "text_embeddings") for batch in loader])
     dataset = module.dataset
     assert dataset is not None
     dropped = 0
@@ -455,7 +460,7 @@ class _Model(L.LightningModule):
         self.seen: list[tuple[int, Tensor, list[str]]] = []
 
     def training_step(self, batch: TrainingBatch, batch_index: int) -> Tensor:
-        tensor = batch["latents"] if "latents" in batch else batch["images"]
+        tensor = _field(batch, "latents" if "latents" in batch else "images")
         self.seen.append((self.current_epoch, tensor.clone(), batch.get("captions", [])))
         return (self.weight * tensor.mean()).sum()
 
@@ -597,9 +602,7 @@ def test_metadata_csv_and_bad_sidecar(tmp_path: Path) -> None:
     with pytest.raises(ImageFolderError, match=r"metadata\.csv is not read; convert it to metadata\.jsonl"):
         find_captioned_images(tmp_path / "csv")
     _write(tmp_path / "latin1", {"a.png": "", "a.txt": "caf\xe9".encode("latin-1")})
-    with pytest.raises(
-        ImageFolderError, match=r"the caption file .*a\.txt is not UTF-8 text .*: save it as UTF-8"
-    ):
+    with pytest.raises(ImageFolderError, match=r"the caption file .*a\.txt is not UTF-8 text .*: save it as UTF-8"):
         find_captioned_images(tmp_path / "latin1")
 
 
@@ -619,13 +622,15 @@ def test_unreadable_images(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match=r"leaving out 1 unreadable image\(s\) of .*: garbage\.png"):
         dataset = CaptionedImageDataset(tmp_path / "garbage", resolution=16, skip_unreadable=True)
     assert [file.path.name for file in dataset.files] == ["good.png"]
+    module = CaptionedImageDataModule(tmp_path / "garbage", resolution=16, skip_unreadable=True)
+    with pytest.warns(UserWarning, match=r"leaving out 1 unreadable image\(s\)"):
+        module.setup("fit")
+    assert module.dataset is not None and len(module.dataset) == 1
 
     # A cut file passes the header check; reading it fails, naming it, unless it was left out.
     _write(tmp_path / "truncated", {"cut.png": _truncated_png(), "cut.txt": "cut", "good.png": "", "good.txt": "g"})
     dataset = CaptionedImageDataset(tmp_path / "truncated", resolution=16)
-    with pytest.raises(
-        ImageFolderError, match=r"cannot read the image .*cut\.png \(OSError: .*\): replace or remove"
-    ):
+    with pytest.raises(ImageFolderError, match=r"cannot read the image .*cut\.png \(OSError: .*\): replace or remove"):
         dataset[0]
     with pytest.warns(UserWarning, match=r"leaving out 1 unreadable image\(s\) of .*: cut\.png"):
         dataset = CaptionedImageDataset(tmp_path / "truncated", resolution=16, skip_unreadable=True)
@@ -713,7 +718,7 @@ def test_sample_images_show_their_caption(metadata_folder: SampleImageFolder) ->
         with Image.open(metadata_folder.path / name) as image:
             sizes.add(image.size)
             if image.format == "PNG":  # lossless: the exact colors are there
-                pixels = set(image.convert("RGB").getdata())  # pyright: ignore[reportArgumentType]
+                pixels = set(image.convert("RGB").get_flattened_data())
                 assert {colors[color], colors[background]} <= pixels
     assert sizes == {(40, 40), (40, 30), (30, 40)}
     assert {Path(name).suffix for name in metadata_folder.captions} == {".png", ".jpg"}
@@ -745,7 +750,7 @@ def test_sample_folder_errors(tmp_path: Path, kwargs: dict[str, Any], pattern: s
 
 EXAMPLES = [
     (f"{module.__name__}.{name}", block)
-    for module in (data, data_transforms, sample_data)
+    for module in (data, data_transforms, image_folder, sample_data)
     for name in module.__all__
     for block in re.findall(r"```py\n(.*?)\s*```", inspect.getdoc(getattr(module, name)) or "", flags=re.DOTALL)
 ]

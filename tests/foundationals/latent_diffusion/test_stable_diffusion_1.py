@@ -610,20 +610,13 @@ def test_generate_image_to_image_matches_diffusers(reference: Reference, sd: Sta
 def test_generate_inpainting_matches_diffusers(
     reference: Reference, sd_inpainting: StableDiffusion_1_Inpainting, ddim: None
 ) -> None:
-    kwargs: dict[str, Any] = {"num_inference_steps": 6, "num_images_per_prompt": 2}
-    expected = images_from(
-        reference.inpainting,
-        PROMPT,
-        image=init_image(),
-        mask_image=mask_image(),
-        height=HEIGHT,
-        width=WIDTH,
-        generator=generator(),
-        **kwargs,
-    )
-    images = sd_inpainting.generate(
-        PROMPT, init_image=init_image(), mask=mask_image(), seed=SEED, progress=False, **kwargs
-    )
+    """A larger image and mask, resized to the requested size (Lanczos, then the mask binarized) on both sides."""
+    image = init_image().resize((2 * WIDTH, 2 * HEIGHT), resample=Image.Resampling.BICUBIC)
+    mask = mask_image().resize((2 * WIDTH, 2 * HEIGHT), resample=Image.Resampling.BILINEAR)
+    kwargs: dict[str, Any] = {"num_inference_steps": 6, "num_images_per_prompt": 2, "height": HEIGHT, "width": WIDTH}
+    expected = images_from(reference.inpainting, PROMPT, image=image, mask_image=mask, generator=generator(), **kwargs)
+    images = sd_inpainting.generate(PROMPT, init_image=image, mask=mask, seed=SEED, progress=False, **kwargs)
+    assert images[0].size == (WIDTH, HEIGHT)
     assert_same_images(images, expected)
 
 
@@ -665,6 +658,10 @@ def test_default_components_are_sd15_on_the_meta_device() -> None:
     )
     # The schedule is real: it is computed when the solver is built.
     assert sd15.solver.device.type == "cpu" and sd15.solver.timesteps[0] == 999
+    assert repr(sd15) == (
+        "StableDiffusion_1(unet=SD1UNet, lda=SD1Autoencoder, clip_text_encoder=CLIPTextEncoderL, "
+        "solver=DPMSolver(num_inference_steps=30), device=meta, dtype=float32)"
+    )
     inpainting = StableDiffusion_1_Inpainting(device="meta")
     assert inpainting.unet.in_channels == 9
 

@@ -250,14 +250,14 @@ def compare_unet(source: Source, converted: Path, seed: int = 0) -> Comparison:
     Args:
         source: The source the weights were converted from.
         converted: The converted `.safetensors` file (for `SD1UNet` with 4 or 9 input channels).
-        seed: Seed of the random inputs (16x16 latents, a random text embedding, timestep 500).
+        seed: Seed of the random inputs (8x8 latents, a random text embedding, timestep 500).
     """
     # The first convolution of the down blocks reads the latents: its weight tells the input channels.
     shapes = {key: tensor.shape for key, tensor in SD1UNet(device="meta").state_dict().items()}
     conv_in = next(key for key, shape in shapes.items() if key.startswith("DownBlocks.") and len(shape) == 4)
     in_channels = _shape_in_file(converted, conv_in)[1]
     generator = torch.Generator().manual_seed(seed)
-    latents = torch.randn(1, in_channels, 16, 16, generator=generator)
+    latents = torch.randn(1, in_channels, 8, 8, generator=generator)
     text_embedding = torch.randn(1, 77, 768, generator=generator)
     timestep = torch.tensor([500])
     reference = _reference_unet(source, in_channels).eval()

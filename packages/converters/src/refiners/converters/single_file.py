@@ -27,6 +27,7 @@ __all__ = [
     "ldm_component_prefix",
     "is_ldm_checkpoint",
     "ldm_unknown_keys",
+    "ldm_ema_keys",
     "original_key_map",
     "ldm_to_diffusers",
 ]
@@ -253,6 +254,12 @@ def ldm_unknown_keys(keys: Iterable[str]) -> list[str]:
         for key in keys
         if not key.startswith((*LDM_PREFIXES.values(), _EMA_PREFIX)) and key not in LDM_TRAINING_BUFFERS
     ]
+
+
+def ldm_ema_keys(keys: Iterable[str]) -> list[str]:
+    """The tensors of the UNet's EMA copy in a full training checkpoint (`model_ema.*`, less its bookkeeping)."""
+    bookkeeping = (f"{_EMA_PREFIX}decay", f"{_EMA_PREFIX}num_updates")
+    return [key for key in keys if key.startswith(_EMA_PREFIX) and key not in bookkeeping]
 
 
 def original_key_map(key_map: KeyMap, renaming: ModuleRenaming, prefix: str) -> KeyMap:

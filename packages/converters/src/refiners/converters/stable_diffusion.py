@@ -35,6 +35,7 @@ from refiners.converters.single_file import (
     ldm_autoencoder_renaming,
     ldm_clip_text_renaming,
     ldm_component_prefix,
+    ldm_ema_keys,
     ldm_unet_renaming,
     ldm_unknown_keys,
     original_key_map,
@@ -429,6 +430,11 @@ def convert_unet(
             f"the UNet of {component.origin} is not a Stable Diffusion 1.x UNet: it looks like {reason}"
         )
     progress(f"unet: {UNET_IN_CHANNELS[in_channels]} UNet ({in_channels} input channels)")
+    if isinstance(source, SingleFile) and (ema := ldm_ema_keys(source.tensors)):
+        progress(
+            f"unet: note: the checkpoint also has an EMA copy of the UNet ({len(ema)} model_ema.* tensors); as "
+            "diffusers does by default, the main weights (model.diffusion_model.*) are converted"
+        )
     unet = SD1UNet(in_channels=in_channels, device="meta")
     target = f"SD1UNet(in_channels={in_channels})"
     key_map = diffusers_unet_key_map(unet)
@@ -461,14 +467,13 @@ def convert_stable_diffusion_1(
     """
     opened = open_source(source, components=("unet", "vae", "text_encoder", "tokenizer"))
     check_stable_diffusion_1(opened)
-    if isinstance(opened, DiffusersFolder):
-        for component in ("unet", "vae", "text_encoder"):
-            opened.component_folder(component)  # fail on a missing component before converting the others
-    elif isinstance(opened, SingleFile) and not is_ldm_checkpoint(opened.tensors):
+    if isinstance(opened, SingleFile) and not is_ldm_checkpoint(opened.tensors):
         raise SourceError(
             f"{opened.path} holds one component's weights in diffusers layout, not a whole model: convert it with the "
             "unet, autoencoder or clip-text command, or pass the model's folder or original checkpoint."
         )
+    for component in ("unet", "vae", "text_encoder"):
+        _component(opened, component)  # fail on a missing component before converting the others
     folder = Path(out_folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise SourceError(f"the destination {folder} is a file: pass a folder (created if needed)")

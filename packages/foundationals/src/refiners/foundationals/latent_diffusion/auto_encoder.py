@@ -445,9 +445,11 @@ class LatentDiffusionAutoencoder(fl.Chain):
             return self.encoder(x) * self.encoder_scale
         # All but the last layer (the slicing to the mean): the posterior's mean and log-variance.
         mean, log_variance = self.encoder[:-1](x).chunk(2, dim=1)
-        # diffusers' `DiagonalGaussianDistribution` clamps the log-variance, and draws the noise with this call.
+        # diffusers' `DiagonalGaussianDistribution` clamps the log-variance, and draws the noise with this call, on
+        # the generator's device (a CPU generator with a GPU model gives the same draw as on CPU).
         std = torch.exp(0.5 * log_variance.clamp(-30.0, 20.0))
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        draw_device = mean.device if generator is None else generator.device
+        noise = torch.randn(mean.shape, generator=generator, device=draw_device, dtype=mean.dtype).to(mean.device)
         return (mean + std * noise) * self.encoder_scale
 
     def decode(self, latents: Tensor) -> Tensor:

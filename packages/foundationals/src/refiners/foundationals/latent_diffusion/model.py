@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 import refiners.fluxion.layers as fl
+from refiners.fluxion.utils import image_to_tensor
 from refiners.foundationals.clip.text_encoder import CLIPTextEncoder
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
 from refiners.foundationals.latent_diffusion.solvers.solver import Solver
@@ -79,6 +80,14 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT]):
     def dtype(self) -> torch.dtype:
         """The UNet's weights' dtype (that of the latents)."""
         return self.unet.dtype
+
+    def __str__(self) -> str:
+        solver = f"{type(self.solver).__name__}(num_inference_steps={self.solver.num_inference_steps})"
+        return (
+            f"{type(self).__name__}(unet={type(self.unet).__name__}, lda={type(self.lda).__name__}, "
+            f"clip_text_encoder={type(self.clip_text_encoder).__name__}, solver={solver}, device={self.device}, "
+            f"dtype={str(self.dtype).removeprefix('torch.')})"
+        )
 
     @abstractmethod
     def set_unet_context(self, *, timestep: Tensor, clip_text_embedding: Tensor) -> None:
@@ -175,30 +184,29 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT]):
                 "(image-to-image), or leave strength out (text-to-image)"
             )
         first_step = 0 if init_image is None else self._first_step(DEFAULT_STRENGTH if strength is None else strength)
-        if first_step != self.solver.first_inference_step:
-            self.solver = self.solver.rebuild(first_inference_step=first_step)
-        image_latents = None
-        if init_image is not None:
-            image_latents = self._encode_image(_resized(init_image.convert("RGB"), (width, height)), generator)
         factor = self.lda.downscale_factor
         shape = (self.lda.latent_channels, height // factor, width // factor)
-        if noise is None:
-            noise = _randn((batch_size or 1, *shape), generator, self.device, self.dtype)
-        elif tuple(noise.shape[1:]) != shape or (batch_size is not None and noise.shape[0] != batch_size):
+        if noise is not None and (tuple(noise.shape[1:]) != shape or (batch_size not in (None, noise.shape[0]))):
             expected = f"({batch_size if batch_size is not None else 'batch'}, {', '.join(map(str, shape))})"
             raise ValueError(
                 f"the noise for a {width}x{height} (width x height) image must be {expected}, got "
                 f"{tuple(noise.shape)}: latents are {factor} times smaller than the image, with "
                 f"{self.lda.latent_channels} channels"
             )
+        if first_step != self.solver.first_inference_step:
+            self.solver = self.solver.rebuild(first_inference_step=first_step)
+        # diffusers' order of draws: the image's posterior, then the noise.
+        image_latents = None
+        if init_image is not None:
+            image_latents = self._encode_image(_resized(init_image.convert("RGB"), (width, height)), generator)
+        if noise is None:
+            noise = _randn((batch_size or 1, *shape), generator, self.device, self.dtype)
         if image_latents is None:
             return noise * self.solver.init_noise_sigma
         return self.solver.add_noise(image_latents, noise, step=first_step)
 
     def _encode_image(self, image: "Image.Image", generator: torch.Generator | None) -> Tensor:
         """An RGB image's latents, `(1, latent_channels, h, w)`, drawn from the posterior (diffusers' `retrieve_latents`)."""
-        from refiners.fluxion.utils import image_to_tensor
-
         pixels = image_to_tensor(image, device=self.lda.device, dtype=self.lda.dtype) * 2 - 1
         return self.lda.encode(pixels, sample=True, generator=generator).to(device=self.device, dtype=self.dtype)
 

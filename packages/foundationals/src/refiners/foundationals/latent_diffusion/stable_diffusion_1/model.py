@@ -95,11 +95,18 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):  # noqa: N801 (the name 
     ) -> None:
         # The schedule is computed when the solver is built: on the meta device it would be lost.
         solver_device = "cpu" if device is not None and torch.device(device).type == "meta" else device
-        unet = _moved(unet, device, dtype) or SD1UNet(self.unet_in_channels, device=device, dtype=dtype)
-        lda = _moved(lda, device, dtype) or SD1Autoencoder(device=device, dtype=dtype)
-        clip_text_encoder = _moved(clip_text_encoder, device, dtype) or CLIPTextEncoderL(device=device, dtype=dtype)
-        solver = solver.to(device=solver_device) if solver is not None else None
-        solver = solver or DPMSolver(num_inference_steps=30, device=solver_device)
+        unet = (
+            SD1UNet(self.unet_in_channels, device=device, dtype=dtype) if unet is None else _moved(unet, device, dtype)
+        )
+        lda = SD1Autoencoder(device=device, dtype=dtype) if lda is None else _moved(lda, device, dtype)
+        if clip_text_encoder is None:
+            clip_text_encoder = CLIPTextEncoderL(device=device, dtype=dtype)
+        else:
+            clip_text_encoder = _moved(clip_text_encoder, device, dtype)
+        if solver is None:
+            solver = DPMSolver(num_inference_steps=30, device=solver_device)
+        elif solver_device is not None:
+            solver = solver.to(device=solver_device)
         self._check_components(unet, lda, clip_text_encoder)
         super().__init__(unet=unet, lda=lda, clip_text_encoder=clip_text_encoder, solver=solver)
 
@@ -192,10 +199,11 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):  # noqa: N801 (the name 
         )
         self._check_size(size)
         self._check_generation_images(init_image, mask)
+        # Resized, then converted, as diffusers' image processors do.
         if init_image is not None:
-            init_image = _resized(init_image.convert("RGB"), (size[1], size[0]))
+            init_image = _resized(init_image, (size[1], size[0])).convert("RGB")
         if mask is not None:
-            mask = _resized(mask.convert("L"), (size[1], size[0]))
+            mask = _resized(mask, (size[1], size[0])).convert("L")
 
         generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         with torch.no_grad():
@@ -361,8 +369,8 @@ class StableDiffusion_1_Inpainting(StableDiffusion_1):  # noqa: N801
         self.set_inpainting_conditions(init_image, mask, generator)
 
 
-def _moved(module: ModuleT | None, device: Device, dtype: torch.dtype | None) -> ModuleT | None:
+def _moved(module: ModuleT, device: Device, dtype: torch.dtype | None) -> ModuleT:
     """A given component on the pipeline's device and dtype (when they are given)."""
-    if module is None or (device is None and dtype is None):
+    if device is None and dtype is None:
         return module
     return module.to(device=device, dtype=dtype)
