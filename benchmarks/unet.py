@@ -4,7 +4,8 @@ Both models hold the very same weight tensors (ours is built on the meta device 
 converted by key only), and their outputs are checked to match before timing. Batch 2 (a negative and a positive
 prompt), text embedding (2, 77, 768), latents 32x32 and 64x64 (256 and 512 pixel images). Runs of ours and diffusers'
 alternate, round after round, in one process, so that drifts of the machine hit both alike; the ratio is taken per
-round and its median reported. Target: ours/diffusers <= 1.0.
+round and its median reported. Target: ours/diffusers <= 1.0 (wall time). The CPU time of the process (all threads)
+is reported beside it: on a machine shared with other jobs it is the steadier of the two.
 
 Usage:
     uv run python benchmarks/unet.py [--rounds N] [--warmup N] [--threads N] [--json PATH]
@@ -14,6 +15,7 @@ Usage:
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import time
@@ -64,13 +66,17 @@ TINY_UNET_CONFIG: dict[str, Any] = SD15_UNET_CONFIG | {
 
 @dataclass
 class Result:
-    """The timings of one latent size: medians over rounds, in seconds per forward."""
+    """The timings of one latent size: medians over rounds, in seconds per forward (wall, and process CPU time)."""
 
     variant: str
     ours_s: float
     diffusers_s: float
     ratio: float
+    ours_cpu_s: float
+    diffusers_cpu_s: float
+    cpu_ratio: float
     rounds: int
+    load_average: float
 
 
 def build_pair(tiny: bool = False) -> tuple[SD1UNet, UNet2DConditionModel]:
@@ -89,10 +95,11 @@ def build_pair(tiny: bool = False) -> tuple[SD1UNet, UNet2DConditionModel]:
     return ours, theirs
 
 
-def _time_call(forward: Callable[[], Tensor]) -> float:
-    start = time.perf_counter()
+def _time_call(forward: Callable[[], Tensor]) -> tuple[float, float]:
+    """The wall time and the process CPU time (all threads) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     forward()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def measure(ours: SD1UNet, theirs: UNet2DConditionModel, size: int, rounds: int, warmup: int) -> Result:
@@ -128,8 +135,8 @@ def measure(ours: SD1UNet, theirs: UNet2DConditionModel, size: int, rounds: int,
         for _ in range(warmup):
             run_ours()
             run_theirs()
-        ours_times: list[float] = []
-        theirs_times: list[float] = []
+        ours_times: list[tuple[float, float]] = []
+        theirs_times: list[tuple[float, float]] = []
         for round_index in range(rounds):
             if round_index % 2 == 0:
                 ours_times.append(_time_call(run_ours))
@@ -137,13 +144,17 @@ def measure(ours: SD1UNet, theirs: UNet2DConditionModel, size: int, rounds: int,
             else:
                 theirs_times.append(_time_call(run_theirs))
                 ours_times.append(_time_call(run_ours))
-    ratios = [o / t for o, t in zip(ours_times, theirs_times, strict=True)]
+    pairs = list(zip(ours_times, theirs_times, strict=True))
     return Result(
         variant=f"latents {size}x{size}",
-        ours_s=statistics.median(ours_times),
-        diffusers_s=statistics.median(theirs_times),
-        ratio=statistics.median(ratios),
+        ours_s=statistics.median(wall for wall, _ in ours_times),
+        diffusers_s=statistics.median(wall for wall, _ in theirs_times),
+        ratio=statistics.median(o[0] / t[0] for o, t in pairs),
+        ours_cpu_s=statistics.median(cpu for _, cpu in ours_times),
+        diffusers_cpu_s=statistics.median(cpu for _, cpu in theirs_times),
+        cpu_ratio=statistics.median(o[1] / t[1] for o, t in pairs),
         rounds=rounds,
+        load_average=os.getloadavg()[0],
     )
 
 
@@ -177,9 +188,15 @@ def main(argv: list[str] | None = None) -> list[Result]:
     model = "tiny UNet (smoke)" if args.smoke else "SD1.5 UNet"
     print(f"SD1UNet vs diffusers UNet2DConditionModel, {model}, batch {BATCH}, float32, CPU ({machine})")
     print(f"median of {args.rounds} interleaved rounds, {args.warmup} warmup; target ours/diffusers <= {TARGET_RATIO}")
-    print(f"{'variant':<16} {'ours (s)':>10} {'diffusers (s)':>14} {'ours/diffusers':>15}")
-    for result in results:
-        print(f"{result.variant:<16} {result.ours_s:>10.3f} {result.diffusers_s:>14.3f} {result.ratio:>15.3f}")
+    print(
+        f"{'variant':<16} {'ours (s)':>9} {'diffusers (s)':>14} {'ours/diffusers':>15} {'CPU: ours (s)':>14} "
+        f"{'diffusers (s)':>14} {'ours/diffusers':>15} {'load':>5}"
+    )
+    for r in results:
+        print(
+            f"{r.variant:<16} {r.ours_s:>9.3f} {r.diffusers_s:>14.3f} {r.ratio:>15.3f} {r.ours_cpu_s:>14.3f} "
+            f"{r.diffusers_cpu_s:>14.3f} {r.cpu_ratio:>15.3f} {r.load_average:>5.1f}"
+        )
     if args.json is not None:
         payload = {"machine": machine, "target_ratio": TARGET_RATIO, "results": [asdict(r) for r in results]}
         args.json.write_text(json.dumps(payload, indent=2) + "\n")

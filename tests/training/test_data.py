@@ -713,7 +713,7 @@ def test_sample_images_show_their_caption(metadata_folder: SampleImageFolder) ->
     colors = sample_data._COLORS | sample_data._BACKGROUNDS
     sizes: set[tuple[int, int]] = set()
     for name, caption in metadata_folder.captions.items():
-        color, shape, background = re.fullmatch(r"a (\w+) (\w+) on a (\w+) background", caption).groups()  # pyright: ignore[reportOptionalMemberAccess]
+        color, shape, background = re.fullmatch(r"an? (\w+) (\w+) on a (\w+) background", caption).groups()  # pyright: ignore[reportOptionalMemberAccess]
         assert shape in sample_data._SHAPES
         with Image.open(metadata_folder.path / name) as image:
             sizes.add(image.size)

@@ -81,7 +81,7 @@ class CaptionedImageDataset(Dataset[CaptionedImage]):
             make_image_folder(folder, n=4, convention="sidecar")
             dataset = CaptionedImageDataset(folder, resolution=32)
             item = dataset[0]
-            assert item["image"].shape == (3, 32, 32) and item["caption"].startswith("a ")
+            assert item["image"].shape == (3, 32, 32) and item["caption"].endswith(" background")
         ```
     """
 

@@ -19,7 +19,7 @@ class SampleImageFolder:
 
     Attributes:
         path: The folder.
-        captions: The caption of each image, by its path relative to `path` (POSIX separators), in file order.
+        captions: The caption of each image, by its path relative to `path` (POSIX separators), in the order written.
         convention: Where the captions are: "metadata" (`metadata.jsonl`) or "sidecar" (`.txt` files).
     """
 
@@ -102,7 +102,7 @@ def make_image_folder(
         file = root / relative
         file.parent.mkdir(parents=True, exist_ok=True)
         image.save(file, quality=95)  # PNG ignores `quality`
-        caption = f"a {color} {shape} on a {background} background"
+        caption = f"{'an' if color[0] in 'aeiou' else 'a'} {color} {shape} on a {background} background"
         if convention == "sidecar":
             file.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
         captions[relative] = caption

@@ -526,11 +526,12 @@ def lokr_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
         return (m, n) if m <= n else (n, m)
     factor = dimension if factor < 0 else factor
     m, n = 1, dimension
+    length = m + n
     while m < n:
         candidate = m + 1
         while dimension % candidate != 0:
             candidate += 1
-        if candidate + dimension // candidate > m + n or candidate > factor:
+        if candidate + dimension // candidate > length or candidate > factor:
             break
         m, n = candidate, dimension // candidate
     return (m, n) if m <= n else (n, m)
@@ -894,8 +895,8 @@ class Dora(Lora[fl.WeightedModule]):
         return self.update.up
 
     def reset_parameters(self) -> None:
-        """Reset the update (a fresh update is zero); the magnitude is kept (see `Dora.from_target`)."""
-        self.update.reset_parameters()
+        """Leave the weights as they are: the update comes with its own, and a fresh magnitude is the norms of the
+        target's weight, which a DoRA only knows from its target (see `Dora.from_target`)."""
 
     def weight_update(self, target_weight: Tensor) -> Tensor:
         """`W' - W` for `target_weight` `W`, with gradients, in float32."""
