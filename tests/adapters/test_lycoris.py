@@ -188,7 +188,9 @@ def test_lokr_adds_the_kronecker_product_of_its_factors(case: str) -> None:
     elif "t2" in f:
         w2 = mode_products(f["t2"], f["w2_a"], f["w2_b"])
     else:
-        w2 = (f["w2_a"] @ f["w2_b"]).reshape(weight_shape[0] // w1.shape[0], weight_shape[1] // w1.shape[1], *weight_shape[2:])
+        w2 = (f["w2_a"] @ f["w2_b"]).reshape(
+            weight_shape[0] // w1.shape[0], weight_shape[1] // w1.shape[1], *weight_shape[2:]
+        )
     kron = torch.kron(w1[:, :, None, None], w2) if w2.dim() == 4 else torch.kron(w1, w2)
     rank = f["w2_b"].shape[0] if "w2_b" in f else f["w1_b"].shape[0] if "w1_b" in f else 1
     assert lokr.rank == rank
@@ -207,7 +209,11 @@ def test_lokr_matches_peft() -> None:
     for index, layer in enumerate(base):
         peft_layer = peft_model.base_model.model[index]
         names = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")
-        factors = {n: getattr(peft_layer, f"lokr_{n}")["default"] for n in names if "default" in getattr(peft_layer, f"lokr_{n}")}
+        factors = {
+            n: getattr(peft_layer, f"lokr_{n}")["default"]
+            for n in names
+            if "default" in getattr(peft_layer, f"lokr_{n}")
+        }
         rank = factors["w2_b"].shape[0] if "w2_b" in factors else factors["w1_b"].shape[0] if "w1_b" in factors else 1
         # PEFT scales by alpha / r even for full factors: give the LoKr the same factor.
         lokr = LoKr.from_factors("x", layer.weight.shape, factors, alpha=3.0 / 2 * rank)
@@ -316,7 +322,11 @@ def test_fusing_a_dora_with_another_lora_does_not_depend_on_the_order() -> None:
     x = randn(3, 8, seed=5)
     unfused = model(x)
     # Both updates are taken from the original weight, as PEFT's forward takes each adapter's from the base weight.
-    expected = original + plain.delta_weight() + (decomposed(original, weight_update(dora.update).detach(), dora.magnitude.detach(), "output") - original)
+    expected = (
+        original
+        + plain.delta_weight()
+        + (decomposed(original, weight_update(dora.update).detach(), dora.magnitude.detach(), "output") - original)
+    )
     for order in (["plain", "dora"], ["dora", "plain"]):
         for name in order:
             adapter.fuse(name)
@@ -376,9 +386,13 @@ def test_kinds_that_do_not_fit_are_refused_with_their_shapes() -> None:
     with pytest.raises(TypeError, match=r"LoHa 'x' has no `down`: it is not a down/up pair"):
         _ = loha.down
     with pytest.raises(ValueError, match=r"LoHa 'x': factors of the wrong shape: w2_b \(3, 4\) \(expected \(2, 4\)\)"):
-        LoHa.from_factors("x", (6, 4), randn(6, 2, seed=0), randn(2, 4, seed=0), randn(6, 2, seed=0), randn(3, 4, seed=0))
+        LoHa.from_factors(
+            "x", (6, 4), randn(6, 2, seed=0), randn(2, 4, seed=0), randn(6, 2, seed=0), randn(3, 4, seed=0)
+        )
     with pytest.raises(ValueError, match=r"LoKr 'x': factors \['w1', 'w1_a', 'w2'\] do not make a LoKr"):
-        LoKr.from_factors("x", (6, 4), {"w1": randn(2, 2, seed=0), "w1_a": randn(2, 1, seed=0), "w2": randn(3, 2, seed=0)})
+        LoKr.from_factors(
+            "x", (6, 4), {"w1": randn(2, 2, seed=0), "w1_a": randn(2, 1, seed=0), "w2": randn(3, 2, seed=0)}
+        )
     with pytest.raises(ValueError, match=r"LoKr: w1 \(4, 3\) does not divide the weight \(6, 4\)'s \(out, in\)"):
         LoKr("x", (6, 4), (4, 3))
     with pytest.raises(ValueError, match=r"do not make a Tucker LoCon"):

@@ -2,7 +2,7 @@
 transformers compute.
 
 The folder (conftest.py) has random weights in the real SD1.5 configs and the reference outputs on fixed inputs;
-`refiners-convert sd1` converts it once for the module, then each component is loaded into our model (built on the
+`refiners-convert sd1` converts it once for the session, then each component is loaded into our model (built on the
 meta device, one full-size model at a time) and run on the same inputs. The component commands, `--dtype`,
 `--check` (against the reference, and failing on a wrong key map), the console script and the CLI errors are
 checked on the same folder.
@@ -12,7 +12,6 @@ import gc
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,12 +37,9 @@ def assert_matches(actual: Tensor, expected: Tensor) -> None:
 
 
 @pytest.fixture(scope="module")
-def converted(sd15_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """`refiners-convert sd1 --from <diffusers folder> --to <folder>`, run in-process."""
-    out = tmp_path_factory.mktemp("converted") / "sd15"
-    assert main(["sd1", "--from", str(sd15_folder), "--to", str(out)]) == 0
-    yield out
-    shutil.rmtree(out)
+def converted(sd15_converted: Path) -> Path:
+    """`refiners-convert sd1` of the diffusers folder (a session fixture of conftest.py, shared by the workers)."""
+    return sd15_converted
 
 
 def assert_same_tensors(actual: Path, expected: Path, cast: torch.dtype | None = None) -> None:

@@ -9,11 +9,9 @@ mapping is what is tested), so its conversion must equal, tensor for tensor, the
 """
 
 import fnmatch
-import gc
 import json
 import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,25 +57,7 @@ COMPONENT_FILES = {
     "text_encoder": "text_encoder/model.safetensors",
 }
 RENAMINGS = {"unet": ldm_unet_renaming(), "vae": ldm_autoencoder_renaming(), "text_encoder": ldm_clip_text_renaming()}
-# What full training checkpoints (v1-5-pruned.ckpt) carry besides the three models.
-TRAINING_LEFTOVERS = {
-    "betas": torch.linspace(0.00085, 0.012, 1000),
-    "alphas_cumprod": torch.linspace(0.99, 0.01, 1000),
-    "model_ema.decay": torch.tensor(0.9999),
-    "model_ema.num_updates": torch.tensor(840000, dtype=torch.int32),
-    "model_ema.diffusion_modeltime_embed0weight": torch.zeros(1280, 320),
-}
-
-
-def to_original(key: str, tensor: Tensor, component: str) -> tuple[str, Tensor]:
-    """A diffusers key and tensor as the original layout stores them (attention Linears as 1x1 convolutions)."""
-    renaming = RENAMINGS[component]
-    original = renaming.to_original(key)
-    assert original is not None, key
-    module, _, name = key.rpartition(".")
-    if module in renaming.conv_as_linear and name == "weight":
-        tensor = tensor[:, :, None, None]
-    return LDM_PREFIXES[component] + original, tensor
+ToOriginal = Callable[[str, Tensor, str], tuple[str, Tensor]]
 
 
 def assert_same_files(actual: Path, expected: Path) -> None:
@@ -91,26 +71,23 @@ def assert_same_files(actual: Path, expected: Path) -> None:
 # -- the original layout's rules, against diffusers' conversion -------------------------------------------------
 
 
-def test_original_layout_rules_invert_diffusers_conversion() -> None:
-    # Full-size models on the meta device: every key and shape, nothing allocated.
+def test_original_layout_rules_invert_diffusers_conversion(original_layout: ToOriginal) -> None:
+    # Full-size models on the meta device: every key and shape, nothing allocated. The text encoder's keys as the
+    # Hub's files (and original checkpoints) have them, with `text_model.`.
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD15_UNET_CONFIG).state_dict()
         vae = AutoencoderKL(**SD15_VAE_CONFIG).state_dict()
-    text_encoder = {f"text_model.{k}": v.to("meta") for k, v in _meta_clip_state_dict().items()}
+        clip = CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER_CONFIG)).state_dict()
+    text_encoder = {f"text_model.{key}": tensor for key, tensor in clip.items()}
     for component, state_dict, convert in [
         ("unet", unet, lambda ckpt: convert_ldm_unet_checkpoint(ckpt, SD15_UNET_CONFIG)),
         ("vae", vae, lambda ckpt: convert_ldm_vae_checkpoint(ckpt, SD15_VAE_CONFIG)),
         ("text_encoder", text_encoder, convert_ldm_clip_checkpoint),
     ]:
-        original = dict(to_original(key, tensor, component) for key, tensor in state_dict.items())
+        original = dict(original_layout(key, tensor, component) for key, tensor in state_dict.items())
         assert len(original) == len(state_dict)
         for back in (convert(original), ldm_to_diffusers(original, RENAMINGS[component], LDM_PREFIXES[component])):
             assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in state_dict.items()}, component
-
-
-def _meta_clip_state_dict() -> dict[str, Tensor]:
-    with torch.device("meta"):
-        return CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER_CONFIG)).state_dict()
 
 
 def test_module_renaming_prefers_the_longest_pair() -> None:
@@ -126,38 +103,11 @@ def test_module_renaming_prefers_the_longest_pair() -> None:
 # -- single-file checkpoints ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SingleFiles:
-    safetensors: Path
-    ckpt: Path
-    folder_fp16: Path  # the diffusers folder converted with --dtype float16
-
-
-@pytest.fixture(scope="module")
-def single_files(sd15_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SingleFiles]:
-    root = tmp_path_factory.mktemp("single_file")
-    original: dict[str, Tensor] = dict(TRAINING_LEFTOVERS)
-    for component, path in COMPONENT_FILES.items():
-        for key, tensor in TensorFile([sd15_folder / path]).items():
-            name, value = to_original(key, tensor.half() if tensor.is_floating_point() else tensor, component)
-            original[name] = value
-    files = SingleFiles(root / "sd15.safetensors", root / "sd15.ckpt", root / "from_folder")
-    save_to_safetensors(files.safetensors, original)
-    # As PyTorch Lightning saves them: the weights nested under `state_dict`, next to the training state.
-    torch.save({"state_dict": original, "global_step": 840000, "epoch": 5}, files.ckpt)
-    del original
-    gc.collect()
-    assert main(["sd1", "--from", str(sd15_folder), "--to", str(files.folder_fp16), "--dtype", "float16"]) == 0
-    yield files
-    shutil.rmtree(root)
-
-
-def test_the_single_file_is_what_diffusers_reads(sd15_folder: Path, single_files: SingleFiles) -> None:
+def test_the_single_file_is_what_diffusers_reads(sd15_folder: Path, sd15_single_files: Path) -> None:
     # The test's checkpoint is a genuine original-layout one: diffusers' own conversion gives back the folder's weights.
-    original = load_from_safetensors(single_files.safetensors)
-    config = SD15_UNET_CONFIG
+    original = load_from_safetensors(sd15_single_files / "sd15.safetensors")
     for component, convert in [
-        ("unet", lambda: convert_ldm_unet_checkpoint(original, config)),
+        ("unet", lambda: convert_ldm_unet_checkpoint(original, SD15_UNET_CONFIG)),
         ("vae", lambda: convert_ldm_vae_checkpoint(original, SD15_VAE_CONFIG)),
         ("text_encoder", lambda: convert_ldm_clip_checkpoint(original)),
     ]:
@@ -172,18 +122,18 @@ def test_the_single_file_is_what_diffusers_reads(sd15_folder: Path, single_files
 @pytest.mark.parametrize("kind", ["safetensors", "ckpt"])
 def test_single_file_conversion_equals_the_folder_conversion(
     sd15_folder: Path,
-    single_files: SingleFiles,
+    sd15_single_files: Path,
     kind: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    source = single_files.safetensors if kind == "safetensors" else single_files.ckpt
+    source = sd15_single_files / "sd15.safetensors" if kind == "safetensors" else sd15_single_files / "sd15.ckpt"
     tokenizer = ["--tokenizer", str(sd15_folder / "tokenizer")] if kind == "ckpt" else []
     assert main(["sd1", "--from", str(source), "--to", str(tmp_path), *tokenizer]) == 0
     err = capsys.readouterr().err
     for name in ("clip_text", "autoencoder", "unet"):
-        assert_same_files(tmp_path / f"{name}.safetensors", single_files.folder_fp16 / f"{name}.safetensors")
-    assert "(original layout)" in err
+        assert_same_files(tmp_path / f"{name}.safetensors", sd15_single_files / "from_folder" / f"{name}.safetensors")
+    assert ", original layout, for " in err
     assert "the checkpoint also has an EMA copy of the UNet (1 model_ema.* tensors)" in err
     # A single file has no tokenizer: it comes from --tokenizer, or the file has none and the user is told.
     metadata = load_metadata_from_safetensors(tmp_path / "clip_text.safetensors")
@@ -196,11 +146,15 @@ def test_single_file_conversion_equals_the_folder_conversion(
 
 
 def test_inpainting_unet_from_a_single_file(
-    sd15_folder: Path, single_files: SingleFiles, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    sd15_folder: Path, sd15_single_files: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The UNet of the single file with a 9-channel first convolution, alone in its file (as `sd-v1-5-inpainting`).
     prefix = LDM_PREFIXES["unet"]
-    unet = {key: tensor for key, tensor in TensorFile([single_files.safetensors]).items() if key.startswith(prefix)}
+    unet = {
+        key: tensor
+        for key, tensor in TensorFile([sd15_single_files / "sd15.safetensors"]).items()
+        if key.startswith(prefix)
+    }
     conv_in = f"{prefix}input_blocks.0.0.weight"
     unet[conv_in] = torch.randn(320, 9, 3, 3, generator=torch.Generator().manual_seed(0)).half()
     source = tmp_path / "sd-v1-5-inpainting.safetensors"
@@ -217,7 +171,7 @@ def test_inpainting_unet_from_a_single_file(
     inpainting = load_from_safetensors(dest)
     shapes = {key: tensor.shape for key, tensor in SD1UNet(in_channels=9, device="meta").state_dict().items()}
     assert {key: tensor.shape for key, tensor in inpainting.items()} == shapes
-    text_to_image = TensorFile([single_files.folder_fp16 / "unet.safetensors"])
+    text_to_image = TensorFile([sd15_single_files / "from_folder" / "unet.safetensors"])
     differing = [key for key, tensor in text_to_image.items() if not torch.equal(inpainting[key], tensor)]
     assert len(differing) == 1 and inpainting[differing[0]].shape == (320, 9, 3, 3)
 

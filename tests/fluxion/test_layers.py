@@ -28,7 +28,7 @@ def seed() -> None:
 
 def layer_id(value: object) -> str:
     """Test ids that name the layer and are the same in every process (no function addresses, for pytest-xdist)."""
-    return str(value) if isinstance(value, fl.Module) else ""
+    return value.short_repr() if isinstance(value, fl.Module) else ""
 
 
 def randomize(module: torch.nn.Module) -> None:
@@ -617,7 +617,7 @@ def test_float64_forward(name: str) -> None:
     ids=lambda value: value if isinstance(value, str) else "",
 )
 def test_repr(layer: fl.Module, expected: str) -> None:
-    assert str(layer) == expected
+    assert layer.short_repr() == expected
 
 
 def test_repr_of_the_slides_basic_model() -> None:

@@ -133,6 +133,7 @@ class _Prefixed(Mapping[str, Tensor]):
 
 @dataclass(frozen=True)
 class _Component:
+    name: str
     tensors: TensorFile | _Prefixed
     origin: str
     original_prefix: str | None  # None: diffusers/transformers layout; else the original layout, keys under it
@@ -234,7 +235,7 @@ def check_stable_diffusion_1(source: Source) -> None:
 def _component(source: Source, component: str) -> _Component:
     if isinstance(source, DiffusersFolder):
         tensors = source.tensors(component)
-        return _Component(tensors, tensors.describe(), None)
+        return _Component(component, tensors, tensors.describe(), None)
     tensors = source.tensors
     if is_ldm_checkpoint(tensors):
         if unknown := ldm_unknown_keys(tensors):
@@ -252,9 +253,9 @@ def _component(source: Source, component: str) -> _Component:
                 f"{source.path} has no {_NAMES[component]}: no key starts with {LDM_PREFIXES[component]} (it has "
                 f"{', '.join(found)}). Convert the components this file has, or use a complete checkpoint."
             )
-        return _Component(_Prefixed(tensors, prefix), f"{source.path} ({prefix}*)", prefix)
+        return _Component(component, _Prefixed(tensors, prefix), f"{source.path} ({prefix}*)", prefix)
     if component == "vae" and ldm_component_prefix(tensors, "vae") == "":
-        return _Component(tensors, str(source.path), "")
+        return _Component(component, tensors, str(source.path), "")
     holds = [name for name, marker in _MARKERS.items() if any(key.endswith(marker) for key in tensors)]
     if component not in holds:
         looks_like = f"the weights of a diffusers {_NAMES[holds[0]]}" if holds else "no Stable Diffusion component"
@@ -262,7 +263,7 @@ def _component(source: Source, component: str) -> _Component:
             f"{source.path} is not the {_NAMES[component]} of a Stable Diffusion 1.x model: it holds {looks_like} "
             f"(no key ends with {_MARKERS[component]}, nor is it an original-layout checkpoint)."
         )
-    return _Component(tensors, str(source.path), None)
+    return _Component(component, tensors, str(source.path), None)
 
 
 def _destination(dest: str | Path, default_name: str) -> Path:
@@ -289,7 +290,7 @@ def _convert(
     if component.original_prefix is not None:
         key_map = original_key_map(key_map, renaming, component.original_prefix)
     layout = "diffusers" if component.original_prefix is None else "original"
-    progress(f"{label}: reading {component.origin} ({layout} layout) for {target}")
+    progress(f"{label}: reading {component.origin}, {layout} layout, for {target}")
     start = time.monotonic()
     # The first floating-point tensor tells the source's dtype (an integer buffer may come first).
     floats = (
@@ -297,7 +298,9 @@ def _convert(
     )
     source_dtype = next(floats, torch.float32)
     shapes = {key: tensor.shape for key, tensor in model.state_dict().items()}
-    tensors = convert_state_dict(component.tensors, key_map, shapes, what=f"{label} of {component.origin}", dtype=dtype)
+    tensors = convert_state_dict(
+        component.tensors, key_map, shapes, what=f"{_NAMES[component.name]} of {component.origin}", dtype=dtype
+    )
     dest.parent.mkdir(parents=True, exist_ok=True)
     save_to_safetensors(dest, {key: tensor.contiguous() for key, tensor in tensors.items()}, metadata)
     written = dtype or source_dtype

@@ -69,7 +69,12 @@ LoraKind = Literal["lora", "locon", "loha", "lokr"]
 """The kinds of update: a down/up pair (`lora`, a k x k `down` for a convolution), with a Tucker `mid` (`locon`),
 a Hadamard product (`loha`), a Kronecker product (`lokr`). Any of them may carry a DoRA magnitude."""
 
-KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+KOHYA_PREFIXES = {
+    "lora_unet_": "unet",
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+}
 """Kohya's name prefixes and the model components they stand for (`lora_te1_`/`lora_te2_` are SDXL's)."""
 
 _LORA_ROLES = ("lora_down", "lora_up", "lora_mid")
@@ -661,9 +666,7 @@ class _Index:
         return None, f"{what}; nearest: {', '.join(self.near(component, flat)) or 'none'}"
 
     def near(self, component: str | None, flat: str) -> list[str]:
-        candidates = {
-            key: modules for key, modules in self.flat.items() if component is None or key[0] == component
-        }
+        candidates = {key: modules for key, modules in self.flat.items() if component is None or key[0] == component}
         by_flat: dict[str, set[str]] = defaultdict(set)
         for (_, rest), modules in candidates.items():
             by_flat[rest] |= modules

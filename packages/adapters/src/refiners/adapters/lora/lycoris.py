@@ -966,7 +966,9 @@ def _update_shape(lora: Lora[Any]) -> tuple[int, ...]:
         case Conv2dLora():
             return (lora.out_channels, lora.in_channels, *lora.kernel_size)
         case _:
-            raise TypeError(f"a DoRA decomposes a LinearLora, Conv2dLora, LoCon, LoHa or LoKr, not a {type(lora).__name__}")
+            raise TypeError(
+                f"a DoRA decomposes a LinearLora, Conv2dLora, LoCon, LoHa or LoKr, not a {type(lora).__name__}"
+            )
 
 
 def weight_update(lora: Lora[Any]) -> Tensor:

@@ -88,9 +88,7 @@ class Lora(Generic[T], Chain, ABC):
         scale: How much of the update to apply; change it with `scale = ...` or `LoraAdapter.set_scale`.
     """
 
-    def __init__(
-        self, name: str, *layers: Module, rank: int, alpha: float | None = None, scale: float = 1.0
-    ) -> None:
+    def __init__(self, name: str, *layers: Module, rank: int, alpha: float | None = None, scale: float = 1.0) -> None:
         _check_rank(name, rank)
         self.name = name
         self._rank = rank

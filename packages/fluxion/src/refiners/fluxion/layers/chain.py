@@ -395,6 +395,9 @@ class Chain(ContextModule):
     def __repr__(self) -> str:
         return render_tree(self)
 
+    def __str__(self) -> str:
+        return render_tree(self)
+
 
 def _flatten(args: Iterable[Module | Iterable[Module]]) -> list[Module]:
     modules: list[Module] = []

@@ -102,7 +102,7 @@ class Lambda(Module):
     def forward(self, *args: Any) -> Any:
         return self.func(*args)
 
-    def __str__(self) -> str:
+    def short_repr(self) -> str:
         name = getattr(self.func, "__name__", type(self.func).__name__)
         return f"Lambda({name})"
 

@@ -111,8 +111,11 @@ class Module(torch.nn.Module):
                     continue
                 if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
                     continue
+                if name in self._parameters and self._parameters[name] is None and parameter.default is True:
+                    attributes[name] = False  # a disabled weight, e.g. `Linear(..., bias=False)`
+                    continue
                 if name in self._parameters or name in self._buffers or name in self._modules:
-                    continue  # weights, not hyperparameters (e.g. `bias`, which is None when disabled)
+                    continue  # weights, not hyperparameters
                 value = getattr(self, name, _MISSING)
                 if value is _MISSING or not _is_simple(value):
                     continue
@@ -125,10 +128,14 @@ class Module(torch.nn.Module):
             break
         return attributes
 
-    def __str__(self) -> str:
+    def short_repr(self) -> str:
+        """One line: the class and its hyperparameters (a Chain's `repr` is the tree of these lines)."""
         attributes = ", ".join(f"{name}={_format(value)}" for name, value in self.basic_attributes().items())
         tag = f"({self._tag}) " if self._tag else ""
         return f"{tag}{self.__class__.__name__}({attributes})"
+
+    def __str__(self) -> str:
+        return self.short_repr()
 
     def __repr__(self) -> str:
         return str(self)
@@ -155,7 +162,7 @@ class WeightedModule(Module):
     def dtype(self) -> torch.dtype:
         return self.weight.dtype
 
-    def __str__(self) -> str:
+    def short_repr(self) -> str:
         attributes = self.basic_attributes() | {"device": self.device, "dtype": self.dtype}
         text = ", ".join(f"{name}={_format(value)}" for name, value in attributes.items())
         return f"{self.__class__.__name__}({text})"

@@ -25,8 +25,8 @@ class _Norm(WeightedModule):
     def dtype(self) -> torch.dtype:
         return self.weight.dtype if self.weight is not None else torch.float32
 
-    def __str__(self) -> str:
-        return WeightedModule.__str__(self) if self.weight is not None else Module.__str__(self)
+    def short_repr(self) -> str:
+        return WeightedModule.short_repr(self) if self.weight is not None else Module.short_repr(self)
 
 
 class LayerNorm(torch.nn.LayerNorm, _Norm):

@@ -28,7 +28,7 @@ def render_tree(module: "Module", depth: int | None = None, marked: "Module | No
 def _lines(module: "Module", depth: int | None, marked: "Module | None") -> list[str]:
     from refiners.fluxion.layers.chain import Chain
 
-    head = str(module)
+    head = module.short_repr()
     if not isinstance(module, Chain) or depth == 0 or len(module) == 0:
         return [head]
     child_depth = None if depth is None else depth - 1

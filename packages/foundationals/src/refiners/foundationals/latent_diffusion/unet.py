@@ -127,12 +127,6 @@ class CLIPLCrossAttention(CrossAttentionBlock2d):
         )
 
 
-def _attention(
-    channels: int, context_embedding_dim: int, num_attention_heads: int, device: Device, dtype: torch.dtype | None
-) -> CLIPLCrossAttention:
-    return CLIPLCrossAttention(channels, context_embedding_dim, num_attention_heads, device=device, dtype=dtype)
-
-
 class DownBlocks(fl.Chain):
     """The encoder half: the input convolution, then at each of four resolutions two residual blocks (with
     cross-attention at the first three) and a strided convolution to the next one.
@@ -164,18 +158,15 @@ class DownBlocks(fl.Chain):
         ]
         previous = channels[0]
         for level, width in enumerate(channels):
-            has_attention = level < 3
             for _ in range(2):
-                blocks.append(
-                    fl.Chain(
-                        ResidualBlock(previous, width, device=device, dtype=dtype),
-                        *(
-                            [_attention(width, context_embedding_dim, num_attention_heads, device, dtype)]
-                            if has_attention
-                            else []
-                        ),
+                layers: list[fl.Module] = [ResidualBlock(previous, width, device=device, dtype=dtype)]
+                if level < 3:
+                    layers.append(
+                        CLIPLCrossAttention(
+                            width, context_embedding_dim, num_attention_heads, device=device, dtype=dtype
+                        )
                     )
-                )
+                blocks.append(fl.Chain(layers))
                 previous = width
             if level < 3:
                 blocks.append(fl.Chain(fl.Downsample(width, scale_factor=2, padding=1, device=device, dtype=dtype)))
@@ -204,7 +195,7 @@ class MiddleBlock(fl.Chain):
         self.channels = channels
         super().__init__(
             ResidualBlock(channels, channels, device=device, dtype=dtype),
-            _attention(channels, context_embedding_dim, num_attention_heads, device, dtype),
+            CLIPLCrossAttention(channels, context_embedding_dim, num_attention_heads, device=device, dtype=dtype),
             ResidualBlock(channels, channels, device=device, dtype=dtype),
         )
 
@@ -238,13 +229,14 @@ class UpBlocks(fl.Chain):
         blocks: list[fl.Chain] = []
         previous = channels[3]
         for level, width in enumerate(reversed(channels)):
-            has_attention = level > 0
             for index in range(3):
-                layers: list[fl.Module] = [
-                    ResidualBlock(previous + skips.pop(), width, device=device, dtype=dtype),
-                ]
-                if has_attention:
-                    layers.append(_attention(width, context_embedding_dim, num_attention_heads, device, dtype))
+                layers: list[fl.Module] = [ResidualBlock(previous + skips.pop(), width, device=device, dtype=dtype)]
+                if level > 0:
+                    layers.append(
+                        CLIPLCrossAttention(
+                            width, context_embedding_dim, num_attention_heads, device=device, dtype=dtype
+                        )
+                    )
                 if index == 2 and level < 3:
                     layers.append(fl.Upsample(width, device=device, dtype=dtype))
                 blocks.append(fl.Chain(layers))

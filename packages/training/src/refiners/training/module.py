@@ -1,0 +1,709 @@
+"""LoRA fine-tuning of Stable Diffusion 1.x as a `LightningModule`: the base frozen, only LoRAs train.
+
+`LoraFineTuning` builds (or loads) the UNet, the autoencoder and the CLIP text encoder, freezes them, and injects
+LoRAs into the layers a preset names (`LoraTargets`) with fluxion's LoRA API. The base is deliberately not a
+registered submodule: the module's parameters, `state_dict`, checkpoints, DDP gradient buckets, FSDP shards and the
+averaged copy of `WeightAveraging` (EMA) hold the LoRAs and nothing else, while the base still follows the module's
+device and dtype (see `_apply`).
+
+The loss is diffusers' `train_text_to_image_lora.py`'s: noise-prediction MSE against the noise (epsilon) or the
+velocity (v-prediction) at a timestep drawn per sample, optionally weighted by min-SNR-gamma (Hang et al., 2023,
+arXiv:2303.09556) and with offset noise. Caption dropout (for classifier-free guidance) belongs to the data: see
+`CaptionedImageDataModule(caption_dropout=...)`.
+
+Every random draw of a step (noise, timesteps) comes from a generator seeded by (`seed`, global step, batch index,
+rank), never from torch's global generator: a run resumed from a checkpoint draws what the uninterrupted run drew.
+"""
+
+import copy
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Self, cast
+
+import torch
+import torch.nn.functional as F
+from lightning import LightningModule
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.checkpoint import checkpoint
+
+import refiners.fluxion.layers as fl
+from refiners.fluxion.adapters.lora import Lora, add_loras_to
+from refiners.foundationals.clip.common import TransformerLayer
+from refiners.foundationals.clip.text_encoder import CLIPTextEncoder, CLIPTextEncoderL
+from refiners.foundationals.clip.tokenizer import CLIPTokenizer, bytes_to_unicode
+from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder, SD1Autoencoder
+from refiners.foundationals.latent_diffusion.cross_attention import CrossAttentionBlock2d
+from refiners.foundationals.latent_diffusion.solvers import (
+    DDPM,
+    DPMSolver,
+    ModelPredictionType,
+    Solver,
+    SolverParams,
+)
+from refiners.foundationals.latent_diffusion.stable_diffusion_1 import StableDiffusion_1
+from refiners.foundationals.latent_diffusion.unet import (
+    DownBlocks,
+    MiddleBlock,
+    ResidualBlock,
+    SD1UNet,
+    UpBlocks,
+)
+from refiners.training.data import TrainingBatch
+from refiners.training.data_transforms import seeded_generator
+
+__all__ = [
+    "UNET_FILE",
+    "AUTOENCODER_FILE",
+    "CLIP_TEXT_FILE",
+    "BaseModel",
+    "LoraTargets",
+    "PredictionType",
+    "LrSchedule",
+    "OptimizerFactory",
+    "StableDiffusionComponents",
+    "build_components",
+    "lora_target_layers",
+    "GradientCheckpointing",
+    "LoraFineTuning",
+]
+
+# The files `refiners-convert sd1` writes into its output folder (refiners.converters.stable_diffusion).
+UNET_FILE = "unet.safetensors"
+AUTOENCODER_FILE = "autoencoder.safetensors"
+CLIP_TEXT_FILE = "clip_text.safetensors"
+
+BaseModel = Literal["sd15", "tiny"]
+"""The architecture: Stable Diffusion 1.5's, or the same at toy sizes (for tests and demos, random weights when no
+weights are given)."""
+
+LoraTargets = Literal["attention", "transformer", "all"]
+"""Which layers get a LoRA (see `lora_target_layers`):
+
+- `attention`: the query, key, value and output projections of every attention (diffusers' LoRA training script);
+- `transformer`: every Linear and Conv2d of the UNet's transformers (attention, feed-forward, `proj_in`/`proj_out`)
+  and of the text encoder's layers (attention and MLP): kohya's `networks.lora`;
+- `all`: `transformer`, plus the convolutions and timestep projections of the UNet's residual blocks and its down-
+  and upsamplers (LoCon, kohya's `conv_dim`).
+"""
+
+PredictionType = Literal["epsilon", "v_prediction"]
+"""What the UNet learns to predict: the noise (SD1.5) or the velocity (SD2-v style), diffusers' names."""
+
+LrSchedule = Literal["constant", "linear", "cosine"]
+"""The learning rate after warmup: constant, or decaying to zero at the last step linearly or as a half cosine."""
+
+OptimizerFactory = Callable[[Iterable[Any]], Optimizer]
+"""Builds the optimizer from parameter groups (each with its own `lr`), e.g. `torch.optim.AdamW`. In a
+`LightningCLI` config: `optimizer: {class_path: torch.optim.AdamW, init_args: {weight_decay: 0.01}}`."""
+
+_LORA_NAME = "default"
+# The per-sample loss is a mean over (channels, height, width) of the latents.
+_SAMPLE_DIMENSIONS = (1, 2, 3)
+
+
+# -- the base model ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StableDiffusionComponents:
+    """The frozen base of a fine-tuning: what a `StableDiffusion_1` pipeline is made of, minus the solver.
+
+    Attributes:
+        unet: The denoising UNet.
+        lda: The autoencoder between images and latents.
+        clip_text_encoder: The text encoder, with its tokenizer.
+    """
+
+    unet: SD1UNet
+    lda: LatentDiffusionAutoencoder
+    clip_text_encoder: CLIPTextEncoder
+
+    def items(self) -> Iterator[tuple[str, fl.Chain]]:
+        """Each component under its diffusers name (`unet`, `vae`, `text_encoder`)."""
+        yield "unet", self.unet
+        yield "vae", self.lda
+        yield "text_encoder", self.clip_text_encoder
+
+
+def _byte_level_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer without merges: one token per byte (a toy vocabulary of 514 ids, no file needed)."""
+    symbols = list(bytes_to_unicode().values())
+    tokens = [*symbols, *(symbol + "</w>" for symbol in symbols), "<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer.from_vocabulary({token: index for index, token in enumerate(tokens)}, merges=[])
+
+
+def _tiny_components(device: torch.device | str | None) -> StableDiffusionComponents:
+    # The SD1 architecture at the smallest sizes it allows: 32-channel GroupNorms, 4 heads, a 2-layer text encoder.
+    tokenizer = _byte_level_tokenizer()
+    vocabulary_size = 2 * len(bytes_to_unicode()) + 2  # the byte symbols, their end-of-word forms, start and end
+    return StableDiffusionComponents(
+        unet=SD1UNet(4, channels=(32, 32, 64, 64), context_embedding_dim=32, num_attention_heads=4, device=device),
+        lda=LatentDiffusionAutoencoder(0.18215, block_out_channels=(32, 32, 32, 32), layers_per_block=1, device=device),
+        clip_text_encoder=CLIPTextEncoder(
+            embedding_dim=32,
+            vocabulary_size=vocabulary_size,
+            num_layers=2,
+            num_attention_heads=4,
+            feedforward_dim=64,
+            gelu_approximation="quick",
+            tokenizer=tokenizer if device is None or torch.device(device).type != "meta" else None,
+            device=device,
+        ),
+    )
+
+
+def _sd15_components(device: torch.device | str | None) -> StableDiffusionComponents:
+    return StableDiffusionComponents(
+        unet=SD1UNet(4, device=device),
+        lda=SD1Autoencoder(device=device),
+        clip_text_encoder=CLIPTextEncoderL(device=device),
+    )
+
+
+def build_components(
+    base: BaseModel = "sd15", weights: str | Path | None = None, seed: int = 0
+) -> StableDiffusionComponents:
+    """The UNet, autoencoder and text encoder of `base`, loaded from `weights` (or randomly initialized).
+
+    Args:
+        base: The architecture.
+        weights: A folder written by `refiners-convert sd1` (`unet.safetensors`, `autoencoder.safetensors`,
+            `clip_text.safetensors`, the last one carrying the tokenizer). The models are built on the "meta" device
+            and the files' tensors assigned to them: nothing is initialized twice. Required for `sd15`.
+        seed: The seed of the random initialization (without `weights`).
+
+    Raises:
+        ValueError: `sd15` without weights, or a folder that lacks a file.
+    """
+    build = {"sd15": _sd15_components, "tiny": _tiny_components}[base]
+    if weights is None:
+        if base == "sd15":
+            raise ValueError(
+                "base='sd15' needs weights: pass weights=<folder> written by `refiners-convert sd1` (it holds "
+                f"{UNET_FILE}, {AUTOENCODER_FILE} and {CLIP_TEXT_FILE}), or base='tiny' for a toy model with random "
+                "weights"
+            )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build("cpu")
+    folder = Path(weights)
+    files = {UNET_FILE: None, AUTOENCODER_FILE: None, CLIP_TEXT_FILE: None}
+    if missing := [name for name in files if not (folder / name).is_file()]:
+        found = sorted(path.name for path in folder.glob("*.safetensors")) if folder.is_dir() else []
+        where = f"{folder} holds {found or 'no .safetensors file'}" if folder.is_dir() else f"{folder} is not a folder"
+        raise ValueError(
+            f"the weights folder lacks {', '.join(missing)} ({where}): convert the model with "
+            "`refiners-convert sd1 <source> <folder>` and pass that folder"
+        )
+    components = build("meta")
+    components.unet.load_from_safetensors(folder / UNET_FILE)
+    components.lda.load_from_safetensors(folder / AUTOENCODER_FILE)
+    components.clip_text_encoder.load_from_safetensors(folder / CLIP_TEXT_FILE)
+    if components.clip_text_encoder.tokenizer is None:
+        raise ValueError(
+            f"{folder / CLIP_TEXT_FILE} carries no tokenizer in its metadata: convert it again with "
+            "`refiners-convert sd1`, which stores the vocabulary with the weights"
+        )
+    return components
+
+
+# -- where the LoRAs go ------------------------------------------------------------------------------------------
+
+
+_UNET_CONTAINERS: dict[LoraTargets, tuple[type[fl.Module], ...]] = {
+    "attention": (fl.Attention,),
+    "transformer": (CrossAttentionBlock2d,),
+    "all": (CrossAttentionBlock2d, ResidualBlock, fl.Downsample, fl.Upsample),
+}
+_TEXT_ENCODER_CONTAINERS: dict[LoraTargets, tuple[type[fl.Module], ...]] = {
+    "attention": (fl.Attention,),
+    "transformer": (TransformerLayer,),
+    "all": (TransformerLayer,),
+}
+
+
+def _inside(layer: fl.Module, containers: tuple[type[fl.Module], ...]) -> bool:
+    parent = layer.parent
+    while parent is not None:
+        if isinstance(parent, containers):
+            return True
+        parent = parent.parent
+    return False
+
+
+def _relative_path(layer: fl.Module, root: fl.Chain) -> str:
+    """The state-dict prefix of `layer` in `root`, e.g. `DownBlocks.Chain_2.CLIPLCrossAttention.Conv2d_1`."""
+    parts: list[str] = []
+    module: fl.Module = layer
+    while module is not root:
+        parent = module.parent
+        assert parent is not None, f"{type(layer).__name__} is not inside {type(root).__name__}"
+        parts.append(parent.key_of(module))
+        module = parent
+    return ".".join(reversed(parts))
+
+
+def lora_target_layers(model: fl.Chain, targets: LoraTargets) -> dict[str, fl.WeightedModule]:
+    """The layers of a UNet or text encoder that the preset `targets` puts LoRAs on, by their path in `model`.
+
+    The paths are the state-dict prefixes of the layers in the model as built (before any LoRA is injected), i.e.
+    the keys of the converted weights files: they name the LoRAs in checkpoints and refiners-layout exports.
+
+    Args:
+        model: An `SD1UNet` or a `CLIPTextEncoder`.
+        targets: The preset (see `LoraTargets`).
+    """
+    match model:
+        case SD1UNet():
+            containers = _UNET_CONTAINERS[targets]
+        case CLIPTextEncoder():
+            containers = _TEXT_ENCODER_CONTAINERS[targets]
+        case _:
+            raise TypeError(f"LoRA targets are defined for SD1UNet and CLIPTextEncoder, not {type(model).__name__}")
+    return {
+        _relative_path(layer, model): layer
+        for layer, _ in model.walk(
+            lambda layer, _: (
+                isinstance(layer, fl.Linear | fl.Conv2d)
+                and not isinstance(layer.parent, Lora)
+                and _inside(layer, containers)
+            )
+        )
+        if isinstance(layer, fl.Linear | fl.Conv2d)
+    }
+
+
+def _inject_loras(
+    component: str, model: fl.Chain, targets: LoraTargets, rank: int, alpha: float | None
+) -> dict[str, Lora[Any]]:
+    """Add a fresh LoRA to each target layer of `model`; the LoRAs by `<component>.<path of their target>`."""
+    layers = lora_target_layers(model, targets)
+    if not layers:
+        raise ValueError(f"the preset targets={targets!r} selects no layer of the {component}")
+    names = {id(layer): f"{component}.{path}" for path, layer in layers.items()}
+    adapters = add_loras_to(model, lambda layer, _: id(layer) in names, rank=rank, alpha=alpha, name=_LORA_NAME)
+    return {names[id(adapter.target)]: adapter.loras[_LORA_NAME] for adapter in adapters}
+
+
+# -- gradient checkpointing --------------------------------------------------------------------------------------
+
+
+def _context_copy(contexts: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        name: {key: value.copy() if isinstance(value, list | dict | set) else value for key, value in context.items()}
+        for name, context in contexts.items()
+    }
+
+
+class GradientCheckpointing(fl.Chain, fl.Adapter[fl.Chain]):
+    """Recompute a block's activations during the backward pass instead of keeping them (`torch.utils.checkpoint`).
+
+    Blocks read the contexts of their tree (the timestep embedding, the skip connections of the UNet) that the
+    forward fills as it goes: the recomputation, which runs after the forward has returned, sees the contexts as
+    they were when the block first ran. Without gradients (e.g. sampling), the block runs as usual.
+
+    Args:
+        target: The block to checkpoint.
+    """
+
+    def __init__(self, target: fl.Chain) -> None:
+        with self.setup_adapter(target):
+            super().__init__(target)
+
+    def forward(self, *args: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return super().forward(*args)
+        provider = self.provider
+        contexts = _context_copy(provider.contexts)
+
+        def run(*inputs: Any) -> Any:
+            if provider.in_forward:  # the first pass, inside the model's forward
+                return fl.Chain.forward(self, *inputs)
+            snapshot = provider.enter_forward()
+            provider.contexts = _context_copy(contexts)
+            try:
+                return fl.Chain.forward(self, *inputs)
+            finally:
+                provider.exit_forward(snapshot)
+
+        return checkpoint(run, *args, use_reentrant=False)
+
+
+def _checkpointed_blocks(unet: SD1UNet) -> list[fl.Chain]:
+    down_blocks = unet.layer("DownBlocks", DownBlocks)
+    up_blocks = unet.layer("UpBlocks", UpBlocks)
+    return [*down_blocks.layers(fl.Chain), unet.layer("MiddleBlock", MiddleBlock), *up_blocks.layers(fl.Chain)]
+
+
+# -- the module --------------------------------------------------------------------------------------------------
+
+
+class LoraFineTuning(LightningModule):
+    """LoRA fine-tuning of Stable Diffusion 1.x: the base frozen, LoRAs trained on noise-prediction MSE.
+
+    Batches are `TrainingBatch` dicts from `CaptionedImageDataModule`: images (or cached latents) and captions (or
+    cached text embeddings). The module provides `encode_images` and `encode_texts` for the data module's caching
+    (see `CachingEncoders`).
+
+    Args:
+        base: The architecture: `sd15`, or `tiny` (toy sizes, for tests and demos).
+        weights: The folder of converted weights (`refiners-convert sd1`); required for `sd15`, random weights for
+            `tiny` without it.
+        targets: Which layers get LoRAs (see `LoraTargets`).
+        rank: The LoRAs' rank.
+        alpha: The LoRAs' alpha (their update is scaled by `alpha / rank`); defaults to the rank.
+        train_text_encoder: Also put LoRAs on the text encoder (attention, or attention and MLP for the
+            `transformer` and `all` presets).
+        learning_rate: The UNet LoRAs' learning rate.
+        text_encoder_learning_rate: The text encoder LoRAs' learning rate (default: `learning_rate`).
+        optimizer: Builds the optimizer from the parameter groups (default: AdamW with its defaults).
+        warmup_steps: Optimizer steps of linear warmup from 0 to the learning rate.
+        lr_schedule: The learning rate after warmup (see `LrSchedule`).
+        prediction_type: The UNet's target (see `PredictionType`).
+        min_snr_gamma: Weight each sample's loss by min-SNR-gamma (5 in the paper); None for the plain MSE.
+        offset_noise: Add `offset_noise * N(0, 1)` per sample and channel to the noise (0.1 is common; 0 disables).
+        min_timestep: The lowest timestep drawn (inclusive).
+        max_timestep: The highest timestep drawn (inclusive); at most 999 for SD1.5's schedule.
+        gradient_checkpointing: Recompute the UNet's blocks' activations in the backward pass (less memory, ~30%
+            more compute).
+        seed: Seeds the LoRAs' initialization, the tiny model's random weights, and every random draw of a step.
+    """
+
+    def __init__(
+        self,
+        base: BaseModel = "sd15",
+        weights: str | None = None,
+        targets: LoraTargets = "attention",
+        rank: int = 16,
+        alpha: float | None = None,
+        train_text_encoder: bool = False,
+        learning_rate: float = 1e-4,
+        text_encoder_learning_rate: float | None = None,
+        optimizer: OptimizerFactory = torch.optim.AdamW,
+        warmup_steps: int = 0,
+        lr_schedule: LrSchedule = "constant",
+        prediction_type: PredictionType = "epsilon",
+        min_snr_gamma: float | None = None,
+        offset_noise: float = 0.0,
+        min_timestep: int = 0,
+        max_timestep: int = 999,
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        # Checkpoints are read with `torch.load(weights_only=True)`: hyperparameters must be plain values.
+        self.save_hyperparameters(ignore=["optimizer"])
+        _check_arguments(
+            base, targets, rank, alpha, learning_rate, text_encoder_learning_rate, warmup_steps, lr_schedule,
+            prediction_type, min_snr_gamma, offset_noise, min_timestep, max_timestep,
+        )  # fmt: skip
+        self.base = base
+        self.weights = weights
+        self.targets: LoraTargets = targets
+        self.rank = rank
+        self.alpha = alpha
+        self.train_text_encoder = train_text_encoder
+        self.learning_rate = learning_rate
+        self.text_encoder_learning_rate = (
+            learning_rate if text_encoder_learning_rate is None else text_encoder_learning_rate
+        )
+        self.optimizer_factory = optimizer
+        self.warmup_steps = warmup_steps
+        self.lr_schedule: LrSchedule = lr_schedule
+        self.prediction_type: PredictionType = prediction_type
+        self.min_snr_gamma = min_snr_gamma
+        self.offset_noise = offset_noise
+        self.min_timestep = min_timestep
+        self.max_timestep = max_timestep
+        self.gradient_checkpointing = gradient_checkpointing
+        self.seed = seed
+
+        components = build_components(base, weights, seed)
+        for _, model in components.items():
+            model.requires_grad_(False)
+            model.eval()
+        # A plain attribute, not a submodule: see the module docstring. `_apply` moves and casts it with the LoRAs.
+        self._components: StableDiffusionComponents | None = components
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            loras = _inject_loras("unet", components.unet, targets, rank, alpha)
+            if train_text_encoder:
+                loras |= _inject_loras("text_encoder", components.clip_text_encoder, targets, rank, alpha)
+        # The trained parameters, registered under the LoRAs' names (`/` for `.`, which module names cannot hold).
+        self.loras = torch.nn.ModuleDict({name.replace(".", "/"): lora for name, lora in loras.items()})
+        if gradient_checkpointing:
+            for block in _checkpointed_blocks(components.unet):
+                GradientCheckpointing(block).inject()
+        # Not a submodule either: the schedule follows the module's device but stays in float32 (see `solver`).
+        object.__setattr__(
+            self, "_solver", DDPM(params=SolverParams(model_prediction_type=self._model_prediction_type))
+        )
+
+    # -- the frozen base -------------------------------------------------------------------------------------------
+
+    @property
+    def components(self) -> StableDiffusionComponents:
+        """The UNet, autoencoder and text encoder, with the LoRAs injected."""
+        if self._components is None:
+            raise RuntimeError(
+                "this LoraFineTuning is a copy that holds only the LoRAs (e.g. the averaged model of "
+                "WeightAveraging): use the module it was copied from to run the models"
+            )
+        return self._components
+
+    @property
+    def unet(self) -> SD1UNet:
+        return self.components.unet
+
+    @property
+    def lda(self) -> LatentDiffusionAutoencoder:
+        return self.components.lda
+
+    @property
+    def clip_text_encoder(self) -> CLIPTextEncoder:
+        return self.components.clip_text_encoder
+
+    @property
+    def solver(self) -> Solver:
+        """The training noise schedule (DDPM over SD1.5's 1000 timesteps), in float32 on the module's device."""
+        solver: Solver = self.__dict__["_solver"]
+        if solver.device != self.device:
+            solver.to(device=self.device)
+        return solver
+
+    @property
+    def _model_prediction_type(self) -> ModelPredictionType:
+        return ModelPredictionType.NOISE if self.prediction_type == "epsilon" else ModelPredictionType.V_PREDICTION
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Self:
+        # `.to(device)`, `.half()`... (and the precision plugins of Lightning, which use them) reach the frozen base.
+        super()._apply(fn, recurse)
+        components: StableDiffusionComponents | None = self.__dict__.get("_components")
+        if components is not None and recurse:
+            for _, model in components.items():
+                model._apply(fn, recurse)
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
+        # A copy (`WeightAveraging`'s averaged model) holds its own LoRAs and nothing of the base: copying a
+        # billion frozen weights to average them with themselves would cost memory and round them.
+        if self._components is not None:
+            lora_modules = {id(module) for lora in self.loras.values() for module in lora.modules()}
+            for _, model in self._components.items():
+                for module in model.modules():
+                    if id(module) not in lora_modules:
+                        memo[id(module)] = module  # e.g. a LoRA's parent adapter: referenced, not copied
+            memo[id(self._components)] = None
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return clone
+
+    # -- LoRAs -----------------------------------------------------------------------------------------------------
+
+    def named_loras(self) -> dict[str, Lora[Any]]:
+        """The trained LoRAs by `<component>.<path of their target>` (e.g. `unet.DownBlocks.Chain_2...Linear_1`)."""
+        return {key.replace("/", "."): cast(Lora[Any], lora) for key, lora in self.loras.items()}
+
+    def lora_parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: the UNet's LoRAs, and the text encoder's with their own learning rate."""
+        unet = [p for name, lora in self.named_loras().items() if name.startswith("unet.") for p in lora.parameters()]
+        groups: list[dict[str, Any]] = [{"params": unet, "lr": self.learning_rate, "name": "unet"}]
+        if self.train_text_encoder:
+            text_encoder = [
+                p
+                for name, lora in self.named_loras().items()
+                if name.startswith("text_encoder.")
+                for p in lora.parameters()
+            ]
+            groups.append({"params": text_encoder, "lr": self.text_encoder_learning_rate, "name": "text_encoder"})
+        return groups
+
+    # -- encoders (the data module's caching hook) -----------------------------------------------------------------
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """The latents of images in [-1, 1]: the mean of the autoencoder's posterior (deterministic, cacheable)."""
+        with torch.no_grad():
+            return self.lda.encode(images.to(device=self.lda.device, dtype=self.lda.dtype))
+
+    def encode_texts(self, captions: list[str]) -> Tensor:
+        """The text encoder's embeddings of captions; only cacheable while the text encoder does not train."""
+        if self.train_text_encoder:
+            raise ValueError(
+                "train_text_encoder=True trains LoRAs of the text encoder, so its embeddings change at every step and "
+                "cannot be cached: set cache_text_embeddings=False in the data module, or train_text_encoder=False"
+            )
+        with torch.no_grad():
+            return self.clip_text_encoder(captions)
+
+    # -- the loss --------------------------------------------------------------------------------------------------
+
+    def allowed_steps(self) -> Tensor:
+        """The indices of the solver's steps whose timestep is in [`min_timestep`, `max_timestep`]."""
+        timesteps = self.solver.timesteps
+        return ((timesteps >= self.min_timestep) & (timesteps <= self.max_timestep)).nonzero().flatten()
+
+    def draw(self, latents: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The noise (with offset noise) and the solver steps of a batch, drawn on CPU from `generator`.
+
+        Args:
+            latents: The batch's latents (only their shape is read).
+            generator: The source of the draws.
+        """
+        batch, channels = latents.shape[0], latents.shape[1]
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+        if self.offset_noise > 0:
+            noise = noise + self.offset_noise * torch.randn((batch, channels, 1, 1), generator=generator)
+        allowed = self.allowed_steps().cpu()
+        steps = allowed[torch.randint(0, len(allowed), (batch,), generator=generator)]
+        return noise, steps
+
+    def loss(self, latents: Tensor, text_embeddings: Tensor, noise: Tensor, steps: Tensor) -> Tensor:
+        """The training loss of a batch, for given noise and solver steps (one per sample).
+
+        Args:
+            latents: The clean latents, `(batch, 4, h, w)`.
+            text_embeddings: The text encoder's output, `(batch, sequence, dim)`.
+            noise: The noise, shaped as `latents`.
+            steps: Indices into the solver's `timesteps`, `(batch,)`.
+        """
+        solver = self.solver
+        steps = steps.to(solver.device)
+        latents = latents.to(device=self.device, dtype=torch.float32)
+        noise = noise.to(device=self.device, dtype=torch.float32)
+        timesteps = solver.timesteps[steps]
+        noisy = solver.add_noise(latents, noise, steps)
+        unet = self.unet
+        unet.set_timestep(timesteps)
+        unet.set_clip_text_embedding(text_embeddings.to(device=unet.device))
+        prediction = unet(noisy.to(unet.dtype)).float()
+        if self.prediction_type == "epsilon":
+            target = noise
+        else:
+            # The velocity `sqrt(alpha_bar) * noise - sqrt(1 - alpha_bar) * x0` (Salimans & Ho, 2022).
+            scale = solver.cumulative_scale_factors[timesteps].reshape(-1, 1, 1, 1)
+            std = solver.noise_std[timesteps].reshape(-1, 1, 1, 1)
+            target = scale * noise - std * latents
+        per_sample = F.mse_loss(prediction, target, reduction="none").mean(dim=_SAMPLE_DIMENSIONS)
+        if self.min_snr_gamma is not None:
+            snr = solver.signal_to_noise_ratios[timesteps]
+            clipped = snr.clamp(max=self.min_snr_gamma)
+            # As diffusers: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for the velocity.
+            per_sample = per_sample * (clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1))
+        return per_sample.mean()
+
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """The generator of a step's draws: it depends on the seed, the step, the batch and the rank only."""
+        return seeded_generator(self.seed, "step", self.global_step, batch_idx, self.global_rank)
+
+    def training_step(self, batch: TrainingBatch, batch_idx: int) -> Tensor:
+        latents = batch["latents"] if "latents" in batch else self.encode_images(batch["images"])
+        if "text_embeddings" in batch:
+            if self.train_text_encoder:
+                raise ValueError(
+                    "the batch carries cached text embeddings, but train_text_encoder=True trains the text encoder: "
+                    "set cache_text_embeddings=False in the data module"
+                )
+            text_embeddings = batch["text_embeddings"]
+        else:
+            with torch.set_grad_enabled(self.train_text_encoder):
+                text_embeddings = self.clip_text_encoder(batch["captions"])
+        noise, steps = self.draw(latents, self.step_generator(batch_idx))
+        loss = self.loss(latents, text_embeddings, noise, steps)
+        self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
+        return loss
+
+    # -- optimization ----------------------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.lora_parameter_groups())
+        total = self.trainer.estimated_stepping_batches if self.lr_schedule != "constant" else None
+        if total is not None and not math.isfinite(total):
+            raise ValueError(
+                f"lr_schedule={self.lr_schedule!r} decays to zero at the last step, but the training has no end: set "
+                "trainer.max_steps or trainer.max_epochs, or use lr_schedule='constant'"
+            )
+        schedule = _lr_multiplier(self.lr_schedule, self.warmup_steps, None if total is None else int(total))
+        scheduler = LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # -- sampling --------------------------------------------------------------------------------------------------
+
+    def sampling_pipeline(self, num_inference_steps: int = 30) -> StableDiffusion_1:
+        """A `StableDiffusion_1` over the models being trained (LoRAs included), with a DPM-Solver++ of the same
+        prediction type.
+
+        Args:
+            num_inference_steps: The solver's number of steps.
+        """
+        solver = DPMSolver(
+            num_inference_steps=num_inference_steps,
+            params=SolverParams(model_prediction_type=self._model_prediction_type),
+            device=self.device,
+        )
+        return StableDiffusion_1(unet=self.unet, lda=self.lda, clip_text_encoder=self.clip_text_encoder, solver=solver)
+
+
+def _lr_multiplier(schedule: LrSchedule, warmup_steps: int, total_steps: int | None) -> Callable[[int], float]:
+    """The factor of the learning rate at each optimizer step: linear warmup, then `schedule`."""
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if total_steps is None or schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return multiplier
+
+
+def _check_arguments(
+    base: str,
+    targets: str,
+    rank: int,
+    alpha: float | None,
+    learning_rate: float,
+    text_encoder_learning_rate: float | None,
+    warmup_steps: int,
+    lr_schedule: str,
+    prediction_type: str,
+    min_snr_gamma: float | None,
+    offset_noise: float,
+    min_timestep: int,
+    max_timestep: int,
+) -> None:
+    """Fail before any model is built, saying what to change."""
+    choices: Mapping[str, tuple[str, tuple[str, ...]]] = {
+        "base": (base, ("sd15", "tiny")),
+        "targets": (targets, tuple(_UNET_CONTAINERS)),
+        "lr_schedule": (lr_schedule, ("constant", "linear", "cosine")),
+        "prediction_type": (prediction_type, ("epsilon", "v_prediction")),
+    }
+    for name, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    if rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank}")
+    if alpha is not None and alpha <= 0:
+        raise ValueError(f"alpha must be positive (the LoRAs are scaled by alpha / rank), got {alpha}")
+    for name, rate in (("learning_rate", learning_rate), ("text_encoder_learning_rate", text_encoder_learning_rate)):
+        if rate is not None and rate <= 0:
+            raise ValueError(f"{name} must be positive, got {rate}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be 0 (no warmup) or more, got {warmup_steps}")
+    if min_snr_gamma is not None and min_snr_gamma <= 0:
+        raise ValueError(
+            f"min_snr_gamma must be positive (5 in the paper), or None for no weighting; got {min_snr_gamma}"
+        )
+    if offset_noise < 0:
+        raise ValueError(f"offset_noise must be 0 (off) or positive (0.1 is common), got {offset_noise}")
+    if not 0 <= min_timestep <= max_timestep <= 999:
+        raise ValueError(
+            f"need 0 <= min_timestep <= max_timestep <= 999 (SD1.5 has 1000 timesteps), got min_timestep="
+            f"{min_timestep}, max_timestep={max_timestep}"
+        )
