@@ -9,7 +9,7 @@ import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -78,7 +78,10 @@ def build_text_encoder() -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def layers(components: dict[str, nn.Module]) -> dict[str, nn.Module]:
+Layers = dict[str, nn.Linear | nn.Conv2d]
+
+
+def layers(components: dict[str, nn.Module]) -> Layers:
     """The Linear and Conv2d layers of the models, by name with the component first: what a LoRA may update."""
     return {
         f"{component}.{name}": module
@@ -89,15 +92,15 @@ def layers(components: dict[str, nn.Module]) -> dict[str, nn.Module]:
 
 
 @pytest.fixture(scope="module")
-def modules() -> dict[str, nn.Module]:
+def modules() -> Layers:
     return layers({"unet": build_unet(), "text_encoder": build_text_encoder()})
 
 
-def fluxion_copy(module: nn.Module) -> fl.Linear | fl.Conv2d:
+def fluxion_copy(module: nn.Linear | nn.Conv2d) -> fl.Linear | fl.Conv2d:
+    has_bias = getattr(module, "bias", None) is not None
     if isinstance(module, nn.Linear):
-        copy: fl.Linear | fl.Conv2d = fl.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        copy: fl.Linear | fl.Conv2d = fl.Linear(module.in_features, module.out_features, bias=has_bias)
     else:
-        assert isinstance(module, nn.Conv2d)
         kernel = (module.kernel_size[0], module.kernel_size[1])
         padding = module.padding if isinstance(module.padding, str) else (module.padding[0], module.padding[1])
         copy = fl.Conv2d(
@@ -106,13 +109,13 @@ def fluxion_copy(module: nn.Module) -> fl.Linear | fl.Conv2d:
             kernel,
             stride=(module.stride[0], module.stride[1]),
             padding=padding,
-            use_bias=module.bias is not None,
+            use_bias=has_bias,
         )
     copy.load_state_dict(module.state_dict())
     return copy
 
 
-def our_deltas(specs: dict[str, LoraSpec], modules: dict[str, nn.Module]) -> dict[str, Tensor]:
+def our_deltas(specs: dict[str, LoraSpec], modules: Layers) -> dict[str, Tensor]:
     deltas: dict[str, Tensor] = {}
     for name, spec in specs.items():
         target = fluxion_copy(modules[name])
@@ -126,9 +129,10 @@ def merged_deltas(components: dict[str, nn.Module]) -> dict[str, Tensor]:
     for component, model in components.items():
         for name, module in model.named_modules():
             if isinstance(module, BaseTunerLayer):
-                base = module.get_base_layer()
+                tuner: Any = module
+                base = tuner.get_base_layer()
                 before = base.weight.detach().clone()
-                module.merge()
+                tuner.merge()
                 deltas[f"{component}.{name}"] = base.weight.detach() - before
     return deltas
 
@@ -138,9 +142,10 @@ def diffusers_deltas(source: str | Path | dict[str, Tensor]) -> dict[str, Tensor
     unet, text_encoder = build_unet(), build_text_encoder()
     if isinstance(source, dict):
         source = dict(source)
-    state_dict, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+    loaded: Any = StableDiffusionPipeline.lora_state_dict(
         str(source) if isinstance(source, Path) else source, return_lora_metadata=True
     )
+    state_dict, alphas, metadata = loaded
     StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, unet=unet, metadata=metadata)
     StableDiffusionPipeline.load_lora_into_text_encoder(
         state_dict, alphas, text_encoder=text_encoder, metadata=metadata
@@ -205,15 +210,13 @@ def prefixed(unet: dict[str, Tensor], text_encoder: dict[str, Tensor]) -> dict[s
 
 
 @pytest.mark.parametrize(("use_dora", "use_rslora"), [(False, False), (False, True), (True, False)])
-def test_a_diffusers_file_with_peft_metadata(
-    tmp_path: Path, modules: dict[str, nn.Module], use_dora: bool, use_rslora: bool
-) -> None:
+def test_a_diffusers_file_with_peft_metadata(tmp_path: Path, modules: Layers, use_dora: bool, use_rslora: bool) -> None:
     run = Trained(use_dora, use_rslora)
     unet, text_encoder = run.state_dicts()
     StableDiffusionPipeline.save_lora_weights(
         tmp_path,
-        unet_lora_layers=unet,
-        text_encoder_lora_layers=text_encoder,
+        unet_lora_layers=cast(Any, unet),
+        text_encoder_lora_layers=cast(Any, text_encoder),
         unet_lora_adapter_metadata=config_dict(run.unet_config),
         text_encoder_lora_adapter_metadata=config_dict(run.text_config),
     )
@@ -231,7 +234,7 @@ def test_a_diffusers_file_with_peft_metadata(
     assert_same_deltas(our_deltas(specs, modules), reference)
 
 
-def test_a_unet_adapter_saved_without_prefix(tmp_path: Path, modules: dict[str, nn.Module]) -> None:
+def test_a_unet_adapter_saved_without_prefix(tmp_path: Path, modules: Layers) -> None:
     unet = build_unet()
     torch.manual_seed(1)
     unet.add_adapter(LoraConfig(r=2, lora_alpha=5, target_modules=["to_q", "conv1"], init_lora_weights=False))
@@ -241,12 +244,13 @@ def test_a_unet_adapter_saved_without_prefix(tmp_path: Path, modules: dict[str, 
     assert all(name.startswith(("down_blocks", "up_blocks", "mid_block")) for name in parsed.specs)
     # Bare names: each is found in the one component that has it; the metadata has no component either.
     specs = resolve(parsed, modules)
-    reference = build_unet()
-    reference.load_lora_adapter(str(path), prefix=None)
-    assert_same_deltas(our_deltas(specs, modules), merged_deltas({"unet": reference}))
+    assert all(spec.factor == 2.5 for spec in specs.values())
+    # The reference is the trained model itself: diffusers' `load_lora_adapter(path, prefix=None)` does not read
+    # this metadata back (it loads alpha = r).
+    assert_same_deltas(our_deltas(specs, modules), merged_deltas({"unet": unet}))
 
 
-def test_a_peft_model_state_dict_with_its_config(modules: dict[str, nn.Module]) -> None:
+def test_a_peft_model_state_dict_with_its_config(modules: Layers) -> None:
     text_encoder = build_text_encoder()
     config = LoraConfig(r=2, lora_alpha=7, target_modules=["q_proj", "fc2"], init_lora_weights=False)
     torch.manual_seed(2)
@@ -260,13 +264,16 @@ def test_a_peft_model_state_dict_with_its_config(modules: dict[str, nn.Module]) 
     assert_same_deltas(our_deltas(specs, modules), merged_deltas({"text_encoder": peft_model.base_model.model}))
 
 
-def test_the_diffusers_layout_of_peft_tensors(modules: dict[str, nn.Module]) -> None:
+def test_the_diffusers_layout_of_peft_tensors(modules: Layers) -> None:
+    # diffusers' training scripts saved `convert_state_dict_to_diffusers(get_peft_model_state_dict(model))`, which
+    # renames the attention projections (the modules those scripts trained).
     unet, text_encoder, _, _ = trained()
-    state_dict = convert_state_dict_to_diffusers(prefixed(unet, text_encoder))
-    assert any(".lora.down.weight" in key for key in state_dict)
-    assert any(".lora_linear_layer.down.weight" in key for key in state_dict)
+    converted = convert_state_dict_to_diffusers(prefixed(unet, text_encoder))
+    state_dict = {key: value for key, value in converted.items() if ".lora_A." not in key and ".lora_B." not in key}
+    assert any(".to_q.lora.down.weight" in key for key in state_dict)
+    assert any(".q_proj.lora_linear_layer.down.weight" in key for key in state_dict)
     parsed = parse_lora_file(state_dict)
-    assert parsed.layouts == {"diffusers", "peft"}  # the conversion renames the attention projections only
+    assert parsed.layouts == {"diffusers"}
     # No alpha anywhere: alpha = rank, as diffusers assumes.
     assert_same_deltas(our_deltas(resolve(parsed, modules), modules), diffusers_deltas(state_dict))
 
@@ -291,7 +298,7 @@ def kohya_file(text_prefix: str = "lora_te1_", text_model: bool = False, alpha: 
 @pytest.mark.parametrize(
     ("text_prefix", "text_model"), [("lora_te1_", False), ("lora_te_", True)], ids=["sdxl-style", "a1111-sd1"]
 )
-def test_a_kohya_file(tmp_path: Path, modules: dict[str, nn.Module], text_prefix: str, text_model: bool) -> None:
+def test_a_kohya_file(tmp_path: Path, modules: Layers, text_prefix: str, text_model: bool) -> None:
     state_dict = kohya_file(text_prefix, text_model)
     assert any(".lora_down.weight" in key and value.dim() == 4 for key, value in state_dict.items())  # conv LoRAs
     path = tmp_path / "kohya.safetensors"
@@ -303,7 +310,7 @@ def test_a_kohya_file(tmp_path: Path, modules: dict[str, nn.Module], text_prefix
     assert_same_deltas(our_deltas(specs, modules), diffusers_deltas(path))
 
 
-def test_kohya_alphas_are_per_module_and_may_be_missing(modules: dict[str, nn.Module]) -> None:
+def test_kohya_alphas_are_per_module_and_may_be_missing(modules: Layers) -> None:
     state_dict = kohya_file()
     alphas = [key for key in sorted(state_dict) if key.endswith(".alpha")]
     for index, key in enumerate(alphas):
@@ -324,7 +331,7 @@ def test_kohya_alphas_are_per_module_and_may_be_missing(modules: dict[str, nn.Mo
         torch.testing.assert_close(ours[module], expected, atol=ATOL, rtol=RTOL)
 
 
-def test_the_attention_processor_layout_with_network_alphas(tmp_path: Path, modules: dict[str, nn.Module]) -> None:
+def test_the_attention_processor_layout_with_network_alphas(tmp_path: Path, modules: Layers) -> None:
     kohya = kohya_file()
     path = tmp_path / "kohya.safetensors"
     save_to_safetensors(path, kohya)
@@ -346,7 +353,7 @@ def test_the_attention_processor_layout_with_network_alphas(tmp_path: Path, modu
     assert_same_deltas(our_deltas(specs, modules), unet_reference)
 
 
-def test_original_stable_diffusion_names_resolve_through_aliases(modules: dict[str, nn.Module]) -> None:
+def test_original_stable_diffusion_names_resolve_through_aliases(modules: Layers) -> None:
     # The attention blocks of a kohya file under the original (ldm/sgm) block names, as some model sites write them.
     blocks = {
         "unet.down_blocks.0.attentions.0": "unet.input_blocks.1.1",
@@ -400,7 +407,7 @@ def kohya_names(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 @pytest.mark.parametrize(("kind", "naming"), [("loha", "dotted"), ("lokr", "dotted"), ("loha", "kohya")])
-def test_peft_loha_and_lokr_files(modules: dict[str, nn.Module], kind: str, naming: str) -> None:
+def test_peft_loha_and_lokr_files(modules: Layers, kind: str, naming: str) -> None:
     unet = build_unet()
     targets = ["to_q", "proj_in", "conv1", "ff.net.2"]
     config: Any = (
@@ -425,14 +432,14 @@ def test_peft_loha_and_lokr_files(modules: dict[str, nn.Module], kind: str, nami
     assert {spec.kind for spec in parsed.specs.values()} == {kind}
     specs = resolve(parsed, modules)
     reference = {
-        f"unet.{name}": module.get_delta_weight("default")
+        f"unet.{name}": cast(Any, module).get_delta_weight("default")
         for name, module in peft_model.base_model.model.named_modules()
         if isinstance(module, BaseTunerLayer)
     }
     assert_same_deltas(our_deltas(specs, modules), reference)
 
 
-def test_lycoris_lokr_alpha_applies_only_to_low_rank_factors(modules: dict[str, nn.Module]) -> None:
+def test_lycoris_lokr_alpha_applies_only_to_low_rank_factors(modules: Layers) -> None:
     # A LyCORIS LoKr in dotted names with alphas (as ai-toolkit writes them): one module of full factors, one with
     # a low-rank w2.
     full, low_rank = (
@@ -463,17 +470,17 @@ def test_lycoris_lokr_alpha_applies_only_to_low_rank_factors(modules: dict[str, 
     assert specs[full].factor == 1.0 and specs[low_rank].factor == 1.5
 
 
-def test_a_lycoris_kohya_file_of_every_kind(modules: dict[str, nn.Module]) -> None:
+def test_a_lycoris_kohya_file_of_every_kind(modules: Layers) -> None:
     unet = build_unet()
     torch.manual_seed(4)
     peft_model: Any = get_peft_model(
         unet, LoraConfig(r=2, lora_alpha=2, target_modules=["to_k", "proj_out"], use_dora=True, init_lora_weights=False)
     )
-    dora_state = get_peft_model_state_dict(peft_model)
+    dora_state = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(peft_model).items()}
     with torch.no_grad():
         for name, module in peft_model.base_model.model.named_modules():
             if isinstance(module, BaseTunerLayer):
-                magnitude = module.lora_magnitude_vector["default"].weight
+                magnitude = cast(Any, module).lora_magnitude_vector["default"].weight
                 magnitude.mul_(torch.linspace(0.8, 1.2, magnitude.numel()).reshape(magnitude.shape))
                 dora_state[f"{name}.lora_magnitude_vector"] = magnitude.detach().clone()
     # kohya names; a DoRA's magnitude as LyCORIS's `dora_scale` (out, 1), alphas set apart.
@@ -492,7 +499,7 @@ def test_a_lycoris_kohya_file_of_every_kind(modules: dict[str, nn.Module]) -> No
     state_dict[f"{locon}.alpha"] = torch.tensor(1.0)
     specs = resolve(parse_lora_file(state_dict), modules)
     doras = {name: spec for name, spec in specs.items() if spec.is_dora}
-    assert len(doras) == 4 and all(spec.magnitude_axis == "output" for spec in doras.values())
+    assert len(doras) == 12 and all(spec.magnitude_axis == "output" for spec in doras.values())
     assert_same_deltas(our_deltas(doras, modules), merged_deltas({"unet": peft_model.base_model.model}))
     conv2 = "unet.down_blocks.0.resnets.0.conv2"
     assert specs[conv2].kind == "locon"
@@ -502,7 +509,7 @@ def test_a_lycoris_kohya_file_of_every_kind(modules: dict[str, nn.Module]) -> No
     torch.testing.assert_close(lora.delta_weight(), expected, atol=ATOL, rtol=RTOL)
 
 
-def test_a_dora_scale_per_input_column(modules: dict[str, nn.Module]) -> None:
+def test_a_dora_scale_per_input_column(modules: Layers) -> None:
     name = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v"
     down, up, magnitude = torch.randn(2, 8), torch.randn(8, 2), torch.rand(8) + 0.5
     state_dict = {
@@ -521,7 +528,7 @@ def test_a_dora_scale_per_input_column(modules: dict[str, nn.Module]) -> None:
     torch.testing.assert_close(lora.delta_weight(weight), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_kinds_become_the_fluxion_loras(modules: dict[str, nn.Module]) -> None:
+def test_kinds_become_the_fluxion_loras(modules: Layers) -> None:
     kohya = kohya_file()
     specs = resolve(parse_lora_file(kohya), modules)
     conv1 = specs["unet.down_blocks.0.resnets.0.conv1"]
@@ -547,12 +554,12 @@ def test_kinds_become_the_fluxion_loras(modules: dict[str, nn.Module]) -> None:
 # -- what cannot be used is reported ---------------------------------------------------------------------------
 
 
-def test_unmatched_keys_are_listed_with_what_the_model_has_near_them(modules: dict[str, nn.Module]) -> None:
+def test_unmatched_keys_are_listed_with_what_the_model_has_near_them(modules: Layers) -> None:
     state_dict = kohya_file()
     typo = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_z"
     state_dict[f"{typo}.lora_down.weight"] = torch.zeros(2, 8)
     state_dict[f"{typo}.lora_up.weight"] = torch.zeros(8, 2)
-    state_dict["lora_unet_mid_block_attentions_0_proj_in.lora_down.weight"] = torch.zeros(2, 8)  # no up
+    state_dict["lora_unet_conv_in.lora_down.weight"] = torch.zeros(2, 4, 3, 3)  # no up
     state_dict["emb_params"] = torch.zeros(2, 8)  # a pivotal-tuning embedding
     state_dict["unet.conv_in.lora_B.bias"] = torch.zeros(8)
     parsed = parse_lora_file(state_dict)
@@ -567,14 +574,14 @@ def test_unmatched_keys_are_listed_with_what_the_model_has_near_them(modules: di
         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q, "
         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v"
     ) in message
-    assert "lora_unet_mid_block_attentions_0_proj_in.lora_down.weight: incomplete lora: no lora_up" in message
+    assert "lora_unet_conv_in.lora_down.weight: incomplete lora: no lora_up" in message
     assert "emb_params: no LoRA layout names a tensor like this" in message
     assert "unet.conv_in.lora_B.bias: LoRA biases (PEFT's `lora_bias`) are not supported" in message
     assert "pass strict=False to load the rest" in message
     assert set(caught.value.unmatched) == {
         f"{typo}.lora_down.weight",
         f"{typo}.lora_up.weight",
-        "lora_unet_mid_block_attentions_0_proj_in.lora_down.weight",
+        "lora_unet_conv_in.lora_down.weight",
         "emb_params",
         "unet.conv_in.lora_B.bias",
     }
@@ -583,7 +590,7 @@ def test_unmatched_keys_are_listed_with_what_the_model_has_near_them(modules: di
     assert len(specs) == len(resolve(parse_lora_file(kohya_file()), modules))
 
 
-def test_names_that_are_ambiguous_or_given_twice_are_reported(modules: dict[str, nn.Module]) -> None:
+def test_names_that_are_ambiguous_or_given_twice_are_reported(modules: Layers) -> None:
     pair = {"lora_A.weight": torch.zeros(2, 8), "lora_B.weight": torch.zeros(8, 2)}
     state_dict = {f"encoder.layers.0.self_attn.q_proj.{k}": v for k, v in pair.items()}
     state_dict |= {f"text_encoder.encoder.layers.0.self_attn.q_proj.{k}": v for k, v in pair.items()}
@@ -601,7 +608,7 @@ def test_names_that_are_ambiguous_or_given_twice_are_reported(modules: dict[str,
         resolve(parse_lora_file(state_dict), modules)
 
 
-def test_tensors_that_do_not_fit_their_module_are_refused(modules: dict[str, nn.Module]) -> None:
+def test_tensors_that_do_not_fit_their_module_are_refused(modules: Layers) -> None:
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     state_dict = {f"{name}.lora_down.weight": torch.zeros(2, 5), f"{name}.lora_up.weight": torch.zeros(8, 2)}
     spec = resolve(parse_lora_file(state_dict), modules)[

@@ -118,9 +118,9 @@ def test_loha_matches_peft(effective_conv2d: bool) -> None:
     peft_model: Any = get_peft_model(copy.deepcopy(base), config)
     linear, conv = fl.Linear(10, 6), fl.Conv2d(6, 4, 3, padding=1)
     model = fl.Chain(linear, fl.Chain(conv))
-    for ours, theirs in ((linear, base[0]), (conv, base[1])):
-        ours.load_state_dict(theirs.state_dict())
-    for ours, index in ((linear, 0), (conv, 1)):
+    targets: list[fl.Linear | fl.Conv2d] = [linear, conv]
+    for index, ours in enumerate(targets):
+        ours.load_state_dict(base[index].state_dict())
         layer = peft_model.base_model.model[index]
         factors = {name: getattr(layer, f"hada_{name}")["default"] for name in ("w1_a", "w1_b", "w2_a", "w2_b")}
         if "default" in layer.hada_t1:
@@ -216,7 +216,7 @@ def test_lokr_matches_peft() -> None:
         }
         rank = factors["w2_b"].shape[0] if "w2_b" in factors else factors["w1_b"].shape[0] if "w1_b" in factors else 1
         # PEFT scales by alpha / r even for full factors: give the LoKr the same factor.
-        lokr = LoKr.from_factors("x", layer.weight.shape, factors, alpha=3.0 / 2 * rank)
+        lokr = LoKr.from_factors("x", tuple(peft_layer.get_base_layer().weight.shape), factors, alpha=3.0 / 2 * rank)
         expected = peft_layer.get_delta_weight("default")
         torch.testing.assert_close(lokr.delta_weight(), expected, atol=ATOL, rtol=RTOL)
 

@@ -258,6 +258,16 @@ def test_hub_id_with_an_fp16_variant(sd15_folder: Path, hub: list[list[str]], tm
     assert_same_files(tmp_path / "autoencoder.safetensors", expected)
 
 
+def test_tokenizer_from_the_hub(sd15_folder: Path, hub: list[list[str]], tmp_path: Path) -> None:
+    # A text encoder file has no tokenizer: --tokenizer downloads only the tokenizer's files of a Hub repo.
+    dest = tmp_path / "clip_text.safetensors"
+    weights = sd15_folder / COMPONENT_FILES["text_encoder"]
+    assert main(["clip-text", "--from", str(weights), "--to", str(dest), "--tokenizer", "org/sd15"]) == 0
+    assert hub == [["vocab.json", "merges.txt", "tokenizer/vocab.json", "tokenizer/merges.txt"]]
+    vocabulary, merges = sd15_folder / "tokenizer" / "vocab.json", sd15_folder / "tokenizer" / "merges.txt"
+    assert load_metadata_from_safetensors(dest) == CLIPTokenizer(vocabulary, merges).to_metadata()
+
+
 def test_hub_errors(hub: list[list[str]], tmp_path: Path) -> None:
     with pytest.raises(SourceError, match=r"org/missing is not a local file or folder, and downloading it .* 404"):
         convert_unet("org/missing", tmp_path / "unet.safetensors")
@@ -320,6 +330,9 @@ def test_pickled_checkpoints(tmp_path: Path) -> None:
     tensors = small_tensors()
     torch.save({"state_dict": tensors, "global_step": 10}, tmp_path / "nested.ckpt")
     assert_reads(TensorFile([tmp_path / "nested.ckpt"]), tensors)
+    # Saved by PyTorch < 1.6 (not a zip archive, which cannot be memory-mapped).
+    torch.save({"state_dict": tensors}, tmp_path / "legacy.ckpt", _use_new_zipfile_serialization=False)
+    assert_reads(TensorFile([tmp_path / "legacy.ckpt"]), tensors)
     torch.save({"weights": tensors, "optimizer": NotATensor()}, tmp_path / "unsafe.ckpt")
     with pytest.raises(SourceError, match=r"unsafe.ckpt cannot be loaded safely: it pickles Python objects"):
         TensorFile([tmp_path / "unsafe.ckpt"])
@@ -339,7 +352,7 @@ def test_unsupported_paths(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match=r"empty is not a diffusers folder: it has neither model_index.json"):
         convert_unet(tmp_path / "empty", tmp_path / "unet.safetensors")
     vae = component_folder(tmp_path / "vae")
-    with pytest.raises(SourceError, match=r"vae is the folder of a AutoencoderKL, not of the unet"):
+    with pytest.raises(SourceError, match=r"vae is the folder of AutoencoderKL, not of the unet"):
         convert_unet(vae, tmp_path / "unet.safetensors")
     with pytest.raises(SourceError, match=r"vae has no weights: expected diffusion_pytorch_model.safetensors"):
         convert_autoencoder(vae, tmp_path / "vae.safetensors")

@@ -16,7 +16,6 @@ prints the max abs difference. Progress goes to stderr, the written paths to std
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
@@ -156,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
             results = {args.command.replace("-", "_"): convert[args.command]()}
         for result in results.values():
-            print(Path(result.path))
+            print(result.path)
         if args.check:
             # Every component is checked, even after a failure, so that the report is complete.
             passed = [_check(name, source, result) for name, result in results.items()]

@@ -228,7 +228,7 @@ class DiffusersFolder:
         classes = _config_classes(_read_json(config_path))
         if not set(classes) & set(COMPONENT_CLASSES[component]):
             raise SourceError(
-                f"{self.root} is the folder of a {' / '.join(classes) or 'unknown model'}, not of the {component} "
+                f"{self.root} is the folder of {' / '.join(classes) or 'an unknown model'}, not of the {component} "
                 f"({' or '.join(COMPONENT_CLASSES[component])}): pass the model's folder (with model_index.json) or "
                 f"its {component}/ folder."
             )

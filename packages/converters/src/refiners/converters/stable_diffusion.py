@@ -289,7 +289,10 @@ def _convert(
 ) -> ConversionResult:
     if component.original_prefix is not None:
         key_map = original_key_map(key_map, renaming, component.original_prefix)
-    layout = "diffusers" if component.original_prefix is None else "original"
+    if component.original_prefix is not None:
+        layout = "original"
+    else:
+        layout = "transformers" if component.name == "text_encoder" else "diffusers"
     progress(f"{label}: reading {component.origin}, {layout} layout, for {target}")
     start = time.monotonic()
     # The first floating-point tensor tells the source's dtype (an integer buffer may come first).

@@ -28,12 +28,13 @@ from lightning import LightningModule
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 import refiners.fluxion.layers as fl
-from refiners.fluxion.adapters.lora import Lora, add_loras_to
+from refiners.fluxion.adapters.lora import Lora, LoraAdapter, add_loras_to
 from refiners.foundationals.clip.common import TransformerLayer
 from refiners.foundationals.clip.text_encoder import CLIPTextEncoder, CLIPTextEncoderL
+from refiners.foundationals.clip.text_encoder_names import transformers_clip_text_modules
 from refiners.foundationals.clip.tokenizer import CLIPTokenizer, bytes_to_unicode
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder, SD1Autoencoder
 from refiners.foundationals.latent_diffusion.cross_attention import CrossAttentionBlock2d
@@ -52,6 +53,7 @@ from refiners.foundationals.latent_diffusion.unet import (
     SD1UNet,
     UpBlocks,
 )
+from refiners.foundationals.latent_diffusion.unet_names import diffusers_unet_modules
 from refiners.training.data import TrainingBatch
 from refiners.training.data_transforms import seeded_generator
 
@@ -277,6 +279,21 @@ def lora_target_layers(model: fl.Chain, targets: LoraTargets) -> dict[str, fl.We
     }
 
 
+def _diffusers_names(components: StableDiffusionComponents, loras: Mapping[str, Lora[Any]]) -> dict[str, str]:
+    """The name of each LoRA's target in diffusers' pipeline (`unet.down_blocks.0...to_q`,
+    `text_encoder.text_model.encoder.layers.0.self_attn.q_proj`), by the LoRA's name: what LoRA files use."""
+    modules = {f"unet.{name}": layer for name, layer in diffusers_unet_modules(components.unet).items()}
+    text_encoder = transformers_clip_text_modules(components.clip_text_encoder)
+    modules |= {f"text_encoder.{name}": layer for name, layer in text_encoder.items()}
+    by_layer = {id(layer): name for name, layer in modules.items()}
+    names: dict[str, str] = {}
+    for name, lora in loras.items():
+        adapter = lora.parent
+        assert isinstance(adapter, LoraAdapter), "an injected LoRA lives in the LoraAdapter of its target"
+        names[name] = by_layer[id(adapter.target)]
+    return names
+
+
 def _inject_loras(
     component: str, model: fl.Chain, targets: LoraTargets, rank: int, alpha: float | None
 ) -> dict[str, Lora[Any]]:
@@ -330,7 +347,10 @@ class GradientCheckpointing(fl.Chain, fl.Adapter[fl.Chain]):
             finally:
                 provider.exit_forward(snapshot)
 
-        return checkpoint(run, *args, use_reentrant=False)
+        # Non-reentrant, so that gradients reach the tensors the block reads from the contexts (the skip connections).
+        # Early stop ends the recomputation by raising an exception, which Chains wrap into a ChainError: off.
+        with set_checkpoint_early_stop(False):
+            return checkpoint(run, *args, use_reentrant=False)
 
 
 def _checkpointed_blocks(unet: SD1UNet) -> list[fl.Chain]:
@@ -435,6 +455,9 @@ class LoraFineTuning(LightningModule):
                 loras |= _inject_loras("text_encoder", components.clip_text_encoder, targets, rank, alpha)
         # The trained parameters, registered under the LoRAs' names (`/` for `.`, which module names cannot hold).
         self.loras = torch.nn.ModuleDict({name.replace(".", "/"): lora for name, lora in loras.items()})
+        # Read before the UNet's blocks are wrapped for checkpointing, which the naming of diffusers' modules does
+        # not expect.
+        self.diffusers_names = _diffusers_names(components, loras)
         if gradient_checkpointing:
             for block in _checkpointed_blocks(components.unet):
                 GradientCheckpointing(block).inject()
@@ -508,6 +531,11 @@ class LoraFineTuning(LightningModule):
     def named_loras(self) -> dict[str, Lora[Any]]:
         """The trained LoRAs by `<component>.<path of their target>` (e.g. `unet.DownBlocks.Chain_2...Linear_1`)."""
         return {key.replace("/", "."): cast(Lora[Any], lora) for key, lora in self.loras.items()}
+
+    def diffusers_loras(self) -> dict[str, Lora[Any]]:
+        """The trained LoRAs by the diffusers name of their target (`unet.down_blocks.0.attentions.0...to_q`), as
+        LoRA files name them (see `refiners.adapters.lora.export`)."""
+        return {self.diffusers_names[name]: lora for name, lora in self.named_loras().items()}
 
     def lora_parameter_groups(self) -> list[dict[str, Any]]:
         """The optimizer's parameter groups: the UNet's LoRAs, and the text encoder's with their own learning rate."""

@@ -182,7 +182,7 @@ def _lycoris_tensors(base: str, spec: LoraSpec) -> dict[str, Tensor]:
     """kohya's and LyCORIS's tensors of a spec after `base` (a flattened or dotted module name)."""
     tensors = dict(spec.tensors)
     alpha = _alpha(spec)
-    if spec.kind == "lokr" and spec.rank == 1:
+    if not spec.low_rank:
         # LyCORIS ignores the alpha of a LoKr of full factors: its factor goes into w1.
         tensors["lokr_w1"] = tensors["lokr_w1"] * spec.factor
         alpha = 1.0

@@ -154,6 +154,12 @@ class LoraSpec:
                 return 1
 
     @property
+    def low_rank(self) -> bool:
+        """Whether the update is built from low-rank factors: always but for a LoKr of two full factors, to which
+        LyCORIS applies no alpha (its files' alphas are then ignored, and it has rank 1)."""
+        return self.kind != "lokr" or "lokr_w1_b" in self.tensors or "lokr_w2_b" in self.tensors
+
+    @property
     def factor(self) -> float:
         """`alpha / rank`: what the update is multiplied by at scale 1."""
         return (self.rank if self.alpha is None else self.alpha) / self.rank
@@ -216,8 +222,9 @@ class LoraSpec:
                 down, mid, up = tensors["lora_down"], tensors["lora_mid"], tensors["lora_up"]
                 return LoCon.from_factors(name, down, mid, up, self.alpha)
             case "loha":
-                factors = {role.removeprefix("hada_"): tensor for role, tensor in tensors.items()}
-                return LoHa.from_factors(name, weight_shape, **factors, alpha=self.alpha)
+                w1_a, w1_b, w2_a, w2_b = (tensors[f"hada_{n}"] for n in ("w1_a", "w1_b", "w2_a", "w2_b"))
+                t1, t2 = tensors.get("hada_t1"), tensors.get("hada_t2")
+                return LoHa.from_factors(name, weight_shape, w1_a, w1_b, w2_a, w2_b, t1, t2, self.alpha)
             case "lokr":
                 factors = {role.removeprefix("lokr_"): tensor for role, tensor in tensors.items()}
                 return LoKr.from_factors(name, weight_shape, factors, alpha=self.alpha)
@@ -420,7 +427,7 @@ def _parse(state_dict: dict[str, Tensor], metadata: dict[str, str]) -> ParsedLor
     for name, entry in modules.items():
         spec_or_reason = _spec(name, entry, peft_config)
         if isinstance(spec_or_reason, str):
-            unused |= {key: spec_or_reason for key in entry.keys.values()}
+            unused |= dict.fromkeys(entry.keys.values(), spec_or_reason)
         else:
             specs[name] = spec_or_reason
     layouts = frozenset(layout for entry in modules.values() for layout in entry.layouts if layout != "alpha")
@@ -505,7 +512,7 @@ def _dora_scale(dora_scale: Tensor) -> tuple[Tensor, MagnitudeAxis]:
 def _alpha(name: str, entry: _Module, spec: LoraSpec, peft_config: dict[str | None, dict[str, Any]]) -> float | None:
     """The alpha of an `.alpha` key, else of PEFT's metadata (as `factor * rank`), else None (alpha = rank)."""
     if "alpha" in entry.tensors:
-        if spec.kind == "lokr" and spec.rank == 1:
+        if not spec.low_rank:
             # LyCORIS applies alpha / rank to a LoKr only when one of its factors is a low-rank product.
             return None
         return float(entry.tensors["alpha"].float().item())
@@ -612,7 +619,7 @@ def resolve(
             match, problem = None, f"{claimed[match]!r} already updates {match}"
         if match is None:
             keys = list(spec.keys) or [name]
-            unmatched |= {key: problem for key in keys}
+            unmatched |= dict.fromkeys(keys, problem)
             groups.append((keys, problem))
             continue
         claimed[match] = name

@@ -345,7 +345,7 @@ class HadamardProduct(fl.Module):
 
     def factors(self) -> dict[str, Tensor]:
         """The weights by LyCORIS name without the `hada_` prefix: `w1_a`, `w1_b`, `w2_a`, `w2_b` (`t1`, `t2`)."""
-        factors = {"w1_a": self.w1_a, "w1_b": self.w1_b, "w2_a": self.w2_a, "w2_b": self.w2_b}
+        factors: dict[str, Tensor] = {"w1_a": self.w1_a, "w1_b": self.w1_b, "w2_a": self.w2_a, "w2_b": self.w2_b}
         if self.t1 is not None and self.t2 is not None:
             factors |= {"t1": self.t1, "t2": self.t2}
         return factors
@@ -910,7 +910,8 @@ class Dora(Lora[fl.WeightedModule]):
         with torch.no_grad():
             return self.weight_update(target_weight.detach())
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, *args: Any) -> Any:
+        (x,) = args
         target_weight = unfused_weight(self._adapter().target).detach()
         return self.op(x, self.weight_update(target_weight).to(x.dtype))
 
