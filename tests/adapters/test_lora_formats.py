@@ -620,6 +620,10 @@ def test_tensors_that_do_not_fit_their_module_are_refused(modules: Layers) -> No
         r"\(down \(2, 5\), up \(8, 2\)\) does not fit Linear .* the LoRA maps 5 to 8 features, the layer maps 8 to 8",
     ):
         spec.to_lora("x", fl.Linear(8, 8))
+    with pytest.raises(
+        TypeError, match=rf"cannot put the LoRA of {name}.lora_down.weight, .* on LayerNorm: it is a LayerNorm"
+    ):
+        spec.to_lora("x", fl.LayerNorm(8))
     dora = LoraSpec("lora", {"lora_down": torch.zeros(2, 8), "lora_up": torch.zeros(8, 2)}, magnitude=torch.ones(5))
     with pytest.raises(
         ValueError, match=r"its DoRA magnitude has 5 values, one per output of the weight \(8, 8\) makes 8"

@@ -34,6 +34,9 @@ def reference(target: fl.Linear | fl.Conv2d, weight: torch.Tensor, x: torch.Tens
     """What `target` computes with `weight` in place of its own, in plain torch."""
     if isinstance(target, fl.Linear):
         return F.linear(x, weight, target.bias)
+    if target.padding_mode == "reflect":
+        padded = F.pad(x, tuple(target._reversed_padding_repeated_twice), mode="reflect")
+        return F.conv2d(padded, weight, target.bias, target.stride, 0, target.dilation)
     return F.conv2d(x, weight, target.bias, target.stride, target.padding, target.dilation)
 
 
@@ -84,7 +87,7 @@ def loha_factors(out: int, inp: int, rank: int, kernel: tuple[int, ...], tucker:
 
 @pytest.mark.parametrize(
     ("layer", "tucker"),
-    [("linear", False), ("conv", False), ("conv", True), ("conv1x1", False)],
+    [("linear", False), ("conv", False), ("conv", True), ("conv1x1", False), ("conv-reflect", False)],
 )
 def test_loha_adds_the_hadamard_product_of_two_low_rank_products(layer: str, tucker: bool) -> None:
     target: fl.Linear | fl.Conv2d
@@ -93,6 +96,9 @@ def test_loha_adds_the_hadamard_product_of_two_low_rank_products(layer: str, tuc
             target, x, kernel = fl.Linear(10, 6), randn(3, 10, seed=9), ()
         case "conv":
             target, x, kernel = fl.Conv2d(5, 6, 3, padding=1, stride=2), randn(2, 5, 7, 7, seed=9), (3, 3)
+        case "conv-reflect":
+            target = fl.Conv2d(5, 6, 3, padding=2, dilation=2, padding_mode="reflect")
+            x, kernel = randn(2, 5, 7, 7, seed=9), (3, 3)
         case _:
             target, x, kernel = fl.Conv2d(5, 6, 1), randn(2, 5, 4, 4, seed=9), (1, 1)
     weight = target.weight.detach().clone()
@@ -206,7 +212,7 @@ def test_lokr_matches_peft() -> None:
         r=2, alpha=3, target_modules=["0", "1"], init_weights=False, use_effective_conv2d=True, decompose_both=True
     )
     peft_model: Any = get_peft_model(copy.deepcopy(base), config)
-    for index, layer in enumerate(base):
+    for index in range(len(base)):
         peft_layer = peft_model.base_model.model[index]
         names = ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")
         factors = {

@@ -6,8 +6,20 @@ from refiners.training.data import (
     CaptionedImageDataset,
     TrainingBatch,
 )
+from refiners.training.callbacks import ExportLora, LoraFormat, SampleImages
 from refiners.training.data_transforms import ImageTransform
 from refiners.training.image_folder import ImageFolderError, find_captioned_images
+from refiners.training.module import (
+    BaseModel,
+    GradientCheckpointing,
+    LoraFineTuning,
+    LoraTargets,
+    LrSchedule,
+    PredictionType,
+    StableDiffusionComponents,
+    build_components,
+    lora_target_layers,
+)
 from refiners.training.sample_data import make_image_folder
 
 __all__ = [
@@ -20,4 +32,18 @@ __all__ = [
     "ImageFolderError",
     "find_captioned_images",
     "make_image_folder",
+    # fine-tuning
+    "LoraFineTuning",
+    "BaseModel",
+    "LoraTargets",
+    "PredictionType",
+    "LrSchedule",
+    "StableDiffusionComponents",
+    "build_components",
+    "lora_target_layers",
+    "GradientCheckpointing",
+    # callbacks
+    "SampleImages",
+    "ExportLora",
+    "LoraFormat",
 ]

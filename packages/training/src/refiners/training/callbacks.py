@@ -35,6 +35,7 @@ diffusers' module names, every alpha written), `peft` (what diffusers' `save_lor
 `load_lora_weights` reads), `kohya` (A1111, ComfyUI, kohya's and LyCORIS's tools)."""
 
 _SUFFIXES: dict[LoraFormat, str] = {"refiners": "", "peft": "-peft", "kohya": "-kohya"}
+_TEXT_MODEL = "text_model."
 METADATA_KEY = "refiners_training"
 """The metadata key of an exported LoRA that holds the training's settings, as JSON."""
 
@@ -108,6 +109,12 @@ def lora_metadata(trainer: Trainer, module: LoraFineTuning, averaged: bool) -> d
     return metadata
 
 
+def _without_text_model(name: str) -> str:
+    """A text encoder module's name as transformers 5 has it, without the `text_model` level."""
+    component, _, module = name.partition(".")
+    return f"{component}.{module.removeprefix(_TEXT_MODEL)}" if component == "text_encoder" else name
+
+
 class ExportLora(Callback):
     """Write the LoRA as `.safetensors` files at every checkpoint and at the end of training.
 
@@ -120,6 +127,10 @@ class ExportLora(Callback):
         filename: The files' stem.
         formats: The layouts to write (see `LoraFormat`).
         at_checkpoints: Also export whenever a checkpoint is saved (otherwise only at the end).
+        peft_text_model_prefix: Name the text encoder's modules `text_encoder.text_model.encoder...` in PEFT files,
+            for diffusers with transformers < 5, whose `CLIPTextModel` has that `text_model` level; by default they
+            are named as diffusers with transformers >= 5 loads and saves them (`text_encoder.encoder...`). The other
+            layouts keep `text_model`, as kohya's tools expect (refiners reads both).
 
     Example:
         ```py
@@ -136,6 +147,7 @@ class ExportLora(Callback):
         filename: str = "lora",
         formats: Sequence[LoraFormat] = ("refiners", "peft", "kohya"),
         at_checkpoints: bool = True,
+        peft_text_model_prefix: bool = False,
     ) -> None:
         super().__init__()
         if not formats:
@@ -148,7 +160,9 @@ class ExportLora(Callback):
         self.filename = filename
         self.formats: tuple[LoraFormat, ...] = tuple(dict.fromkeys(formats))
         self.at_checkpoints = at_checkpoints
+        self.peft_text_model_prefix = peft_text_model_prefix
         self.exported: list[Path] = []
+        self._last_checkpoint_step: int | None = None
 
     def paths(self, folder: str | Path, step: int | None = None) -> dict[LoraFormat, Path]:
         """The file of each format: of a checkpoint at `step`, or the final one (`step=None`).
@@ -164,7 +178,9 @@ class ExportLora(Callback):
         _fine_tuning(pl_module, type(self).__name__)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.at_checkpoints:
+        # Several checkpoints may be saved at one step (`epoch=...ckpt` and `last.ckpt`): export once.
+        if self.at_checkpoints and trainer.global_step != self._last_checkpoint_step:
+            self._last_checkpoint_step = trainer.global_step
             self.export(trainer, _fine_tuning(pl_module, type(self).__name__), step=trainer.global_step)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -176,6 +192,7 @@ class ExportLora(Callback):
             return {}
         source = _averaged(trainer, module)
         specs = specs_of(source.diffusers_loras())
+        peft_specs = specs if self.peft_text_model_prefix else {_without_text_model(name): spec for name, spec in specs.items()}
         metadata = lora_metadata(trainer, module, averaged=source is not module)
         folder = _output_folder(trainer, self.dirpath, "loras")
         folder.mkdir(parents=True, exist_ok=True)
@@ -185,7 +202,7 @@ class ExportLora(Callback):
                 case "refiners":
                     tensors, header = refiners_state_dict(specs)
                 case "peft":
-                    tensors, header = peft_state_dict(specs)
+                    tensors, header = peft_state_dict(peft_specs)
                 case "kohya":
                     tensors, header = kohya_state_dict(specs, "sd_v1", title=self.filename)
             # kohya's `ss_*` keys are meaningful to kohya's tools only; the settings go into every file.

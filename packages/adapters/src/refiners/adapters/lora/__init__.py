@@ -33,6 +33,15 @@ from refiners.adapters.lora.lycoris import (
     lokr_factorization,
     weight_update,
 )
+from refiners.adapters.lora.sd import (
+    LoraLayout,
+    LoraSource,
+    SD1LoraAdapter,
+    SDLoraManager,
+    convert_sd1_lora,
+    sd1_lora_targets,
+    sd1_module_aliases,
+)
 
 __all__ = [
     # formats
@@ -65,4 +74,12 @@ __all__ = [
     "save_kohya_lora",
     "save_refiners_lora",
     "specs_of",
+    # Stable Diffusion
+    "LoraLayout",
+    "LoraSource",
+    "SD1LoraAdapter",
+    "SDLoraManager",
+    "convert_sd1_lora",
+    "sd1_lora_targets",
+    "sd1_module_aliases",
 ]

@@ -61,8 +61,9 @@ __all__ = [
 ]
 
 MagnitudeAxis = Literal["output", "input"]
-"""Along which axis DoRA normalises the merged weight: one norm per output row (PEFT, LyCORIS's default
-`wd_on_out=True`) or one per input column (LyCORIS's `wd_on_out=False`, the DoRA paper's own code)."""
+"""Along which axis DoRA normalises the merged weight: one norm per output row (PEFT's `lora_magnitude_vector`,
+LyCORIS's default `wd_on_out=True`, `dora_scale` shaped `(out, 1, ...)`) or one per input column (LyCORIS's
+`wd_on_out=False`, `dora_scale` shaped `(1, in, ...)`, as ComfyUI tells them apart)."""
 
 
 @dataclass(frozen=True)
