@@ -4,6 +4,7 @@
     refiners-convert clip-text --from SOURCE --to clip_text.safetensors [--tokenizer TOKENIZER]
     refiners-convert autoencoder --from SOURCE --to autoencoder.safetensors
     refiners-convert unet --from SOURCE --to unet.safetensors
+    refiners-convert lora --from FILE --to FILE.safetensors [--layout {refiners,peft,kohya}] [--lenient]
 
 SOURCE is a diffusers folder (or one component's folder), a single checkpoint file (`.safetensors`, `.ckpt`; the
 original layout, or one component's weights), or a Hugging Face Hub id such as `runwayml/stable-diffusion-v1-5`.
@@ -11,14 +12,22 @@ Every command takes `--dtype {float32,float16,bfloat16}` (default: keep the sour
 the converted model and the reference (diffusers/transformers, from the `reference` extra) on a random input and
 prints the max abs difference. Progress goes to stderr, the written paths to stdout. Exit status: 0 on success,
 1 on an error or a failed check, 2 on a usage error.
+
+`lora` reads a Stable Diffusion 1.x LoRA file of any layout (PEFT/diffusers, the old attention processors, kohya and
+A1111, LyCORIS LoHa/LoKr/LoCon/DoRA; `.safetensors`, or `.bin`/`.pt` read with `torch.load(weights_only=True)`) and
+writes it in the refiners layout (`--layout refiners`, the default), as PEFT/diffusers or as kohya files. A tensor
+that no layer of SD1.5 has use for is an error that lists it (`--lenient`: a warning, the rest is written).
 """
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
+from refiners.adapters.lora import UnmatchedLoraKeysWarning, convert_sd1_lora
 from refiners.converters.reference_check import (
     Comparison,
     compare_autoencoder,
@@ -98,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="compare the converted model's output with the reference's (diffusers/transformers) on a random "
             "input and print the max abs difference",
         )
+    _add_lora_command(commands)
     return parser
 
 
@@ -130,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: The arguments, without the program name.
     """
     args = build_parser().parse_args(argv)
+    if args.command == "lora":
+        return _convert_lora(args)
     dtype = _DTYPES[args.dtype] if args.dtype is not None else None
     if args.check and (missing := missing_reference_packages()):
         _print_progress(
@@ -164,6 +176,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         _print_progress(f"refiners-convert: error: {error}")
         return 1
+    return 0
+
+
+def _add_lora_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    help = "a Stable Diffusion 1.x LoRA file of any layout, normalised (refiners layout) or rewritten (PEFT, kohya)"
+    command = commands.add_parser("lora", help=help, description=help)
+    command.add_argument("--from", dest="source", required=True, metavar="FILE", help="the LoRA file to read")
+    command.add_argument("--to", dest="dest", required=True, metavar="FILE", help="the .safetensors file to write")
+    command.add_argument(
+        "--layout",
+        choices=["refiners", "peft", "kohya"],
+        default="refiners",
+        help="refiners (default), peft (what diffusers' load_lora_weights reads) or kohya (A1111, ComfyUI)",
+    )
+    command.add_argument(
+        "--lenient", action="store_true", help="warn about tensors no SD1.5 layer has use for instead of failing"
+    )
+
+
+def _convert_lora(args: argparse.Namespace) -> int:
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UnmatchedLoraKeysWarning)
+            specs = convert_sd1_lora(Path(args.source), args.dest, layout=args.layout, strict=not args.lenient)
+        for warning in caught:
+            _print_progress(f"refiners-convert: warning: {warning.message}")
+    except (ValueError, OSError) as error:
+        _print_progress(f"refiners-convert: error: {error}")
+        return 1
+    _print_progress(f"lora: {len(specs)} layers, {args.layout} layout")
+    print(Path(args.dest))
     return 0
 
 

@@ -11,11 +11,14 @@ The autoencoder's mid-block attention projections are 1x1 convolutions in the or
 `proj_out`, 4-D weights): they are flattened into the Linear weights diffusers uses (`to_q`, ..., `to_out.0`).
 """
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 from torch import Tensor
 
 from refiners.converters.engine import KeyMap
+
+# The UNet's module names live with the model (the LoRA loaders read them too); the renaming is re-exported here.
+from refiners.foundationals.latent_diffusion.unet_names import ModuleRenaming, ldm_unet_renaming
 
 __all__ = [
     "LDM_PREFIXES",
@@ -62,107 +65,7 @@ _EMA_PREFIX = "model_ema."
 # A standalone original-layout autoencoder file (e.g. `vae-ft-mse-840000-ema-pruned`) has no `first_stage_model.`.
 _BARE_LDM_VAE_KEY = "encoder.down.0.block.0.conv1.weight"
 
-_UNET_RESNET = (
-    ("in_layers.0", "norm1"),
-    ("in_layers.2", "conv1"),
-    ("emb_layers.1", "time_emb_proj"),
-    ("out_layers.0", "norm2"),
-    ("out_layers.3", "conv2"),
-    ("skip_connection", "conv_shortcut"),
-)
 _VAE_ATTENTION = (("norm", "group_norm"), ("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0"))
-
-
-class ModuleRenaming:
-    """Module paths of the original layout paired with diffusers'; a key is renamed by its longest paired prefix.
-
-    Args:
-        pairs: `(original, diffusers)` module paths. A pair renames the module and everything inside it; a longer
-            pair inside it takes precedence (e.g. a resnet, then its `skip_connection` -> `conv_shortcut`).
-        conv_as_linear: Diffusers paths of Linear layers that the original layout stores as 1x1 convolutions.
-
-    Raises:
-        ValueError: A path appears in two pairs.
-    """
-
-    def __init__(self, pairs: Iterable[tuple[str, str]], conv_as_linear: Iterable[str] = ()) -> None:
-        self.conv_as_linear = frozenset(conv_as_linear)
-        self._to_diffusers: dict[str, str] = {}
-        self._to_original: dict[str, str] = {}
-        for original, diffusers in pairs:
-            if original in self._to_diffusers or diffusers in self._to_original:
-                raise ValueError(f"{original!r} <-> {diffusers!r} is paired twice")
-            self._to_diffusers[original] = diffusers
-            self._to_original[diffusers] = original
-
-    @staticmethod
-    def _rename(key: str, table: Mapping[str, str]) -> str | None:
-        parts = key.split(".")
-        for end in range(len(parts), -1, -1):
-            if (renamed := table.get(".".join(parts[:end]))) is not None:
-                return ".".join(part for part in (renamed, *parts[end:]) if part)
-        return None
-
-    def to_diffusers(self, key: str) -> str | None:
-        """The diffusers name of an original key, or None if no paired module holds it."""
-        return self._rename(key, self._to_diffusers)
-
-    def to_original(self, key: str) -> str | None:
-        """The original name of a diffusers key, or None if no paired module holds it."""
-        return self._rename(key, self._to_original)
-
-
-def _unet_resnet(original: str, diffusers: str) -> list[tuple[str, str]]:
-    return [(f"{original}.{o}", f"{diffusers}.{d}") for o, d in _UNET_RESNET]
-
-
-def ldm_unet_renaming(
-    layers_per_block: int = 2, attention_levels: Sequence[bool] = (True, True, True, False)
-) -> ModuleRenaming:
-    """The original UNet's (`openaimodel.UNetModel`) module paths and diffusers' `UNet2DConditionModel`'s.
-
-    The original numbers its blocks flat: `input_blocks.0` is `conv_in`, then each resolution has
-    `layers_per_block` blocks (`.0` a resnet, `.1` a spatial transformer where there is attention) and a
-    downsampler (`.0.op`) but the last; `output_blocks` mirror them with one more block per resolution, the
-    upsampler being the block's last layer (`.1.conv`, or `.2.conv` after a transformer).
-
-    Args:
-        layers_per_block: Resnets per down block (diffusers' `layers_per_block`; SD1: 2).
-        attention_levels: For each resolution, highest first, whether its blocks have a transformer (SD1: all but
-            the lowest).
-    """
-    levels = len(attention_levels)
-    pairs = [
-        ("time_embed.0", "time_embedding.linear_1"),
-        ("time_embed.2", "time_embedding.linear_2"),
-        ("input_blocks.0.0", "conv_in"),
-        ("out.0", "conv_norm_out"),
-        ("out.2", "conv_out"),
-    ]
-    block = 1
-    for level, attention in enumerate(attention_levels):
-        for index in range(layers_per_block):
-            pairs += _unet_resnet(f"input_blocks.{block}.0", f"down_blocks.{level}.resnets.{index}")
-            if attention:
-                pairs.append((f"input_blocks.{block}.1", f"down_blocks.{level}.attentions.{index}"))
-            block += 1
-        if level < levels - 1:
-            pairs.append((f"input_blocks.{block}.0.op", f"down_blocks.{level}.downsamplers.0.conv"))
-            block += 1
-    pairs += _unet_resnet("middle_block.0", "mid_block.resnets.0")
-    pairs.append(("middle_block.1", "mid_block.attentions.0"))
-    pairs += _unet_resnet("middle_block.2", "mid_block.resnets.1")
-    block = 0
-    for level, attention in enumerate(reversed(attention_levels)):
-        for index in range(layers_per_block + 1):
-            pairs += _unet_resnet(f"output_blocks.{block}.0", f"up_blocks.{level}.resnets.{index}")
-            if attention:
-                pairs.append((f"output_blocks.{block}.1", f"up_blocks.{level}.attentions.{index}"))
-            if index == layers_per_block and level < levels - 1:
-                upsampler = f"output_blocks.{block}.{2 if attention else 1}.conv"
-                pairs.append((upsampler, f"up_blocks.{level}.upsamplers.0.conv"))
-            block += 1
-    return ModuleRenaming(pairs)
 
 
 def _vae_resnet(original: str, diffusers: str) -> list[tuple[str, str]]:

@@ -31,10 +31,10 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 import refiners.fluxion.layers as fl
+from refiners.adapters.lora import sd1_lora_targets
 from refiners.fluxion.adapters.lora import Lora, LoraAdapter, add_loras_to
 from refiners.foundationals.clip.common import TransformerLayer
 from refiners.foundationals.clip.text_encoder import CLIPTextEncoder, CLIPTextEncoderL
-from refiners.foundationals.clip.text_encoder_names import transformers_clip_text_modules
 from refiners.foundationals.clip.tokenizer import CLIPTokenizer, bytes_to_unicode
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder, SD1Autoencoder
 from refiners.foundationals.latent_diffusion.cross_attention import CrossAttentionBlock2d
@@ -53,7 +53,6 @@ from refiners.foundationals.latent_diffusion.unet import (
     SD1UNet,
     UpBlocks,
 )
-from refiners.foundationals.latent_diffusion.unet_names import diffusers_unet_modules
 from refiners.training.data import TrainingBatch
 from refiners.training.data_transforms import seeded_generator
 
@@ -281,10 +280,9 @@ def lora_target_layers(model: fl.Chain, targets: LoraTargets) -> dict[str, fl.We
 
 def _diffusers_names(components: StableDiffusionComponents, loras: Mapping[str, Lora[Any]]) -> dict[str, str]:
     """The name of each LoRA's target in diffusers' pipeline (`unet.down_blocks.0...to_q`,
-    `text_encoder.text_model.encoder.layers.0.self_attn.q_proj`), by the LoRA's name: what LoRA files use."""
-    modules = {f"unet.{name}": layer for name, layer in diffusers_unet_modules(components.unet).items()}
-    text_encoder = transformers_clip_text_modules(components.clip_text_encoder)
-    modules |= {f"text_encoder.{name}": layer for name, layer in text_encoder.items()}
+    `text_encoder.text_model.encoder.layers.0.self_attn.q_proj`), by the LoRA's name: what LoRA files use, and what
+    `SD1LoraAdapter` reads (`sd1_lora_targets`)."""
+    modules = sd1_lora_targets(components.unet, components.clip_text_encoder)
     by_layer = {id(layer): name for name, layer in modules.items()}
     names: dict[str, str] = {}
     for name, lora in loras.items():

@@ -518,8 +518,9 @@ class SDLoraManager:
         Args:
             name: The LoRA.
             path: The file to write.
-            layout: `refiners`, `peft` (what diffusers' `load_lora_weights` reads; down/up LoRAs only), or `kohya`
-                (with `ss_*` and `modelspec.*` metadata, for A1111, ComfyUI and kohya's tools).
+            layout: `refiners`, `peft` (what diffusers' `load_lora_weights` reads; down/up LoRAs only; the text
+                encoder's modules named as transformers 5 names them, without `text_model.`), or `kohya` (with
+                `ss_*` and `modelspec.*` metadata, for A1111, ComfyUI and kohya's tools).
             base_model: The kohya base model written in the metadata.
         """
         _save(path, self.lora_specs(name), layout, base_model)
@@ -553,7 +554,12 @@ def _save(path: str | Path, specs: Mapping[str, LoraSpec], layout: LoraLayout, b
         case "refiners":
             save_refiners_lora(path, specs)
         case "peft":
-            save_peft_lora(path, specs)
+            # diffusers' `save_lora_weights` names the text encoder's modules as transformers 5 does, without its
+            # `text_model` wrapper, and `load_lora_weights` (with transformers 5) silently skips them with it.
+            renamed = {
+                name.replace("text_encoder.text_model.", "text_encoder.", 1): spec for name, spec in specs.items()
+            }
+            save_peft_lora(path, renamed)
         case "kohya":
             save_kohya_lora(path, specs, base_model=base_model)
 
