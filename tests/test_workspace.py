@@ -30,7 +30,8 @@ ALLOWED_SIBLINGS: dict[str, set[str]] = {
 # The references our tests compare with: never a runtime dependency (converters may import them lazily, for their
 # optional check against the reference).
 REFERENCE_LIBRARIES = {"diffusers", "transformers", "peft"}
-FLUXION_REQUIREMENTS = {"torch", "safetensors"}
+# numpy only because safetensors needs it to save tensors (`safetensors.torch.save_file` imports it).
+FLUXION_REQUIREMENTS = {"torch", "safetensors", "numpy"}
 
 
 def _pyproject(member: str) -> dict[str, Any]:
@@ -94,7 +95,7 @@ def test_lock_file_agrees() -> None:
             assert {dependency["name"] for dependency in locked_extra} == {Requirement(line).name for line in lines}
 
 
-def test_fluxion_depends_only_on_torch_and_safetensors() -> None:
+def test_fluxion_depends_only_on_torch_safetensors_and_numpy() -> None:
     project = _pyproject("fluxion")["project"]
     assert {Requirement(line).name for line in project["dependencies"]} == FLUXION_REQUIREMENTS
 

@@ -14,7 +14,6 @@ import copy
 import json
 import re
 import textwrap
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders.lora_base import set_adapters_for_text_encoder
 from diffusers.loaders.lora_conversion_utils import (
     _convert_non_diffusers_lora_to_diffusers,  # pyright: ignore[reportPrivateUsage]
 )
@@ -37,7 +37,6 @@ from refiners.adapters.lora import (
     SDLoraManager,
     UnmatchedLoraKeysError,
     UnmatchedLoraKeysWarning,
-    convert_sd1_lora,
     parse_lora_file,
 )
 from refiners.converters.cli import main as refiners_convert
@@ -208,12 +207,18 @@ def assert_same_outputs(ours: Outputs, expected: Outputs, relative_atol: float =
         torch.testing.assert_close(actual, reference, atol=atol, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def diffusers_with(reference: Reference, source: str | Path | dict[str, Tensor], **kwargs: Any) -> Outputs:
+def lora_state_dict(
+    source: str | dict[str, Tensor], **kwargs: Any
+) -> tuple[dict[str, Tensor], dict[str, float] | None, dict[str, Any] | None]:
+    """diffusers' `lora_state_dict`: the state dict in diffusers' layout, the network alphas, the PEFT metadata."""
+    loaded: Any = StableDiffusionPipeline.lora_state_dict(source, return_lora_metadata=True, **kwargs)
+    return loaded
+
+
+def diffusers_with(reference: Reference, source: Path | dict[str, Tensor], **kwargs: Any) -> Outputs:
     """Load a LoRA as `StableDiffusionPipeline.load_lora_weights` does, into copies of the reference models."""
     unet, text_encoder = copy.deepcopy(reference.unet), copy.deepcopy(reference.text_encoder)
-    state_dict, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
-        str(source) if isinstance(source, Path) else dict(source), return_lora_metadata=True, **kwargs
-    )
+    state_dict, alphas, metadata = lora_state_dict(str(source) if isinstance(source, Path) else dict(source), **kwargs)
     StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, unet=unet, metadata=metadata)
     if any(key.startswith("text_encoder.") for key in state_dict):
         StableDiffusionPipeline.load_lora_into_text_encoder(
@@ -251,12 +256,15 @@ class Trained:
     unet_config: LoraConfig
     text_config: LoraConfig
 
-    def state_dicts(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def state_dicts(self) -> tuple[dict[str, Any], dict[str, Any]]:
         return get_peft_model_state_dict(self.unet), get_peft_model_state_dict(self.text_encoder)
 
     def prefixed(self) -> dict[str, Tensor]:
         unet, text_encoder = self.state_dicts()
-        return {**{f"unet.{k}": v for k, v in unet.items()}, **{f"text_encoder.{k}": v for k, v in text_encoder.items()}}
+        return {
+            **{f"unet.{k}": v for k, v in unet.items()},
+            **{f"text_encoder.{k}": v for k, v in text_encoder.items()},
+        }
 
     def save(self, folder: Path) -> Path:
         """As diffusers' training scripts save it, with PEFT's config in `lora_adapter_metadata`."""
@@ -344,7 +352,7 @@ def test_the_attention_processor_layout_in_a_bin_file(
     unet_only = {k: v for k, v in kohya.items() if k.startswith("lora_unet_") and not k.endswith(".alpha")}
     converted, _ = _convert_non_diffusers_lora_to_diffusers(unet_only)
     state_dict = {key.removeprefix("unet."): value for key, value in converted.items()}
-    assert all(".processor.to_" in key and "_lora.down.weight" in key or "_lora.up." in key for key in state_dict)
+    assert all(re.search(r"\.processor\.to_(q|k|v|out)_lora\.(down|up)\.weight$", key) for key in state_dict)
     torch.save(state_dict, tmp_path / "pytorch_lora_weights.bin")
     base = our_outputs(sd)
     lora = SD1LoraAdapter.from_safetensors(target=sd, checkpoint_path=tmp_path / "pytorch_lora_weights.bin", scale=1.0)
@@ -363,18 +371,19 @@ def test_the_attention_processor_layout_in_a_bin_file(
 
 def test_a_kohya_file(tmp_path: Path, reference: Reference, sd: StableDiffusion_1) -> None:
     state_dict = kohya_file(train(reference))
-    assert any(key.endswith(".lora_down.weight") and value.dim() == 4 and value.shape[-1] == 3 for key, value in state_dict.items())
+    assert any(
+        key.endswith(".lora_down.weight") and value.dim() == 4 and value.shape[-1] == 3
+        for key, value in state_dict.items()
+    )
     path = tmp_path / "kohya.safetensors"
     save_to_safetensors(path, state_dict)
     SD1LoraAdapter.from_safetensors(target=sd, checkpoint_path=path, scale=0.7).inject()
     # diffusers has no scale at load: it is the adapter weight.
     unet, text_encoder = copy.deepcopy(reference.unet), copy.deepcopy(reference.text_encoder)
-    loaded, alphas = StableDiffusionPipeline.lora_state_dict(str(path))
+    loaded, alphas, _ = lora_state_dict(str(path))
     StableDiffusionPipeline.load_lora_into_unet(loaded, alphas, unet=unet, adapter_name="kohya")
     StableDiffusionPipeline.load_lora_into_text_encoder(loaded, alphas, text_encoder=text_encoder, adapter_name="kohya")
     unet.set_adapters(["kohya"], weights=[0.7])
-    from diffusers.loaders.lora_base import set_adapters_for_text_encoder
-
     set_adapters_for_text_encoder(["kohya"], text_encoder, [0.7])
     assert_same_outputs(our_outputs(sd), diffusers_outputs(unet, text_encoder))
 
@@ -408,9 +417,7 @@ def test_kohya_alphas_per_module_and_missing(reference: Reference, sd: StableDif
     assert_same_outputs(our_outputs(sd), merged_outputs(reference, deltas))
 
 
-def test_a_kohya_file_with_the_original_unet_names(
-    tmp_path: Path, reference: Reference, sd: StableDiffusion_1
-) -> None:
+def test_a_kohya_file_with_the_original_unet_names(tmp_path: Path, reference: Reference, sd: StableDiffusion_1) -> None:
     # Some model-site files name the UNet's modules as the original Stable Diffusion code does
     # (`lora_unet_input_blocks_1_1_proj_in`, `lora_unet_output_blocks_3_0_in_layers_2`...).
     renaming = ldm_unet_renaming()
@@ -419,9 +426,7 @@ def test_a_kohya_file_with_the_original_unet_names(
         if key.startswith("lora_unet_"):
             module, _, tensor = key.partition(".")
             diffusers_name = next(
-                name.removeprefix("unet.")
-                for name in sd_module.sd1_lora_targets(sd.unet)
-                if kohya_name(name) == module
+                name.removeprefix("unet.") for name in sd_module.sd1_lora_targets(sd.unet) if kohya_name(name) == module
             )
             original = renaming.to_original(diffusers_name)
             assert original is not None
@@ -487,7 +492,10 @@ def test_lycoris_kinds_follow_their_formulas(reference: Reference, sd: StableDif
         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (
             "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
             unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"),
-            {f"hada_{n}": randn(*s, generator=g) for n, s in [("w1_a", (32, 4)), ("w1_b", (4, 32)), ("w2_a", (32, 4)), ("w2_b", (4, 32))]},
+            {
+                f"hada_{n}": randn(*s, generator=g)
+                for n, s in [("w1_a", (32, 4)), ("w1_b", (4, 32)), ("w2_a", (32, 4)), ("w2_b", (4, 32))]
+            },
             2.0,
         ),
         "unet.down_blocks.0.resnets.0.conv1": (
@@ -506,7 +514,11 @@ def test_lycoris_kinds_follow_their_formulas(reference: Reference, sd: StableDif
         "unet.up_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj": (
             "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_ff_net_0_proj",
             unet.get_submodule("up_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj"),
-            {"lokr_w1": randn(8, 4, generator=g), "lokr_w2_a": randn(64, 2, generator=g), "lokr_w2_b": randn(2, 16, generator=g)},
+            {
+                "lokr_w1": randn(8, 4, generator=g),
+                "lokr_w2_a": randn(64, 2, generator=g),
+                "lokr_w2_b": randn(2, 16, generator=g),
+            },
             1.0,
         ),
         "unet.mid_block.resnets.0.conv2": (
@@ -533,7 +545,11 @@ def test_lycoris_kinds_follow_their_formulas(reference: Reference, sd: StableDif
         "text_encoder.text_model.encoder.layers.1.mlp.fc1": (
             "lora_te_text_model_encoder_layers_1_mlp_fc1",
             text_encoder.get_submodule("encoder.layers.1.mlp.fc1"),
-            {"lokr_w1": randn(4, 2, generator=g), "lokr_w2_a": randn(16, 3, generator=g), "lokr_w2_b": randn(3, 16, generator=g)},
+            {
+                "lokr_w1": randn(4, 2, generator=g),
+                "lokr_w2_a": randn(16, 3, generator=g),
+                "lokr_w2_b": randn(3, 16, generator=g),
+            },
             1.0,
         ),
     }
@@ -547,7 +563,10 @@ def test_lycoris_kinds_follow_their_formulas(reference: Reference, sd: StableDif
         "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": (
             "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
             text_encoder.get_submodule("encoder.layers.0.self_attn.q_proj"),
-            {f"hada_{n}": randn(*s, generator=g) for n, s in [("w1_a", (32, 2)), ("w1_b", (2, 32)), ("w2_a", (32, 2)), ("w2_b", (2, 32))]},
+            {
+                f"hada_{n}": randn(*s, generator=g)
+                for n, s in [("w1_a", (32, 2)), ("w1_b", (2, 32)), ("w2_a", (32, 2)), ("w2_b", (2, 32))]
+            },
             2.0,
         ),
     }
@@ -601,7 +620,10 @@ def test_a_stray_key_is_reported_with_what_the_model_has_near_it(
     save_to_safetensors(path, state_dict)
     base = our_outputs(sd)
     manager = SDLoraManager(sd)
-    with pytest.raises(UnmatchedLoraKeysError, match=rf"{stray}\.lora_down\.weight.*nearest: unet\.down_blocks\.0\.attentions\.0\.proj_in") as error:
+    with pytest.raises(
+        UnmatchedLoraKeysError,
+        match=rf"{stray}\.lora_down\.weight.*nearest: unet\.down_blocks\.0\.attentions\.0\.proj_in",
+    ) as error:
         manager.add_loras("stray", path)
     assert sorted(error.value.unmatched) == sorted(key for key in state_dict if key.startswith(stray))
     with pytest.raises(UnmatchedLoraKeysError, match=stray):
@@ -672,7 +694,10 @@ def test_refiners_convert_lora(
     assert capsys.readouterr().out.strip() == str(normalised)
     # The refiners layout: dotted module names with the component first, every alpha written.
     keys = list(parse_lora_file(normalised).specs)
-    assert all(key.startswith(("unet.down_blocks.", "unet.mid_block.", "unet.up_blocks.", "text_encoder.text_model.")) for key in keys)
+    assert all(
+        key.startswith(("unet.down_blocks.", "unet.mid_block.", "unet.up_blocks.", "text_encoder.text_model."))
+        for key in keys
+    )
     SDLoraManager(sd).add_loras("normalised", normalised)
     assert_same_outputs(our_outputs(sd), expected)
     peft = tmp_path / "peft.safetensors"

@@ -41,7 +41,10 @@ METADATA_KEY = "refiners_training"
 
 
 def _output_folder(trainer: Trainer, dirpath: str | None, name: str) -> Path:
-    """`dirpath`, or `name` inside the run's log folder (the logger's versioned folder, else the root dir)."""
+    """`dirpath`, or `name` inside the run's log folder (the logger's versioned folder, else the root dir).
+
+    Call it on every rank: `Trainer.log_dir` broadcasts rank zero's folder.
+    """
     if dirpath is not None:
         return Path(dirpath)
     return Path(trainer.log_dir or trainer.default_root_dir) / name
@@ -163,6 +166,7 @@ class ExportLora(Callback):
         self.peft_text_model_prefix = peft_text_model_prefix
         self.exported: list[Path] = []
         self._last_checkpoint_step: int | None = None
+        self._folder: Path | None = None
 
     def paths(self, folder: str | Path, step: int | None = None) -> dict[LoraFormat, Path]:
         """The file of each format: of a checkpoint at `step`, or the final one (`step=None`).
@@ -176,6 +180,8 @@ class ExportLora(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         _fine_tuning(pl_module, type(self).__name__)
+        # On every rank: the log folder is agreed on by a collective call (only rank zero writes).
+        self._folder = _output_folder(trainer, self.dirpath, "loras")
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # Several checkpoints may be saved at one step (`epoch=...ckpt` and `last.ckpt`): export once.
@@ -194,7 +200,7 @@ class ExportLora(Callback):
         specs = specs_of(source.diffusers_loras())
         peft_specs = specs if self.peft_text_model_prefix else {_without_text_model(name): spec for name, spec in specs.items()}
         metadata = lora_metadata(trainer, module, averaged=source is not module)
-        folder = _output_folder(trainer, self.dirpath, "loras")
+        folder = self._folder or _output_folder(trainer, self.dirpath, "loras")
         folder.mkdir(parents=True, exist_ok=True)
         paths = self.paths(folder, step)
         for format, path in paths.items():
@@ -284,10 +290,13 @@ class SampleImages(Callback):
         self.size = size
         self.dirpath = dirpath
         self._last_step: int | None = None
+        self._folder: Path | None = None
         self.saved: list[Path] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         _fine_tuning(pl_module, type(self).__name__)
+        # On every rank: the log folder is agreed on by a collective call (only rank zero samples).
+        self._folder = _output_folder(trainer, self.dirpath, "samples")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.at_start:
@@ -338,7 +347,7 @@ class SampleImages(Callback):
             return None
         size = self.size or getattr(trainer.datamodule, "resolution", None) or 512
         grid = image_grid(self.images(module, size))
-        folder = _output_folder(trainer, self.dirpath, "samples")
+        folder = self._folder or _output_folder(trainer, self.dirpath, "samples")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step={step:06d}.png"
         temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")

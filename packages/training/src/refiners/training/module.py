@@ -519,6 +519,8 @@ class LoraFineTuning(LightningModule):
                     if id(module) not in lora_modules:
                         memo[id(module)] = module  # e.g. a LoRA's parent adapter: referenced, not copied
             memo[id(self._components)] = None
+        # A factory from a config may hold what cannot be copied (LightningCLI's hold a lock); a copy can share it.
+        memo[id(self.optimizer_factory)] = self.optimizer_factory
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
         clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))

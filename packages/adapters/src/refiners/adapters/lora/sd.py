@@ -310,7 +310,10 @@ class SD1LoraAdapter:
         unet, text_encoder = _components(self.target)
         _check_new_name(self.name, sd1_lora_targets(unet, text_encoder))
         for module, lora in self._loras.items():
-            _attach(self._layers[module], lora)
+            layer = self._layers[module]
+            # The model may have moved since the LoRAs were built: they follow it.
+            lora.to(device=layer.device, dtype=layer.dtype)
+            _attach(layer, lora)
         self._injected = True
         return self
 
@@ -318,13 +321,16 @@ class SD1LoraAdapter:
         """Take the LoRAs out (unfused first if needed): the model is as it was before `inject`."""
         if not self._injected:
             raise ValueError(f"LoRA {self.name!r} is not injected: nothing to eject")
+        adapters: list[LoraAdapter] = []
         for module, lora in self._loras.items():
             adapter = lora.parent
             if not isinstance(adapter, LoraAdapter):
                 raise RuntimeError(
                     f"the LoRA {self.name!r} of {module} was taken out of the model by other means "
-                    f"(e.g. `SDLoraManager.remove_loras`): nothing left to eject"
+                    f"(e.g. `SDLoraManager.remove_loras`): eject nothing, or remove the rest the same way"
                 )
+            adapters.append(adapter)
+        for adapter in adapters:
             _detach(adapter, self.name)
         self._injected = False
 
@@ -333,9 +339,9 @@ class SDLoraManager:
     """Many LoRAs by name on a Stable Diffusion 1.x model, with their scales; fuse, unfuse and export them.
 
     LoRAs on the same layer share its `LoraAdapter`, each with its own scale. The LoRA of a layer runs at
-    `scale * block scale`, where the block scale is the value of the most specific selector of `set_block_scales`
-    that selects the layer (1 if none): per component (`text_encoder`, `unet`), per part of the UNet
-    (`unet.down_blocks`, `unet.mid_block`, `unet.up_blocks`), per block (`unet.up_blocks.1`, or one transformer,
+    `scale * block scale`, where the block scale is the value of the last selector of `set_block_scales` that
+    selects the layer (1 if none): per component (`text_encoder`, `unet`), per part of the UNet (`unet.down_blocks`,
+    `unet.mid_block`, `unet.up_blocks`), per block (`unet.up_blocks.1`, or one transformer,
     `unet.up_blocks.1.attentions.2`), per layer, or by glob (`unet.*.attn2.*`). Changing scales needs no reload:
     switch between loaded LoRAs by setting their scales.
 
@@ -351,11 +357,16 @@ class SDLoraManager:
         self.target = target
         self._scales: dict[str, float] = {}
         self._block_scales: dict[str, dict[str, float]] = {}
+        self._modules: tuple[SD1UNet, CLIPTextEncoder, dict[str, Targetable]] | None = None
 
     @property
     def modules(self) -> dict[str, Targetable]:
         """The layers a LoRA may update, by module name (see `sd1_lora_targets`)."""
-        return sd1_lora_targets(*_components(self.target))
+        unet, text_encoder = _components(self.target)
+        # Walking the model takes longer than what most calls do: the map is kept until a component is replaced.
+        if self._modules is None or self._modules[0] is not unet or self._modules[1] is not text_encoder:
+            self._modules = (unet, text_encoder, sd1_lora_targets(unet, text_encoder))
+        return dict(self._modules[2])
 
     @property
     def names(self) -> list[str]:
@@ -366,7 +377,11 @@ class SDLoraManager:
     def scales(self) -> dict[str, float]:
         """The scale of each LoRA (without its block scales)."""
         modules = self.modules
-        return {name: self._scale_of(name, modules) for name in _lora_names(modules)}
+        names = _lora_names(modules)
+        # Forget what was recorded of LoRAs taken out by other means (e.g. `LoraAdapter.remove_lora`).
+        self._scales = {name: scale for name, scale in self._scales.items() if name in names}
+        self._block_scales = {name: blocks for name, blocks in self._block_scales.items() if name in names}
+        return {name: self._scale_of(name, modules) for name in names}
 
     def block_scales(self, name: str) -> dict[str, float]:
         """The block scales of the LoRA `name` (see `set_block_scales`)."""
@@ -470,12 +485,13 @@ class SDLoraManager:
     def set_block_scales(self, name: str, block_scales: Mapping[str, float]) -> None:
         """Replace the block scales of the LoRA `name`: multipliers of its scale for the layers each selector picks.
 
-        A selector is a module name, a prefix of module names at a dot, or a glob; where several select a layer,
-        the longest wins. Layers no selector picks keep the LoRA's scale.
+        A selector is a module name, a prefix of module names at a dot, or a glob. Selectors apply in order, each
+        overriding the ones before it on the layers it selects: write the general ones first. Layers no selector
+        picks keep the LoRA's scale.
 
         Args:
             name: The LoRA.
-            block_scales: E.g. `{"text_encoder": 0.5, "unet.down_blocks": 0.0, "unet.up_blocks.1": 1.2}`.
+            block_scales: E.g. `{"text_encoder": 0.5, "unet.down_blocks": 0.0, "unet.down_blocks.2": 1.2}`.
         """
         modules = self.modules
         loras = self._loras(name, modules)
@@ -488,18 +504,22 @@ class SDLoraManager:
         """Fold the LoRAs `names` (default: all) into their layers' weights: forwards then cost what the bare model
         costs. Updates are summed in float32 and written once in the weights' dtype; `unfuse` restores them bit for
         bit. Changing the scale of a fused LoRA re-fuses it."""
-        modules = self.modules
-        for name in names or _lora_names(modules):
-            for adapter, lora in self._loras(name, modules).values():
-                adapter.fuse(lora.name)
+        for adapter, selected in self._by_adapter(names):
+            if selected == adapter.names:
+                adapter.fuse()  # all of its LoRAs at once: the weight is written once
+            else:
+                for name in selected:
+                    adapter.fuse(name)
 
     def unfuse(self, *names: str) -> None:
         """Take the LoRAs `names` (default: all) out of the weights; with none left fused, a layer's weight is its
         original, bit for bit."""
-        modules = self.modules
-        for name in names or _lora_names(modules):
-            for adapter, lora in self._loras(name, modules).values():
-                adapter.unfuse(lora.name)
+        for adapter, selected in self._by_adapter(names):
+            if selected == adapter.names:
+                adapter.unfuse()
+            else:
+                for name in selected:
+                    adapter.unfuse(name)
 
     def lora_specs(self, name: str) -> dict[str, LoraSpec]:
         """The LoRA `name` as specs by module name, for the writers of `refiners.adapters.lora.export` (its scales
@@ -531,6 +551,15 @@ class SDLoraManager:
             raise LookupError(f"no LoRA named {name!r} on the model; its LoRAs are {_lora_names(modules)}")
         return loras
 
+    def _by_adapter(self, names: Sequence[str]) -> list[tuple[LoraAdapter, list[str]]]:
+        """The adapters holding the LoRAs `names` (default: all), each with those of its LoRAs, in its order."""
+        modules = self.modules
+        groups: dict[int, tuple[LoraAdapter, set[str]]] = {}
+        for name in names or _lora_names(modules):
+            for adapter, _ in self._loras(name, modules).values():
+                groups.setdefault(id(adapter), (adapter, set()))[1].add(name)
+        return [(adapter, [name for name in adapter.names if name in chosen]) for adapter, chosen in groups.values()]
+
     def _scale_of(self, name: str, modules: Mapping[str, Targetable]) -> float:
         if name in self._scales:
             return self._scales[name]
@@ -545,8 +574,12 @@ class SDLoraManager:
 
 
 def _block_scale(module: str, block_scales: Mapping[str, float]) -> float:
-    selected = [pattern for pattern in block_scales if _matches(module, pattern)]
-    return block_scales[max(selected, key=len)] if selected else 1.0
+    """The value of the last selector that selects `module`, or 1."""
+    scale = 1.0
+    for pattern, value in block_scales.items():
+        if _matches(module, pattern):
+            scale = value
+    return scale
 
 
 def _save(path: str | Path, specs: Mapping[str, LoraSpec], layout: LoraLayout, base_model: KohyaBaseModel) -> None:
