@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,12 +30,21 @@ def _environment() -> dict[str, str]:
     return os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def refiners_train(*arguments: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+def refiners_train(*arguments: str | Path, cwd: Path) -> str:
     """Run the `refiners-train` console script, as a user would."""
     command = [str(Path(sys.executable).parent / "refiners-train"), *map(str, arguments)]
-    result = subprocess.run(command, cwd=cwd, env=_environment(), capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
-    return result
+    process = subprocess.Popen(
+        command, cwd=cwd, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the whole group: Lightning may have started other processes
+        output, _ = process.communicate()
+        raise AssertionError(f"{' '.join(command)} did not finish in 300 s:\n{output}") from None
+    assert process.returncode == 0, f"{' '.join(command)} failed:\n{output}"
+    return output
 
 
 def test_configs_are_shipped() -> None:
@@ -82,7 +92,9 @@ def test_bad_config_values_are_errors(
 ) -> None:
     config = ROOT / "configs" / "tiny-lora.yaml"
     with pytest.raises(SystemExit):
-        LoraTrainingCLI(args=["--config", str(config), "--data.data_dir", str(metadata_folder.path), *arguments], run=False)
+        LoraTrainingCLI(
+            args=["--config", str(config), "--data.data_dir", str(metadata_folder.path), *arguments], run=False
+        )
     assert message in capsys.readouterr().err
 
 

@@ -18,7 +18,7 @@ from refiners.training.sample_data import SampleImageFolder
 ROOT = Path(__file__).resolve().parents[2]
 
 # A callback the ranks load from PYTHONPATH: each saves its own LoRA weights and the captions it trained on.
-PROBE = '''
+PROBE = """
 import json
 from pathlib import Path
 
@@ -43,10 +43,12 @@ class RankProbe(Callback):
         save_to_safetensors(self.folder / f"rank{rank}.safetensors", state)
         info = {"world_size": trainer.world_size, "global_step": trainer.global_step, "captions": self.captions}
         (self.folder / f"rank{rank}.json").write_text(json.dumps(info))
-'''
+"""
 
 
-def test_two_process_ddp_ends_with_the_same_lora_on_both_ranks(metadata_folder: SampleImageFolder, tmp_path: Path) -> None:
+def test_two_process_ddp_ends_with_the_same_lora_on_both_ranks(
+    metadata_folder: SampleImageFolder, tmp_path: Path
+) -> None:
     (tmp_path / "probe").mkdir()
     (tmp_path / "probe" / "rank_probe.py").write_text(textwrap.dedent(PROBE))
     environment = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path / "probe")}
@@ -83,10 +85,18 @@ def test_two_process_ddp_ends_with_the_same_lora_on_both_ranks(metadata_folder: 
 
     # The LoRA trained, and rank 0 exported what both ranks hold.
     initial = LoraFineTuning(base="tiny", targets="transformer", rank=4, train_text_encoder=True)
-    assert all(not torch.equal(ranks[0][key], tensor) for key, tensor in initial.state_dict().items() if key.endswith("_2.weight"))
-    exported = load_from_safetensors(tmp_path / "outputs" / "tiny-lora" / "tensorboard" / "version_0" / "loras" / "lora.safetensors")
+    assert all(
+        not torch.equal(ranks[0][key], tensor)
+        for key, tensor in initial.state_dict().items()
+        if key.endswith("_2.weight")
+    )
+    exported = load_from_safetensors(
+        tmp_path / "outputs" / "tiny-lora" / "tensorboard" / "version_0" / "loras" / "lora.safetensors"
+    )
     for name, lora in initial.named_loras().items():
         prefix = f"loras.{name.replace('.', '/')}"
         for role, layer in (("lora_down", lora.down), ("lora_up", lora.up)):
             expected = ranks[0][f"{prefix}.{lora.key_of(layer)}.weight"]
-            torch.testing.assert_close(exported[f"{initial.diffusers_names[name]}.{role}.weight"], expected, atol=0, rtol=0)
+            torch.testing.assert_close(
+                exported[f"{initial.diffusers_names[name]}.{role}.weight"], expected, atol=0, rtol=0
+            )

@@ -6,10 +6,13 @@ The references (diffusers' UNet, transformers' CLIP text model) are built from t
 key maps.
 """
 
+import inspect
 import json
+import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -24,6 +27,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from transformers import CLIPTextConfig, CLIPTextModel
 
+import refiners.training.callbacks
+import refiners.training.module
 from refiners.adapters.lora import SD1LoraAdapter, parse_lora_file
 from refiners.converters.clip_text import transformers_clip_text_key_map
 from refiners.converters.engine import KeyMap
@@ -35,6 +40,8 @@ from refiners.training import (
     CaptionedImageDataModule,
     ExportLora,
     LoraFineTuning,
+    LoraTargets,
+    PredictionType,
     SampleImages,
     StableDiffusionComponents,
     build_components,
@@ -58,6 +65,10 @@ SETTINGS: dict[str, Any] = {
     "text_encoder_learning_rate": 5e-3,
     "min_snr_gamma": 5.0,
 }
+
+
+def _settings(**overrides: Any) -> dict[str, Any]:
+    return SETTINGS | overrides
 
 
 def _trainer(root: Path, max_steps: int, callbacks: list[Callback], **kwargs: Any) -> Trainer:
@@ -131,10 +142,11 @@ def transformers_text_encoder(components: StableDiffusionComponents) -> CLIPText
 
 
 def diffusers_pipeline(components: StableDiffusionComponents) -> StableDiffusionPipeline:
+    # diffusers annotates these sequences as one-element tuples.
     vae = AutoencoderKL(
-        block_out_channels=(32, 32, 32, 32),
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=(32, 32, 32, 32),  # pyright: ignore[reportArgumentType]
+        down_block_types=("DownEncoderBlock2D",) * 4,  # pyright: ignore[reportArgumentType]
+        up_block_types=("UpDecoderBlock2D",) * 4,  # pyright: ignore[reportArgumentType]
         layers_per_block=1,
     )
     return StableDiffusionPipeline(
@@ -142,7 +154,7 @@ def diffusers_pipeline(components: StableDiffusionComponents) -> StableDiffusion
         text_encoder=transformers_text_encoder(components),
         tokenizer=None,  # pyright: ignore[reportArgumentType] (only the models are compared)
         unet=diffusers_unet(components),
-        scheduler=DDPMScheduler(),
+        scheduler=DDPMScheduler(),  # pyright: ignore[reportArgumentType]
         safety_checker=None,  # pyright: ignore[reportArgumentType]
         feature_extractor=None,  # pyright: ignore[reportArgumentType]
         requires_safety_checker=False,
@@ -283,7 +295,9 @@ def test_base_weights_are_bit_identical_after_training(run: Run) -> None:
     assert after.keys() == run.base_before.keys()
     for key, tensor in run.base_before.items():
         assert torch.equal(after[key], tensor), key
-    changed = [key for key, tensor in _lora_state(run.module).items() if not torch.equal(tensor, run.initial_loras[key])]
+    changed = [
+        key for key, tensor in _lora_state(run.module).items() if not torch.equal(tensor, run.initial_loras[key])
+    ]
     assert len(changed) == len(run.initial_loras)
 
 
@@ -299,9 +313,9 @@ def reference_unet() -> UNet2DConditionModel:
     ("prediction_type", "min_snr_gamma"), [("epsilon", None), ("epsilon", 5.0), ("v_prediction", 5.0)]
 )
 def test_loss_matches_diffusers_training_script(
-    reference_unet: UNet2DConditionModel, prediction_type: str, min_snr_gamma: float | None
+    reference_unet: UNet2DConditionModel, prediction_type: PredictionType, min_snr_gamma: float | None
 ) -> None:
-    module = LoraFineTuning(base="tiny", prediction_type=prediction_type, min_snr_gamma=min_snr_gamma)  # pyright: ignore[reportArgumentType]
+    module = LoraFineTuning(base="tiny", prediction_type=prediction_type, min_snr_gamma=min_snr_gamma)
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(4, 4, 8, 8, generator=generator)
     text_embeddings = torch.randn(4, 77, 32, generator=generator)
@@ -313,7 +327,7 @@ def test_loss_matches_diffusers_training_script(
     scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=prediction_type
     )
-    timesteps = module.solver.timesteps[steps]
+    timesteps = cast(torch.IntTensor, module.solver.timesteps[steps])
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)
     target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
     with torch.no_grad():
@@ -360,7 +374,26 @@ def test_gradient_checkpointing_gives_the_same_gradients() -> None:
         module.loss(latents, text_embeddings, noise, steps).backward()
     for (name, expected), actual in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
         assert expected.grad is not None and actual.grad is not None
-        torch.testing.assert_close(actual.grad, expected.grad, atol=1e-6 * expected.grad.abs().max().item(), rtol=0, msg=name)
+        torch.testing.assert_close(
+            actual.grad, expected.grad, atol=1e-6 * expected.grad.abs().max().item(), rtol=0, msg=name
+        )
+
+
+def test_bf16_mixed_precision_trains_float32_loras(metadata_folder: SampleImageFolder, tmp_path: Path) -> None:
+    module = LoraFineTuning(base="tiny", rank=4, learning_rate=1e-2)
+    initial = _lora_state(module)
+    losses: list[float] = []
+
+    class Losses(Callback):
+        def on_train_batch_end(
+            self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+        ) -> None:
+            losses.append(float(outputs["loss"]))
+
+    _trainer(tmp_path, 3, [Losses()], precision="bf16-mixed").fit(module, _data(metadata_folder))
+    assert len(losses) == 3 and all(0 < loss < 10 for loss in losses)
+    assert all(parameter.dtype == torch.float32 for parameter in module.parameters())
+    assert all(not torch.equal(tensor, initial[key]) for key, tensor in _lora_state(module).items())
 
 
 # -- checkpoints and resume --------------------------------------------------------------------------------------
@@ -383,7 +416,7 @@ def _resumable_run(
     folder: SampleImageFolder, root: Path, stop_at: int | None = None, ckpt_path: Path | None = None
 ) -> tuple[LoraFineTuning, ExportLora]:
     # Gradient accumulation and clipping, warmup then cosine decay, EMA: all of it must come back from a checkpoint.
-    module = LoraFineTuning(**SETTINGS | {"warmup_steps": 2, "lr_schedule": "cosine", "offset_noise": 0.05})
+    module = LoraFineTuning(**_settings(warmup_steps=2, lr_schedule="cosine", offset_noise=0.05))
     export = ExportLora(dirpath=str(root / "loras"), formats=["refiners"])
     callbacks: list[Callback] = [
         EMAWeightAveraging(decay=0.9),
@@ -401,7 +434,9 @@ def _resumable_run(
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(metadata_folder: SampleImageFolder, tmp_path_factory: pytest.TempPathFactory) -> tuple[LoraFineTuning, Path]:
+def uninterrupted(
+    metadata_folder: SampleImageFolder, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[LoraFineTuning, Path]:
     root = tmp_path_factory.mktemp("uninterrupted")
     module, _ = _resumable_run(metadata_folder, root)
     return module, root
@@ -464,7 +499,9 @@ def fresh_components() -> StableDiffusionComponents:
     return build_components("tiny", seed=0)
 
 
-def test_exported_lora_loads_with_sd1_lora_adapter(run: Run, fresh_components: StableDiffusionComponents, probe: Probe) -> None:
+def test_exported_lora_loads_with_sd1_lora_adapter(
+    run: Run, fresh_components: StableDiffusionComponents, probe: Probe
+) -> None:
     path = run.export.paths(run.log_dir / "loras")["refiners"]
     components = build_components("tiny", seed=0)
     sd = StableDiffusion_1(unet=components.unet, lda=components.lda, clip_text_encoder=components.clip_text_encoder)
@@ -473,8 +510,8 @@ def test_exported_lora_loads_with_sd1_lora_adapter(run: Run, fresh_components: S
     expected_unet, expected_text = _outputs(run.module.unet, run.module.clip_text_encoder, probe)
     base_unet, _ = _outputs(fresh_components.unet, fresh_components.clip_text_encoder, probe)
     assert (expected_unet - base_unet).abs().max() > 1e-2  # the LoRA changes the outputs
-    torch.testing.assert_close(unet_output, expected_unet, atol=0, rtol=0)
-    torch.testing.assert_close(text_output, expected_text, atol=0, rtol=0)
+    _close(unet_output, expected_unet)
+    _close(text_output, expected_text)
 
 
 @pytest.mark.parametrize("layout", ["peft", "kohya"])
@@ -520,9 +557,11 @@ def test_samples_are_saved_as_grids_and_logged(run: Run, fresh_components: Stabl
     base = StableDiffusion_1(
         unet=fresh_components.unet, lda=fresh_components.lda, clip_text_encoder=fresh_components.clip_text_encoder
     )
-    first = base.generate(PROMPTS[0], num_inference_steps=4, height=RESOLUTION, width=RESOLUTION, seed=0, progress=False)[0]
-    assert list(first.getdata()) == list(grids[0].crop((0, 0, RESOLUTION, RESOLUTION)).getdata())
-    assert list(grids[0].getdata()) != list(grids[-1].getdata())  # and the LoRA changes them
+    first = base.generate(
+        PROMPTS[0], num_inference_steps=4, height=RESOLUTION, width=RESOLUTION, seed=0, progress=False
+    )[0]
+    assert first.tobytes() == grids[0].crop((0, 0, RESOLUTION, RESOLUTION)).tobytes()
+    assert grids[0].tobytes() != grids[-1].tobytes()  # and the LoRA changes them
     events = EventAccumulator(str(run.log_dir))
     events.Reload()
     assert [event.step for event in events.Images("samples")] == [0, 12, 24]
@@ -538,8 +577,7 @@ def _converted_folder(components: StableDiffusionComponents, folder: Path) -> Pa
     save_to_safetensors(folder / AUTOENCODER_FILE, components.lda.state_dict())
     tokenizer = components.clip_text_encoder.tokenizer
     assert tokenizer is not None
-    encoder_state = {key: tensor for key, tensor in components.clip_text_encoder.state_dict().items()}
-    save_to_safetensors(folder / CLIP_TEXT_FILE, encoder_state, tokenizer.to_metadata())
+    save_to_safetensors(folder / CLIP_TEXT_FILE, components.clip_text_encoder.state_dict(), tokenizer.to_metadata())
     return folder
 
 
@@ -589,11 +627,14 @@ def test_weights_folder_errors(fresh_components: StableDiffusionComponents, tmp_
     ],
 )
 def test_bad_arguments_fail_before_building(arguments: dict[str, Any], message: str) -> None:
+    options: dict[str, Any] = {"base": "tiny", **arguments}
     with pytest.raises(ValueError, match=message):
-        LoraFineTuning(**{"base": "tiny"} | arguments)
+        LoraFineTuning(**options)
 
 
-def test_cached_text_embeddings_refuse_a_trained_text_encoder(metadata_folder: SampleImageFolder, tmp_path: Path) -> None:
+def test_cached_text_embeddings_refuse_a_trained_text_encoder(
+    metadata_folder: SampleImageFolder, tmp_path: Path
+) -> None:
     module = LoraFineTuning(base="tiny", train_text_encoder=True)
     data = _data(metadata_folder, cache_text_embeddings=True)
     with pytest.raises(ValueError, match=r"cannot be cached: set cache_text_embeddings=False"):
@@ -606,6 +647,25 @@ def test_decaying_schedule_needs_an_end(metadata_folder: SampleImageFolder, tmp_
         _trainer(tmp_path, -1, [], max_epochs=-1).fit(module, _data(metadata_folder))
 
 
+# -- docstring examples ------------------------------------------------------------------------------------------
+
+EXAMPLES = [
+    (f"{module.__name__}.{name}", block)
+    for module in (refiners.training.module, refiners.training.callbacks)
+    for name in module.__all__
+    for block in re.findall(r"```py\n(.*?)\s*```", inspect.getdoc(getattr(module, name)) or "", flags=re.DOTALL)
+]
+
+
+def test_there_are_examples() -> None:
+    assert {name.rsplit(".", 1)[-1] for name, _ in EXAMPLES} >= {"LoraFineTuning", "ExportLora"}
+
+
+@pytest.mark.parametrize(("name", "code"), EXAMPLES, ids=[name for name, _ in EXAMPLES])
+def test_docstring_example(name: str, code: str) -> None:
+    exec(compile(textwrap.dedent(code), f"<example of {name}>", "exec"), {"__name__": "example"})
+
+
 # -- presets, against diffusers' and kohya's choices --------------------------------------------------------------
 
 
@@ -615,9 +675,15 @@ def _reference_targets(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, 
     `Upsample2D`) put LoRAs on, by their names in diffusers' pipeline."""
     if targets == "attention":
         unet_names = {n for n, _ in unet.named_modules() if n.endswith(("to_q", "to_k", "to_v", "to_out.0"))}
-        text_names = {n for n, _ in text_encoder.named_modules() if n.endswith(("q_proj", "k_proj", "v_proj", "out_proj"))}
+        text_names = {
+            n for n, _ in text_encoder.named_modules() if n.endswith(("q_proj", "k_proj", "v_proj", "out_proj"))
+        }
     else:
-        containers = ("Transformer2DModel",) if targets == "transformer" else ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
+        containers = (
+            ("Transformer2DModel",)
+            if targets == "transformer"
+            else ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
+        )
         unet_names = {
             f"{name}.{child}" if child else name
             for name, module in unet.named_modules()
@@ -637,8 +703,11 @@ def _reference_targets(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, 
 
 
 @pytest.mark.parametrize("targets", ["attention", "transformer", "all"])
-def test_presets_target_what_diffusers_and_kohya_target(fresh_components: StableDiffusionComponents, targets: str) -> None:
-    module = LoraFineTuning(base="tiny", targets=targets, rank=2, train_text_encoder=True)  # pyright: ignore[reportArgumentType]
-    expected = _reference_targets(diffusers_unet(fresh_components), transformers_text_encoder(fresh_components), targets)
+def test_presets_target_what_diffusers_and_kohya_target(
+    fresh_components: StableDiffusionComponents, targets: LoraTargets
+) -> None:
+    module = LoraFineTuning(base="tiny", targets=targets, rank=2, train_text_encoder=True)
+    expected = _reference_targets(
+        diffusers_unet(fresh_components), transformers_text_encoder(fresh_components), targets
+    )
     assert set(module.diffusers_names.values()) == expected
-

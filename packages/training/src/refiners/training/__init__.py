@@ -1,12 +1,12 @@
 """refiners.training: LoRA fine-tuning of Refiners models on Lightning (see the workspace README)."""
 
+from refiners.training.callbacks import ExportLora, LoraFormat, SampleImages
 from refiners.training.data import (
     CachingEncoders,
     CaptionedImageDataModule,
     CaptionedImageDataset,
     TrainingBatch,
 )
-from refiners.training.callbacks import ExportLora, LoraFormat, SampleImages
 from refiners.training.data_transforms import ImageTransform
 from refiners.training.image_folder import ImageFolderError, find_captioned_images
 from refiners.training.module import (

@@ -11,13 +11,15 @@ Both run on the global rank zero only: the LoRA is the same on every rank (DDP k
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from refiners.adapters.lora import kohya_state_dict, peft_state_dict, refiners_state_dict, specs_of
@@ -48,6 +50,20 @@ def _output_folder(trainer: Trainer, dirpath: str | None, name: str) -> Path:
     if dirpath is not None:
         return Path(dirpath)
     return Path(trainer.log_dir or trainer.default_root_dir) / name
+
+
+@contextmanager
+def _full_loras(trainer: Trainer) -> Generator[None]:
+    """Enter on every rank: under FSDP, the LoRAs' full weights are gathered for the duration (they are sharded
+    otherwise); under other strategies every rank holds them already."""
+    strategy = trainer.strategy
+    if isinstance(strategy, FSDPStrategy) and strategy.model is not None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(strategy.model, writeback=False):
+            yield
+    else:
+        yield
 
 
 def _fine_tuning(pl_module: LightningModule, callback: str) -> LoraFineTuning:
@@ -95,7 +111,7 @@ def lora_metadata(trainer: Trainer, module: LoraFineTuning, averaged: bool) -> d
         "epoch": trainer.current_epoch,
         "weight_averaging": averaged,
     }
-    resolution = getattr(trainer.datamodule, "resolution", None)
+    resolution = getattr(getattr(trainer, "datamodule", None), "resolution", None)
     if resolution is not None:
         settings["resolution"] = resolution
     metadata = {
@@ -158,7 +174,9 @@ class ExportLora(Callback):
         if unknown := [f for f in formats if f not in _SUFFIXES]:
             raise ValueError(f"unknown LoRA formats {unknown}: use 'refiners', 'peft' or 'kohya'")
         if not filename or "/" in filename:
-            raise ValueError(f"filename is the files' stem, without folder: got {filename!r} (use dirpath for the folder)")
+            raise ValueError(
+                f"filename is the files' stem, without folder: got {filename!r} (use dirpath for the folder)"
+            )
         self.dirpath = dirpath
         self.filename = filename
         self.formats: tuple[LoraFormat, ...] = tuple(dict.fromkeys(formats))
@@ -193,12 +211,18 @@ class ExportLora(Callback):
         self.export(trainer, _fine_tuning(pl_module, type(self).__name__), step=None)
 
     def export(self, trainer: Trainer, module: LoraFineTuning, step: int | None) -> dict[LoraFormat, Path]:
-        """Write the files of `step` (see `paths`) on the global rank zero; returns them (empty on other ranks)."""
-        if not trainer.is_global_zero:
-            return {}
+        """Write the files of `step` (see `paths`) on the global rank zero; returns them (empty on other ranks).
+
+        Call it on every rank (as Lightning calls the hooks): under FSDP, the LoRAs are gathered first.
+        """
         source = _averaged(trainer, module)
-        specs = specs_of(source.diffusers_loras())
-        peft_specs = specs if self.peft_text_model_prefix else {_without_text_model(name): spec for name, spec in specs.items()}
+        with _full_loras(trainer):
+            if not trainer.is_global_zero:
+                return {}
+            specs = specs_of(source.diffusers_loras())
+        peft_specs = (
+            specs if self.peft_text_model_prefix else {_without_text_model(name): spec for name, spec in specs.items()}
+        )
         metadata = lora_metadata(trainer, module, averaged=source is not module)
         folder = self._folder or _output_folder(trainer, self.dirpath, "loras")
         folder.mkdir(parents=True, exist_ok=True)
@@ -340,13 +364,17 @@ class SampleImages(Callback):
         ]
 
     def sample(self, trainer: Trainer, module: LoraFineTuning) -> Path | None:
-        """Generate, save and log the grid of the current step (on the global rank zero; None elsewhere)."""
+        """Generate, save and log the grid of the current step (on the global rank zero; None elsewhere).
+
+        Call it on every rank (as Lightning calls the hooks): under FSDP, the LoRAs are gathered first.
+        """
         step = trainer.global_step
         self._last_step = step
-        if not trainer.is_global_zero:
-            return None
-        size = self.size or getattr(trainer.datamodule, "resolution", None) or 512
-        grid = image_grid(self.images(module, size))
+        with _full_loras(trainer):
+            if not trainer.is_global_zero:
+                return None
+            size = self.size or getattr(getattr(trainer, "datamodule", None), "resolution", None) or 512
+            grid = image_grid(self.images(module, size))
         folder = self._folder or _output_folder(trainer, self.dirpath, "samples")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step={step:06d}.png"
@@ -367,4 +395,3 @@ class SampleImages(Callback):
                 logger.experiment.add_image("samples", image_to_tensor(grid)[0], step, dataformats="CHW")
             elif (log_image := getattr(logger, "log_image", None)) is not None:  # W&B, Neptune, ...
                 log_image(key="samples", images=[grid], step=step, caption=[caption])
-

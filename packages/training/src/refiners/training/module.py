@@ -2,9 +2,10 @@
 
 `LoraFineTuning` builds (or loads) the UNet, the autoencoder and the CLIP text encoder, freezes them, and injects
 LoRAs into the layers a preset names (`LoraTargets`) with fluxion's LoRA API. The base is deliberately not a
-registered submodule: the module's parameters, `state_dict`, checkpoints, DDP gradient buckets, FSDP shards and the
-averaged copy of `WeightAveraging` (EMA) hold the LoRAs and nothing else, while the base still follows the module's
-device and dtype (see `_apply`).
+registered submodule: the module's parameters, `state_dict`, checkpoints, DDP's gradient buckets and the averaged
+copy of `WeightAveraging` (EMA) hold the LoRAs and nothing else, while the base still follows the module's device and
+dtype (see `_apply`). Under FSDP, only the LoRAs (and their optimizer state) are sharded: the frozen base is
+replicated on every device, as with DDP.
 
 The loss is diffusers' `train_text_to_image_lora.py`'s: noise-prediction MSE against the noise (epsilon) or the
 velocity (v-prediction) at a timestep drawn per sample, optionally weighted by min-SNR-gamma (Hang et al., 2023,
@@ -389,6 +390,20 @@ class LoraFineTuning(LightningModule):
         gradient_checkpointing: Recompute the UNet's blocks' activations in the backward pass (less memory, ~30%
             more compute).
         seed: Seeds the LoRAs' initialization, the tiny model's random weights, and every random draw of a step.
+
+    Example:
+        ```py
+        import torch
+        from refiners.training import LoraFineTuning
+
+        # The toy architecture with random weights; `base="sd15", weights="weights/sd15"` for the real one.
+        module = LoraFineTuning(base="tiny", targets="attention", rank=4)
+        assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" in module.diffusers_loras()
+        latents, text_embeddings = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+        noise, steps = module.draw(latents, torch.Generator().manual_seed(0))
+        module.loss(latents, text_embeddings, noise, steps).backward()
+        assert all(parameter.grad is not None for parameter in module.parameters())  # the LoRAs, and only them
+        ```
     """
 
     def __init__(
@@ -492,9 +507,15 @@ class LoraFineTuning(LightningModule):
     def solver(self) -> Solver:
         """The training noise schedule (DDPM over SD1.5's 1000 timesteps), in float32 on the module's device."""
         solver: Solver = self.__dict__["_solver"]
-        if solver.device != self.device:
-            solver.to(device=self.device)
+        device = self._base_device()
+        if solver.device != device:
+            solver.to(device=device)
         return solver
+
+    def _base_device(self) -> torch.device:
+        """Where the frozen models run (the UNet's device; the module's when it is a copy without them)."""
+        components: StableDiffusionComponents | None = self.__dict__.get("_components")
+        return self.device if components is None else components.unet.device
 
     @property
     def _model_prediction_type(self) -> ModelPredictionType:
@@ -508,6 +529,15 @@ class LoraFineTuning(LightningModule):
             for _, model in components.items():
                 model._apply(fn, recurse)
         return self
+
+    def on_fit_start(self) -> None:
+        # Strategies that place the parameters themselves (FSDP) do not call `.to()`: the base joins the LoRAs.
+        device = next(iter(self.parameters())).device
+        lora_modules = {id(module) for lora in self.loras.values() for module in lora.modules()}
+        for _, model in self.components.items():
+            for module in model.modules():
+                if id(module) not in lora_modules:
+                    module._apply(lambda tensor: tensor.to(device), recurse=False)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Self:
         # A copy (`WeightAveraging`'s averaged model) holds its own LoRAs and nothing of the base: copying a
@@ -601,8 +631,8 @@ class LoraFineTuning(LightningModule):
         """
         solver = self.solver
         steps = steps.to(solver.device)
-        latents = latents.to(device=self.device, dtype=torch.float32)
-        noise = noise.to(device=self.device, dtype=torch.float32)
+        latents = latents.to(device=solver.device, dtype=torch.float32)
+        noise = noise.to(device=solver.device, dtype=torch.float32)
         timesteps = solver.timesteps[steps]
         noisy = solver.add_noise(latents, noise, steps)
         unet = self.unet
@@ -629,17 +659,23 @@ class LoraFineTuning(LightningModule):
         return seeded_generator(self.seed, "step", self.global_step, batch_idx, self.global_rank)
 
     def training_step(self, batch: TrainingBatch, batch_idx: int) -> Tensor:
-        latents = batch["latents"] if "latents" in batch else self.encode_images(batch["images"])
-        if "text_embeddings" in batch:
+        latents, images = batch.get("latents"), batch.get("images")
+        if latents is None:
+            if images is None:
+                raise ValueError(f"a batch needs images or latents, got the keys {sorted(batch)}")
+            latents = self.encode_images(images)
+        text_embeddings, captions = batch.get("text_embeddings"), batch.get("captions")
+        if text_embeddings is not None:
             if self.train_text_encoder:
                 raise ValueError(
                     "the batch carries cached text embeddings, but train_text_encoder=True trains the text encoder: "
                     "set cache_text_embeddings=False in the data module"
                 )
-            text_embeddings = batch["text_embeddings"]
+        elif captions is None:
+            raise ValueError(f"a batch needs captions or text embeddings, got the keys {sorted(batch)}")
         else:
             with torch.set_grad_enabled(self.train_text_encoder):
-                text_embeddings = self.clip_text_encoder(batch["captions"])
+                text_embeddings = self.clip_text_encoder(captions)
         noise, steps = self.draw(latents, self.step_generator(batch_idx))
         loss = self.loss(latents, text_embeddings, noise, steps)
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
@@ -671,7 +707,7 @@ class LoraFineTuning(LightningModule):
         solver = DPMSolver(
             num_inference_steps=num_inference_steps,
             params=SolverParams(model_prediction_type=self._model_prediction_type),
-            device=self.device,
+            device=self._base_device(),
         )
         return StableDiffusion_1(unet=self.unet, lda=self.lda, clip_text_encoder=self.clip_text_encoder, solver=solver)
 

@@ -49,6 +49,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Self
 
+import torch
 from torch import Tensor
 
 import refiners.fluxion.layers as fl
@@ -175,10 +176,34 @@ def _check_new_name(name: str, modules: Mapping[str, Targetable]) -> None:
 
 
 def _build(
-    name: str, specs: Mapping[str, LoraSpec], modules: Mapping[str, Targetable], scales: Mapping[str, float]
+    name: str,
+    specs: Mapping[str, LoraSpec],
+    modules: Mapping[str, Targetable],
+    scales: Mapping[str, float],
+    own: bool = True,
 ) -> dict[str, Lora[Any]]:
-    """The fluxion LoRAs of `specs`, each fit to its layer; all are built before any is injected."""
-    return {module: spec.to_lora(name, modules[module], scale=scales[module]) for module, spec in specs.items()}
+    """The fluxion LoRAs of `specs`, each fit to its layer; all are built before any is injected.
+
+    With `own`, the LoRAs hold copies of the specs' tensors; without, they may hold the tensors themselves (those
+    of a file read here: safetensors maps them copy-on-write, so a LoRA trained later never writes to the file).
+    """
+    return {module: _to_lora(spec, name, modules[module], scales[module], own) for module, spec in specs.items()}
+
+
+def _to_lora(spec: LoraSpec, name: str, layer: Targetable, scale: float, own: bool) -> Lora[Any]:
+    """`spec.to_lora`, without initialising weights that the file's then overwrite, for the down/up kind.
+
+    The LoRA is built (and checked against its layer) on the "meta" device, then given the file's tensors on the
+    layer's device and in its dtype: nothing is initialised, and nothing is copied that need not be (as diffusers'
+    `low_cpu_mem_usage` loading does).
+    """
+    if spec.kind != "lora" or spec.is_dora:
+        return spec.to_lora(name, layer, scale=scale)
+    lora = spec.to_lora(name, layer, scale=scale, device="meta")
+    for projection, role in ((lora.down, "lora_down"), (lora.up, "lora_up")):
+        tensor = spec.tensors[role].to(device=layer.device, dtype=layer.dtype, copy=own)
+        projection.weight = torch.nn.Parameter(tensor.reshape(projection.weight.shape))
+    return lora
 
 
 def _attach(layer: Targetable, lora: Lora[Any]) -> None:
@@ -216,6 +241,7 @@ class SD1LoraAdapter:
         specs: The LoRA of each layer, by module name (see `sd1_lora_targets`), e.g. from `resolve`.
         name: The LoRA's name in its `LoraAdapter`s, distinct from the other LoRAs on the model.
         scale: How much of the LoRA to apply.
+        own: Give the LoRAs copies of the specs' tensors (without, they may share them).
 
     Example:
         ```py
@@ -240,7 +266,9 @@ class SD1LoraAdapter:
         ```
     """
 
-    def __init__(self, target: StableDiffusion, specs: Mapping[str, LoraSpec], name: str, scale: float = 1.0) -> None:
+    def __init__(
+        self, target: StableDiffusion, specs: Mapping[str, LoraSpec], name: str, scale: float = 1.0, own: bool = True
+    ) -> None:
         unet, text_encoder = _components(target)
         modules = sd1_lora_targets(unet, text_encoder)
         unknown = sorted(set(specs) - set(modules))
@@ -255,7 +283,7 @@ class SD1LoraAdapter:
         self.name = name
         self._scale = float(scale)
         self._layers = {module: modules[module] for module in specs}
-        self._loras = _build(name, specs, modules, dict.fromkeys(specs, self._scale))
+        self._loras = _build(name, specs, modules, dict.fromkeys(specs, self._scale), own=own)
         self._injected = False
 
     @classmethod
@@ -282,7 +310,7 @@ class SD1LoraAdapter:
         specs = resolve(
             parse_lora_file(path), sd1_lora_targets(unet, text_encoder), aliases=sd1_module_aliases(), strict=strict
         )
-        return cls(target, specs, name=path.stem if name is None else name, scale=scale)
+        return cls(target, specs, name=path.stem if name is None else name, scale=scale, own=False)
 
     @property
     def loras(self) -> dict[str, Lora[Any]]:
@@ -449,7 +477,8 @@ class SDLoraManager:
                 + (" once include/exclude are applied" if include is not None or exclude else "")
             )
         blocks = dict(block_scales or {})
-        loras = _build(name, specs, modules, {module: scale * _block_scale(module, blocks) for module in specs})
+        scales = {module: scale * _block_scale(module, blocks) for module in specs}
+        loras = _build(name, specs, modules, scales, own=not isinstance(tensors_or_path, str | Path))
         for module, lora in loras.items():
             _attach(modules[module], lora)
         self._scales[name] = float(scale)
@@ -480,7 +509,7 @@ class SDLoraManager:
         located = {name: self._loras(name, modules) for name in scales}
         for name, scale in scales.items():
             self._scales[name] = float(scale)
-            self._apply(name, located[name])
+        self._apply(located)
 
     def set_block_scales(self, name: str, block_scales: Mapping[str, float]) -> None:
         """Replace the block scales of the LoRA `name`: multipliers of its scale for the layers each selector picks.
@@ -498,7 +527,7 @@ class SDLoraManager:
         _check_patterns(block_scales, modules, "block_scales")
         self._scales[name] = self._scale_of(name, modules)
         self._block_scales[name] = dict(block_scales)
-        self._apply(name, loras)
+        self._apply({name: loras})
 
     def fuse(self, *names: str) -> None:
         """Fold the LoRAs `names` (default: all) into their layers' weights: forwards then cost what the bare model
@@ -567,10 +596,27 @@ class SDLoraManager:
         scales = [lora.scale for _, lora in _loras_named(modules, name).values()]
         return max(set(scales), key=scales.count)
 
-    def _apply(self, name: str, loras: Mapping[str, tuple[LoraAdapter, Lora[Any]]]) -> None:
-        scale, blocks = self._scales[name], self._block_scales.get(name, {})
-        for module, (_, lora) in loras.items():
-            lora.scale = scale * _block_scale(module, blocks)
+    def _apply(self, located: Mapping[str, Mapping[str, tuple[LoraAdapter, Lora[Any]]]]) -> None:
+        """Give the LoRAs of `located` (by name, then module) their scales from the records.
+
+        A fused LoRA whose scale changes is fused again; the layers of several such LoRAs are unfused first and fused
+        once at the end, rather than once per LoRA (the fused weight does not depend on the order of fusion)."""
+        refuse: dict[int, tuple[LoraAdapter, list[str]]] = {}
+        for loras in located.values():
+            for adapter, lora in loras.values():
+                if lora.is_fused and id(adapter) not in refuse:
+                    refuse[id(adapter)] = (adapter, [name for name, other in adapter.loras.items() if other.is_fused])
+                    adapter.unfuse()
+        for name, loras in located.items():
+            scale, blocks = self._scales[name], self._block_scales.get(name, {})
+            for module, (_, lora) in loras.items():
+                lora.scale = scale * _block_scale(module, blocks)
+        for adapter, fused in refuse.values():
+            if fused == adapter.names:
+                adapter.fuse()
+            else:
+                for name in fused:
+                    adapter.fuse(name)
 
 
 def _block_scale(module: str, block_scales: Mapping[str, float]) -> float:
