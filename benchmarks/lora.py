@@ -142,7 +142,7 @@ def build(folder: Path, tiny: bool) -> Setup:
         text_encoder=text_encoder,
         tokenizer=None,  # pyright: ignore[reportArgumentType]
         unet=unet,
-        scheduler=DDIMScheduler(clip_sample=False),  # pyright: ignore[reportArgumentType]
+        scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),  # pyright: ignore[reportArgumentType]
         safety_checker=None,  # pyright: ignore[reportArgumentType]
         feature_extractor=None,  # pyright: ignore[reportArgumentType]
         requires_safety_checker=False,

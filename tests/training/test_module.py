@@ -1,7 +1,7 @@
 """LoRA fine-tuning on Lightning: what trains, the loss against diffusers' training script, exact resume, and the
 exported LoRA loaded by refiners (`SD1LoraAdapter`) and by diffusers (`load_lora_weights`, PEFT and kohya files).
 
-Everything runs on the tiny random-weight Stable Diffusion of `LoraFineTuning(base="tiny")`, with 32x32 images.
+Everything runs on the tiny random-weight Stable Diffusion of `LoraFineTuning(base="tiny")`, with 64x64 images.
 The references (diffusers' UNet, transformers' CLIP text model) are built from the same weights with the converters'
 key maps.
 """
@@ -33,6 +33,7 @@ from refiners.adapters.lora import SD1LoraAdapter, parse_lora_file
 from refiners.converters.clip_text import transformers_clip_text_key_map
 from refiners.converters.engine import KeyMap
 from refiners.converters.unet import diffusers_unet_key_map
+from refiners.fluxion.adapters.lora import lora_parameters
 from refiners.fluxion.utils import load_from_safetensors, load_metadata_from_safetensors, save_to_safetensors
 from refiners.foundationals.clip import CLIPTextEncoder
 from refiners.foundationals.latent_diffusion import SD1UNet, StableDiffusion_1
@@ -51,7 +52,8 @@ from refiners.training.data import CaptionedImageDataset
 from refiners.training.module import AUTOENCODER_FILE, CLIP_TEXT_FILE, UNET_FILE, GradientCheckpointing
 from refiners.training.sample_data import SampleImageFolder
 
-RESOLUTION = 32
+# Latents of 8x8: at 4x4, a level of the tiny UNet attends over a single token, where queries and keys get no gradient.
+RESOLUTION = 64
 STEPS = 24  # 4 epochs of 24 images in batches of 4
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
 # A module of the tiny model whose LoRAs train the text encoder too, on the presets' middle ground.
@@ -282,6 +284,9 @@ def test_only_lora_parameters_receive_gradients(run: Run) -> None:
     module = run.module
     lora_weights = {id(parameter) for lora in module.named_loras().values() for parameter in lora.parameters()}
     assert {id(parameter) for parameter in module.parameters()} == lora_weights
+    # The same LoRAs as fluxion finds by type.
+    found = [*lora_parameters(module.unet), *lora_parameters(module.clip_text_encoder)]
+    assert {id(parameter) for parameter in found} == lora_weights
     assert any(name.startswith("text_encoder.") for name in module.named_loras())
     assert run.gradients.with_gradient == lora_weights
     assert run.gradients.with_nonzero_gradient == lora_weights

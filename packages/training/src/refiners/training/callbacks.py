@@ -2,11 +2,12 @@
 
 - `SampleImages` generates images for fixed prompts at fixed seeds every N steps, logs them (TensorBoard, W&B) and
   saves them as a grid (one row per prompt, one column per seed), so that runs and steps compare image to image.
-- `ExportLora` writes the LoRA at every checkpoint and at the end of training, atomically, in the refiners layout and,
-  on request, as PEFT/diffusers and kohya files (see `refiners.adapters.lora.export`), with the training's settings
-  in the files' metadata. With `WeightAveraging` (EMA), the averaged LoRA is the one exported.
+- `ExportLora` writes the LoRA at every checkpoint and at the end of training, atomically, in the refiners layout, as
+  a PEFT/diffusers file and as a kohya file (see `refiners.adapters.lora.export`), with the training's settings in
+  the files' metadata. With `WeightAveraging` (EMA), the averaged LoRA is the one exported.
 
-Both run on the global rank zero only: the LoRA is the same on every rank (DDP keeps the replicas in sync).
+Lightning calls their hooks on every rank; only the global rank zero generates and writes (the LoRA is the same on
+every rank: DDP keeps the replicas in sync).
 """
 
 import json
