@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
 import refiners.fluxion.layers as fl
 
@@ -44,3 +45,18 @@ def test_error_summarizes_several_inputs_of_any_type() -> None:
     with pytest.raises(fl.ChainError, match=r"ValueError in Chain.Lambda_2: bad value") as info:
         model(torch.zeros(2, dtype=torch.int64))
     assert "Tensor(shape=(2,), dtype=int64, device=cpu), 3" in str(info.value)
+
+
+def test_activation_checkpointing_early_stop_passes_through_chains() -> None:
+    # torch.utils.checkpoint stops recomputation early by raising an internal exception through the layers: a Chain
+    # must not wrap it, or the backward fails.
+    model = fl.Chain(fl.Linear(4, 4), fl.Chain(fl.ReLU(), fl.Linear(4, 4)), fl.Linear(4, 1))
+    x = torch.randn(3, 4, requires_grad=True)
+    with torch.utils.checkpoint.set_checkpoint_early_stop(True):
+        checkpointed = torch.utils.checkpoint.checkpoint(model, x, use_reentrant=False)
+    checkpointed.sum().backward()
+    assert x.grad is not None
+    expected_grad = x.grad.clone()
+    x.grad = None
+    model(x).sum().backward()
+    torch.testing.assert_close(x.grad, expected_grad, atol=0, rtol=0)

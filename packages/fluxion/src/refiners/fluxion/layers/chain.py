@@ -5,6 +5,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Self, TypeVar, overload
 
 import torch
+from torch.utils.checkpoint import _StopRecomputationError  # pyright: ignore[reportPrivateUsage]
 
 from refiners.fluxion.context import ContextProvider, Contexts
 from refiners.fluxion.layers.module import ContextModule, Module
@@ -25,6 +26,11 @@ class ChainError(RuntimeError):
         super().__init__(message)
         self.path = path
         self.original_type = original_type
+
+
+# Not wrapped in a ChainError: already located, or control flow that torch catches by type (activation checkpointing
+# stops its recomputation early by raising this through the layers).
+_PASS_THROUGH = (ChainError, _StopRecomputationError)
 
 
 class Return(Module):
@@ -90,7 +96,7 @@ class Chain(ContextModule):
                 result = layer(*result) if isinstance(result, tuple) else layer(result)
                 if isinstance(layer, Return):
                     break
-        except ChainError:
+        except _PASS_THROUGH:
             raise
         except Exception as error:
             assert layer is not None
@@ -103,7 +109,7 @@ class Chain(ContextModule):
         """Call a child, locating any exception it raises (for combinators' forwards)."""
         try:
             return layer(*args)
-        except ChainError:
+        except _PASS_THROUGH:
             raise
         except Exception as error:
             raise self._locate(layer, args, error) from error
