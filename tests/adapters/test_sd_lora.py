@@ -364,6 +364,12 @@ def test_the_attention_processor_layout_in_a_bin_file(
     after = our_outputs(sd)
     assert after.unet.equal(base.unet) and after.text_encoder.equal(base.text_encoder)
     assert not any(isinstance(module, LoraAdapter) for module in sd.unet.modules())
+    # Both components in that layout (`...self_attn.to_q_lora.down.weight` in the text encoder), with the alphas
+    # diffusers gives apart (`network_alphas`).
+    with_alphas, network_alphas = _convert_non_diffusers_lora_to_diffusers(dict(kohya))
+    assert any(".self_attn.to_q_lora.down.weight" in key for key in with_alphas) and network_alphas
+    SDLoraManager(sd).add_loras("processors", parse_lora_file(with_alphas, network_alphas=network_alphas))
+    assert_same_outputs(our_outputs(sd), diffusers_with(reference, kohya))
 
 
 # -- kohya -----------------------------------------------------------------------------------------------------
@@ -463,12 +469,15 @@ def loha_delta(t: dict[str, Tensor], alpha: float) -> Tensor:
 
 
 def lokr_delta(t: dict[str, Tensor], alpha: float) -> Tensor:
-    """LyCORIS: `kron(w1, w2)`, `w2` a low-rank product (through its Tucker core `t2` for a convolution)."""
-    rank = t["lokr_w2_b"].shape[0]
+    """LyCORIS: `kron(w1, w2)`, each factor full or a low-rank product (`w2` through its Tucker core `t2` for a
+    convolution), times alpha / rank where one is a product (the rank of `w2`'s, else of `w1`'s)."""
+    rank = t["lokr_w2_b"].shape[0] if "lokr_w2_b" in t else t["lokr_w1_b"].shape[0]
+    w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
     if "lokr_t2" in t:
         w2 = torch.einsum("ijkl,ip,jr->prkl", t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"]).contiguous()
-        return alpha / rank * torch.kron(t["lokr_w1"][:, :, None, None], w2)
-    return alpha / rank * torch.kron(t["lokr_w1"], t["lokr_w2_a"] @ t["lokr_w2_b"])
+        return alpha / rank * torch.kron(w1[:, :, None, None], w2)
+    w2 = t["lokr_w2"] if "lokr_w2" in t else t["lokr_w2_a"] @ t["lokr_w2_b"]
+    return alpha / rank * torch.kron(w1, w2)
 
 
 def locon_delta(t: dict[str, Tensor], alpha: float) -> Tensor:
@@ -552,6 +561,16 @@ def test_lycoris_kinds_follow_their_formulas(reference: Reference, sd: StableDif
             },
             1.0,
         ),
+        "text_encoder.text_model.encoder.layers.1.mlp.fc2": (
+            "lora_te_text_model_encoder_layers_1_mlp_fc2",
+            text_encoder.get_submodule("encoder.layers.1.mlp.fc2"),
+            {
+                "lokr_w1_a": randn(4, 2, generator=g),
+                "lokr_w1_b": randn(2, 8, generator=g),
+                "lokr_w2": randn(8, 8, generator=g),
+            },
+            3.0,
+        ),
     }
     dora: dict[str, tuple[str, nn.Module, dict[str, Tensor], float]] = {
         "unet.mid_block.attentions.0.proj_in": (
@@ -595,7 +614,7 @@ def test_lycoris_kinds_follow_their_formulas(reference: Reference, sd: StableDif
     manager = SDLoraManager(sd)
     manager.add_loras("lycoris", state_dict)
     kinds = {module: type(lora).__name__ for module, lora in manager.get_loras("lycoris").items()}
-    assert sorted(kinds.values()) == ["Dora", "Dora", "LoCon", "LoHa", "LoHa", "LoKr", "LoKr", "LoKr"]
+    assert sorted(kinds.values()) == ["Dora", "Dora", "LoCon", "LoHa", "LoHa", "LoKr", "LoKr", "LoKr", "LoKr"]
     expected = merged_outputs(reference, deltas)
     assert_same_outputs(our_outputs(sd), expected)
     manager.fuse()
