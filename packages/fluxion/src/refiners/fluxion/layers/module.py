@@ -40,8 +40,10 @@ class Module(torch.nn.Module):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
 
-    def __getattr__(self, name: str) -> Any:
-        return super().__getattr__(name)
+    if TYPE_CHECKING:
+        # For the type checker only (attributes read as `Any`): at run time, a pass-through here would add a Python
+        # frame to every `weight`/`bias` lookup of every layer.
+        def __getattr__(self, name: str) -> Any: ...
 
     @property
     def parent(self) -> "Chain | None":
