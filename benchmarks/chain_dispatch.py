@@ -13,7 +13,6 @@ Usage:
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from _machine import cpu_model
 
 import refiners.fluxion.layers as fl
 
@@ -122,16 +122,6 @@ def measure(variant: str, nested: bool, width: int, rounds: int, calls: int, war
     )
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=201, help="measurement pairs per variant (default: 201)")
@@ -158,7 +148,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         # Not a target: with tiny layers the forward is almost all dispatch, so this shows the overhead undiluted.
         measure(f"nested, width {NARROW} (dispatch only)", True, NARROW, *timing),
     ]
-    machine = f"{_cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    machine = f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
     print(f"Chain vs torch.nn.Sequential, Linear({WIDTH}, {WIDTH}) unless said, batch 1, CPU ({machine})")
     print(
         f"median of {args.rounds} interleaved rounds of {args.calls} forwards, {args.clock} time; "

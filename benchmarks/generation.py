@@ -19,7 +19,6 @@ Usage:
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -28,10 +27,12 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from _machine import cpu_model
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from torch import Tensor
 
 from refiners.converters.autoencoder import convert_diffusers_autoencoder
+from refiners.converters.reference_check import SD15_UNET_CONFIG, SD15_VAE_CONFIG
 from refiners.converters.unet import convert_diffusers_unet
 from refiners.foundationals.clip import CLIPTextEncoder, CLIPTextEncoderL
 from refiners.foundationals.latent_diffusion import (
@@ -46,38 +47,6 @@ __all__ = ["Result", "build_pair", "measure", "main"]
 
 TARGET_RATIO = 1.0
 GUIDANCE_SCALE = 7.5
-SD15_UNET_CONFIG: dict[str, Any] = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
-SD15_VAE_CONFIG: dict[str, Any] = {
-    "act_fn": "silu",
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "in_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "out_channels": 3,
-    "sample_size": 512,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "scaling_factor": 0.18215,
-}
 # SD1.5's scheduler_config.json, as DDIMScheduler reads it.
 SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -229,16 +198,6 @@ def measure(ours: StableDiffusion_1, theirs: StableDiffusionPipeline, size: int,
     )
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="measurement pairs (default: 3)")
@@ -254,7 +213,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
 
     ours, theirs = build_pair(tiny=args.smoke, steps=args.steps)
     results = [measure(ours, theirs, args.size, args.steps, args.rounds)]
-    machine = f"{_cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    machine = f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
     model = "toy models (smoke)" if args.smoke else "SD1.5"
     print(f"StableDiffusion_1 vs diffusers StableDiffusionPipeline, {model}, DDIM, guidance {GUIDANCE_SCALE}, CPU")
     print(f"({machine}); median of {args.rounds} interleaved rounds; target ours/diffusers <= {TARGET_RATIO}")

@@ -27,7 +27,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -40,12 +39,14 @@ from typing import Any
 import diffusers
 import torch
 import transformers
+from _machine import cpu_model
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from peft import LoraConfig  # pyright: ignore[reportMissingTypeStubs]
 from peft.utils import get_peft_model_state_dict  # pyright: ignore[reportMissingTypeStubs]
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from refiners.adapters.lora import SDLoraManager
+from refiners.converters.reference_check import SD15_UNET_CONFIG
 from refiners.converters.unet import convert_diffusers_unet
 from refiners.foundationals.clip import CLIPTextEncoder
 from refiners.foundationals.latent_diffusion import LatentDiffusionAutoencoder, SD1UNet, StableDiffusion_1
@@ -56,25 +57,6 @@ TARGETS = {"load_ratio": 0.5, "unfused_ratio": 1.15, "fused_ratio": 1.0}
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
 RANK = 16
 BATCH = 2
-SD15_UNET_CONFIG: dict[str, Any] = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
 TINY_CHANNELS = (32, 32, 64, 64)
 TINY_UNET_CONFIG: dict[str, Any] = SD15_UNET_CONFIG | {
     "block_out_channels": list(TINY_CHANNELS),
@@ -293,16 +275,6 @@ def measure_switch(setup: Setup, rounds: int) -> list[Result]:
     ]
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7, help="load and switch rounds (default: 7)")
@@ -326,7 +298,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         results = [measure_load(setup, args.rounds)]
         results += measure_switch(setup, args.rounds)
         results += measure_forward(setup, args.size, args.forward_rounds, args.warmup)
-    machine = f"{_cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    machine = f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
     model = "tiny UNet (smoke)" if args.smoke else "SD1.5 UNet"
     print(f"LoRA (rank {RANK}, attention and feed-forward projections) on the {model}, float32, CPU ({machine})")
     print(f"{'variant':<44} {'ours (s)':>9} {'ref (s)':>9} {'ratio':>7} {'CPU ratio':>9} {'target':>7}  reference")

@@ -16,7 +16,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -25,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _machine import cpu_model
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import Tensor
 
+from refiners.converters.reference_check import SD15_UNET_CONFIG
 from refiners.converters.unet import convert_diffusers_unet
 from refiners.foundationals.latent_diffusion.unet import SD1UNet
 
@@ -36,25 +37,6 @@ __all__ = ["Result", "build_pair", "measure", "main"]
 TARGET_RATIO = 1.0
 BATCH = 2
 SIZES = (32, 64)
-SD15_UNET_CONFIG: dict[str, Any] = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
 # The same architecture at toy size, for --smoke.
 TINY_CHANNELS = (32, 32, 64, 64)
 TINY_CONTEXT_DIM = 16
@@ -158,16 +140,6 @@ def measure(ours: SD1UNet, theirs: UNet2DConditionModel, size: int, rounds: int,
     )
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> list[Result]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="measurement pairs per latent size (default: 5)")
@@ -184,7 +156,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     ours, theirs = build_pair(tiny=args.smoke)
     gc.collect()
     results = [measure(ours, theirs, size, args.rounds, args.warmup) for size in args.sizes]
-    machine = f"{_cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    machine = f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
     model = "tiny UNet (smoke)" if args.smoke else "SD1.5 UNet"
     print(f"SD1UNet vs diffusers UNet2DConditionModel, {model}, batch {BATCH}, float32, CPU ({machine})")
     print(f"median of {args.rounds} interleaved rounds, {args.warmup} warmup; target ours/diffusers <= {TARGET_RATIO}")

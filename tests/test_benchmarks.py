@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = sorted((ROOT / "benchmarks").glob("*.py"))
+# Scripts only: `_*.py` are helpers the benchmarks import.
+BENCHMARKS = sorted(path for path in (ROOT / "benchmarks").glob("*.py") if not path.name.startswith("_"))
 
 
 @pytest.mark.parametrize("script", BENCHMARKS, ids=[path.name for path in BENCHMARKS])
