@@ -227,6 +227,7 @@ def test_hub_id_downloads_only_what_the_conversion_reads(
         "text_encoder/config.json",
         "tokenizer/vocab.json",
         "tokenizer/merges.txt",
+        "tokenizer/tokenizer.json",  # transformers 5 saves this one alone
         "text_encoder/model.safetensors",
     ]
     assert [patterns[0] for patterns in hub[1:]] == [
@@ -263,7 +264,8 @@ def test_tokenizer_from_the_hub(sd15_folder: Path, hub: list[list[str]], tmp_pat
     dest = tmp_path / "clip_text.safetensors"
     weights = sd15_folder / COMPONENT_FILES["text_encoder"]
     assert main(["clip-text", "--from", str(weights), "--to", str(dest), "--tokenizer", "org/sd15"]) == 0
-    assert hub == [["vocab.json", "merges.txt", "tokenizer/vocab.json", "tokenizer/merges.txt"]]
+    names = ["vocab.json", "merges.txt", "tokenizer.json"]
+    assert hub == [[*names, *(f"tokenizer/{name}" for name in names)]]
     vocabulary, merges = sd15_folder / "tokenizer" / "vocab.json", sd15_folder / "tokenizer" / "merges.txt"
     assert load_metadata_from_safetensors(dest) == CLIPTokenizer(vocabulary, merges).to_metadata()
 

@@ -19,12 +19,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from refiners.converters.architecture import autoencoder_for, clip_text_for, unet_for
 from refiners.converters.single_file import ldm_component_prefix
 from refiners.converters.sources import DiffusersFolder, Source, SourceError
 from refiners.fluxion.utils import load_state_dict_from_safetensors
-from refiners.foundationals.clip import CLIPTextEncoderL
-from refiners.foundationals.latent_diffusion.auto_encoder import SD1Autoencoder
-from refiners.foundationals.latent_diffusion.unet import SD1UNet
 
 if TYPE_CHECKING:
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
@@ -203,14 +201,14 @@ def compare_clip_text(source: Source, converted: Path, seed: int = 0) -> Compari
         converted: The converted `.safetensors` file.
         seed: Seed of the random input.
     """
+    encoder = clip_text_for(source)
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, SD15_TEXT_ENCODER_CONFIG["vocab_size"], (1, 77), generator=generator)
+    ids = torch.randint(0, encoder.vocabulary_size, (1, encoder.max_sequence_length), generator=generator)
     reference = _reference_clip_text(source).eval()
     with torch.no_grad():
         expected = reference(input_ids=ids).last_hidden_state
     del reference
     gc.collect()
-    encoder = CLIPTextEncoderL(device="meta")
     load_state_dict_from_safetensors(encoder, converted)  # weights only: the encoder takes ids, not text
     with torch.no_grad():
         return _compare(expected, encoder(ids))
@@ -231,7 +229,7 @@ def compare_autoencoder(source: Source, converted: Path, seed: int = 0) -> Compa
         expected = reference(image, sample_posterior=False).sample
     del reference
     gc.collect()
-    autoencoder = SD1Autoencoder(device="meta")
+    autoencoder = autoencoder_for(source)
     load_state_dict_from_safetensors(autoencoder, converted)
     with torch.no_grad():
         return _compare(expected, autoencoder(image))
@@ -253,19 +251,19 @@ def compare_unet(source: Source, converted: Path, seed: int = 0) -> Comparison:
         seed: Seed of the random inputs (8x8 latents, a random text embedding, timestep 500).
     """
     # The first convolution of the down blocks reads the latents: its weight tells the input channels.
-    shapes = {key: tensor.shape for key, tensor in SD1UNet(device="meta").state_dict().items()}
+    shapes = {key: tensor.shape for key, tensor in unet_for(source, 4).state_dict().items()}
     conv_in = next(key for key, shape in shapes.items() if key.startswith("DownBlocks.") and len(shape) == 4)
     in_channels = _shape_in_file(converted, conv_in)[1]
     generator = torch.Generator().manual_seed(seed)
+    unet = unet_for(source, in_channels)
     latents = torch.randn(1, in_channels, 8, 8, generator=generator)
-    text_embedding = torch.randn(1, 77, 768, generator=generator)
+    text_embedding = torch.randn(1, 77, unet.context_embedding_dim, generator=generator)
     timestep = torch.tensor([500])
     reference = _reference_unet(source, in_channels).eval()
     with torch.no_grad():
         expected = reference(latents, timestep, encoder_hidden_states=text_embedding).sample
     del reference
     gc.collect()
-    unet = SD1UNet(in_channels=in_channels, device="meta")
     load_state_dict_from_safetensors(unet, converted)
     unet.set_timestep(timestep)
     unet.set_clip_text_embedding(text_embedding)

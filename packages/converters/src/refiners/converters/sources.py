@@ -29,6 +29,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from refiners.fluxion.utils import load_metadata_from_safetensors
+from refiners.foundationals.clip.tokenizer import CLIPTokenizer
 
 __all__ = [
     "SourceError",
@@ -39,6 +40,7 @@ __all__ = [
     "COMPONENT_CLASSES",
     "open_source",
     "locate_tokenizer",
+    "read_tokenizer",
 ]
 
 COMPONENT_CLASSES: dict[str, tuple[str, ...]] = {
@@ -51,6 +53,7 @@ COMPONENT_CLASSES: dict[str, tuple[str, ...]] = {
 _WEIGHTS_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _TOKENIZER_FILES = ("vocab.json", "merges.txt")
+_TOKENIZER_JSON = "tokenizer.json"  # what transformers 5 saves (without the two above)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -266,10 +269,10 @@ class DiffusersFolder:
         """The component's tensors, read lazily (see `TensorFile`)."""
         return TensorFile(self.weight_files(component))
 
-    def tokenizer_files(self) -> tuple[Path, Path] | None:
-        """The `tokenizer/vocab.json` and `tokenizer/merges.txt` of a model folder, if it has them."""
-        vocabulary, merges = (self.root / "tokenizer" / name for name in _TOKENIZER_FILES)
-        return (vocabulary, merges) if vocabulary.is_file() and merges.is_file() else None
+    def tokenizer_folder(self) -> Path | None:
+        """The `tokenizer/` folder of a model folder, if it holds a CLIP tokenizer (see `read_tokenizer`)."""
+        folder = self.root / "tokenizer"
+        return folder if _has_tokenizer(folder) else None
 
     def describe(self) -> str:
         return f"diffusers folder {self.root}"
@@ -361,7 +364,7 @@ def _download(repo_id: str, components: Sequence[str]) -> Path:
     weighted = [component for component in components if component in _WEIGHTS_NAMES]
     patterns = ["model_index.json", *(f"{component}/config.json" for component in weighted)]
     if "tokenizer" in components:
-        patterns += [f"tokenizer/{name}" for name in _TOKENIZER_FILES]
+        patterns += [f"tokenizer/{name}" for name in (*_TOKENIZER_FILES, _TOKENIZER_JSON)]
     # One candidate layout per round, best first, so that only one copy of each component's weights is downloaded.
     candidates = {component: _weight_candidates(_WEIGHTS_NAMES[component]) for component in weighted}
     folder = fetch(patterns + [f"{c}/{pattern}" for c in weighted for pattern in candidates[c][0]])
@@ -374,8 +377,28 @@ def _download(repo_id: str, components: Sequence[str]) -> Path:
     return folder
 
 
-def locate_tokenizer(source: "str | Path") -> tuple[Path, Path]:
-    """The `vocab.json` and `merges.txt` of a CLIP tokenizer: in a folder, its `tokenizer/` subfolder, or a Hub repo.
+def _has_tokenizer(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in _TOKENIZER_FILES) or (folder / _TOKENIZER_JSON).is_file()
+
+
+def read_tokenizer(folder: Path) -> CLIPTokenizer:
+    """The CLIP tokenizer in `folder`: from `vocab.json` and `merges.txt`, or else from `tokenizer.json`.
+
+    Raises:
+        SourceError: The folder holds neither, or they cannot be read.
+    """
+    try:
+        if all((folder / name).is_file() for name in _TOKENIZER_FILES):
+            return CLIPTokenizer(folder / _TOKENIZER_FILES[0], folder / _TOKENIZER_FILES[1])
+        if (folder / _TOKENIZER_JSON).is_file():
+            return CLIPTokenizer.from_tokenizer_json(folder / _TOKENIZER_JSON)
+    except ValueError as error:
+        raise SourceError(f"cannot read the CLIP tokenizer in {folder}: {error}") from error
+    raise SourceError(f"no CLIP tokenizer in {folder}: expected vocab.json and merges.txt, or tokenizer.json")
+
+
+def locate_tokenizer(source: "str | Path") -> Path:
+    """The folder of a CLIP tokenizer (see `read_tokenizer`): a folder, its `tokenizer/` subfolder, or a Hub repo.
 
     Args:
         source: A folder holding both files (or a model folder with a `tokenizer/` subfolder), or a Hub id (e.g.
@@ -388,7 +411,8 @@ def locate_tokenizer(source: "str | Path") -> tuple[Path, Path]:
     if not path.exists() and _HUB_ID.fullmatch(str(source)):
         from huggingface_hub import snapshot_download
 
-        patterns = [*_TOKENIZER_FILES, *(f"tokenizer/{name}" for name in _TOKENIZER_FILES)]
+        names = (*_TOKENIZER_FILES, _TOKENIZER_JSON)
+        patterns = [*names, *(f"tokenizer/{name}" for name in names)]
         try:
             path = Path(str(snapshot_download(str(source), allow_patterns=patterns)))
         except (OSError, ValueError) as error:
@@ -396,9 +420,9 @@ def locate_tokenizer(source: "str | Path") -> tuple[Path, Path]:
                 f"cannot download the tokenizer of {source} from the Hugging Face Hub: {error}"
             ) from error
     for folder in (path, path / "tokenizer"):
-        vocabulary, merges = (folder / name for name in _TOKENIZER_FILES)
-        if vocabulary.is_file() and merges.is_file():
-            return vocabulary, merges
+        if _has_tokenizer(folder):
+            return folder
     raise SourceError(
-        f"no CLIP tokenizer in {source}: expected vocab.json and merges.txt in it or in its tokenizer/ subfolder"
+        f"no CLIP tokenizer in {source}: expected vocab.json and merges.txt (or tokenizer.json) in it or in its "
+        "tokenizer/ subfolder"
     )

@@ -12,10 +12,12 @@ Stable Diffusion 1.x model, and writes the converted weights atomically to a `.s
   inpainting model, `SD1UNet(in_channels=9)` (the shape of the first convolution tells which);
 - `convert_stable_diffusion_1` writes the three into a folder.
 
-The target models are built on the "meta" device: only their shapes are read, nothing is allocated.
+The target models are sized from the source's configs (`refiners.converters.architecture`): Stable Diffusion 1.5,
+or a model of the same architecture at other sizes (a diffusers folder's `config.json` says which; the result's
+`target` and the progress lines say how to build it, e.g. `SD1UNet(in_channels=4, channels=(32, 32, 64, 64), ...)`).
+They are built on the "meta" device: only their shapes are read, nothing is allocated.
 """
 
-import json
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor
 
 import refiners.fluxion.layers as fl
+from refiners.converters.architecture import autoencoder_for, clip_text_for, describe, unet_for
 from refiners.converters.autoencoder import diffusers_autoencoder_key_map
 from refiners.converters.clip_text import TRANSFORMERS_CLIP_TEXT_PREFIX, transformers_clip_text_key_map
 from refiners.converters.engine import ConversionError, KeyMap, convert_state_dict
@@ -48,12 +51,10 @@ from refiners.converters.sources import (
     TensorFile,
     locate_tokenizer,
     open_source,
+    read_tokenizer,
 )
 from refiners.converters.unet import diffusers_unet_key_map
 from refiners.fluxion.utils import save_to_safetensors
-from refiners.foundationals.clip import CLIPTextEncoderL, CLIPTokenizer
-from refiners.foundationals.latent_diffusion.auto_encoder import SD1Autoencoder
-from refiners.foundationals.latent_diffusion.unet import SD1UNet
 
 __all__ = [
     "CLIP_TEXT_FILE",
@@ -146,23 +147,29 @@ def _width(tensors: TensorFile | _Prefixed, keys: tuple[str, ...], dim: int) -> 
     return shape[dim] if shape is not None and len(shape) > dim else None
 
 
-def _cross_attention_reason(width: int | None) -> str | None:
+# Widths that tell another known model. A folder's configs may give other sizes (an SD1 model at toy or distilled
+# sizes: see refiners.converters.architecture); a file has no config, so its shapes must be SD1.5's.
+def _cross_attention_reason(width: int | None, sized_by_config: bool = False) -> str | None:
     if width is None or width == 768:
         return None
     known = {
         1024: "Stable Diffusion 2.x: its UNet attends to 1024-wide text embeddings (OpenCLIP ViT-H)",
         2048: "Stable Diffusion XL: its UNet attends to 2048-wide text embeddings (two text encoders)",
     }
+    if sized_by_config:
+        return known.get(width)
     return known.get(width, f"another model: its UNet attends to {width}-wide text embeddings (SD1: 768)")
 
 
-def _text_width_reason(width: int | None) -> str | None:
+def _text_width_reason(width: int | None, sized_by_config: bool = False) -> str | None:
     if width is None or width == 768:
         return None
     known = {
         1024: "Stable Diffusion 2.x: its text encoder is 1024 wide (OpenCLIP ViT-H)",
         1280: "Stable Diffusion XL's second text encoder: 1280 wide (OpenCLIP ViT-bigG)",
     }
+    if sized_by_config:
+        return known.get(width)
     return known.get(width, f"another model: its text encoder is {width} wide (SD1's CLIP ViT-L: 768)")
 
 
@@ -179,17 +186,25 @@ def _folder_reason(source: DiffusersFolder) -> str | None:
     if "text_encoder_2" in index or "XL" in (source.pipeline_class or ""):
         return f"Stable Diffusion XL: {source.pipeline_class or 'its model_index.json'} has a second text encoder"
     reasons: list[str | None] = []
+    context_width = text_width = None
     if source.has_component("unet"):
         config = source.config("unet")
         if config.get("addition_embed_type") is not None:
             reasons.append("Stable Diffusion XL: its UNet takes added embeddings (text_time)")
         width = config.get("cross_attention_dim")
-        reasons.append(_cross_attention_reason(width if isinstance(width, int) else None))
+        context_width = width if isinstance(width, int) else None
+        reasons.append(_cross_attention_reason(context_width, sized_by_config=True))
         in_channels = config.get("in_channels")
         reasons.append(_in_channels_reason(in_channels if isinstance(in_channels, int) else None))
     if source.has_component("text_encoder"):
         width = source.config("text_encoder").get("hidden_size")
-        reasons.append(_text_width_reason(width if isinstance(width, int) else None))
+        text_width = width if isinstance(width, int) else None
+        reasons.append(_text_width_reason(text_width, sized_by_config=True))
+    if None not in (context_width, text_width) and context_width != text_width:
+        reasons.append(
+            f"another model: its UNet attends to {context_width}-wide text embeddings but its text encoder is "
+            f"{text_width} wide"
+        )
     return next((reason for reason in reasons if reason is not None), None)
 
 
@@ -323,7 +338,7 @@ def convert_clip_text(
     tokenizer: str | Path | None = None,
     progress: Progress = _quiet,
 ) -> ConversionResult:
-    """Convert the text encoder of a Stable Diffusion 1.x model into `CLIPTextEncoderL` weights.
+    """Convert the text encoder of a Stable Diffusion 1.x model into `CLIPTextEncoderL` weights (at SD1.5's sizes).
 
     The tokenizer's vocabulary and merges go into the file's metadata: from `tokenizer` if given, else from the
     source's `tokenizer/` folder. Single-file checkpoints have no tokenizer: without `tokenizer`, the weights are
@@ -346,19 +361,20 @@ def convert_clip_text(
     check_stable_diffusion_1(source)
     dest = _destination(dest, CLIP_TEXT_FILE)
     component = _component(source, "text_encoder")
-    encoder = CLIPTextEncoderL(device="meta")
+    encoder = clip_text_for(source)
     metadata: dict[str, str] | None = None
-    files = locate_tokenizer(tokenizer) if tokenizer is not None else None
-    if files is None and isinstance(source, DiffusersFolder):
-        files = source.tokenizer_files()
-    if files is not None:
-        metadata = CLIPTokenizer(*files).to_metadata()
-        if (largest := max(json.loads(files[0].read_text(encoding="utf-8")).values())) >= encoder.vocabulary_size:
+    folder = locate_tokenizer(tokenizer) if tokenizer is not None else None
+    if folder is None and isinstance(source, DiffusersFolder):
+        folder = source.tokenizer_folder()
+    if folder is not None:
+        clip_tokenizer = read_tokenizer(folder)
+        metadata = clip_tokenizer.to_metadata()
+        if clip_tokenizer.vocabulary_size > encoder.vocabulary_size:
             raise SourceError(
-                f"the tokenizer {files[0]} has token ids up to {largest} but the text encoder embeds "
-                f"{encoder.vocabulary_size} tokens: it is not this model's tokenizer."
+                f"the tokenizer in {folder} has token ids up to {clip_tokenizer.vocabulary_size - 1} but the text "
+                f"encoder embeds {encoder.vocabulary_size} tokens: it is not this model's tokenizer."
             )
-        progress(f"clip-text: tokenizer from {files[0].parent} (stored in the file's metadata)")
+        progress(f"clip-text: tokenizer from {folder} (stored in the file's metadata)")
     else:
         progress(
             "clip-text: note: the source has no tokenizer, so the file will have none and the encoder will take "
@@ -374,14 +390,14 @@ def convert_clip_text(
         prefix = component.original_prefix + "text_model."
         renaming = ldm_clip_text_renaming(with_text_model=any(key.startswith(prefix) for key in component.tensors))
     return _convert(
-        component, encoder, key_map, renaming, dest, dtype, progress, "clip-text", "CLIPTextEncoderL", metadata
+        component, encoder, key_map, renaming, dest, dtype, progress, "clip-text", describe(encoder), metadata
     )
 
 
 def convert_autoencoder(
     source: str | Path | Source, dest: str | Path, dtype: torch.dtype | None = None, *, progress: Progress = _quiet
 ) -> ConversionResult:
-    """Convert the autoencoder of a Stable Diffusion 1.x model into `SD1Autoencoder` weights.
+    """Convert the autoencoder of a Stable Diffusion 1.x model into `SD1Autoencoder` weights (at SD1.5's sizes).
 
     Args:
         source: A diffusers folder, a `vae` folder or weights file, an original checkpoint (whole, or a standalone
@@ -398,16 +414,17 @@ def convert_autoencoder(
     check_stable_diffusion_1(source)
     dest = _destination(dest, AUTOENCODER_FILE)
     component = _component(source, "vae")
-    autoencoder = SD1Autoencoder(device="meta")
+    autoencoder = autoencoder_for(source)
     key_map = diffusers_autoencoder_key_map(autoencoder)
     renaming = ldm_autoencoder_renaming()
-    return _convert(component, autoencoder, key_map, renaming, dest, dtype, progress, "autoencoder", "SD1Autoencoder")
+    target = describe(autoencoder)
+    return _convert(component, autoencoder, key_map, renaming, dest, dtype, progress, "autoencoder", target)
 
 
 def convert_unet(
     source: str | Path | Source, dest: str | Path, dtype: torch.dtype | None = None, *, progress: Progress = _quiet
 ) -> ConversionResult:
-    """Convert the UNet of a Stable Diffusion 1.x model into `SD1UNet` weights.
+    """Convert the UNet of a Stable Diffusion 1.x model into `SD1UNet` weights (sized from the source's config).
 
     An inpainting UNet (9 input channels) is converted for `SD1UNet(in_channels=9)`, and `progress` says so.
 
@@ -441,8 +458,8 @@ def convert_unet(
             f"unet: note: the checkpoint also has an EMA copy of the UNet ({len(ema)} model_ema.* tensors); as "
             "diffusers does by default, the main weights (model.diffusion_model.*) are converted"
         )
-    unet = SD1UNet(in_channels=in_channels, device="meta")
-    target = f"SD1UNet(in_channels={in_channels})"
+    unet = unet_for(source, in_channels)
+    target = describe(unet)
     key_map = diffusers_unet_key_map(unet)
     return _convert(component, unet, key_map, ldm_unet_renaming(), dest, dtype, progress, "unet", target)
 

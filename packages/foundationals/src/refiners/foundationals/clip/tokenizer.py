@@ -147,6 +147,35 @@ class CLIPTokenizer(fl.Module):
         return tokenizer
 
     @classmethod
+    def from_tokenizer_json(cls, path: str | Path, sequence_length: int = 77) -> Self:
+        """A tokenizer from a Hugging Face `tokenizer.json` (what transformers 5's `save_pretrained` writes alone).
+
+        Its BPE model gives the vocabulary and merges; the special tokens are found in the vocabulary, as by
+        `__init__`.
+
+        Raises:
+            ValueError: The file is not the `tokenizer.json` of a BPE tokenizer.
+        """
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"cannot read {path} as a tokenizer.json: {error}") from error
+        model = data.get("model") if isinstance(data, dict) else None
+        if not isinstance(model, dict) or model.get("type") != "BPE":
+            raise ValueError(f"{path} is not the tokenizer.json of a BPE tokenizer (CLIP's): its model is not BPE")
+        # `tokenizers` writes merges as "first second" strings (older files) or [first, second] pairs.
+        raw_merges: Any = model.get("merges", [])
+        text = "\n".join(merge if isinstance(merge, str) else " ".join(merge) for merge in raw_merges)
+        vocabulary = _parse_vocabulary(model.get("vocab"), source=str(path))
+        return cls.from_vocabulary(vocabulary, _parse_merges(text, source=str(path)), sequence_length=sequence_length)
+
+    @property
+    def vocabulary_size(self) -> int:
+        """The number of ids the tokenizer may return (its largest id, plus one)."""
+        return max(self._vocabulary.values()) + 1
+
+    @classmethod
     def from_metadata(cls, metadata: Mapping[str, str]) -> Self:
         """A tokenizer from the metadata of a converted checkpoint (see `to_metadata`).
 
