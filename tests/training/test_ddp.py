@@ -1,5 +1,9 @@
-"""The shipped tiny config, unchanged, under two-process DDP on CPU (gloo): it runs to completion, the two ranks train
-on different images and end with the same LoRA, and that LoRA is the one exported."""
+"""The shipped tiny config, unchanged, under two-process DDP and FSDP on CPU (gloo).
+
+DDP: it runs to completion, the two ranks train on different images (in a new order each epoch) and end with the same
+LoRA, and that LoRA is the one exported. FSDP (Lightning's `FSDPStrategy`, sharding the LoRAs and their optimizer
+state): the same run ends with the same LoRA as DDP's. Lightning accepts FSDP only with a GPU; a CPU run needs the
+small `CPUFSDPStrategy` subclass below, which only gives FSDP the CPU as its device."""
 
 import json
 import os
@@ -9,7 +13,11 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
+from lightning import Trainer
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.strategies import FSDPStrategy
 
 from refiners.fluxion.utils import load_from_safetensors
 from refiners.training import LoraFineTuning
@@ -17,7 +25,8 @@ from refiners.training.sample_data import SampleImageFolder
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# A callback the ranks load from PYTHONPATH: each saves its own LoRA weights and the captions it trained on.
+# A callback the ranks load from PYTHONPATH: each saves its own LoRA weights, and the images (by their cached latents'
+# first values: the tiny config neither crops at random nor flips) and captions it trained on.
 PROBE = """
 import json
 from pathlib import Path
@@ -32,36 +41,56 @@ class RankProbe(Callback):
     def __init__(self, folder: str) -> None:
         self.folder = Path(folder)
         self.captions: list[str] = []
+        self.images: list[str] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.captions += batch["captions"]
+        self.images += [" ".join(f"{value:.4f}" for value in row[:6].tolist()) for row in batch["latents"].flatten(1)]
 
     def on_train_end(self, trainer, pl_module) -> None:
         rank = trainer.global_rank
         assert torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo"
-        state = {key: tensor.detach().contiguous() for key, tensor in pl_module.state_dict().items()}
-        save_to_safetensors(self.folder / f"rank{rank}.safetensors", state)
+        # The full weights (gathered under FSDP, on rank zero only).
+        full = trainer.strategy.lightning_module_state_dict()
+        state = {key: tensor.detach().contiguous() for key, tensor in full.items()}
+        if state:
+            save_to_safetensors(self.folder / f"rank{rank}.safetensors", state)
         info = {"world_size": trainer.world_size, "global_step": trainer.global_step, "captions": self.captions}
+        info["images"] = self.images
+        info["strategy"] = type(trainer.strategy).__name__
         (self.folder / f"rank{rank}.json").write_text(json.dumps(info))
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    def _setup_model(self, model):
+        # Lightning passes FSDP the device's index, which a CPU device lacks: wrap here, Lightning does the rest.
+        wrapped = FullyShardedDataParallel(
+            module=model, sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs
+        )
+        return super()._setup_model(wrapped)
 """
+PROBE_IMPORTS = """
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+from torch.distributed.fsdp import FullyShardedDataParallel
+"""
+EXPORTED = Path("outputs") / "tiny-lora" / "tensorboard" / "version_0" / "loras" / "lora.safetensors"
 
 
-def test_two_process_ddp_ends_with_the_same_lora_on_both_ranks(
-    metadata_folder: SampleImageFolder, tmp_path: Path
-) -> None:
-    (tmp_path / "probe").mkdir()
-    (tmp_path / "probe" / "rank_probe.py").write_text(textwrap.dedent(PROBE))
-    environment = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path / "probe")}
+def train(folder: Path, images: Path, *strategy: str) -> None:
+    """`refiners-train fit` with the tiny config on 2 CPU processes, in `folder`, with the probe."""
+    (folder / "probe").mkdir(parents=True)
+    (folder / "probe" / "rank_probe.py").write_text(textwrap.dedent(PROBE_IMPORTS + PROBE))
+    environment = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(folder / "probe")}
     command = [
         str(Path(sys.executable).parent / "refiners-train"), "fit",
-        "--config", str(ROOT / "configs" / "tiny-lora.yaml"),
-        "--data.data_dir", str(metadata_folder.path),
-        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-        "--trainer.callbacks+=rank_probe.RankProbe", "--trainer.callbacks.folder", str(tmp_path),
+        "--config", str(ROOT / "configs" / "tiny-lora.yaml"), "--data.data_dir", str(images),
+        *strategy, "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+        "--trainer.callbacks+=rank_probe.RankProbe", "--trainer.callbacks.folder", str(folder),
     ]  # fmt: skip
-    # Its own process group, so that a hung rank (a DDP deadlock) is killed with the launcher on timeout.
+    # Its own process group, so that a hung rank (a deadlock) is killed with the launcher on timeout.
     process = subprocess.Popen(
-        command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        command, cwd=folder, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )  # fmt: skip
     try:
@@ -69,14 +98,29 @@ def test_two_process_ddp_ends_with_the_same_lora_on_both_ranks(
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         output, _ = process.communicate()
-        raise AssertionError(f"DDP training did not finish in 300 s:\n{output}") from None
+        raise AssertionError(f"distributed training did not finish in 300 s:\n{output}") from None
     assert process.returncode == 0, f"{' '.join(command)} failed:\n{output}"
 
+
+@pytest.fixture(scope="module")
+def ddp_run(metadata_folder: SampleImageFolder, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("ddp")
+    train(folder, metadata_folder.path, "--trainer.strategy", "ddp")
+    return folder
+
+
+def test_two_process_ddp_ends_with_the_same_lora_on_both_ranks(ddp_run: Path) -> None:
+    tmp_path = ddp_run
     infos = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert all(info["world_size"] == 2 and info["global_step"] == 12 for info in infos)
     # Each rank sees half of every epoch: 24 images, 2 ranks, batches of 4, 12 steps = 4 epochs of 3 batches.
     assert all(len(info["captions"]) == 12 * 4 for info in infos)
     assert infos[0]["captions"] != infos[1]["captions"]
+    # Every epoch, the two ranks share out the whole dataset, in a new order (Lightning forwards the epoch to our
+    # sampler through its distributed wrapper).
+    epochs = [[info["images"][start : start + 12] for info in infos] for start in range(0, 48, 12)]
+    assert all(len(set(rank0 + rank1)) == 24 for rank0, rank1 in epochs)
+    assert all(epoch[0] != epochs[0][0] for epoch in epochs[1:])
 
     ranks = [load_from_safetensors(tmp_path / f"rank{rank}.safetensors") for rank in (0, 1)]
     assert ranks[0].keys() == ranks[1].keys() and len(ranks[0]) > 0
@@ -90,9 +134,7 @@ def test_two_process_ddp_ends_with_the_same_lora_on_both_ranks(
         for key, tensor in initial.state_dict().items()
         if key.endswith("_2.weight")
     )
-    exported = load_from_safetensors(
-        tmp_path / "outputs" / "tiny-lora" / "tensorboard" / "version_0" / "loras" / "lora.safetensors"
-    )
+    exported = load_from_safetensors(tmp_path / EXPORTED)
     for name, lora in initial.named_loras().items():
         prefix = f"loras.{name.replace('.', '/')}"
         for role, layer in (("lora_down", lora.down), ("lora_up", lora.up)):
@@ -100,3 +142,44 @@ def test_two_process_ddp_ends_with_the_same_lora_on_both_ranks(
             torch.testing.assert_close(
                 exported[f"{initial.diffusers_names[name]}.{role}.weight"], expected, atol=0, rtol=0
             )
+
+
+def test_fsdp_trains_the_same_lora_as_ddp(ddp_run: Path, metadata_folder: SampleImageFolder, tmp_path: Path) -> None:
+    strategy = ["--trainer.strategy", "rank_probe.CPUFSDPStrategy", "--trainer.strategy.process_group_backend", "gloo"]
+    train(tmp_path, metadata_folder.path, *strategy)
+    infos = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(info["strategy"] == "CPUFSDPStrategy" and info["global_step"] == 12 for info in infos)
+    ddp_infos = [json.loads((ddp_run / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [info["images"] for info in infos] == [info["images"] for info in ddp_infos]
+    assert [info["captions"] for info in infos] == [info["captions"] for info in ddp_infos]
+
+    # The gathered weights and the exported LoRA equal DDP's (the gradients are averaged in another order).
+    fsdp, ddp = (
+        load_from_safetensors(tmp_path / "rank0.safetensors"),
+        load_from_safetensors(ddp_run / "rank0.safetensors"),
+    )
+    assert fsdp.keys() == ddp.keys()
+    for key, tensor in ddp.items():
+        torch.testing.assert_close(fsdp[key], tensor, atol=1e-6, rtol=1e-5, msg=key)
+    fsdp_exported, ddp_exported = load_from_safetensors(tmp_path / EXPORTED), load_from_safetensors(ddp_run / EXPORTED)
+    assert fsdp_exported.keys() == ddp_exported.keys()
+    for key, tensor in ddp_exported.items():
+        torch.testing.assert_close(fsdp_exported[key], tensor, atol=1e-6, rtol=1e-5, msg=key)
+    # The checkpoint holds the full LoRA weights, as under DDP.
+    checkpoint = torch.load(tmp_path / EXPORTED.parents[1] / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["state_dict"].keys() == ddp.keys()
+
+
+class _CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDP strategy, accepted with a CPU accelerator (Lightning refuses the class itself without a GPU)."""
+
+
+def test_ema_under_fsdp_is_a_clear_error(tmp_path: Path) -> None:
+    trainer = Trainer(
+        accelerator="cpu", devices=1, strategy=_CPUFSDPStrategy(), callbacks=[EMAWeightAveraging()], logger=False,
+        default_root_dir=tmp_path,
+    )  # fmt: skip
+    module = LoraFineTuning(base="tiny", rank=2)
+    module.trainer = trainer
+    with pytest.raises(ValueError, match=r"EMA \(Lightning's WeightAveraging callback\) does not work under FSDP"):
+        module.on_fit_start()

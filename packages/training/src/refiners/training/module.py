@@ -26,6 +26,8 @@ from typing import Any, Literal, Self, cast
 import torch
 import torch.nn.functional as F
 from lightning import LightningModule
+from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -531,6 +533,14 @@ class LoraFineTuning(LightningModule):
         return self
 
     def on_fit_start(self) -> None:
+        sharded = isinstance(self.trainer.strategy, FSDPStrategy)
+        if sharded and any(isinstance(callback, WeightAveraging) for callback in self.trainer.callbacks):  # pyright: ignore[reportAttributeAccessIssue]
+            raise ValueError(
+                "EMA (Lightning's WeightAveraging callback) does not work under FSDP: it averages an unsharded copy "
+                "of the module, which FSDP's flattened shards do not match. Remove the callback from "
+                "trainer.callbacks, or train with strategy='ddp' (the LoRAs are small: DDP holds them on every "
+                "device at little cost)."
+            )
         # Strategies that place the parameters themselves (FSDP) do not call `.to()`: the base joins the LoRAs.
         device = next(iter(self.parameters())).device
         lora_modules = {id(module) for lora in self.loras.values() for module in lora.modules()}
