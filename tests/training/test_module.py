@@ -425,9 +425,8 @@ def _resumable_run(
     export = ExportLora(dirpath=str(root / "loras"), formats=["refiners"])
     callbacks: list[Callback] = [
         EMAWeightAveraging(decay=0.9),
-        # Saved at the optimizer step, as LoRA trainings do: Lightning resumes from such a checkpoint at the next batch
-        # (a checkpoint saved at the end of an epoch, by `on_train_epoch_end`, replays a batch on resume).
-        ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=3, save_top_k=-1, save_last=True),
+        # Saved at every optimizer step, as LoRA trainings do (every N steps), mid-epoch or at an epoch's end.
+        ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=1, save_top_k=-1, save_last=True),
         export,
     ]
     if stop_at is not None:
@@ -447,15 +446,21 @@ def uninterrupted(
     return module, root
 
 
+# 3 steps per epoch: interrupted in the middle of the first epoch, at its end, in the middle of the second.
+@pytest.mark.parametrize("stop_at", [2, 3, 4])
 def test_resumed_training_ends_with_the_same_lora(
-    metadata_folder: SampleImageFolder, uninterrupted: tuple[LoraFineTuning, Path], tmp_path: Path
+    metadata_folder: SampleImageFolder, uninterrupted: tuple[LoraFineTuning, Path], tmp_path: Path, stop_at: int
 ) -> None:
     expected, expected_root = uninterrupted
-    # Interrupted at the end of the first epoch (a data loader resumes exactly at an epoch's boundary), then resumed
-    # by new objects, as a new process would.
-    _resumable_run(metadata_folder, tmp_path, stop_at=3)
+    # Interrupted, then resumed by new objects, as a new process would. Mid-epoch, the data loader (a stateful
+    # `ResumableDataLoader`) skips the batches that were served before the checkpoint.
+    _resumable_run(metadata_folder, tmp_path, stop_at=stop_at)
     checkpoint = tmp_path / "checkpoints" / "last.ckpt"
-    assert torch.load(checkpoint, weights_only=True)["global_step"] == 3
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["global_step"] == stop_at
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": (stop_at - 1) // 3, "batches": 2 * ((stop_at - 1) % 3 + 1)}
+    ]
     resumed, export = _resumable_run(metadata_folder, tmp_path, ckpt_path=checkpoint)
 
     assert resumed.global_step == 6

@@ -4,10 +4,11 @@ The folder conventions are in `refiners.training.image_folder`; the transform in
 """
 
 import hashlib
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypedDict, runtime_checkable
+from typing import Any, Protocol, TypedDict, runtime_checkable
 
 import torch
 from lightning import LightningDataModule
@@ -23,6 +24,7 @@ __all__ = [
     "CaptionedImage",
     "CaptionedImageDataset",
     "EpochSampler",
+    "ResumableDataLoader",
     "TrainingItem",
     "TrainingBatch",
     "collate_training_items",
@@ -187,6 +189,58 @@ class TrainingBatch(TypedDict, total=False):
     captions: list[str]
     latents: Tensor
     text_embeddings: Tensor
+
+
+class _ResumingBatches:
+    """A loader's batches of indices, less those of the epoch being resumed that were served before the checkpoint."""
+
+    def __init__(self, loader: "ResumableDataLoader", batches: Any) -> None:
+        self.loader = loader
+        self.batches = batches
+
+    def __len__(self) -> int:  # the whole epoch: Lightning counts the skipped batches as done
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self.loader.start_epoch(iter(self.batches))
+
+
+class ResumableDataLoader(DataLoader[TrainingItem]):
+    """A `DataLoader` that resumes mid-epoch: Lightning's stateful loader interface (`state_dict`, `load_state_dict`).
+
+    It counts the batches it has served in the current epoch, and a checkpoint stores that count with the epoch. The
+    loader restored from it skips that many batches of that epoch, by their indices (nothing is loaded for them): a
+    run resumed from a checkpoint taken at any step sees the batches the uninterrupted run saw, whatever the sampler
+    (ours, or Lightning's distributed wrapper around it, whose shards are skipped rank by rank).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._epoch = 0
+        self._served = 0
+        self._resume: tuple[int, int] | None = None
+
+    @property
+    def _index_sampler(self) -> Any:
+        return _ResumingBatches(self, super()._index_sampler)
+
+    def start_epoch(self, batches: Iterator[Any]) -> Iterator[Any]:
+        """Called when an iteration over the loader starts: skip what a restored checkpoint had served."""
+        self._epoch = int(getattr(self.sampler, "epoch", 0))
+        resume, self._resume = self._resume, None
+        self._served = resume[1] if resume is not None and resume[0] == self._epoch else 0
+        return itertools.islice(batches, self._served, None)
+
+    def __iter__(self) -> Any:
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "batches": self._served}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        self._resume = (int(state_dict["epoch"]), int(state_dict["batches"]))
 
 
 def collate_training_items(items: list[TrainingItem]) -> TrainingBatch:
@@ -503,7 +557,7 @@ class CaptionedImageDataModule(LightningDataModule):
             # Lightning starts the first iterator (and its workers' prefetching) before it calls `set_epoch`: when
             # it resumes from a checkpoint, the sampler must already be at the restored epoch.
             sampler.set_epoch(self.trainer.current_epoch)
-        return DataLoader(
+        return ResumableDataLoader(
             items,
             batch_size=self.batch_size,
             sampler=sampler,
