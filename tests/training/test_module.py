@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from diffusers.training_utils import compute_snr
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor
@@ -575,6 +575,45 @@ def test_samples_are_saved_as_grids_and_logged(run: Run, fresh_components: Stabl
     events = EventAccumulator(str(run.log_dir))
     events.Reload()
     assert [event.step for event in events.Images("samples")] == [0, 12, 24]
+
+
+class ImageLogger(Logger):
+    """A logger with `log_image(key, images, step, **kwargs)`, the method of Lightning's WandbLogger (and Neptune's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[tuple[str, list[Any], int | None, dict[str, Any]]] = []
+
+    @property
+    def name(self) -> str:
+        return "images"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_image(self, key: str, images: list[Any], step: int | None = None, **kwargs: Any) -> None:
+        self.images.append((key, images, step, kwargs))
+
+
+def test_samples_go_to_loggers_with_log_image(tmp_path: Path) -> None:
+    # As with W&B installed and `WandbLogger` in the config: the grid goes to its `log_image`, with the prompts.
+    logger = ImageLogger()
+    samples = SampleImages(PROMPTS, seeds=[0, 1], num_inference_steps=2, size=RESOLUTION, dirpath=str(tmp_path))
+    trainer = _trainer(tmp_path, 1, [samples], logger=logger)
+    module = LoraFineTuning(**_settings())
+    module.trainer = trainer
+    path = samples.sample(trainer, module)
+    assert path is not None and path.is_file()
+    ((key, images, step, extra),) = logger.images
+    assert key == "samples" and step == 0 and extra["caption"] == [" | ".join(PROMPTS) + " (seeds 0, 1)"]
+    assert images[0].tobytes() == Image.open(path).convert("RGB").tobytes()
 
 
 # -- loading the base model, and errors --------------------------------------------------------------------------
