@@ -61,6 +61,15 @@ class RankProbe(Callback):
         (self.folder / f"rank{rank}.json").write_text(json.dumps(info))
 
 
+class StopAtStep(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
 class CPUFSDPStrategy(FSDPStrategy):
     def _setup_model(self, model):
         # Lightning passes FSDP the device's index, which a CPU device lacks: wrap here, Lightning does the rest.
@@ -79,7 +88,7 @@ EXPORTED = Path("outputs") / "tiny-lora" / "tensorboard" / "version_0" / "loras"
 
 def train(folder: Path, images: Path, *strategy: str) -> None:
     """`refiners-train fit` with the tiny config on 2 CPU processes, in `folder`, with the probe."""
-    (folder / "probe").mkdir(parents=True)
+    (folder / "probe").mkdir(parents=True, exist_ok=True)
     (folder / "probe" / "rank_probe.py").write_text(textwrap.dedent(PROBE_IMPORTS + PROBE))
     environment = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(folder / "probe")}
     command = [
@@ -168,6 +177,35 @@ def test_fsdp_trains_the_same_lora_as_ddp(ddp_run: Path, metadata_folder: Sample
     # The checkpoint holds the full LoRA weights, as under DDP.
     checkpoint = torch.load(tmp_path / EXPORTED.parents[1] / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["state_dict"].keys() == ddp.keys()
+
+
+def test_ddp_resumed_mid_epoch_ends_with_the_same_lora(
+    ddp_run: Path, metadata_folder: SampleImageFolder, tmp_path: Path
+) -> None:
+    # Interrupted at step 4 (3 steps per epoch: one batch into the second), resumed from that step's checkpoint.
+    checkpoints = tmp_path / "checkpoints"
+    checkpointing = [
+        "--trainer.strategy", "ddp", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.dirpath", str(checkpoints), "--trainer.callbacks.every_n_train_steps", "4",
+        "--trainer.callbacks.save_top_k", "-1",
+    ]  # fmt: skip
+    stop = ["--trainer.callbacks+=rank_probe.StopAtStep", "--trainer.callbacks.step", "4"]
+    train(tmp_path / "first", metadata_folder.path, *checkpointing, *stop)
+    (checkpoint,) = checkpoints.glob("*step=4.ckpt")
+    train(tmp_path / "second", metadata_folder.path, *checkpointing, "--ckpt_path", str(checkpoint))
+
+    ddp_infos = [json.loads((ddp_run / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for rank, expected in enumerate(ddp_infos):
+        first, second = (json.loads((tmp_path / run / f"rank{rank}.json").read_text()) for run in ("first", "second"))
+        assert first["global_step"] == 4 and second["global_step"] == 12
+        assert first["images"] + second["images"] == expected["images"]  # each rank's batches, none replayed
+    resumed, expected_state = (
+        load_from_safetensors(tmp_path / "second" / "rank0.safetensors"),
+        load_from_safetensors(ddp_run / "rank0.safetensors"),
+    )
+    assert resumed.keys() == expected_state.keys()
+    for key, tensor in expected_state.items():
+        torch.testing.assert_close(resumed[key], tensor, atol=0, rtol=0, msg=key)
 
 
 class _CPUFSDPStrategy(FSDPStrategy):
