@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from refiners.converters.reference_check import SD15_UNET_CONFIG, SD15_VAE_CONFIG
+from refiners.converters.reference_check import SD15_TEXT_ENCODER_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
 
 __all__ = ["Result", "main"]
 
@@ -39,27 +39,13 @@ TARGET_RATIO = 1.3
 METHODS = ("meta", "naive", "diffusers")
 COMPONENTS = ("unet", "lda", "clip")
 
-SD15_TEXT_CONFIG: dict[str, Any] = {
-    "hidden_act": "quick_gelu",
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "max_position_embeddings": 77,
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "projection_dim": 768,
-    "vocab_size": 49408,
-    "layer_norm_eps": 1e-05,
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "pad_token_id": 1,
-}
 # The same architectures at toy size, for --smoke.
 TINY_UNET_CONFIG: dict[str, Any] = SD15_UNET_CONFIG | {
     "block_out_channels": [32, 32, 64, 64],
     "cross_attention_dim": 32,
 }
 TINY_VAE_CONFIG: dict[str, Any] = SD15_VAE_CONFIG | {"block_out_channels": [32, 32, 32, 32], "layers_per_block": 1}
-TINY_TEXT_CONFIG: dict[str, Any] = SD15_TEXT_CONFIG | {
+TINY_TEXT_CONFIG: dict[str, Any] = SD15_TEXT_ENCODER_CONFIG | {
     "hidden_size": 32,
     "intermediate_size": 64,
     "num_attention_heads": 4,
@@ -130,7 +116,7 @@ def write_weights(folder: Path, tiny: bool) -> None:
     vae.save_pretrained(folder / "vae")
     save_to_safetensors(folder / "lda.safetensors", convert_diffusers_autoencoder(vae.state_dict(), ours.lda))
     del vae
-    text = CLIPTextModel(CLIPTextConfig(**(TINY_TEXT_CONFIG if tiny else SD15_TEXT_CONFIG)))
+    text = CLIPTextModel(CLIPTextConfig(**(TINY_TEXT_CONFIG if tiny else SD15_TEXT_ENCODER_CONFIG)))
     text.save_pretrained(folder / "text_encoder")
     clip = convert_transformers_clip_text(text.state_dict(), ours.clip_text_encoder)
     save_to_safetensors(folder / "clip.safetensors", clip)

@@ -28,6 +28,7 @@ from transformers import (
 import refiners.fluxion.layers as fl
 from refiners.converters.clip_text import convert_transformers_clip_text
 from refiners.converters.engine import ConversionError
+from refiners.converters.reference_check import SD15_TEXT_ENCODER_CONFIG
 from refiners.fluxion.utils import load_from_safetensors, save_to_safetensors
 from refiners.foundationals.clip import (
     CLIPTextEncoder,
@@ -38,21 +39,6 @@ from refiners.foundationals.clip import (
     TextEncoderWithPooling,
 )
 
-# runwayml/stable-diffusion-v1-5, text_encoder/config.json (less the bookkeeping fields).
-SD15_TEXT_ENCODER_CONFIG: dict[str, Any] = {
-    "hidden_act": "quick_gelu",
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "max_position_embeddings": 77,
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "projection_dim": 768,
-    "vocab_size": 49408,
-    "layer_norm_eps": 1e-05,
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "pad_token_id": 1,
-}
 # stabilityai/stable-diffusion-2-1, text_encoder/config.json: OpenCLIP ViT-H, its 24th layer left out.
 SD2_TEXT_ENCODER_CONFIG: dict[str, Any] = SD15_TEXT_ENCODER_CONFIG | {
     "hidden_act": "gelu",

@@ -19,30 +19,11 @@ from torch import Tensor
 
 import refiners.fluxion.layers as fl
 from refiners.converters.engine import ConversionError, convert_state_dict
+from refiners.converters.reference_check import SD15_UNET_CONFIG
 from refiners.converters.unet import convert_diffusers_unet, diffusers_unet_key_map
 from refiners.fluxion.utils import load_from_safetensors
 from refiners.foundationals.latent_diffusion.unet import RESIDUALS_KEY, UNET_CONTEXT, SD1UNet
 
-# runwayml/stable-diffusion-v1-5, unet/config.json (less the `_class_name`/`_diffusers_version` bookkeeping).
-SD15_UNET_CONFIG: dict[str, Any] = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
 # The same architecture at toy size, as the inpainting UNet (latents + mask + masked-image latents).
 SMALL_CHANNELS = (32, 32, 64, 64)
 SMALL_CONTEXT_DIM = 16
