@@ -41,6 +41,7 @@ from refiners.adapters.lora import (
 )
 from refiners.converters.cli import main as refiners_convert
 from refiners.converters.clip_text import convert_transformers_clip_text
+from refiners.converters.reference_check import SD15_TEXT_ENCODER_CONFIG, SD15_UNET_CONFIG
 from refiners.converters.unet import convert_diffusers_unet
 from refiners.fluxion.adapters.lora import LoraAdapter
 from refiners.fluxion.utils import load_metadata_from_safetensors, save_to_safetensors
@@ -56,38 +57,18 @@ RELATIVE_ATOL = 1e-4
 UNET_CHANNELS = (32, 32, 64, 64)
 TEXT_WIDTH = 32
 VOCABULARY_SIZE = 64
-UNET_CONFIG: dict[str, Any] = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
+UNET_CONFIG: dict[str, Any] = SD15_UNET_CONFIG | {
     "block_out_channels": list(UNET_CHANNELS),
-    "center_input_sample": False,
     "cross_attention_dim": TEXT_WIDTH,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
     "sample_size": 8,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
-TEXT_ENCODER_CONFIG: dict[str, Any] = {
-    "hidden_act": "quick_gelu",
+TEXT_ENCODER_CONFIG: dict[str, Any] = SD15_TEXT_ENCODER_CONFIG | {
     "hidden_size": TEXT_WIDTH,
     "intermediate_size": 64,
-    "max_position_embeddings": 77,
     "num_attention_heads": 4,
     "num_hidden_layers": 2,
     "projection_dim": TEXT_WIDTH,
-    "layer_norm_eps": 1e-05,
     "vocab_size": VOCABULARY_SIZE,
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "pad_token_id": 1,
 }
 # Every kind of layer a LoRA updates in the UNet: attention and feed-forward projections, the transformers' 1x1
 # convolutions, the resnets' 3x3 convolutions (conv LoRAs: a k x k `down`, a 1x1 `up`), shortcuts, timestep MLPs.

@@ -41,6 +41,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from refiners.converters.autoencoder import convert_diffusers_autoencoder
 from refiners.converters.clip_text import convert_transformers_clip_text
+from refiners.converters.reference_check import SD15_TEXT_ENCODER_CONFIG, SD15_UNET_CONFIG, SD15_VAE_CONFIG
 from refiners.converters.unet import convert_diffusers_unet
 from refiners.fluxion.utils import load_from_safetensors, manual_seed, save_to_safetensors
 from refiners.foundationals.clip import CLIPTextEncoder, CLIPTextEncoderL, CLIPTokenizer
@@ -66,28 +67,13 @@ MIN_PSNR = 40.0
 HEIGHT, WIDTH = 64, 96  # latents of 8x12: the UNet's lowest resolution has an odd width
 SEED = 12
 
-# The SD1.5 architecture at toy size (see the real configs in test_unet.py, test_autoencoder.py and
-# tests/foundationals/clip/test_text_encoder.py).
+# The SD1.5 architecture at toy size (SD1.5's real configs are in refiners.converters.reference_check).
 UNET_CHANNELS = (32, 32, 64, 64)
 TEXT_WIDTH = 32
-UNET_CONFIG: dict[str, Any] = {
-    "act_fn": "silu",
-    "attention_head_dim": 8,
+UNET_CONFIG: dict[str, Any] = SD15_UNET_CONFIG | {
     "block_out_channels": list(UNET_CHANNELS),
-    "center_input_sample": False,
     "cross_attention_dim": TEXT_WIDTH,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "out_channels": 4,
     "sample_size": 8,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
 VAE_CHANNELS = (32, 32, 64, 64)
 VAE_CONFIG: dict[str, Any] = {
@@ -103,33 +89,14 @@ VAE_CONFIG: dict[str, Any] = {
     "up_block_types": ["UpDecoderBlock2D"] * 4,
     "scaling_factor": 0.18215,
 }
-TEXT_ENCODER_CONFIG: dict[str, Any] = {
-    "hidden_act": "quick_gelu",
+TEXT_ENCODER_CONFIG: dict[str, Any] = SD15_TEXT_ENCODER_CONFIG | {
     "hidden_size": TEXT_WIDTH,
     "intermediate_size": 64,
-    "max_position_embeddings": 77,
     "num_attention_heads": 4,
     "num_hidden_layers": 2,
     "projection_dim": TEXT_WIDTH,
-    "layer_norm_eps": 1e-05,
-    "bos_token_id": 0,
-    "eos_token_id": 2,
-    "pad_token_id": 1,
 }
 INPAINTING_UNET_CONFIG: dict[str, Any] = UNET_CONFIG | {"in_channels": 9}
-# The real SD1.5 sizes, to count parameters on the meta device.
-SD15_UNET_CONFIG: dict[str, Any] = UNET_CONFIG | {
-    "block_out_channels": [320, 640, 1280, 1280],
-    "cross_attention_dim": 768,
-}
-SD15_VAE_CONFIG: dict[str, Any] = VAE_CONFIG | {"block_out_channels": [128, 256, 512, 512], "layers_per_block": 2}
-SD15_TEXT_ENCODER_CONFIG: dict[str, Any] = TEXT_ENCODER_CONFIG | {
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_attention_heads": 12,
-    "num_hidden_layers": 12,
-    "vocab_size": 49408,
-}
 # SD1.5's scheduler_config.json (PNDM's), as the DDIM and DPM-Solver schedulers read it.
 SCHEDULER_CONFIG: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -218,7 +185,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
     write_tokenizer_folder(root / "vocabulary")
     tokenizer = transformers.CLIPTokenizer.from_pretrained(root / "vocabulary", model_max_length=77)
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG, vocab_size=len(tokenizer))).eval()
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG | {"vocab_size": len(tokenizer)})).eval()
     vae = AutoencoderKL(**VAE_CONFIG).eval()
     unet = UNet2DConditionModel(**UNET_CONFIG).eval()
     inpainting_unet = UNet2DConditionModel(**INPAINTING_UNET_CONFIG).eval()

@@ -222,6 +222,8 @@ class ResumableDataLoader(DataLoader[TrainingItem]):
 
     @property
     def _index_sampler(self) -> Any:
+        # What the DataLoader's iterators draw each epoch's indices from (torch's private hook, there since 1.x; a
+        # test fails if it stops being read): the batch sampler, less the batches to skip.
         return _ResumingBatches(self, super()._index_sampler)
 
     def start_epoch(self, batches: Iterator[Any]) -> Iterator[Any]:
