@@ -185,7 +185,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
     write_tokenizer_folder(root / "vocabulary")
     tokenizer = transformers.CLIPTokenizer.from_pretrained(root / "vocabulary", model_max_length=77)
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG | {"vocab_size": len(tokenizer)})).eval()
+    text_config: dict[str, Any] = TEXT_ENCODER_CONFIG | {"vocab_size": len(tokenizer)}
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config)).eval()
     vae = AutoencoderKL(**VAE_CONFIG).eval()
     unet = UNet2DConditionModel(**UNET_CONFIG).eval()
     inpainting_unet = UNet2DConditionModel(**INPAINTING_UNET_CONFIG).eval()
