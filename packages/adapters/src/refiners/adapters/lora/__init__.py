@@ -30,6 +30,7 @@ from refiners.adapters.lora.lycoris import (
     LoKr,
     MagnitudeAxis,
     WeightDecomposition,
+    WeightProduct,
     lokr_factorization,
     weight_update,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "MagnitudeAxis",
     "LoCon",
     "HadamardProduct",
+    "WeightProduct",
     "LoHa",
     "KroneckerProduct",
     "LoKr",

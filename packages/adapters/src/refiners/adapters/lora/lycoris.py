@@ -38,7 +38,7 @@ Example:
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,7 @@ from refiners.fluxion.adapters.lora import Conv2dLora, LinearLora, Lora, LoraAda
 __all__ = [
     "MagnitudeAxis",
     "LoCon",
+    "WeightProduct",
     "HadamardProduct",
     "LoHa",
     "KroneckerProduct",
@@ -293,10 +294,70 @@ class LoCon(Lora[fl.Conv2d]):
         return lora
 
 
-# -- LoHa ------------------------------------------------------------------------------------------------------
+# -- LoHa and LoKr: updates made whole, then applied like the target ------------------------------------------------
 
 
-class HadamardProduct(fl.Module):
+class WeightProduct(fl.Module):
+    """Factors whose product is a whole weight update (LoHa's, LoKr's), applied to the input like the target.
+
+    Subclasses set `weight_shape` and `op`, and define `factors` and `update`.
+    """
+
+    weight_shape: tuple[int, ...]
+    op: "_TargetOp"
+
+    def factors(self) -> dict[str, Tensor]:
+        """The weights, by LyCORIS name without the format's prefix."""
+        raise NotImplementedError
+
+    def update(self) -> Tensor:
+        """The unscaled update, with the target weight's shape."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x, self.update())
+
+
+class _ProductLora(Lora[fl.WeightedModule]):
+    """A LoRA whose update is a `WeightProduct` (LoHa, LoKr): it has no `down`/`up` pair to run `up(down(x))`."""
+
+    kind: ClassVar[str]
+
+    @property
+    def product(self) -> WeightProduct:
+        return self.layer(0, WeightProduct)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return self.product.weight_shape
+
+    @property
+    def down(self) -> fl.WeightedModule:
+        raise _no_pair(self, "down")
+
+    @property
+    def up(self) -> fl.WeightedModule:
+        raise _no_pair(self, "up")
+
+    def weight_update(self) -> Tensor:
+        """`factor` times the product's update, with gradients, in the weights' dtype."""
+        return self.factor * self.product.update()
+
+    def delta_weight(self, target_weight: Tensor | None = None) -> Tensor:
+        with torch.no_grad():
+            return self.weight_update().float()
+
+    def _describe_weights(self) -> str:
+        return ", ".join(f"{name} {_shape(factor)}" for name, factor in self.product.factors().items())
+
+    def _incompatibility(self, layer: fl.Module) -> str | None:
+        return _check_target(self.kind, layer, self.weight_shape)
+
+    def _follow(self, target: fl.WeightedModule) -> None:
+        self.product.op = _TargetOp.of(target)
+
+
+class HadamardProduct(WeightProduct):
     """LoHa's factors and its unscaled update `(w1_a @ w1_b) ⊙ (w2_a @ w2_b)`, applied to the input like the target.
 
     Without Tucker cores, `w1_a`, `w2_a` are `(out, rank)` and `w1_b`, `w2_b` are `(rank, in * k * k)` (a kernel is
@@ -359,14 +420,11 @@ class HadamardProduct(fl.Module):
             return (first * second).reshape(self.weight_shape)
         return ((self.w1_a @ self.w1_b) * (self.w2_a @ self.w2_b)).reshape(self.weight_shape)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.op(x, self.update())
-
     def basic_attributes(self) -> dict[str, Any]:
         return {"weight_shape": self.weight_shape, "rank": self.rank} | ({"tucker": True} if self.tucker else {})
 
 
-class LoHa(Lora[fl.WeightedModule]):
+class LoHa(_ProductLora):
     """A LoHa: the Hadamard product of two low-rank products, `factor * (w1_a @ w1_b) ⊙ (w2_a @ w2_b)`.
 
     Its rank-`r` update has rank up to `r²`, for the parameters of a rank-`2r` LoRA. It runs like its target with the
@@ -382,6 +440,8 @@ class LoHa(Lora[fl.WeightedModule]):
         device: Where the weights live.
         dtype: The weights' dtype.
     """
+
+    kind = "LoHa"
 
     def __init__(
         self,
@@ -402,20 +462,8 @@ class LoHa(Lora[fl.WeightedModule]):
         return self.layer(0, HadamardProduct)
 
     @property
-    def weight_shape(self) -> tuple[int, ...]:
-        return self.product.weight_shape
-
-    @property
     def tucker(self) -> bool:
         return self.product.tucker
-
-    @property
-    def down(self) -> fl.WeightedModule:
-        raise _no_pair(self, "down")
-
-    @property
-    def up(self) -> fl.WeightedModule:
-        raise _no_pair(self, "up")
 
     def reset_parameters(self) -> None:
         """Initialise like PEFT: Kaiming-uniform factors but a zero `w2_b`, so that the update starts at zero."""
@@ -423,23 +471,6 @@ class LoHa(Lora[fl.WeightedModule]):
         for factor in product.factors().values():
             torch.nn.init.kaiming_uniform_(factor, a=math.sqrt(5))
         torch.nn.init.zeros_(product.w2_b)
-
-    def weight_update(self) -> Tensor:
-        """`factor * (w1_a @ w1_b) ⊙ (w2_a @ w2_b)`, with gradients, in the weights' dtype."""
-        return self.factor * self.product.update()
-
-    def delta_weight(self, target_weight: Tensor | None = None) -> Tensor:
-        with torch.no_grad():
-            return self.weight_update().float()
-
-    def _describe_weights(self) -> str:
-        return ", ".join(f"{name} {_shape(factor)}" for name, factor in self.product.factors().items())
-
-    def _incompatibility(self, layer: fl.Module) -> str | None:
-        return _check_target("LoHa", layer, self.weight_shape)
-
-    def _follow(self, target: fl.WeightedModule) -> None:
-        self.product.op = _TargetOp.of(target)
 
     @classmethod
     def from_target(
@@ -538,7 +569,7 @@ def lokr_factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return (m, n) if m <= n else (n, m)
 
 
-class KroneckerProduct(fl.Module):
+class KroneckerProduct(WeightProduct):
     """LoKr's factors and its unscaled update `kron(w1, w2)`, applied to the input like the target.
 
     For a weight `(out, in, *kernel)` with `out = a * b` and `in = c * d`: `w1` is `(a, c)`, full or `w1_a @ w1_b`;
@@ -622,9 +653,6 @@ class KroneckerProduct(fl.Module):
         # A kernel flattened into w2's columns: kron then spreads it as a 4-D kron of w1[:, :, None, None] would.
         return torch.kron(w1, w2.flatten(1)).reshape(self.weight_shape)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.op(x, self.update())
-
     def basic_attributes(self) -> dict[str, Any]:
         attributes: dict[str, Any] = {"weight_shape": self.weight_shape, "w1_shape": self.w1_shape}
         for name in ("w1_rank", "w2_rank"):
@@ -638,7 +666,7 @@ def _product(a: Tensor | None, b: Tensor | None) -> Tensor:
     return a @ b
 
 
-class LoKr(Lora[fl.WeightedModule]):
+class LoKr(_ProductLora):
     """A LoKr: the Kronecker product of two factors, `factor * kron(w1, w2)` (see `KroneckerProduct`).
 
     `factor` is `scale * alpha / rank` as for every `Lora`; LyCORIS files apply `alpha / rank` only when a factor is
@@ -657,6 +685,8 @@ class LoKr(Lora[fl.WeightedModule]):
         device: Where the weights live.
         dtype: The weights' dtype.
     """
+
+    kind = "LoKr"
 
     def __init__(
         self,
@@ -679,41 +709,12 @@ class LoKr(Lora[fl.WeightedModule]):
     def product(self) -> KroneckerProduct:
         return self.layer(0, KroneckerProduct)
 
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        return self.product.weight_shape
-
-    @property
-    def down(self) -> fl.WeightedModule:
-        raise _no_pair(self, "down")
-
-    @property
-    def up(self) -> fl.WeightedModule:
-        raise _no_pair(self, "up")
-
     def reset_parameters(self) -> None:
         """Initialise like LyCORIS: Kaiming-uniform factors but a zero `w2` (or `w2_b`): the update starts at zero."""
         factors = self.product.factors()
         for factor in factors.values():
             torch.nn.init.kaiming_uniform_(factor, a=math.sqrt(5))
         torch.nn.init.zeros_(factors["w2"] if "w2" in factors else factors["w2_b"])
-
-    def weight_update(self) -> Tensor:
-        """`factor * kron(w1, w2)`, with gradients, in the weights' dtype."""
-        return self.factor * self.product.update()
-
-    def delta_weight(self, target_weight: Tensor | None = None) -> Tensor:
-        with torch.no_grad():
-            return self.weight_update().float()
-
-    def _describe_weights(self) -> str:
-        return ", ".join(f"{name} {_shape(factor)}" for name, factor in self.product.factors().items())
-
-    def _incompatibility(self, layer: fl.Module) -> str | None:
-        return _check_target("LoKr", layer, self.weight_shape)
-
-    def _follow(self, target: fl.WeightedModule) -> None:
-        self.product.op = _TargetOp.of(target)
 
     @classmethod
     def from_target(
