@@ -121,7 +121,7 @@ def unet_for(source: Source, in_channels: int) -> SD1UNet:
         return SD1UNet(
             in_channels=in_channels,
             channels=(channels[0], channels[1], channels[2], channels[3]),
-            context_embedding_dim=_int(config, "cross_attention_dim", 768),
+            context_embedding_dim=_int(config, "cross_attention_dim", 1280),  # diffusers' default
             num_attention_heads=heads,
             device="meta",
         )
