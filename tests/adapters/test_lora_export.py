@@ -8,14 +8,14 @@ from typing import Any
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline
 from diffusers.loaders.lora_conversion_utils import (
     _convert_non_diffusers_lora_to_diffusers,  # pyright: ignore[reportPrivateUsage]
 )
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 from peft.tuners.tuners_utils import BaseTunerLayer  # pyright: ignore[reportMissingTypeStubs]
 from torch import Tensor, nn
-from transformers import CLIPTextConfig, CLIPTextModel
+from toy_models import Layers, build_text_encoder, build_unet, layers
 
 import refiners.adapters.lora.export as export_module
 import refiners.fluxion.layers as fl
@@ -39,50 +39,9 @@ from refiners.fluxion.adapters.lora import Conv2dLora, LinearLora, Lora
 ATOL, RTOL = 1e-6, 1e-5
 
 
-def build_unet() -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    )
-
-
-def build_text_encoder() -> CLIPTextModel:
-    torch.manual_seed(0)
-    config = CLIPTextConfig(
-        hidden_size=8,
-        intermediate_size=16,
-        num_attention_heads=2,
-        num_hidden_layers=2,
-        vocab_size=64,
-        max_position_embeddings=16,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    return CLIPTextModel(config)
-
-
-Layers = dict[str, nn.Linear | nn.Conv2d]
-
-
 @pytest.fixture(scope="module")
 def modules() -> Layers:
-    components: dict[str, nn.Module] = {"unet": build_unet(), "text_encoder": build_text_encoder()}
-    return {
-        f"{component}.{name}": module
-        for component, model in components.items()
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear | nn.Conv2d)
-    }
+    return layers({"unet": build_unet(), "text_encoder": build_text_encoder()})
 
 
 def diffusers_deltas(path: Path) -> dict[str, Tensor]:

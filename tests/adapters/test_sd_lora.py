@@ -29,7 +29,15 @@ from diffusers.utils import convert_state_dict_to_kohya
 from peft import LoraConfig  # pyright: ignore[reportMissingTypeStubs]
 from peft.utils import get_peft_model_state_dict  # pyright: ignore[reportMissingTypeStubs]
 from torch import Tensor, nn
-from transformers import CLIPTextConfig, CLIPTextModel
+from toy_models import (
+    TEXT_WIDTH,
+    VOCABULARY_SIZE,
+    Reference,
+    build_reference,
+    convert_reference,
+    toy_sd,
+)
+from transformers import CLIPTextModel
 
 import refiners.adapters.lora.sd as sd_module
 from refiners.adapters.lora import (
@@ -40,13 +48,9 @@ from refiners.adapters.lora import (
     parse_lora_file,
 )
 from refiners.converters.cli import main as refiners_convert
-from refiners.converters.clip_text import convert_transformers_clip_text
-from refiners.converters.reference_check import SD15_TEXT_ENCODER_CONFIG, SD15_UNET_CONFIG
-from refiners.converters.unet import convert_diffusers_unet
 from refiners.fluxion.adapters.lora import LoraAdapter
 from refiners.fluxion.utils import load_metadata_from_safetensors, save_to_safetensors
-from refiners.foundationals.clip import CLIPTextEncoder
-from refiners.foundationals.latent_diffusion import LatentDiffusionAutoencoder, SD1UNet, StableDiffusion_1
+from refiners.foundationals.latent_diffusion import StableDiffusion_1
 from refiners.foundationals.latent_diffusion.unet_names import ldm_unet_renaming
 
 # PEFT warns about the rank and alpha patterns of `train` that a test's targets leave out.
@@ -54,22 +58,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:The following (rank|alpha)_patte
 
 RELATIVE_ATOL = 1e-4
 
-UNET_CHANNELS = (32, 32, 64, 64)
-TEXT_WIDTH = 32
-VOCABULARY_SIZE = 64
-UNET_CONFIG: dict[str, Any] = SD15_UNET_CONFIG | {
-    "block_out_channels": list(UNET_CHANNELS),
-    "cross_attention_dim": TEXT_WIDTH,
-    "sample_size": 8,
-}
-TEXT_ENCODER_CONFIG: dict[str, Any] = SD15_TEXT_ENCODER_CONFIG | {
-    "hidden_size": TEXT_WIDTH,
-    "intermediate_size": 64,
-    "num_attention_heads": 4,
-    "num_hidden_layers": 2,
-    "projection_dim": TEXT_WIDTH,
-    "vocab_size": VOCABULARY_SIZE,
-}
 # Every kind of layer a LoRA updates in the UNet: attention and feed-forward projections, the transformers' 1x1
 # convolutions, the resnets' 3x3 convolutions (conv LoRAs: a k x k `down`, a 1x1 `up`), shortcuts, timestep MLPs.
 UNET_TARGETS = [
@@ -92,62 +80,20 @@ TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 # -- models ----------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Reference:
-    unet: UNet2DConditionModel
-    text_encoder: CLIPTextModel
-
-
-def perturb_norms(model: nn.Module) -> None:
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.GroupNorm | nn.LayerNorm):
-                assert module.weight is not None and module.bias is not None
-                module.weight.add_(0.1 * torch.randn_like(module.weight))
-                module.bias.add_(0.1 * torch.randn_like(module.bias))
-
-
 @pytest.fixture(scope="module")
 def reference() -> Reference:
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**UNET_CONFIG).eval()
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG)).eval()
-    perturb_norms(unet)
-    perturb_norms(text_encoder)
-    return Reference(unet, text_encoder)
+    return build_reference()
 
 
 @pytest.fixture(scope="module")
 def converted(reference: Reference) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    unet = convert_diffusers_unet(reference.unet.state_dict(), toy_unet())
-    text_encoder = convert_transformers_clip_text(reference.text_encoder.state_dict(), toy_text_encoder())
-    return unet, text_encoder
-
-
-def toy_unet() -> SD1UNet:
-    return SD1UNet(channels=UNET_CHANNELS, context_embedding_dim=TEXT_WIDTH, device="meta")
-
-
-def toy_text_encoder() -> CLIPTextEncoder:
-    return CLIPTextEncoder(
-        embedding_dim=TEXT_WIDTH,
-        vocabulary_size=VOCABULARY_SIZE,
-        num_layers=2,
-        num_attention_heads=4,
-        feedforward_dim=64,
-        gelu_approximation="quick",
-        device="meta",
-    )
+    return convert_reference(reference)
 
 
 @pytest.fixture
 def sd(converted: tuple[dict[str, Tensor], dict[str, Tensor]]) -> StableDiffusion_1:
     """Ours, fresh for each test (fusing writes into the weights)."""
-    unet, text_encoder = toy_unet(), toy_text_encoder()
-    unet.load_state_dict({k: v.clone() for k, v in converted[0].items()}, assign=True)
-    text_encoder.load_state_dict({k: v.clone() for k, v in converted[1].items()}, assign=True)
-    lda = LatentDiffusionAutoencoder(0.18215, block_out_channels=(32, 32, 32, 32), layers_per_block=1)
-    return StableDiffusion_1(unet=unet, lda=lda, clip_text_encoder=text_encoder)
+    return toy_sd(converted)
 
 
 # -- running both ----------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """`SDLoraManager`: several LoRAs on Stable Diffusion 1.x with their scales, per-block scales, filters, removal, and
 exact fuse/unfuse.
 
-The models are the SD1.5 architecture at toy size with random weights (see test_sd_lora.py); the LoRAs are trained
+The models are the SD1.5 architecture at toy size with random weights (tests/toy_models.py); the LoRAs are trained
 with PEFT on the diffusers UNet and the transformers text encoder and saved with diffusers' `save_lora_weights`. The
 references are diffusers' own multi-adapter scales (`set_adapters`, with its per-block weights) on the same files:
 UNet and text-encoder outputs agree within 1e-4 of their scale. Fusing is checked bit for bit: the fused weight is
@@ -21,83 +21,40 @@ from diffusers.loaders.lora_base import set_adapters_for_text_encoder
 from peft import LoraConfig  # pyright: ignore[reportMissingTypeStubs]
 from peft.utils import get_peft_model_state_dict  # pyright: ignore[reportMissingTypeStubs]
 from torch import Tensor
-from transformers import CLIPTextConfig, CLIPTextModel
+from toy_models import (
+    TEXT_WIDTH,
+    VOCABULARY_SIZE,
+    Reference,
+    build_reference,
+    convert_reference,
+    toy_sd,
+)
+from transformers import CLIPTextModel
 
 from refiners.adapters.lora import SD1LoraAdapter, SDLoraManager, sd1_lora_targets
-from refiners.converters.clip_text import convert_transformers_clip_text
-from refiners.converters.reference_check import SD15_TEXT_ENCODER_CONFIG, SD15_UNET_CONFIG
-from refiners.converters.unet import convert_diffusers_unet
 from refiners.fluxion.adapters.lora import LinearLora, LoraAdapter
 from refiners.fluxion.utils import load_from_safetensors
-from refiners.foundationals.clip import CLIPTextEncoder
-from refiners.foundationals.latent_diffusion import LatentDiffusionAutoencoder, SD1UNet, StableDiffusion_1
+from refiners.foundationals.latent_diffusion import StableDiffusion_1
 
 RELATIVE_ATOL = 1e-4
 
-UNET_CHANNELS = (32, 32, 64, 64)
-TEXT_WIDTH = 32
-VOCABULARY_SIZE = 64
-UNET_CONFIG: dict[str, Any] = SD15_UNET_CONFIG | {
-    "block_out_channels": list(UNET_CHANNELS),
-    "cross_attention_dim": TEXT_WIDTH,
-    "sample_size": 8,
-}
-TEXT_ENCODER_CONFIG: dict[str, Any] = SD15_TEXT_ENCODER_CONFIG | {
-    "hidden_size": TEXT_WIDTH,
-    "intermediate_size": 64,
-    "num_attention_heads": 4,
-    "num_hidden_layers": 2,
-    "projection_dim": TEXT_WIDTH,
-    "vocab_size": VOCABULARY_SIZE,
-}
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
-
-
-@dataclass
-class Reference:
-    unet: UNet2DConditionModel
-    text_encoder: CLIPTextModel
 
 
 @pytest.fixture(scope="module")
 def reference() -> Reference:
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**UNET_CONFIG).eval()
-    text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG)).eval()
-    return Reference(unet, text_encoder)
+    return build_reference()
 
 
 @pytest.fixture(scope="module")
 def converted(reference: Reference) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    unet = convert_diffusers_unet(reference.unet.state_dict(), toy_unet())
-    text_encoder = convert_transformers_clip_text(reference.text_encoder.state_dict(), toy_text_encoder())
-    return unet, text_encoder
-
-
-def toy_unet() -> SD1UNet:
-    return SD1UNet(channels=UNET_CHANNELS, context_embedding_dim=TEXT_WIDTH, device="meta")
-
-
-def toy_text_encoder() -> CLIPTextEncoder:
-    return CLIPTextEncoder(
-        embedding_dim=TEXT_WIDTH,
-        vocabulary_size=VOCABULARY_SIZE,
-        num_layers=2,
-        num_attention_heads=4,
-        feedforward_dim=64,
-        gelu_approximation="quick",
-        device="meta",
-    )
+    return convert_reference(reference)
 
 
 @pytest.fixture
 def sd(converted: tuple[dict[str, Tensor], dict[str, Tensor]]) -> StableDiffusion_1:
     """Ours, fresh for each test (fusing writes into the weights)."""
-    unet, text_encoder = toy_unet(), toy_text_encoder()
-    unet.load_state_dict({k: v.clone() for k, v in converted[0].items()}, assign=True)
-    text_encoder.load_state_dict({k: v.clone() for k, v in converted[1].items()}, assign=True)
-    lda = LatentDiffusionAutoencoder(0.18215, block_out_channels=(32, 32, 32, 32), layers_per_block=1)
-    return StableDiffusion_1(unet=unet, lda=lda, clip_text_encoder=text_encoder)
+    return toy_sd(converted)
 
 
 def save_peft_lora(

@@ -36,6 +36,7 @@ from diffusers import (
 )
 from PIL import Image
 from torch import Tensor
+from toy_models import TEXT_WIDTH, UNET_CHANNELS, UNET_CONFIG
 from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -67,14 +68,8 @@ MIN_PSNR = 40.0
 HEIGHT, WIDTH = 64, 96  # latents of 8x12: the UNet's lowest resolution has an odd width
 SEED = 12
 
-# The SD1.5 architecture at toy size (SD1.5's real configs are in refiners.converters.reference_check).
-UNET_CHANNELS = (32, 32, 64, 64)
-TEXT_WIDTH = 32
-UNET_CONFIG: dict[str, Any] = SD15_UNET_CONFIG | {
-    "block_out_channels": list(UNET_CHANNELS),
-    "cross_attention_dim": TEXT_WIDTH,
-    "sample_size": 8,
-}
+# The SD1.5 architecture at toy size (the UNet config is tests/toy_models.py's; SD1.5's real configs are in
+# refiners.converters.reference_check).
 VAE_CHANNELS = (32, 32, 64, 64)
 VAE_CONFIG: dict[str, Any] = {
     "act_fn": "silu",
