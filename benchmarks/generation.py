@@ -19,15 +19,12 @@ Usage:
 import argparse
 import json
 import os
-import statistics
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import torch
-from _machine import cpu_model
+from _machine import Timing, cpu_model, interleaved
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from torch import Tensor
 
@@ -119,12 +116,6 @@ def build_pair(tiny: bool, steps: int) -> tuple[StableDiffusion_1, StableDiffusi
     return ours, pipeline
 
 
-def _time_call(generate: Callable[[], object]) -> tuple[float, float]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    generate()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
 def measure(ours: StableDiffusion_1, theirs: StableDiffusionPipeline, size: int, steps: int, rounds: int) -> Result:
     """Check that both generate the same latents, then time `rounds` generations of each, alternately.
 
@@ -173,29 +164,23 @@ def measure(ours: StableDiffusion_1, theirs: StableDiffusionPipeline, size: int,
         actual = our_latents()
         difference = (actual - expected).abs().max().item()
         torch.testing.assert_close(actual, expected, atol=1e-3 * expected.abs().max().item(), rtol=0)
-        ours_times: list[tuple[float, float]] = []
-        theirs_times: list[tuple[float, float]] = []
-        for round_index in range(rounds):
-            if round_index % 2 == 0:
-                ours_times.append(_time_call(run_ours))
-                theirs_times.append(_time_call(run_theirs))
-            else:
-                theirs_times.append(_time_call(run_theirs))
-                ours_times.append(_time_call(run_ours))
-            print(f"round {round_index}: ours {ours_times[-1][0]:.2f} s, diffusers {theirs_times[-1][0]:.2f} s")
-    pairs = list(zip(ours_times, theirs_times, strict=True))
+        timings = interleaved(run_ours, run_theirs, rounds, _report)
     return Result(
         variant=f"{steps} steps, latents {size}x{size}",
-        ours_s=statistics.median(wall for wall, _ in ours_times),
-        diffusers_s=statistics.median(wall for wall, _ in theirs_times),
-        ratio=statistics.median(o[0] / t[0] for o, t in pairs),
-        ours_cpu_s=statistics.median(cpu for _, cpu in ours_times),
-        diffusers_cpu_s=statistics.median(cpu for _, cpu in theirs_times),
-        cpu_ratio=statistics.median(o[1] / t[1] for o, t in pairs),
+        ours_s=timings.ours_s,
+        diffusers_s=timings.reference_s,
+        ratio=timings.ratio,
+        ours_cpu_s=timings.ours_cpu_s,
+        diffusers_cpu_s=timings.reference_cpu_s,
+        cpu_ratio=timings.cpu_ratio,
         rounds=rounds,
         max_latent_difference=difference,
         load_average=os.getloadavg()[0],
     )
+
+
+def _report(round_index: int, ours: Timing, theirs: Timing) -> None:
+    print(f"round {round_index}: ours {ours[0]:.2f} s, diffusers {theirs[0]:.2f} s")
 
 
 def main(argv: list[str] | None = None) -> list[Result]:

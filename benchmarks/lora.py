@@ -27,10 +27,7 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -39,7 +36,7 @@ from typing import Any
 import diffusers
 import torch
 import transformers
-from _machine import cpu_model
+from _machine import Timing, cpu_model, medians, timed
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from peft import LoraConfig  # pyright: ignore[reportMissingTypeStubs]
 from peft.utils import get_peft_model_state_dict  # pyright: ignore[reportMissingTypeStubs]
@@ -144,31 +141,25 @@ def build(folder: Path, tiny: bool) -> Setup:
     return Setup(ours, pipeline, files)
 
 
-def _timed(call: Callable[[], Any]) -> tuple[float, float]:
-    wall, cpu = time.perf_counter(), time.process_time()
-    call()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
 def _result(
     variant: str,
-    ours: list[tuple[float, float]],
-    reference: list[tuple[float, float]],
+    ours: list[Timing],
+    reference: list[Timing],
     reference_name: str,
     target: float | None,
 ) -> Result:
-    pairs = list(zip(ours, reference, strict=True))
+    timings = medians(ours, reference)
     return Result(
         variant=variant,
-        ours_s=statistics.median(wall for wall, _ in ours),
-        reference_s=statistics.median(wall for wall, _ in reference),
-        ratio=statistics.median(o[0] / r[0] for o, r in pairs),
-        ours_cpu_s=statistics.median(cpu for _, cpu in ours),
-        reference_cpu_s=statistics.median(cpu for _, cpu in reference),
-        cpu_ratio=statistics.median(o[1] / max(r[1], 1e-9) for o, r in pairs),
+        ours_s=timings.ours_s,
+        reference_s=timings.reference_s,
+        ratio=timings.ratio,
+        ours_cpu_s=timings.ours_cpu_s,
+        reference_cpu_s=timings.reference_cpu_s,
+        cpu_ratio=timings.cpu_ratio,
         reference=reference_name,
         target=target,
-        rounds=len(pairs),
+        rounds=timings.rounds,
         load_average=os.getloadavg()[0],
     )
 
@@ -194,8 +185,8 @@ def check_parity(setup: Setup, size: int) -> None:
 
 def measure_load(setup: Setup, rounds: int) -> Result:
     path = setup.files[0]
-    ours_times: list[tuple[float, float]] = []
-    theirs_times: list[tuple[float, float]] = []
+    ours_times: list[Timing] = []
+    theirs_times: list[Timing] = []
 
     def ours() -> None:
         SDLoraManager(setup.ours).add_loras("a", path)
@@ -206,10 +197,10 @@ def measure_load(setup: Setup, rounds: int) -> Result:
     for index in range(rounds):
         for name in ("ours", "theirs") if index % 2 == 0 else ("theirs", "ours"):
             if name == "ours":
-                ours_times.append(_timed(ours))
+                ours_times.append(timed(ours))
                 SDLoraManager(setup.ours).remove_all()
             else:
-                theirs_times.append(_timed(theirs))
+                theirs_times.append(timed(theirs))
                 setup.pipeline.unload_lora_weights()
             gc.collect()
     return _result("load + inject (rank 16, 160 layers)", ours_times, theirs_times, "diffusers", TARGETS["load_ratio"])
@@ -227,7 +218,7 @@ def measure_forward(setup: Setup, size: int, rounds: int, warmup: int) -> list[R
         with torch.no_grad():
             sd.unet(latents)
 
-    times: dict[str, list[tuple[float, float]]] = {"base": [], "unfused": [], "fused": []}
+    times: dict[str, list[Timing]] = {"base": [], "unfused": [], "fused": []}
     orders = [("base", "unfused", "fused"), ("fused", "unfused", "base"), ("unfused", "base", "fused")]
     for index in range(warmup + rounds):
         for state in orders[index % len(orders)]:
@@ -237,7 +228,7 @@ def measure_forward(setup: Setup, size: int, rounds: int, warmup: int) -> list[R
                 if state == "fused":
                     manager.fuse()
             gc.collect()
-            timing = _timed(forward)
+            timing = timed(forward)
             if index >= warmup:
                 times[state].append(timing)
     manager.remove_all()
@@ -256,17 +247,17 @@ def measure_switch(setup: Setup, rounds: int) -> list[Result]:
     pipeline = setup.pipeline
     pipeline.load_lora_weights(str(setup.files[0]), adapter_name="a")
     pipeline.load_lora_weights(str(setup.files[1]), adapter_name="b")
-    unfused: list[tuple[float, float]] = []
-    fused: list[tuple[float, float]] = []
-    theirs: list[tuple[float, float]] = []
+    unfused: list[Timing] = []
+    fused: list[Timing] = []
+    theirs: list[Timing] = []
     for index in range(rounds):
         to_b, to_a = {"a": 0.0, "b": 1.0}, {"a": 1.0, "b": 0.0}
         first, second = (to_b, to_a) if index % 2 == 0 else (to_a, to_b)
-        unfused.append(_timed(partial(manager.update_scales, first)))
+        unfused.append(timed(partial(manager.update_scales, first)))
         manager.fuse()
-        fused.append(_timed(partial(manager.update_scales, second)))
+        fused.append(timed(partial(manager.update_scales, second)))
         manager.unfuse()
-        theirs.append(_timed(partial(pipeline.set_adapters, ["a", "b"], [first["a"], first["b"]])))
+        theirs.append(timed(partial(pipeline.set_adapters, ["a", "b"], [first["a"], first["b"]])))
     manager.remove_all()
     pipeline.unload_lora_weights()
     return [

@@ -16,15 +16,12 @@ import argparse
 import gc
 import json
 import os
-import statistics
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from _machine import cpu_model
+from _machine import cpu_model, interleaved
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import Tensor
 
@@ -77,13 +74,6 @@ def build_pair(tiny: bool = False) -> tuple[SD1UNet, UNet2DConditionModel]:
     return ours, theirs
 
 
-def _time_call(forward: Callable[[], Tensor]) -> tuple[float, float]:
-    """The wall time and the process CPU time (all threads) of one call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    forward()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
 def measure(ours: SD1UNet, theirs: UNet2DConditionModel, size: int, rounds: int, warmup: int) -> Result:
     """Time ours and diffusers' alternately on `size`x`size` latents, `rounds` forwards each after `warmup` each.
 
@@ -117,24 +107,15 @@ def measure(ours: SD1UNet, theirs: UNet2DConditionModel, size: int, rounds: int,
         for _ in range(warmup):
             run_ours()
             run_theirs()
-        ours_times: list[tuple[float, float]] = []
-        theirs_times: list[tuple[float, float]] = []
-        for round_index in range(rounds):
-            if round_index % 2 == 0:
-                ours_times.append(_time_call(run_ours))
-                theirs_times.append(_time_call(run_theirs))
-            else:
-                theirs_times.append(_time_call(run_theirs))
-                ours_times.append(_time_call(run_ours))
-    pairs = list(zip(ours_times, theirs_times, strict=True))
+        timings = interleaved(run_ours, run_theirs, rounds)
     return Result(
         variant=f"latents {size}x{size}",
-        ours_s=statistics.median(wall for wall, _ in ours_times),
-        diffusers_s=statistics.median(wall for wall, _ in theirs_times),
-        ratio=statistics.median(o[0] / t[0] for o, t in pairs),
-        ours_cpu_s=statistics.median(cpu for _, cpu in ours_times),
-        diffusers_cpu_s=statistics.median(cpu for _, cpu in theirs_times),
-        cpu_ratio=statistics.median(o[1] / t[1] for o, t in pairs),
+        ours_s=timings.ours_s,
+        diffusers_s=timings.reference_s,
+        ratio=timings.ratio,
+        ours_cpu_s=timings.ours_cpu_s,
+        diffusers_cpu_s=timings.reference_cpu_s,
+        cpu_ratio=timings.cpu_ratio,
         rounds=rounds,
         load_average=os.getloadavg()[0],
     )
