@@ -216,7 +216,7 @@ class Lora(Generic[T], Chain, ABC):
         match target:
             case Linear():
                 lora = LinearLora(
-                    name, target.in_features, target.out_features, rank, alpha, scale, device=device, dtype=dtype
+                    name, target.in_features, target.out_features, rank, scale, alpha=alpha, device=device, dtype=dtype
                 )
             case Conv2d():
                 if target.groups != 1:
@@ -230,8 +230,8 @@ class Lora(Generic[T], Chain, ABC):
                     target.in_channels,
                     target.out_channels,
                     rank,
-                    alpha,
                     scale,
+                    alpha=alpha,
                     kernel_size=(kernel_height, kernel_width),
                     device=device,
                     dtype=dtype,
@@ -278,7 +278,7 @@ class Lora(Generic[T], Chain, ABC):
         lora: Lora[Any]
         if down.dim() == 2:
             lora = LinearLora(
-                name, down.shape[1], up.shape[0], rank, alpha, scale, device=down.device, dtype=down.dtype
+                name, down.shape[1], up.shape[0], rank, scale, alpha=alpha, device=down.device, dtype=down.dtype
             )
         else:
             if tuple(up.shape[2:]) != (1, 1):
@@ -288,8 +288,8 @@ class Lora(Generic[T], Chain, ABC):
                 down.shape[1],
                 up.shape[0],
                 rank,
-                alpha,
                 scale,
+                alpha=alpha,
                 kernel_size=(down.shape[2], down.shape[3]),
                 device=down.device,
                 dtype=down.dtype,
@@ -310,10 +310,10 @@ class LinearLora(Lora[Linear]):
         in_features: The target's input size.
         out_features: The target's output size.
         rank: The inner size of the update.
-        alpha: See `Lora`; defaults to `rank`.
-        scale: See `Lora`.
+        scale: See `Lora` (the fifth positional argument, as in the original Refiners).
         device: Where the weights live.
         dtype: The weights' dtype.
+        alpha: See `Lora`; defaults to `rank` (keyword only: the original Refiners has no alpha).
     """
 
     def __init__(
@@ -322,10 +322,11 @@ class LinearLora(Lora[Linear]):
         in_features: int,
         out_features: int,
         rank: int = 16,
-        alpha: float | None = None,
         scale: float = 1.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        alpha: float | None = None,
     ) -> None:
         _check_rank(name, rank)
         super().__init__(
@@ -369,9 +370,10 @@ class Conv2dLora(Lora[Conv2d]):
         in_channels: The target's input channels.
         out_channels: The target's output channels.
         rank: The inner size of the update.
-        alpha: See `Lora`; defaults to `rank`.
-        scale: See `Lora`.
-        kernel_size: The target's kernel size.
+        scale: See `Lora` (the fifth positional argument, as in the original Refiners).
+        alpha: See `Lora`; defaults to `rank`. This and all that follow are keyword only.
+        kernel_size: The target's kernel size, which `down` has (`up` is 1x1). Not the original Refiners'
+            `kernel_size=(down, up)` pair: a LoRA here updates the target's kernel, so it slides exactly like it.
         stride: The target's stride.
         padding: The target's padding.
         dilation: The target's dilation.
@@ -386,8 +388,9 @@ class Conv2dLora(Lora[Conv2d]):
         in_channels: int,
         out_channels: int,
         rank: int = 16,
-        alpha: float | None = None,
         scale: float = 1.0,
+        *,
+        alpha: float | None = None,
         kernel_size: int | tuple[int, int] = 1,
         stride: int | tuple[int, int] = 1,
         padding: int | tuple[int, int] | str = 0,
@@ -450,7 +453,8 @@ class Conv2dLora(Lora[Conv2d]):
         if ours != theirs:
             return (
                 f"the LoRA maps {ours[0]} to {ours[1]} channels with a {ours[2]} kernel, the layer maps "
-                f"{theirs[0]} to {theirs[1]} channels with a {theirs[2]} kernel"
+                f"{theirs[0]} to {theirs[1]} channels with a {theirs[2]} kernel (a Conv2dLora's `kernel_size` is its "
+                f"target's, not the original Refiners' (down, up) pair)"
             )
         return None
 
@@ -562,8 +566,18 @@ class LoraAdapter(Sum, Adapter[WeightedModule]):
 
     @property
     def scales(self) -> dict[str, float]:
-        """The scale of each LoRA by name (a copy: change one with `set_scale`)."""
+        """The scale of each LoRA by name (a copy); assign a dict to set some of them: `adapter.scales = {"a": 0.5}`."""
         return {name: lora.scale for name, lora in self.loras.items()}
+
+    @scales.setter
+    def scales(self, values: dict[str, float]) -> None:
+        for name in values:
+            self._lora(name)  # every name is checked before any scale changes
+        for name, scale in values.items():
+            self.set_scale(name, scale)
+
+    # The original Refiners spells the setter `scale` (`adapter.scale = {"a": 0.5}`): same property.
+    scale = scales
 
     def set_scale(self, name: str, scale: float) -> None:
         """Set the scale of the LoRA `name` (a fused LoRA is re-fused at the new scale)."""

@@ -11,6 +11,7 @@ from refiners.fluxion.layers.attentions import (
 from refiners.fluxion.layers.basics import (
     Cos,
     Flatten,
+    GetArg,
     Identity,
     Multiply,
     Parameter,
@@ -80,6 +81,7 @@ __all__ = [
     "GLU",
     "Sigmoid",
     "Identity",
+    "GetArg",
     "Reshape",
     "Flatten",
     "Unflatten",

@@ -37,18 +37,18 @@ class ScaledDotProductAttention(Module):
     Args:
         num_heads: Number of heads; it must divide the embedding sizes of the inputs.
         is_causal: Mask the attention so that query `i` only sees keys `0..i` (top-left aligned, as torch does).
-        slice_size: If set, attend to the queries `slice_size` at a time: the attention matrix is never larger than
-            `(batch, heads, slice_size, key_sequence)`, which caps memory for long sequences.
         is_optimized: Use torch's fused kernels; when False, compute the softmax explicitly (slower, but every step
             is a plain op, which helps to debug or export).
+        slice_size: If set, attend to the queries `slice_size` at a time: the attention matrix is never larger than
+            `(batch, heads, slice_size, key_sequence)`, which caps memory for long sequences.
     """
 
     def __init__(
         self,
         num_heads: int = 1,
         is_causal: bool = False,
-        slice_size: int | None = None,
         is_optimized: bool = True,
+        slice_size: int | None = None,
     ) -> None:
         super().__init__()
         if num_heads < 1:
@@ -205,8 +205,8 @@ class SelfAttention(Attention):
 
     Args:
         embedding_dim: Embedding size of the input and output.
-        num_heads: Number of heads; it must divide `inner_dim`.
         inner_dim: Size of the projected query, key and value (default: `embedding_dim`).
+        num_heads: Number of heads; it must divide `inner_dim`.
         use_bias: Whether the query, key and value projections have a bias (see `Attention`).
         is_causal: Causal masking (see `ScaledDotProductAttention`).
         is_optimized: Use torch's fused attention kernels.
@@ -217,8 +217,8 @@ class SelfAttention(Attention):
     def __init__(
         self,
         embedding_dim: int,
-        num_heads: int = 1,
         inner_dim: int | None = None,
+        num_heads: int = 1,
         use_bias: bool = True,
         is_causal: bool = False,
         is_optimized: bool = True,

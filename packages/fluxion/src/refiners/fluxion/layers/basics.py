@@ -11,6 +11,7 @@ from refiners.fluxion.layers.module import Module, WeightedModule
 
 __all__ = [
     "Identity",
+    "GetArg",
     "Reshape",
     "Flatten",
     "Unflatten",
@@ -31,6 +32,21 @@ class Identity(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x
+
+
+class GetArg(Module):
+    """Return the positional argument at `index` of the call: e.g. pick one of the values a layer passes on.
+
+    Args:
+        index: The position of the argument to return.
+    """
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def forward(self, *args: Any) -> Any:
+        return args[self.index]
 
 
 class Reshape(Module):
@@ -84,20 +100,28 @@ class Flatten(Module):
 
 
 class Unflatten(Module):
-    """`x.unflatten(dim, sizes)`: split dimension `dim` into `sizes`.
+    """`x.unflatten(dim, sizes)`: split dimension `dim` into `sizes`, given here or at call time.
 
     Args:
         dim: The dimension to split.
-        sizes: The sizes it is split into (one may be -1).
+        sizes: The sizes it is split into (one may be -1). None (the original Refiners' form): `forward(x, sizes)`
+            takes them, e.g. from a `Parallel` that computes them.
     """
 
-    def __init__(self, dim: int, sizes: Sequence[int]) -> None:
+    def __init__(self, dim: int, sizes: Sequence[int] | None = None) -> None:
         super().__init__()
         self.dim = dim
-        self.sizes = tuple(sizes)
+        self.sizes = None if sizes is None else tuple(sizes)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x.unflatten(self.dim, self.sizes)
+    def forward(self, x: Tensor, sizes: Sequence[int] | None = None) -> Tensor:
+        if (sizes is None) == (self.sizes is None):
+            given = (
+                "both at construction and at call time"
+                if sizes is not None
+                else "neither at construction nor at call time"
+            )
+            raise ValueError(f"Unflatten(dim={self.dim}) needs its sizes once, got them {given}")
+        return x.unflatten(self.dim, tuple(sizes if sizes is not None else self.sizes))  # pyright: ignore[reportArgumentType]
 
 
 class Transpose(Module):
@@ -213,6 +237,15 @@ class Parameter(WeightedModule):
         super().__init__()
         self.dims = dims
         self.weight = torch.nn.Parameter(torch.randn(*dims, device=device, dtype=dtype), requires_grad=requires_grad)
+
+    @property
+    def requires_grad(self) -> bool:
+        """Whether the tensor is trained; assign to change it (`layer.requires_grad = False`)."""
+        return self.weight.requires_grad
+
+    @requires_grad.setter
+    def requires_grad(self, value: bool) -> None:
+        self.weight.requires_grad_(value)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.weight.expand(x.shape[0], *self.dims)

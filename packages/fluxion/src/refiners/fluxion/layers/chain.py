@@ -1,7 +1,7 @@
 """`Chain`: a model as a tree of layers, built declaratively, that you can read, search and edit."""
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Self, TypeVar, overload
 
 import torch
@@ -75,6 +75,18 @@ class Chain(ContextModule):
     def init_context(self) -> Contexts:
         """The contexts this Chain provides, with their default values. Override to declare some."""
         return {}
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # torch registers a module assigned to an attribute as a child: in a Chain it would run in `forward` and
+        # repeat its weights in the state dict under a second key. Replacing an existing child by its key (what
+        # torch's wrappers such as FSDP do) is still allowed.
+        if isinstance(value, torch.nn.Module) and name not in self.__dict__.get("_modules", {}):
+            raise ValueError(
+                f"cannot assign a {type(value).__name__} to {type(self).__name__}.{name}: a module set as an attribute "
+                f"of a Chain would become one of its layers (run in forward, saved twice). Add a layer with "
+                f"`append`/`insert`, or hold a module without registering it in a list (`self.{name} = [module]`)."
+            )
+        super().__setattr__(name, value)
 
     # -- running -----------------------------------------------------------------------------------------------
 
@@ -232,9 +244,19 @@ class Chain(ContextModule):
                 return key
         raise ValueError(f"{module.__class__.__name__} is not a child of {self.get_path()}")
 
-    def layer(self, key: int | str, layer_type: type[T] = Module) -> T:
-        """A child by position or (dotted) key, checked to be a `layer_type`."""
-        module = self[key]
+    def layer(self, key: int | str | Sequence[int | str], layer_type: type[T] = Module) -> T:
+        """A layer by position or (dotted) key, or by a path of those (`("Sum", "Chain_2", 0)`), checked to be a `layer_type`."""
+        steps: Sequence[int | str] = (key,) if isinstance(key, int | str) else key
+        module: Module = self
+        for step in steps:
+            if not isinstance(step, int | str):  # pyright: ignore[reportUnnecessaryIsInstance]
+                raise TypeError(
+                    f"a layer's key is an int (position), a str (key, dotted or not) or a tuple of those, got "
+                    f"{type(step).__name__} ({step!r}) in {key!r}"
+                )
+            if not isinstance(module, Chain):
+                raise KeyError(f"{module.get_path()} is not a Chain: cannot look up {step!r} in it")
+            module = module[step]
         if not isinstance(module, layer_type):
             raise TypeError(f"{module.get_path()} is a {type(module).__name__}, not a {layer_type.__name__}")
         return module
@@ -253,7 +275,8 @@ class Chain(ContextModule):
         """Yield `(module, parent)` for every module of the tree (depth first) that matches `predicate`.
 
         Args:
-            predicate: A layer type, or a function of `(module, parent)`; None matches every module.
+            predicate: A layer type, or a function of `(module, parent)`; None matches every module. A function
+                that raises `StopIteration` skips that module and everything below it.
             recurse: Also look inside the Chains that match (non-matching Chains are always searched).
 
         The tree may be edited during the walk (e.g. to inject adapters on what it yields): each level is read
@@ -267,7 +290,10 @@ class Chain(ContextModule):
         else:
             match = predicate
         for child in list(self):
-            matched = match(child, self)
+            try:
+                matched = match(child, self)
+            except StopIteration:
+                continue  # the predicate's way to prune this subtree (as in the original Refiners)
             if matched:
                 yield child, self
             if isinstance(child, Chain) and (recurse or not matched):
@@ -286,7 +312,7 @@ class Chain(ContextModule):
         """Like `find`, but raise when there is none."""
         found = self.find(layer_type)
         if found is None:
-            present = sorted({type(module).__name__ for module, _ in self.walk()})
+            present = sorted({type(module).__name__ for module, _ in self.walk(recurse=True)})
             raise LookupError(f"no {layer_type.__name__} in {self.get_path()}; it contains: {present}")
         return found
 
@@ -365,7 +391,7 @@ class Chain(ContextModule):
         """A new tree of Chains with the same structure, whose layers share this tree's weights."""
         memo: dict[int, Module] = {}
         clone = self._structural_copy(memo)
-        for module in [clone, *(m for m, _ in clone.walk())]:
+        for module in [clone, *(m for m, _ in clone.walk(recurse=True))]:
             module._remap_after_copy(memo)
         return clone
 

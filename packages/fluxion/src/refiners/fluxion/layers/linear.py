@@ -56,9 +56,10 @@ class MultiLinear(Chain):
         output_dim: int,
         inner_dim: int,
         num_layers: int,
-        activation: type[Activation] = ReLU,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        activation: type[Activation] = ReLU,
     ) -> None:
         if num_layers < 1:
             raise ValueError(f"MultiLinear needs at least one layer, got num_layers={num_layers}")

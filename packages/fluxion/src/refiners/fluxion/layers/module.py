@@ -54,6 +54,15 @@ class Module(torch.nn.Module):
         # Not through torch's __setattr__: a parent must not become a submodule (that would be a cycle).
         object.__setattr__(self, "_parent", parent)
 
+    def get_parents(self) -> "list[Chain]":
+        """The Chains above this module, from its parent up to the root of its tree (empty for a root)."""
+        parents: list[Chain] = []
+        module: Module = self
+        while (parent := module.parent) is not None:
+            parents.append(parent)
+            module = parent
+        return parents
+
     def get_path(self) -> str:
         """The dotted path of this module from the root of its tree, e.g. `BasicModel.HiddenLayer.Linear`."""
         parts: list[str] = []

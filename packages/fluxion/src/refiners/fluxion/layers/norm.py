@@ -44,9 +44,10 @@ class LayerNorm(torch.nn.LayerNorm, _Norm):
         self,
         normalized_shape: int | Sequence[int],
         eps: float = 1e-5,
-        elementwise_affine: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        elementwise_affine: bool = True,
     ) -> None:
         shape = normalized_shape if isinstance(normalized_shape, int) else list(normalized_shape)
         super().__init__(shape, eps=eps, elementwise_affine=elementwise_affine, device=device, dtype=dtype)
@@ -103,9 +104,10 @@ class GroupNorm(torch.nn.GroupNorm, _Norm):
         channels: int,
         num_groups: int,
         eps: float = 1e-5,
-        affine: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        affine: bool = True,
     ) -> None:
         if channels % num_groups != 0:
             raise ValueError(
@@ -134,9 +136,10 @@ class InstanceNorm2d(torch.nn.InstanceNorm2d, _Norm):
         self,
         num_features: int,
         eps: float = 1e-5,
-        affine: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        affine: bool = False,
     ) -> None:
         super().__init__(num_features, eps=eps, affine=affine, device=device, dtype=dtype)
 

@@ -42,14 +42,16 @@ class Interpolate(Module):
 
     Args:
         mode: The interpolation (see `torch.nn.functional.interpolate`).
+        antialias: Anti-alias when downsampling (bilinear and bicubic modes), as torch's `antialias`.
     """
 
-    def __init__(self, mode: InterpolateMode = "nearest") -> None:
+    def __init__(self, mode: InterpolateMode = "nearest", antialias: bool = False) -> None:
         super().__init__()
         self.mode = mode
+        self.antialias = antialias
 
     def forward(self, x: Tensor, shape: Sequence[int]) -> Tensor:
-        return interpolate(x, size=tuple(shape), mode=self.mode)
+        return interpolate(x, size=tuple(shape), mode=self.mode, antialias=self.antialias)
 
 
 class Pad(Module):

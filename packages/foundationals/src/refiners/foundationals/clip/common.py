@@ -61,9 +61,10 @@ class FeedForward(fl.Chain):
         self,
         embedding_dim: int,
         feedforward_dim: int,
-        gelu_approximation: GeLUApproximation = "none",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        gelu_approximation: GeLUApproximation = "none",
     ) -> None:
         self.embedding_dim = embedding_dim
         self.feedforward_dim = feedforward_dim
@@ -80,29 +81,31 @@ class TransformerLayer(fl.Chain):
 
     Args:
         embedding_dim: Size of the sequence's embeddings.
-        num_attention_heads: Number of attention heads; it must divide `embedding_dim`.
         feedforward_dim: Hidden size of the feed-forward block.
+        num_attention_heads: Number of attention heads; it must divide `embedding_dim`.
         layer_norm_eps: The LayerNorms' epsilon.
-        gelu_approximation: The GeLU variant of the feed-forward block (see `FeedForward`).
-        is_causal: Mask the attention so that each position only sees itself and earlier ones (CLIP's text tower).
         device: Where the weights live.
         dtype: The weights' dtype.
+        gelu_approximation: The GeLU variant of the feed-forward block (see `FeedForward`); keyword only, as is
+            `is_causal` (the positional order is the original Refiners').
+        is_causal: Mask the attention so that each position only sees itself and earlier ones (CLIP's text tower).
     """
 
     def __init__(
         self,
         embedding_dim: int,
-        num_attention_heads: int,
         feedforward_dim: int,
+        num_attention_heads: int,
         layer_norm_eps: float = 1e-5,
-        gelu_approximation: GeLUApproximation = "none",
-        is_causal: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        gelu_approximation: GeLUApproximation = "none",
+        is_causal: bool = False,
     ) -> None:
         self.embedding_dim = embedding_dim
-        self.num_attention_heads = num_attention_heads
         self.feedforward_dim = feedforward_dim
+        self.num_attention_heads = num_attention_heads
         self.layer_norm_eps = layer_norm_eps
         self.gelu_approximation = gelu_approximation
         self.is_causal = is_causal
@@ -119,6 +122,8 @@ class TransformerLayer(fl.Chain):
             ),
             fl.Residual(
                 fl.LayerNorm(embedding_dim, eps=layer_norm_eps, device=device, dtype=dtype),
-                FeedForward(embedding_dim, feedforward_dim, gelu_approximation, device=device, dtype=dtype),
+                FeedForward(
+                    embedding_dim, feedforward_dim, device=device, dtype=dtype, gelu_approximation=gelu_approximation
+                ),
             ),
         )

@@ -85,11 +85,11 @@ class CLIPTextEncoder(fl.Chain):
         num_attention_heads: Number of attention heads; it must divide `embedding_dim`.
         feedforward_dim: Hidden size of the feed-forward blocks.
         layer_norm_eps: The LayerNorms' epsilon.
-        gelu_approximation: `"quick"` (`x * sigmoid(1.702 x)`) for OpenAI's CLIP, `"none"` (exact GeLU) for
-            OpenCLIP's.
-        tokenizer: Turns text into token ids; without one, the encoder takes token ids.
         device: Where the weights live.
         dtype: The weights' dtype.
+        gelu_approximation: `"quick"` (`x * sigmoid(1.702 x)`) for OpenAI's CLIP, `"none"` (exact GeLU) for
+            OpenCLIP's. Keyword only, as is `tokenizer` (the positional order is the original Refiners').
+        tokenizer: Turns text into token ids; without one, the encoder takes token ids.
     """
 
     gelu_approximation: GeLUApproximation
@@ -103,10 +103,11 @@ class CLIPTextEncoder(fl.Chain):
         num_attention_heads: int = 12,
         feedforward_dim: int = 3072,
         layer_norm_eps: float = 1e-5,
-        gelu_approximation: GeLUApproximation = "none",
-        tokenizer: CLIPTokenizer | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        gelu_approximation: GeLUApproximation = "none",
+        tokenizer: CLIPTokenizer | None = None,
     ) -> None:
         if num_layers < 1:
             raise ValueError(f"CLIPTextEncoder needs at least one transformer layer, got num_layers={num_layers}")
@@ -219,9 +220,10 @@ class CLIPTextEncoderL(CLIPTextEncoder):
 
     def __init__(
         self,
-        tokenizer: CLIPTokenizer | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        tokenizer: CLIPTokenizer | None = None,
     ) -> None:
         super().__init__(
             embedding_dim=768,
@@ -249,9 +251,10 @@ class CLIPTextEncoderH(CLIPTextEncoder):
 
     def __init__(
         self,
-        tokenizer: CLIPTokenizer | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        tokenizer: CLIPTokenizer | None = None,
     ) -> None:
         super().__init__(
             embedding_dim=1024,
@@ -278,9 +281,10 @@ class CLIPTextEncoderG(CLIPTextEncoder):
 
     def __init__(
         self,
-        tokenizer: CLIPTokenizer | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        tokenizer: CLIPTokenizer | None = None,
     ) -> None:
         super().__init__(
             embedding_dim=1280,
