@@ -23,6 +23,7 @@ import refiners.converters.cli as cli
 import refiners.converters.stable_diffusion as stable_diffusion
 from refiners.converters.cli import main
 from refiners.converters.engine import KeyMap
+from refiners.fluxion.model_config import ModelConfig
 from refiners.fluxion.utils import load_from_safetensors, load_metadata_from_safetensors
 from refiners.foundationals.clip import CLIPTextEncoder, CLIPTextEncoderL, CLIPTokenizer
 from refiners.foundationals.latent_diffusion.auto_encoder import SD1Autoencoder
@@ -68,7 +69,7 @@ def test_clip_text_encodes_text_as_transformers(
     assert tokenizer is not None
     vocabulary, merges = sd15_folder / "tokenizer" / "vocab.json", sd15_folder / "tokenizer" / "merges.txt"
     assert load_metadata_from_safetensors(converted / "clip_text.safetensors") == (
-        CLIPTokenizer(vocabulary, merges).to_metadata()
+        CLIPTokenizer(vocabulary, merges).to_metadata() | ModelConfig.of(CLIPTextEncoderL).to_metadata()
     )
     assert torch.equal(tokenizer(sd15_prompt), sd15_expected["prompt_ids"])
     with torch.no_grad():

@@ -47,8 +47,9 @@ from refiners.converters.stable_diffusion import (
     convert_stable_diffusion_1,
     convert_unet,
 )
+from refiners.fluxion.model_config import ModelConfig
 from refiners.fluxion.utils import load_from_safetensors, load_metadata_from_safetensors, save_to_safetensors
-from refiners.foundationals.clip import CLIPTokenizer
+from refiners.foundationals.clip import CLIPTextEncoderL, CLIPTokenizer
 from refiners.foundationals.latent_diffusion.unet import SD1UNet
 
 COMPONENT_FILES = {
@@ -136,12 +137,14 @@ def test_single_file_conversion_equals_the_folder_conversion(
     assert ", original layout, for " in err
     assert "the checkpoint also has an EMA copy of the UNet (1 model_ema.* tensors)" in err
     # A single file has no tokenizer: it comes from --tokenizer, or the file has none and the user is told.
+    # Without configs, the models are SD1.5's, and the files record them so.
     metadata = load_metadata_from_safetensors(tmp_path / "clip_text.safetensors")
+    sd15_text_encoder = ModelConfig.of(CLIPTextEncoderL).to_metadata()
     if tokenizer:
         vocabulary, merges = sd15_folder / "tokenizer" / "vocab.json", sd15_folder / "tokenizer" / "merges.txt"
-        assert metadata == CLIPTokenizer(vocabulary, merges).to_metadata()
+        assert metadata == CLIPTokenizer(vocabulary, merges).to_metadata() | sd15_text_encoder
     else:
-        assert metadata == {}
+        assert metadata == sd15_text_encoder
         assert "the source has no tokenizer" in err and "Pass --tokenizer" in err
 
 
@@ -267,7 +270,8 @@ def test_tokenizer_from_the_hub(sd15_folder: Path, hub: list[list[str]], tmp_pat
     names = ["vocab.json", "merges.txt", "tokenizer.json"]
     assert hub == [[*names, *(f"tokenizer/{name}" for name in names)]]
     vocabulary, merges = sd15_folder / "tokenizer" / "vocab.json", sd15_folder / "tokenizer" / "merges.txt"
-    assert load_metadata_from_safetensors(dest) == CLIPTokenizer(vocabulary, merges).to_metadata()
+    expected = CLIPTokenizer(vocabulary, merges).to_metadata() | ModelConfig.of(CLIPTextEncoderL).to_metadata()
+    assert load_metadata_from_safetensors(dest) == expected
 
 
 def test_hub_errors(hub: list[list[str]], tmp_path: Path) -> None:

@@ -2,26 +2,41 @@
 
 A diffusers folder says how big each component is (`config.json`): Stable Diffusion 1.5 itself, a distilled or toy
 model of the same architecture (narrower, fewer layers). The functions here read those configs, check that they
-describe the SD1 architecture (same blocks, same layout), and build the refiners model of the same sizes. Sources
-without configs (single-file checkpoints, bare weights files) are Stable Diffusion 1.5's sizes.
+describe the SD1 architecture (same blocks, same layout), and give the constructor call of the refiners model of the
+same sizes (a `ModelConfig`, which the converted file records). Sources without configs (single-file checkpoints,
+bare weights files) are Stable Diffusion 1.5's sizes.
 
-- `unet_for(source, in_channels)`: `SD1UNet` from diffusers' `UNet2DConditionModel` config;
-- `autoencoder_for(source)`: `LatentDiffusionAutoencoder` (`SD1Autoencoder` at SD1.5's sizes) from `AutoencoderKL`'s;
-- `clip_text_for(source)`: `CLIPTextEncoder` (`CLIPTextEncoderL` at SD1.5's sizes) from transformers' `CLIPTextConfig`.
+- `unet_config(source, in_channels)`: `SD1UNet` from diffusers' `UNet2DConditionModel` config, and
+  `unet_sample_size(source)`, its native sample size;
+- `autoencoder_config(source)`: `LatentDiffusionAutoencoder` (`SD1Autoencoder` at SD1.5's sizes) from `AutoencoderKL`'s;
+- `clip_text_config(source)`: `CLIPTextEncoder` (`CLIPTextEncoderL` at SD1.5's sizes) from transformers'
+  `CLIPTextConfig`.
 
-The models are built on the "meta" device: only their structure and shapes are read, nothing is allocated.
+`unet_for`, `autoencoder_for` and `clip_text_for` build those models on the "meta" device: only their structure and
+shapes are read, nothing is allocated.
 """
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 from refiners.converters.engine import ConversionError
 from refiners.converters.sources import DiffusersFolder, Source
+from refiners.fluxion.model_config import ModelConfig
 from refiners.foundationals.clip import CLIPTextEncoder, CLIPTextEncoderL
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder, SD1Autoencoder
+from refiners.foundationals.latent_diffusion.stable_diffusion_1.weights import SD15_SAMPLE_SIZE
 from refiners.foundationals.latent_diffusion.unet import SD1UNet
 
-__all__ = ["unet_for", "autoencoder_for", "clip_text_for", "describe"]
+__all__ = [
+    "unet_config",
+    "unet_sample_size",
+    "autoencoder_config",
+    "clip_text_config",
+    "unet_for",
+    "autoencoder_for",
+    "clip_text_for",
+    "describe",
+]
 
 # Config entries that the SD1 architecture fixes: the value it needs, assumed when the config omits it (diffusers'
 # and transformers' defaults). Entries not listed here (sizes read below, sample_size, ...) are free.
@@ -63,6 +78,8 @@ _AUTOENCODER_FIXED: dict[str, Any] = {
 }
 _CLIP_TEXT_GELU = {"quick_gelu": "quick", "gelu": "none"}
 
+ModelT = TypeVar("ModelT", SD1UNet, LatentDiffusionAutoencoder, CLIPTextEncoder)
+
 
 def _differences(config: Mapping[str, Any], fixed: Mapping[str, Any]) -> list[str]:
     def normalized(value: Any) -> Any:
@@ -97,14 +114,14 @@ def _ints(config: Mapping[str, Any], key: str, default: tuple[int, ...]) -> tupl
     return tuple(value)  # pyright: ignore[reportUnknownArgumentType]
 
 
-def unet_for(source: Source, in_channels: int) -> SD1UNet:
-    """The `SD1UNet` (on the meta device) that the source's UNet converts into.
+def unet_config(source: Source, in_channels: int) -> ModelConfig:
+    """The constructor call of the `SD1UNet` that the source's UNet converts into.
 
     Raises:
         ConversionError: The UNet's config describes another architecture; the message lists what differs.
     """
     if not isinstance(source, DiffusersFolder) or not source.has_component("unet"):
-        return SD1UNet(in_channels=in_channels, device="meta")
+        return ModelConfig.of(SD1UNet, in_channels=in_channels)
     config = source.config("unet")
     differences = _differences(config, _UNET_FIXED)
     heads: Any = config.get("attention_head_dim", 8)  # diffusers' name for SD1's number of heads
@@ -117,26 +134,31 @@ def unet_for(source: Source, in_channels: int) -> SD1UNet:
     channels = _ints(config, "block_out_channels", (320, 640, 1280, 1280))
     if len(channels) != 4:
         _check([f"block_out_channels={list(channels)} (SD1: four resolutions)"], "UNet", source)
-    try:
-        return SD1UNet(
-            in_channels=in_channels,
-            channels=(channels[0], channels[1], channels[2], channels[3]),
-            context_embedding_dim=_int(config, "cross_attention_dim", 1280),  # diffusers' default
-            num_attention_heads=heads,
-            device="meta",
-        )
-    except ValueError as error:
-        raise ConversionError(f"the UNet of {source.describe()} cannot be built: {error}") from error
+    return ModelConfig.of(
+        SD1UNet,
+        in_channels=in_channels,
+        channels=channels,
+        context_embedding_dim=_int(config, "cross_attention_dim", 1280),  # diffusers' default
+        num_attention_heads=heads,
+    )
 
 
-def autoencoder_for(source: Source) -> LatentDiffusionAutoencoder:
-    """The autoencoder (on the meta device) that the source's converts into: `SD1Autoencoder` at SD1.5's sizes.
+def unet_sample_size(source: Source) -> int:
+    """The side of the latents the source's UNet was trained on (diffusers' `sample_size`; SD1.5's 64 without a
+    config): `generate` draws images of this size times 8 by default."""
+    if not isinstance(source, DiffusersFolder) or not source.has_component("unet"):
+        return SD15_SAMPLE_SIZE
+    return _int(source.config("unet"), "sample_size", SD15_SAMPLE_SIZE)
+
+
+def autoencoder_config(source: Source) -> ModelConfig:
+    """The constructor call of the autoencoder that the source's converts into: `SD1Autoencoder` at SD1.5's sizes.
 
     Raises:
         ConversionError: The autoencoder's config describes another architecture.
     """
     if not isinstance(source, DiffusersFolder) or not source.has_component("vae"):
-        return SD1Autoencoder(device="meta")
+        return ModelConfig.of(SD1Autoencoder)
     config = source.config("vae")
     blocks = _ints(config, "block_out_channels", (64,))
     differences = _differences(config, _AUTOENCODER_FIXED)
@@ -147,26 +169,29 @@ def autoencoder_for(source: Source) -> LatentDiffusionAutoencoder:
     scale = config.get("scaling_factor", 0.18215)
     if not isinstance(scale, int | float):
         raise ConversionError(f"the autoencoder's config gives scaling_factor={scale!r}: expected a number")
-    return LatentDiffusionAutoencoder(
-        encoder_scale=float(scale),
-        in_channels=_int(config, "in_channels", 3),
-        out_channels=_int(config, "out_channels", 3),
-        latent_channels=_int(config, "latent_channels", 4),
-        block_out_channels=blocks,
-        layers_per_block=_int(config, "layers_per_block", 1),
-        num_groups=_int(config, "norm_num_groups", 32),
-        device="meta",
+    return _variant(
+        ModelConfig.of(
+            LatentDiffusionAutoencoder,
+            encoder_scale=float(scale),
+            in_channels=_int(config, "in_channels", 3),
+            out_channels=_int(config, "out_channels", 3),
+            latent_channels=_int(config, "latent_channels", 4),
+            block_out_channels=blocks,
+            layers_per_block=_int(config, "layers_per_block", 1),
+            num_groups=_int(config, "norm_num_groups", 32),
+        ),
+        SD1Autoencoder,
     )
 
 
-def clip_text_for(source: Source) -> CLIPTextEncoder:
-    """The text encoder (on the meta device) that the source's converts into: `CLIPTextEncoderL` at SD1.5's sizes.
+def clip_text_config(source: Source) -> ModelConfig:
+    """The constructor call of the text encoder that the source's converts into: `CLIPTextEncoderL` at SD1.5's sizes.
 
     Raises:
         ConversionError: The text encoder's config describes another architecture.
     """
     if not isinstance(source, DiffusersFolder) or not source.has_component("text_encoder"):
-        return CLIPTextEncoderL(device="meta")
+        return ModelConfig.of(CLIPTextEncoderL)
     config = source.config("text_encoder")
     activation = config.get("hidden_act", "quick_gelu")
     if activation not in _CLIP_TEXT_GELU:
@@ -174,17 +199,50 @@ def clip_text_for(source: Source) -> CLIPTextEncoder:
     epsilon = config.get("layer_norm_eps", 1e-5)
     if not isinstance(epsilon, int | float):
         raise ConversionError(f"the text encoder's config gives layer_norm_eps={epsilon!r}: expected a number")
-    return CLIPTextEncoder(
-        embedding_dim=_int(config, "hidden_size", 512),
-        max_sequence_length=_int(config, "max_position_embeddings", 77),
-        vocabulary_size=_int(config, "vocab_size", 49408),
-        num_layers=_int(config, "num_hidden_layers", 12),
-        num_attention_heads=_int(config, "num_attention_heads", 8),
-        feedforward_dim=_int(config, "intermediate_size", 2048),
-        layer_norm_eps=float(epsilon),
-        gelu_approximation="quick" if _CLIP_TEXT_GELU[activation] == "quick" else "none",
-        device="meta",
+    return _variant(
+        ModelConfig.of(
+            CLIPTextEncoder,
+            embedding_dim=_int(config, "hidden_size", 512),
+            max_sequence_length=_int(config, "max_position_embeddings", 77),
+            vocabulary_size=_int(config, "vocab_size", 49408),
+            num_layers=_int(config, "num_hidden_layers", 12),
+            num_attention_heads=_int(config, "num_attention_heads", 8),
+            feedforward_dim=_int(config, "intermediate_size", 2048),
+            layer_norm_eps=float(epsilon),
+            gelu_approximation=_CLIP_TEXT_GELU[activation],
+        ),
+        CLIPTextEncoderL,
     )
+
+
+def _variant(config: ModelConfig, variant: type[SD1Autoencoder] | type[CLIPTextEncoderL]) -> ModelConfig:
+    """`variant`'s config if `config` builds a model of `variant`'s sizes (SD1.5's component), else `config`."""
+    built = variant(device="meta")
+    if all(getattr(built, name) == value for name, value in config.arguments.items()):
+        return ModelConfig.of(variant)
+    return config
+
+
+def _built(config: ModelConfig, classes: tuple[type[ModelT], ...], what: str, source: Source) -> ModelT:
+    try:
+        return config.build(classes, device="meta")
+    except ValueError as error:
+        raise ConversionError(f"the {what} of {source.describe()} cannot be built: {error}") from error
+
+
+def unet_for(source: Source, in_channels: int) -> SD1UNet:
+    """The `SD1UNet` (on the meta device) that the source's UNet converts into (see `unet_config`)."""
+    return _built(unet_config(source, in_channels), (SD1UNet,), "UNet", source)
+
+
+def autoencoder_for(source: Source) -> LatentDiffusionAutoencoder:
+    """The autoencoder (on the meta device) that the source's converts into (see `autoencoder_config`)."""
+    return _built(autoencoder_config(source), (LatentDiffusionAutoencoder, SD1Autoencoder), "autoencoder", source)
+
+
+def clip_text_for(source: Source) -> CLIPTextEncoder:
+    """The text encoder (on the meta device) that the source's converts into (see `clip_text_config`)."""
+    return _built(clip_text_config(source), (CLIPTextEncoder, CLIPTextEncoderL), "text encoder", source)
 
 
 def describe(model: SD1UNet | LatentDiffusionAutoencoder | CLIPTextEncoder) -> str:

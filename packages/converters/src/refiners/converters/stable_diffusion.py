@@ -1,8 +1,8 @@
-"""Stable Diffusion 1.x checkpoints to refiners weights: the conversions behind `refiners-convert`.
+"""Stable Diffusion 1.x checkpoints to refiners weights: the conversions behind `refiners-convert` and the loaders.
 
 Each function reads one source (see `refiners.converters.sources`: a diffusers folder or component folder, a
 single-file original checkpoint, one component's weights file, or a Hugging Face Hub id), checks that it is a
-Stable Diffusion 1.x model, and writes the converted weights atomically to a `.safetensors` file:
+Stable Diffusion 1.x model, converts it in memory and writes it atomically to a `.safetensors` file:
 
 - `convert_clip_text` -> `CLIP_TEXT_FILE` (`clip_text.safetensors`): `CLIPTextEncoderL` weights, the tokenizer's
   vocabulary and merges in the file's metadata (`CLIPTokenizer.to_metadata`), so that
@@ -10,12 +10,16 @@ Stable Diffusion 1.x model, and writes the converted weights atomically to a `.s
 - `convert_autoencoder` -> `AUTOENCODER_FILE` (`autoencoder.safetensors`): `SD1Autoencoder` weights;
 - `convert_unet` -> `UNET_FILE` (`unet.safetensors`): `SD1UNet` weights, for `SD1UNet(in_channels=4)` or, from an
   inpainting model, `SD1UNet(in_channels=9)` (the shape of the first convolution tells which);
-- `convert_stable_diffusion_1` writes the three into a folder.
+- `convert_stable_diffusion_1` writes the three into a folder, which `StableDiffusion_1.from_folder` loads;
+  `convert_stable_diffusion_1_weights` gives the same tensors and metadata in memory (`refiners.converters.loading`
+  builds the model from them).
 
 The target models are sized from the source's configs (`refiners.converters.architecture`): Stable Diffusion 1.5,
 or a model of the same architecture at other sizes (a diffusers folder's `config.json` says which; the result's
 `target` and the progress lines say how to build it, e.g. `SD1UNet(in_channels=4, channels=(32, 32, 64, 64), ...)`).
-They are built on the "meta" device: only their shapes are read, nothing is allocated.
+They are built on the "meta" device: only their shapes are read, nothing is allocated. Each file records the
+constructor call of its model (`refiners.fluxion.model_config`), and the UNet's its native sample size, so that
+loading needs no sizes written by hand.
 """
 
 import time
@@ -26,8 +30,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-import refiners.fluxion.layers as fl
-from refiners.converters.architecture import autoencoder_for, clip_text_for, describe, unet_for
+from refiners.converters.architecture import (
+    autoencoder_config,
+    clip_text_config,
+    describe,
+    unet_config,
+    unet_sample_size,
+)
 from refiners.converters.autoencoder import diffusers_autoencoder_key_map
 from refiners.converters.clip_text import TRANSFORMERS_CLIP_TEXT_PREFIX, transformers_clip_text_key_map
 from refiners.converters.engine import ConversionError, KeyMap, convert_state_dict
@@ -55,6 +64,16 @@ from refiners.converters.sources import (
 )
 from refiners.converters.unet import diffusers_unet_key_map
 from refiners.fluxion.utils import save_to_safetensors
+from refiners.foundationals.clip.text_encoder import CLIPTextEncoder, CLIPTextEncoderL
+from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder, SD1Autoencoder
+from refiners.foundationals.latent_diffusion.stable_diffusion_1.weights import (
+    AUTOENCODER_FILE,
+    CLIP_TEXT_FILE,
+    UNET_FILE,
+    ConvertedWeights,
+    unet_metadata,
+)
+from refiners.foundationals.latent_diffusion.unet import SD1UNet
 
 __all__ = [
     "CLIP_TEXT_FILE",
@@ -67,12 +86,9 @@ __all__ = [
     "convert_autoencoder",
     "convert_unet",
     "convert_stable_diffusion_1",
+    "convert_stable_diffusion_1_weights",
     "check_stable_diffusion_1",
 ]
-
-CLIP_TEXT_FILE = "clip_text.safetensors"
-AUTOENCODER_FILE = "autoencoder.safetensors"
-UNET_FILE = "unet.safetensors"
 
 UNET_IN_CHANNELS = {4: "text-to-image", 9: "inpainting"}
 """The UNets of Stable Diffusion 1.x by input channels: latents; latents, mask and masked-image latents."""
@@ -290,24 +306,35 @@ def _destination(dest: str | Path, default_name: str) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class _Conversion:
+    """A component converted in memory, not yet written."""
+
+    weights: ConvertedWeights
+    label: str
+    target: str
+    source_dtype: torch.dtype
+    dtype: torch.dtype
+    start: float
+
+
 def _convert(
     component: _Component,
-    model: fl.Chain,
+    model: SD1UNet | LatentDiffusionAutoencoder | CLIPTextEncoder,
     key_map: KeyMap,
     renaming: ModuleRenaming,
-    dest: Path,
     dtype: torch.dtype | None,
     progress: Progress,
     label: str,
-    target: str,
-    metadata: dict[str, str] | None = None,
-) -> ConversionResult:
+    metadata: dict[str, str],
+) -> _Conversion:
     if component.original_prefix is not None:
         key_map = original_key_map(key_map, renaming, component.original_prefix)
     if component.original_prefix is not None:
         layout = "original"
     else:
         layout = "transformers" if component.name == "text_encoder" else "diffusers"
+    target = describe(model)
     progress(f"{label}: reading {component.origin}, {layout} layout, for {target}")
     start = time.monotonic()
     # The first floating-point tensor tells the source's dtype (an integer buffer may come first).
@@ -319,15 +346,94 @@ def _convert(
     tensors = convert_state_dict(
         component.tensors, key_map, shapes, what=f"{_NAMES[component.name]} of {component.origin}", dtype=dtype
     )
+    weights = ConvertedWeights({key: tensor.contiguous() for key, tensor in tensors.items()}, metadata)
+    return _Conversion(weights, label, target, source_dtype, dtype or source_dtype, start)
+
+
+def _write(conversion: _Conversion, dest: Path, progress: Progress) -> ConversionResult:
+    tensors = conversion.weights.tensors
     dest.parent.mkdir(parents=True, exist_ok=True)
-    save_to_safetensors(dest, {key: tensor.contiguous() for key, tensor in tensors.items()}, metadata)
-    written = dtype or source_dtype
+    save_to_safetensors(dest, tensors, conversion.weights.metadata)
     size = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values()) / 1e9
     progress(
-        f"{label}: wrote {len(tensors)} tensors ({size:.2f} GB, {str(written).removeprefix('torch.')}) to {dest} "
-        f"in {time.monotonic() - start:.1f} s"
+        f"{conversion.label}: wrote {len(tensors)} tensors ({size:.2f} GB, "
+        f"{str(conversion.dtype).removeprefix('torch.')}) to {dest} in {time.monotonic() - conversion.start:.1f} s"
     )
-    return ConversionResult(path=dest, target=target, source_dtype=source_dtype, dtype=written)
+    return ConversionResult(
+        path=dest, target=conversion.target, source_dtype=conversion.source_dtype, dtype=conversion.dtype
+    )
+
+
+def _clip_text(
+    source: Source, dtype: torch.dtype | None, tokenizer: str | Path | None, progress: Progress
+) -> _Conversion:
+    component = _component(source, "text_encoder")
+    config = clip_text_config(source)
+    encoder = config.build((CLIPTextEncoder, CLIPTextEncoderL), device="meta")
+    metadata = config.to_metadata()
+    folder = locate_tokenizer(tokenizer) if tokenizer is not None else None
+    if folder is None and isinstance(source, DiffusersFolder):
+        folder = source.tokenizer_folder()
+    if folder is not None:
+        clip_tokenizer = read_tokenizer(folder)
+        metadata |= clip_tokenizer.to_metadata()
+        if clip_tokenizer.vocabulary_size > encoder.vocabulary_size:
+            raise SourceError(
+                f"the tokenizer in {folder} has token ids up to {clip_tokenizer.vocabulary_size - 1} but the text "
+                f"encoder embeds {encoder.vocabulary_size} tokens: it is not this model's tokenizer."
+            )
+        progress(f"clip-text: tokenizer from {folder} (stored in the file's metadata)")
+    else:
+        progress(
+            "clip-text: note: the source has no tokenizer, so the file will have none and the encoder will take "
+            "token ids, not text. Pass --tokenizer (a folder with vocab.json and merges.txt, or a Hub id such as "
+            "openai/clip-vit-large-patch14) to include it."
+        )
+    if component.original_prefix is None:
+        has_prefix = any(key.startswith(TRANSFORMERS_CLIP_TEXT_PREFIX) for key in component.tensors)
+        key_map = transformers_clip_text_key_map(encoder, TRANSFORMERS_CLIP_TEXT_PREFIX if has_prefix else "")
+        renaming = ldm_clip_text_renaming()
+    else:
+        key_map = transformers_clip_text_key_map(encoder)
+        prefix = component.original_prefix + "text_model."
+        renaming = ldm_clip_text_renaming(with_text_model=any(key.startswith(prefix) for key in component.tensors))
+    return _convert(component, encoder, key_map, renaming, dtype, progress, "clip-text", metadata)
+
+
+def _autoencoder(source: Source, dtype: torch.dtype | None, progress: Progress) -> _Conversion:
+    component = _component(source, "vae")
+    config = autoencoder_config(source)
+    autoencoder = config.build((LatentDiffusionAutoencoder, SD1Autoencoder), device="meta")
+    key_map = diffusers_autoencoder_key_map(autoencoder)
+    renaming = ldm_autoencoder_renaming()
+    return _convert(component, autoencoder, key_map, renaming, dtype, progress, "autoencoder", config.to_metadata())
+
+
+def _unet(source: Source, dtype: torch.dtype | None, progress: Progress) -> _Conversion:
+    component = _component(source, "unet")
+    conv_in = f"{component.original_prefix}input_blocks.0.0.weight" if component.original_prefix else "conv_in.weight"
+    shape = component.tensors.shape(conv_in) if conv_in in component.tensors else ()
+    if len(shape) != 4:
+        raise ConversionError(f"the UNet of {component.origin} has no 4-D {conv_in}: it is not an SD1.x UNet")
+    in_channels = shape[1]
+    if (reason := _in_channels_reason(in_channels)) is not None:
+        raise ConversionError(
+            f"the UNet of {component.origin} is not a Stable Diffusion 1.x UNet: it looks like {reason}"
+        )
+    progress(f"unet: {UNET_IN_CHANNELS[in_channels]} UNet ({in_channels} input channels)")
+    if isinstance(source, SingleFile) and (ema := ldm_ema_keys(source.tensors)):
+        progress(
+            f"unet: note: the checkpoint also has an EMA copy of the UNet ({len(ema)} model_ema.* tensors); as "
+            "diffusers does by default, the main weights (model.diffusion_model.*) are converted"
+        )
+    config = unet_config(source, in_channels)
+    try:
+        unet = config.build((SD1UNet,), device="meta")
+    except ValueError as error:
+        raise ConversionError(f"the UNet of {source.describe()} cannot be built: {error}") from error
+    metadata = unet_metadata(config, unet_sample_size(source))
+    key_map = diffusers_unet_key_map(unet)
+    return _convert(component, unet, key_map, ldm_unet_renaming(), dtype, progress, "unet", metadata)
 
 
 def convert_clip_text(
@@ -338,7 +444,8 @@ def convert_clip_text(
     tokenizer: str | Path | None = None,
     progress: Progress = _quiet,
 ) -> ConversionResult:
-    """Convert the text encoder of a Stable Diffusion 1.x model into `CLIPTextEncoderL` weights (at SD1.5's sizes).
+    """Convert the text encoder of a Stable Diffusion 1.x model into `CLIPTextEncoderL` weights (sized from the
+    source's config).
 
     The tokenizer's vocabulary and merges go into the file's metadata: from `tokenizer` if given, else from the
     source's `tokenizer/` folder. Single-file checkpoints have no tokenizer: without `tokenizer`, the weights are
@@ -360,44 +467,14 @@ def convert_clip_text(
     source = open_source(source, components=("text_encoder", "tokenizer"))
     check_stable_diffusion_1(source)
     dest = _destination(dest, CLIP_TEXT_FILE)
-    component = _component(source, "text_encoder")
-    encoder = clip_text_for(source)
-    metadata: dict[str, str] | None = None
-    folder = locate_tokenizer(tokenizer) if tokenizer is not None else None
-    if folder is None and isinstance(source, DiffusersFolder):
-        folder = source.tokenizer_folder()
-    if folder is not None:
-        clip_tokenizer = read_tokenizer(folder)
-        metadata = clip_tokenizer.to_metadata()
-        if clip_tokenizer.vocabulary_size > encoder.vocabulary_size:
-            raise SourceError(
-                f"the tokenizer in {folder} has token ids up to {clip_tokenizer.vocabulary_size - 1} but the text "
-                f"encoder embeds {encoder.vocabulary_size} tokens: it is not this model's tokenizer."
-            )
-        progress(f"clip-text: tokenizer from {folder} (stored in the file's metadata)")
-    else:
-        progress(
-            "clip-text: note: the source has no tokenizer, so the file will have none and the encoder will take "
-            "token ids, not text. Pass --tokenizer (a folder with vocab.json and merges.txt, or a Hub id such as "
-            "openai/clip-vit-large-patch14) to include it."
-        )
-    if component.original_prefix is None:
-        has_prefix = any(key.startswith(TRANSFORMERS_CLIP_TEXT_PREFIX) for key in component.tensors)
-        key_map = transformers_clip_text_key_map(encoder, TRANSFORMERS_CLIP_TEXT_PREFIX if has_prefix else "")
-        renaming = ldm_clip_text_renaming()
-    else:
-        key_map = transformers_clip_text_key_map(encoder)
-        prefix = component.original_prefix + "text_model."
-        renaming = ldm_clip_text_renaming(with_text_model=any(key.startswith(prefix) for key in component.tensors))
-    return _convert(
-        component, encoder, key_map, renaming, dest, dtype, progress, "clip-text", describe(encoder), metadata
-    )
+    return _write(_clip_text(source, dtype, tokenizer, progress), dest, progress)
 
 
 def convert_autoencoder(
     source: str | Path | Source, dest: str | Path, dtype: torch.dtype | None = None, *, progress: Progress = _quiet
 ) -> ConversionResult:
-    """Convert the autoencoder of a Stable Diffusion 1.x model into `SD1Autoencoder` weights (at SD1.5's sizes).
+    """Convert the autoencoder of a Stable Diffusion 1.x model into `SD1Autoencoder` weights (sized from the
+    source's config).
 
     Args:
         source: A diffusers folder, a `vae` folder or weights file, an original checkpoint (whole, or a standalone
@@ -413,12 +490,7 @@ def convert_autoencoder(
     source = open_source(source, components=("vae",))
     check_stable_diffusion_1(source)
     dest = _destination(dest, AUTOENCODER_FILE)
-    component = _component(source, "vae")
-    autoencoder = autoencoder_for(source)
-    key_map = diffusers_autoencoder_key_map(autoencoder)
-    renaming = ldm_autoencoder_renaming()
-    target = describe(autoencoder)
-    return _convert(component, autoencoder, key_map, renaming, dest, dtype, progress, "autoencoder", target)
+    return _write(_autoencoder(source, dtype, progress), dest, progress)
 
 
 def convert_unet(
@@ -426,7 +498,8 @@ def convert_unet(
 ) -> ConversionResult:
     """Convert the UNet of a Stable Diffusion 1.x model into `SD1UNet` weights (sized from the source's config).
 
-    An inpainting UNet (9 input channels) is converted for `SD1UNet(in_channels=9)`, and `progress` says so.
+    An inpainting UNet (9 input channels) is converted for `SD1UNet(in_channels=9)`, and `progress` says so. The
+    file also records the UNet's native sample size (diffusers' `sample_size`; SD1.5's 64 for single files).
 
     Args:
         source: A diffusers folder, a `unet` folder or weights file, an original checkpoint, or a Hub id.
@@ -442,26 +515,21 @@ def convert_unet(
     source = open_source(source, components=("unet",))
     check_stable_diffusion_1(source)
     dest = _destination(dest, UNET_FILE)
-    component = _component(source, "unet")
-    conv_in = f"{component.original_prefix}input_blocks.0.0.weight" if component.original_prefix else "conv_in.weight"
-    shape = component.tensors.shape(conv_in) if conv_in in component.tensors else ()
-    if len(shape) != 4:
-        raise ConversionError(f"the UNet of {component.origin} has no 4-D {conv_in}: it is not an SD1.x UNet")
-    in_channels = shape[1]
-    if (reason := _in_channels_reason(in_channels)) is not None:
-        raise ConversionError(
-            f"the UNet of {component.origin} is not a Stable Diffusion 1.x UNet: it looks like {reason}"
+    return _write(_unet(source, dtype, progress), dest, progress)
+
+
+def _open_whole_model(source: str | Path | Source) -> Source:
+    """The source of a whole SD1.x model, checked: its three components are there, in one folder or file."""
+    opened = open_source(source, components=("unet", "vae", "text_encoder", "tokenizer"))
+    check_stable_diffusion_1(opened)
+    if isinstance(opened, SingleFile) and not is_ldm_checkpoint(opened.tensors):
+        raise SourceError(
+            f"{opened.path} holds one component's weights in diffusers layout, not a whole model: convert it with the "
+            "unet, autoencoder or clip-text command, or pass the model's folder or original checkpoint."
         )
-    progress(f"unet: {UNET_IN_CHANNELS[in_channels]} UNet ({in_channels} input channels)")
-    if isinstance(source, SingleFile) and (ema := ldm_ema_keys(source.tensors)):
-        progress(
-            f"unet: note: the checkpoint also has an EMA copy of the UNet ({len(ema)} model_ema.* tensors); as "
-            "diffusers does by default, the main weights (model.diffusion_model.*) are converted"
-        )
-    unet = unet_for(source, in_channels)
-    target = describe(unet)
-    key_map = diffusers_unet_key_map(unet)
-    return _convert(component, unet, key_map, ldm_unet_renaming(), dest, dtype, progress, "unet", target)
+    for component in ("unet", "vae", "text_encoder"):
+        _component(opened, component)  # fail on a missing component before converting the others
+    return opened
 
 
 def convert_stable_diffusion_1(
@@ -473,6 +541,8 @@ def convert_stable_diffusion_1(
     progress: Progress = _quiet,
 ) -> dict[str, ConversionResult]:
     """Convert a whole Stable Diffusion 1.x model: `CLIP_TEXT_FILE`, `AUTOENCODER_FILE` and `UNET_FILE` in a folder.
+
+    `StableDiffusion_1.from_folder(out_folder)` (or `StableDiffusion_1_Inpainting`'s) loads it at its sizes.
 
     Args:
         source: A diffusers folder, an original single-file checkpoint, or a Hub id.
@@ -488,21 +558,45 @@ def convert_stable_diffusion_1(
         SourceError: The source cannot be found or read, or lacks a component.
         ConversionError: The source is not an SD1.x model, or a component does not fit.
     """
-    opened = open_source(source, components=("unet", "vae", "text_encoder", "tokenizer"))
-    check_stable_diffusion_1(opened)
-    if isinstance(opened, SingleFile) and not is_ldm_checkpoint(opened.tensors):
-        raise SourceError(
-            f"{opened.path} holds one component's weights in diffusers layout, not a whole model: convert it with the "
-            "unet, autoencoder or clip-text command, or pass the model's folder or original checkpoint."
-        )
-    for component in ("unet", "vae", "text_encoder"):
-        _component(opened, component)  # fail on a missing component before converting the others
+    opened = _open_whole_model(source)
     folder = Path(out_folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise SourceError(f"the destination {folder} is a file: pass a folder (created if needed)")
     folder.mkdir(parents=True, exist_ok=True)
+    # One component in memory at a time.
     return {
-        "clip_text": convert_clip_text(opened, folder / CLIP_TEXT_FILE, dtype, tokenizer=tokenizer, progress=progress),
-        "autoencoder": convert_autoencoder(opened, folder / AUTOENCODER_FILE, dtype, progress=progress),
-        "unet": convert_unet(opened, folder / UNET_FILE, dtype, progress=progress),
+        "clip_text": _write(_clip_text(opened, dtype, tokenizer, progress), folder / CLIP_TEXT_FILE, progress),
+        "autoencoder": _write(_autoencoder(opened, dtype, progress), folder / AUTOENCODER_FILE, progress),
+        "unet": _write(_unet(opened, dtype, progress), folder / UNET_FILE, progress),
+    }
+
+
+def convert_stable_diffusion_1_weights(
+    source: str | Path | Source,
+    dtype: torch.dtype | None = None,
+    *,
+    tokenizer: str | Path | None = None,
+    progress: Progress = _quiet,
+) -> dict[str, ConvertedWeights]:
+    """Convert a whole Stable Diffusion 1.x model in memory: the tensors and metadata `convert_stable_diffusion_1`
+    would write, without writing them (`StableDiffusion_1.from_converted` builds the model from them).
+
+    Args:
+        source: A diffusers folder, an original single-file checkpoint, or a Hub id.
+        dtype: Cast the weights to this dtype (default: keep the source's).
+        tokenizer: Where to read the tokenizer if the source has none (see `convert_clip_text`).
+        progress: Receives a line per step.
+
+    Returns:
+        The converted weights by component: `"clip_text"`, `"autoencoder"`, `"unet"`.
+
+    Raises:
+        SourceError: The source cannot be found or read, or lacks a component.
+        ConversionError: The source is not an SD1.x model, or a component does not fit.
+    """
+    opened = _open_whole_model(source)
+    return {
+        "clip_text": _clip_text(opened, dtype, tokenizer, progress).weights,
+        "autoencoder": _autoencoder(opened, dtype, progress).weights,
+        "unet": _unet(opened, dtype, progress).weights,
     }

@@ -1,20 +1,24 @@
 """Stable Diffusion 1.x: text-to-image, image-to-image and inpainting, step by step or in one `generate` call.
 
-Loading real weights without paying for a random initialization: build the model on the "meta" device (nothing is
-allocated), then load each component; its tensors are created from the file, on CPU (move the model afterwards):
+Loading converted weights (`refiners-convert sd1 --from SOURCE --to sd15/`) at the sizes they record, without paying
+for a random initialization (the components are built on the "meta" device, then the files fill them, on CPU):
 
-    sd15 = StableDiffusion_1(device="meta")
-    sd15.clip_text_encoder.load_from_safetensors("clip.safetensors")
-    sd15.lda.load_from_safetensors("lda.safetensors")
-    sd15.unet.load_from_safetensors("unet.safetensors")
-    sd15.to(device="cuda", dtype=torch.float16)  # optional
+    sd15 = StableDiffusion_1.from_folder("sd15/", device="cuda", dtype=torch.float16)
 
-`StableDiffusion_1(device="cuda")` works too, but initializes ~1B random weights (4 GB in float32) that loading
-then overwrites. The solver never lives on the meta device: its schedule is computed when it is built.
+Models of other sizes load the same way; by hand, build each component at its sizes on the "meta" device, then load:
+
+    sd = StableDiffusion_1(unet=SD1UNet(channels=(32, 32, 64, 64), context_embedding_dim=32, device="meta"), ...)
+    sd.unet.load_from_safetensors("unet.safetensors")
+
+`StableDiffusion_1(device="cuda")` builds SD1.5's sizes with ~1B random weights (4 GB in float32) that loading then
+overwrites. The solver never lives on the meta device: its schedule is computed when it is built. Loading a diffusers
+folder, a Hub id or an original checkpoint in one call, converting in memory: `refiners.converters.from_pretrained`
+and `from_single_file`.
 """
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Self, TypeVar
 
 import torch
 from torch import Tensor
@@ -26,6 +30,7 @@ from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusion
 from refiners.foundationals.latent_diffusion.model import LatentDiffusionModel, _prompt_list, _resized
 from refiners.foundationals.latent_diffusion.solvers.dpm_solver import DPMSolver
 from refiners.foundationals.latent_diffusion.solvers.solver import Solver
+from refiners.foundationals.latent_diffusion.stable_diffusion_1.weights import ConvertedWeights, SD1Weights
 from refiners.foundationals.latent_diffusion.unet import SD1UNet
 
 if TYPE_CHECKING:
@@ -36,7 +41,7 @@ __all__ = ["StableDiffusion_1", "StableDiffusion_1_Inpainting"]
 Device = torch.device | str | None
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
-# diffusers' StableDiffusionPipeline draws 512x512 images by default (the UNet's sample_size times 8).
+# diffusers' StableDiffusionPipeline draws images of the UNet's sample_size times 8 by default: 512x512 for SD1.5.
 DEFAULT_SIZE = 512
 
 
@@ -56,6 +61,8 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):  # noqa: N801 (the name 
             The solver goes to CPU when this is "meta".
         dtype: The weights' dtype of the components built here; given components are cast to it (None: left as
             they are). The solver's schedule stays in float32.
+        default_size: The side, in pixels, of the images `generate` draws when given no size: the model's native
+            resolution (512 for SD1.5; `from_folder` reads it from the weights).
 
     Example:
         ```py
@@ -92,6 +99,7 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):  # noqa: N801 (the name 
         solver: Solver | None = None,
         device: Device = None,
         dtype: torch.dtype | None = None,
+        default_size: int = DEFAULT_SIZE,
     ) -> None:
         # The schedule is computed when the solver is built: on the meta device it would be lost.
         solver_device = "cpu" if device is not None and torch.device(device).type == "meta" else device
@@ -108,7 +116,84 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):  # noqa: N801 (the name 
         elif solver_device is not None:
             solver = solver.to(device=solver_device)
         self._check_components(unet, lda, clip_text_encoder)
+        if default_size < 1 or default_size % lda.downscale_factor != 0:
+            raise ValueError(
+                f"default_size must be a positive multiple of {lda.downscale_factor} (the autoencoder's downscale "
+                f"factor), got {default_size}"
+            )
         super().__init__(unet=unet, lda=lda, clip_text_encoder=clip_text_encoder, solver=solver)
+        self.default_size = default_size
+
+    @classmethod
+    def from_folder(
+        cls,
+        folder: str | Path,
+        *,
+        solver: Solver | None = None,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> Self:
+        """Load a folder that `refiners-convert sd1` wrote, at the sizes its files record (SD1.5's, or any other).
+
+        The components are built on the "meta" device, then the files fill them: no random initialization is paid.
+        The text encoder gets the tokenizer its file carries, and `generate` the UNet's native size. Files converted
+        before sizes were recorded load as SD1.5's.
+
+        Args:
+            folder: The folder of `clip_text.safetensors`, `autoencoder.safetensors` and `unet.safetensors`.
+            solver: The solver (default: `DPMSolver(num_inference_steps=30)`).
+            device: Where the model goes once loaded (default: CPU).
+            dtype: The weights' dtype (default: float32, whatever the files'), as diffusers' `torch_dtype`.
+
+        Raises:
+            FileNotFoundError: A file is missing; the message gives the command that writes it.
+            ValueError: The files do not fit this pipeline (e.g. an inpainting UNet for `StableDiffusion_1`: use
+                `StableDiffusion_1_Inpainting`), or one without recorded sizes is not SD1.5-sized.
+        """
+        return cls._from_weights(SD1Weights.read(folder), solver, device, dtype)
+
+    @classmethod
+    def from_converted(
+        cls,
+        unet: ConvertedWeights,
+        lda: ConvertedWeights,
+        clip_text_encoder: ConvertedWeights,
+        *,
+        solver: Solver | None = None,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> Self:
+        """Build the model from weights converted in memory: what `from_folder` reads, without the files.
+
+        `refiners.converters.from_pretrained` and `from_single_file` convert a source and call this.
+
+        Args:
+            unet: The UNet's tensors and metadata.
+            lda: The autoencoder's tensors and metadata.
+            clip_text_encoder: The text encoder's tensors and metadata (with its tokenizer, to encode text).
+            solver: The solver (default: `DPMSolver(num_inference_steps=30)`).
+            device: Where the model goes once loaded (default: CPU).
+            dtype: The weights' dtype (default: float32, whatever the tensors').
+        """
+        return cls._from_weights(SD1Weights(unet, lda, clip_text_encoder), solver, device, dtype)
+
+    @classmethod
+    def _from_weights(
+        cls, weights: SD1Weights, solver: Solver | None, device: Device, dtype: torch.dtype | None
+    ) -> Self:
+        lda = weights.build_lda(dtype)
+        # Built and checked together on the meta device first: weights that do not fit fail before any is read.
+        model = cls(
+            unet=weights.build_unet(cls.unet_in_channels, dtype),
+            lda=lda,
+            clip_text_encoder=weights.build_clip_text_encoder(dtype),
+            solver=solver,
+            default_size=weights.sample_size * lda.downscale_factor,
+        )
+        weights.unet.load_into(model.unet)
+        weights.lda.load_into(model.lda)
+        weights.clip_text_encoder.load_into(model.clip_text_encoder)
+        return model if device is None else model.to(device=device)
 
     def _check_components(self, unet: SD1UNet, lda: LatentDiffusionAutoencoder, encoder: CLIPTextEncoder) -> None:
         if unet.in_channels != self.unet_in_channels:
@@ -163,8 +248,9 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):  # noqa: N801 (the name 
             num_inference_steps: The number of steps of the schedule (image-to-image runs `strength` of them).
             guidance_scale: The classifier-free guidance scale; at 1 or below, no guidance (one UNet batch instead
                 of two), as in diffusers.
-            height: The images' height in pixels, a multiple of 8 (default: the init image's, else 512).
-            width: The images' width in pixels, a multiple of 8 (default: the init image's, else 512).
+            height: The images' height in pixels, a multiple of 8 (default: the init image's, else `default_size`:
+                512 for SD1.5).
+            width: The images' width in pixels, a multiple of 8 (default: the init image's, else `default_size`).
             seed: Seed of a CPU `torch.Generator` for all the random draws.
             init_image: The image to start from; resized (Lanczos) to `height` x `width` if needed.
             strength: Image-to-image: how much of the schedule the init image goes through, in (0, 1] (default 0.8;
@@ -194,8 +280,8 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):  # noqa: N801 (the name 
                 "more of the init image"
             )
         size = (
-            height if height is not None else init_image.height if init_image is not None else DEFAULT_SIZE,
-            width if width is not None else init_image.width if init_image is not None else DEFAULT_SIZE,
+            height if height is not None else init_image.height if init_image is not None else self.default_size,
+            width if width is not None else init_image.width if init_image is not None else self.default_size,
         )
         self._check_size(size)
         self._check_generation_images(init_image, mask)
@@ -253,6 +339,7 @@ class StableDiffusion_1_Inpainting(StableDiffusion_1):  # noqa: N801
         solver: The solver (default: `DPMSolver(num_inference_steps=30)`).
         device: Where the components built here live; given components are moved there (None: left where they are).
         dtype: The weights' dtype of the components built here; given components are cast to it.
+        default_size: The side, in pixels, of the images `generate` draws when given no size (512 for SD1.5).
     """
 
     unet_in_channels = 9
@@ -265,9 +352,16 @@ class StableDiffusion_1_Inpainting(StableDiffusion_1):  # noqa: N801
         solver: Solver | None = None,
         device: Device = None,
         dtype: torch.dtype | None = None,
+        default_size: int = DEFAULT_SIZE,
     ) -> None:
         super().__init__(
-            unet=unet, lda=lda, clip_text_encoder=clip_text_encoder, solver=solver, device=device, dtype=dtype
+            unet=unet,
+            lda=lda,
+            clip_text_encoder=clip_text_encoder,
+            solver=solver,
+            device=device,
+            dtype=dtype,
+            default_size=default_size,
         )
         self.mask_latents: Tensor | None = None
         self.target_image_latents: Tensor | None = None

@@ -1,0 +1,207 @@
+"""The converted weights of a Stable Diffusion 1.x model, and the components they build at their own sizes.
+
+`refiners-convert sd1` writes a folder of three files, `CLIP_TEXT_FILE`, `AUTOENCODER_FILE` and `UNET_FILE`. Each
+records in its metadata the constructor call of the model it holds (`refiners.fluxion.model_config`), so that it
+loads at its sizes, SD1.5's or any other; the text encoder's also carries its tokenizer
+(`CLIPTokenizer.to_metadata`), and the UNet's its native sample size (`SAMPLE_SIZE_KEY`: diffusers' `sample_size`, the
+side of the latents it was trained on). The conversion in memory (`refiners.converters`) gives the same tensors and
+metadata as `ConvertedWeights`, without writing files; `SD1Weights` holds either kind.
+
+Files converted before sizes were recorded have no constructor call: they are read as SD1.5's sizes, and one that does
+not fit says to convert it again.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from refiners.fluxion.model_config import ModelConfig
+from refiners.fluxion.utils import load_metadata_from_safetensors, load_state_dict_from_safetensors
+from refiners.foundationals.clip.text_encoder import CLIPTextEncoder, CLIPTextEncoderL
+from refiners.foundationals.clip.tokenizer import METADATA_PREFIX, CLIPTokenizer
+from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder, SD1Autoencoder
+from refiners.foundationals.latent_diffusion.unet import SD1UNet
+
+__all__ = [
+    "CLIP_TEXT_FILE",
+    "AUTOENCODER_FILE",
+    "UNET_FILE",
+    "SAMPLE_SIZE_KEY",
+    "SD15_SAMPLE_SIZE",
+    "ConvertedWeights",
+    "WeightsFile",
+    "ComponentWeights",
+    "SD1Weights",
+    "unet_metadata",
+]
+
+CLIP_TEXT_FILE = "clip_text.safetensors"
+AUTOENCODER_FILE = "autoencoder.safetensors"
+UNET_FILE = "unet.safetensors"
+
+SAMPLE_SIZE_KEY = "refiners.unet.sample_size"
+SD15_SAMPLE_SIZE = 64
+"""The side of SD1.5's latents in training (diffusers' `sample_size`): 512x512 images."""
+
+# What each file's record may name: the family's classes for its components.
+_UNET_CLASSES = (SD1UNet,)
+_AUTOENCODER_CLASSES = (LatentDiffusionAutoencoder, SD1Autoencoder)
+_CLIP_TEXT_CLASSES = (CLIPTextEncoder, CLIPTextEncoderL)
+
+
+def _convert_command(folder: Path | str) -> str:
+    return f"refiners-convert sd1 --from SOURCE --to {folder}"
+
+
+def unet_metadata(config: ModelConfig, sample_size: int) -> dict[str, str]:
+    """The metadata of a converted UNet: its constructor call and its native sample size (in latent pixels)."""
+    return config.to_metadata() | {SAMPLE_SIZE_KEY: str(sample_size)}
+
+
+@dataclass(frozen=True)
+class ConvertedWeights:
+    """One component's converted weights in memory: the refiners tensors, and the metadata a file of them carries.
+
+    Attributes:
+        tensors: The refiners model's state dict, exactly (the conversion checked keys and shapes).
+        metadata: The model's constructor call (`ModelConfig.to_metadata`), and what the family adds: the tokenizer,
+            the sample size.
+    """
+
+    tensors: Mapping[str, Tensor]
+    metadata: Mapping[str, str]
+
+    def load_into(self, module: torch.nn.Module) -> None:
+        """Make the tensors the weights of `module` (built on the meta device), cast to its dtype: nothing is copied
+        when the dtypes agree."""
+        targets = module.state_dict()
+        wrong = sorted(set(targets) ^ set(self.tensors)) + [
+            key for key, target in targets.items() if key in self.tensors and self.tensors[key].shape != target.shape
+        ]
+        if wrong:
+            raise ValueError(
+                f"the converted tensors do not fit {type(module).__name__}: {', '.join(wrong[:10])} differ in keys or "
+                "shapes"
+            )
+        tensors = {key: self.tensors[key].to(dtype=target.dtype).contiguous() for key, target in targets.items()}
+        module.load_state_dict(tensors, strict=True, assign=True)
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """One component's converted `.safetensors` file, and its metadata (read when the file is opened).
+
+    Attributes:
+        path: The file.
+        metadata: Its header's metadata.
+    """
+
+    path: Path
+    metadata: Mapping[str, str]
+
+    @classmethod
+    def open(cls, path: Path) -> "WeightsFile":
+        """The file at `path`, its metadata read (not its tensors).
+
+        Raises:
+            FileNotFoundError: No file at `path`; the message says how to make it.
+        """
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing: create it (and the other files) with `{_convert_command(path.parent)}`"
+            )
+        return cls(path, load_metadata_from_safetensors(path))
+
+    def load_into(self, module: torch.nn.Module) -> None:
+        """Load the file into `module` (built on the meta device: the tensors are created on CPU).
+
+        Raises:
+            ValueError: The file does not fit the module; if it records no sizes, the message says to convert it again.
+        """
+        try:
+            load_state_dict_from_safetensors(module, self.path)
+        except ValueError as error:
+            if ModelConfig.from_metadata(self.metadata) is not None:
+                raise
+            raise ValueError(
+                f"{self.path} was converted before sizes were recorded and is not SD1.5-sized: convert it again with "
+                f"{_convert_command(self.path.parent)}\n{error}"
+            ) from error
+
+
+ComponentWeights = ConvertedWeights | WeightsFile
+
+
+@dataclass(frozen=True)
+class SD1Weights:
+    """The converted weights of the three components of a Stable Diffusion 1.x model, in files or in memory.
+
+    `build_*` make the models they fit on the "meta" device (nothing allocated); the weights' `load_into` fills them.
+
+    Attributes:
+        unet: The UNet's weights.
+        lda: The autoencoder's weights.
+        clip_text_encoder: The text encoder's weights (and its tokenizer, in the metadata).
+    """
+
+    unet: ComponentWeights
+    lda: ComponentWeights
+    clip_text_encoder: ComponentWeights
+
+    @classmethod
+    def read(cls, folder: str | Path) -> "SD1Weights":
+        """The files of a folder that `refiners-convert sd1` wrote, their metadata read (not their tensors).
+
+        Raises:
+            FileNotFoundError: The folder, or one of its files, is missing; the message says how to make it.
+        """
+        path = Path(folder).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"no such folder: {path}. Convert a Stable Diffusion 1.x model into it with `{_convert_command(path)}`"
+            )
+        return cls(
+            unet=WeightsFile.open(path / UNET_FILE),
+            lda=WeightsFile.open(path / AUTOENCODER_FILE),
+            clip_text_encoder=WeightsFile.open(path / CLIP_TEXT_FILE),
+        )
+
+    @property
+    def sample_size(self) -> int:
+        """The UNet's native sample size, in latent pixels (SD1.5's for weights that do not record it)."""
+        value = self.unet.metadata.get(SAMPLE_SIZE_KEY)
+        if value is None:
+            return SD15_SAMPLE_SIZE
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"the UNet's metadata gives {SAMPLE_SIZE_KEY}={value!r}: expected a positive integer")
+        return int(value)
+
+    def build_unet(self, in_channels: int, dtype: torch.dtype | None = None) -> SD1UNet:
+        """The UNet the weights fit, on the meta device; `SD1UNet(in_channels)` if they record no sizes."""
+        config = ModelConfig.from_metadata(self.unet.metadata)
+        if config is None:
+            return SD1UNet(in_channels, device="meta", dtype=dtype)
+        return config.build(_UNET_CLASSES, device="meta", dtype=dtype)
+
+    def build_lda(self, dtype: torch.dtype | None = None) -> LatentDiffusionAutoencoder:
+        """The autoencoder the weights fit, on the meta device; `SD1Autoencoder` if they record no sizes."""
+        config = ModelConfig.from_metadata(self.lda.metadata)
+        if config is None:
+            return SD1Autoencoder(device="meta", dtype=dtype)
+        return config.build(_AUTOENCODER_CLASSES, device="meta", dtype=dtype)
+
+    def build_clip_text_encoder(self, dtype: torch.dtype | None = None) -> CLIPTextEncoder:
+        """The text encoder the weights fit, on the meta device, with the metadata's tokenizer if there is one;
+        `CLIPTextEncoderL` if they record no sizes."""
+        metadata = self.clip_text_encoder.metadata
+        config = ModelConfig.from_metadata(metadata)
+        if config is None:
+            encoder = CLIPTextEncoderL(device="meta", dtype=dtype)
+        else:
+            encoder = config.build(_CLIP_TEXT_CLASSES, device="meta", dtype=dtype)
+        if any(key.startswith(METADATA_PREFIX) for key in metadata):
+            encoder.set_tokenizer(CLIPTokenizer.from_metadata(metadata))
+        return encoder
