@@ -1,10 +1,11 @@
-"""diffusers' `UNet2DConditionModel` (Stable Diffusion 1.x) to `SD1UNet` weights.
+"""diffusers' `UNet2DConditionModel` (Stable Diffusion 1.x, SDXL) to `SD1UNet` / `SDXLUNet` weights.
 
 The key map is derived from the UNet's structure: `diffusers_unet_modules` (in `refiners.foundationals`, where the
 LoRA loaders read it too) walks the UNet's blocks in order, numbers them as diffusers numbers them
 (`down_blocks.{i}.resnets.{j}`, `up_blocks.{i}.attentions.{j}`, ...) and pairs every diffusers module with the
 refiners layer that plays its role; each module's tensors map to that layer's. It holds for every width
-(`SD1UNet(channels=...)`) and for both the text-to-image and the inpainting UNets.
+(`SD1UNet(channels=...)`), for every topology (SD1, SDXL and its refiner) and for both the text-to-image and the
+inpainting UNets.
 """
 
 from collections.abc import Mapping
@@ -14,7 +15,7 @@ from torch import Tensor
 
 import refiners.fluxion.layers as fl
 from refiners.converters.engine import ConversionError, KeyMap, convert_state_dict
-from refiners.foundationals.latent_diffusion.unet import SD1UNet
+from refiners.foundationals.latent_diffusion.unet import UNet
 from refiners.foundationals.latent_diffusion.unet_names import diffusers_unet_modules
 
 __all__ = ["diffusers_unet_key_map", "convert_diffusers_unet"]
@@ -32,8 +33,8 @@ def _path(root: fl.Chain, module: fl.Module) -> str:
     return ".".join(reversed(parts))
 
 
-def diffusers_unet_key_map(unet: SD1UNet) -> KeyMap:
-    """The key map from a diffusers `UNet2DConditionModel` state dict (SD1.x layout) to `unet`'s.
+def diffusers_unet_key_map(unet: UNet) -> KeyMap:
+    """The key map from a diffusers `UNet2DConditionModel` state dict to `unet`'s.
 
     Args:
         unet: The target UNet (its weights are not read: it may live on the "meta" device).
@@ -47,7 +48,7 @@ def diffusers_unet_key_map(unet: SD1UNet) -> KeyMap:
 
 
 def convert_diffusers_unet(
-    source: Mapping[str, Tensor], unet: SD1UNet, dtype: torch.dtype | None = None
+    source: Mapping[str, Tensor], unet: UNet, dtype: torch.dtype | None = None
 ) -> dict[str, Tensor]:
     """Convert a diffusers `UNet2DConditionModel` state dict into `unet`'s (see `diffusers_unet_key_map`).
 
@@ -64,14 +65,14 @@ def convert_diffusers_unet(
     if conv_in is not None and conv_in.dim() == 4 and conv_in.shape[1] != unet.in_channels:
         hint = " (an inpainting UNet)" if conv_in.shape[1] == 9 else ""
         raise ConversionError(
-            f"the diffusers UNet takes {conv_in.shape[1]} input channels{hint} but the target SD1UNet takes "
-            f"{unet.in_channels}: conv_in.weight {tuple(conv_in.shape)} does not fit. Build the target with "
-            f"SD1UNet(in_channels={conv_in.shape[1]})."
+            f"the diffusers UNet takes {conv_in.shape[1]} input channels{hint} but the target {type(unet).__name__} "
+            f"takes {unet.in_channels}: conv_in.weight {tuple(conv_in.shape)} does not fit. Build the target with "
+            f"{type(unet).__name__}(in_channels={conv_in.shape[1]})."
         )
     return convert_state_dict(
         source,
         diffusers_unet_key_map(unet),
         {key: tensor.shape for key, tensor in unet.state_dict().items()},
-        what="diffusers UNet (for SD1UNet)",
+        what=f"diffusers UNet (for {type(unet).__name__})",
         dtype=dtype,
     )

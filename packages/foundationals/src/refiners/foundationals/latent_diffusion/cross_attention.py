@@ -1,7 +1,8 @@
 """The transformer of the Stable Diffusion UNet: attention over a feature map's positions, and to a text embedding.
 
-`CrossAttentionBlock2d` is diffusers' `Transformer2DModel` (with `use_linear_projection=False`, as in SD1.5), and
-`CrossAttentionBlock` its `BasicTransformerBlock`. The conditioning (e.g. the CLIP text embedding) is read from the
+`CrossAttentionBlock2d` is diffusers' `Transformer2DModel` (1x1 convolutions around the transformer, as in SD1.5, or
+Linears with `use_linear_projection`, as in SDXL; one or several transformer layers), and `CrossAttentionBlock` its
+`BasicTransformerBlock`. The conditioning (e.g. the CLIP text embedding) is read from the
 context `CROSS_ATTENTION_CONTEXT`, under a key given to each block.
 
 The map goes to a sequence and back with the very reshapes diffusers does (`ImageToTokens`, `TokensToImage`), so
@@ -131,8 +132,9 @@ class CrossAttentionBlock(fl.Chain):
 class CrossAttentionBlock2d(fl.Residual):
     """A transformer over the positions of a `(batch, channels, height, width)` map, conditioned by cross-attention.
 
-    `x + proj_out(transformer(proj_in(GroupNorm(x))))`, where the projections are 1x1 convolutions and the
-    transformer (`CrossAttentionBlock`) runs on the `(batch, height * width, channels)` sequence of positions.
+    `x + proj_out(transformer(proj_in(GroupNorm(x))))`, where the transformer (`num_layers` `CrossAttentionBlock`s)
+    runs on the `(batch, height * width, channels)` sequence of positions, and the projections are 1x1 convolutions
+    on the map (SD1) or Linears on the sequence (`use_linear_projection`, SDXL).
 
     Args:
         channels: Number of channels of the map (the transformer's embedding size).
@@ -143,6 +145,8 @@ class CrossAttentionBlock2d(fl.Residual):
         use_bias: Whether the attention's query, key and value projections have a bias.
         device: Where the weights live.
         dtype: The weights' dtype.
+        num_layers: Number of transformer layers (diffusers' `transformer_layers_per_block`).
+        use_linear_projection: Project in and out with Linears on the sequence instead of 1x1 convolutions.
     """
 
     def __init__(
@@ -155,17 +159,21 @@ class CrossAttentionBlock2d(fl.Residual):
         use_bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        num_layers: int = 1,
+        use_linear_projection: bool = False,
     ) -> None:
+        if num_layers < 1:
+            raise ValueError(f"CrossAttentionBlock2d needs at least one transformer layer, got num_layers={num_layers}")
         self.channels = channels
         self.context_embedding_dim = context_embedding_dim
         self.context_key = context_key
         self.num_attention_heads = num_attention_heads
         self.num_groups = num_groups
         self.use_bias = use_bias
-        super().__init__(
-            fl.GroupNorm(channels, num_groups, eps=1e-6, device=device, dtype=dtype),
-            fl.Conv2d(channels, channels, kernel_size=1, device=device, dtype=dtype),
-            ImageToTokens(),
+        self.num_layers = num_layers
+        self.use_linear_projection = use_linear_projection
+        transformer = [
             CrossAttentionBlock(
                 channels,
                 context_embedding_dim,
@@ -174,10 +182,28 @@ class CrossAttentionBlock2d(fl.Residual):
                 use_bias=use_bias,
                 device=device,
                 dtype=dtype,
-            ),
-            TokensToImage(),
-            fl.Conv2d(channels, channels, kernel_size=1, device=device, dtype=dtype),
-        )
+            )
+            for _ in range(num_layers)
+        ]
+        norm = fl.GroupNorm(channels, num_groups, eps=1e-6, device=device, dtype=dtype)
+        if use_linear_projection:
+            super().__init__(
+                norm,
+                ImageToTokens(),
+                fl.Linear(channels, channels, device=device, dtype=dtype),
+                *transformer,
+                fl.Linear(channels, channels, device=device, dtype=dtype),
+                TokensToImage(),
+            )
+        else:
+            super().__init__(
+                norm,
+                fl.Conv2d(channels, channels, kernel_size=1, device=device, dtype=dtype),
+                ImageToTokens(),
+                *transformer,
+                TokensToImage(),
+                fl.Conv2d(channels, channels, kernel_size=1, device=device, dtype=dtype),
+            )
 
     def init_context(self) -> Contexts:
         return {TOKENS_SHAPE_CONTEXT: {"height": None, "width": None}}

@@ -7,6 +7,7 @@ the noise. The side inputs travel through the Context API: set them with `unet.s
 `unet.set_clip_text_embedding(...)`, then call `unet(latents)`.
 """
 
+from dataclasses import dataclass
 from operator import itemgetter
 
 import torch
@@ -31,12 +32,14 @@ __all__ = [
     "SD1_CHANNELS",
     "ResidualBlock",
     "CLIPLCrossAttention",
+    "UNetTopology",
     "DownBlocks",
     "MiddleBlock",
     "UpBlocks",
     "OutputBlock",
     "ResidualAccumulator",
     "ResidualConcatenator",
+    "UNet",
     "SD1UNet",
 ]
 
@@ -98,14 +101,19 @@ class ResidualBlock(fl.Sum):
 
 
 class CLIPLCrossAttention(CrossAttentionBlock2d):
-    """The SD1 UNet's transformer: cross-attention to the CLIP text embedding, 8 heads, no bias on q, k, v.
+    """The UNet's transformer: cross-attention to the CLIP text embedding, no bias on q, k, v.
+
+    The name is SD1's (CLIP ViT-L), and the key of its weights; SDXL's UNet uses it too, on the embedding of its two
+    text encoders, with several transformer layers and linear projections.
 
     Args:
         channels: Number of channels of the map.
-        context_embedding_dim: Size of the text embedding (768 for CLIP ViT-L).
+        context_embedding_dim: Size of the text embedding (768 for CLIP ViT-L, 2048 for SDXL's two encoders).
         num_attention_heads: Number of attention heads.
         device: Where the weights live.
         dtype: The weights' dtype.
+        num_layers: Number of transformer layers (diffusers' `transformer_layers_per_block`).
+        use_linear_projection: Linear projections in and out instead of 1x1 convolutions (SDXL).
     """
 
     def __init__(
@@ -115,6 +123,9 @@ class CLIPLCrossAttention(CrossAttentionBlock2d):
         num_attention_heads: int = 8,
         device: Device = None,
         dtype: torch.dtype | None = None,
+        *,
+        num_layers: int = 1,
+        use_linear_projection: bool = False,
     ) -> None:
         super().__init__(
             channels=channels,
@@ -124,120 +135,152 @@ class CLIPLCrossAttention(CrossAttentionBlock2d):
             use_bias=False,
             device=device,
             dtype=dtype,
+            num_layers=num_layers,
+            use_linear_projection=use_linear_projection,
+        )
+
+
+@dataclass(frozen=True)
+class UNetTopology:
+    """The shape of a Stable Diffusion UNet: what differs between SD1, SDXL and its refiner (diffusers' config names).
+
+    Args:
+        channels: The width of each resolution, highest first (`block_out_channels`).
+        attention_levels: Whether each resolution's blocks have a transformer (`CrossAttn*Block2D` block types).
+        transformer_depths: Transformer layers per block at each resolution (`transformer_layers_per_block`); the
+            middle block has the lowest resolution's.
+        num_attention_heads: Heads of the transformers at each resolution (diffusers' `attention_head_dim`, which
+            these configs use as the number of heads).
+        context_embedding_dim: Size of the text embedding (`cross_attention_dim`).
+        layers_per_block: Residual blocks per down block; up blocks have one more (`layers_per_block`).
+        use_linear_projection: Linear projections around the transformers instead of 1x1 convolutions.
+    """
+
+    channels: tuple[int, ...]
+    attention_levels: tuple[bool, ...]
+    transformer_depths: tuple[int, ...]
+    num_attention_heads: tuple[int, ...]
+    context_embedding_dim: int
+    layers_per_block: int = 2
+    use_linear_projection: bool = False
+
+    def __post_init__(self) -> None:
+        levels = len(self.channels)
+        for name in ("attention_levels", "transformer_depths", "num_attention_heads"):
+            if len(getattr(self, name)) != levels:
+                raise ValueError(
+                    f"{name} needs one entry per resolution ({levels}, as channels={self.channels}), got "
+                    f"{getattr(self, name)}"
+                )
+        for width, heads in zip(self.channels, self.num_attention_heads, strict=True):
+            if width % 32 != 0 or width % heads != 0:
+                raise ValueError(
+                    f"each width must be a multiple of 32 (the GroupNorms' groups) and of its number of attention "
+                    f"heads; got channels={self.channels}, num_attention_heads={self.num_attention_heads}"
+                )
+
+    @property
+    def skip_channels(self) -> list[int]:
+        """The widths of the skip connections, in the order the down blocks make them (`conv_in`'s first)."""
+        widths = [self.channels[0]]
+        for level, width in enumerate(self.channels):
+            widths += [width] * self.layers_per_block
+            if level < len(self.channels) - 1:
+                widths.append(width)  # the downsampler's output
+        return widths
+
+    def cross_attention(self, level: int, device: Device, dtype: torch.dtype | None) -> CLIPLCrossAttention:
+        """The transformer of the blocks at resolution `level`."""
+        return CLIPLCrossAttention(
+            self.channels[level],
+            self.context_embedding_dim,
+            self.num_attention_heads[level],
+            device=device,
+            dtype=dtype,
+            num_layers=self.transformer_depths[level],
+            use_linear_projection=self.use_linear_projection,
         )
 
 
 class DownBlocks(fl.Chain):
-    """The encoder half: the input convolution, then at each of four resolutions two residual blocks (with
-    cross-attention at the first three) and a strided convolution to the next one.
+    """The encoder half: the input convolution, then at each resolution `layers_per_block` residual blocks (each
+    followed by a transformer where the resolution has attention) and a strided convolution to the next one.
 
-    Each child Chain produces one skip connection (12 in all); `SD1UNet` appends a `ResidualAccumulator` to each.
+    Each child Chain produces one skip connection; the UNet appends a `ResidualAccumulator` to each.
 
     Args:
         in_channels: Channels of the latents (4; 9 for inpainting: latents, mask and masked-image latents).
-        channels: The widths of the four resolutions.
-        context_embedding_dim: Size of the text embedding.
-        num_attention_heads: Number of attention heads of the transformers.
+        topology: The UNet's shape.
         device: Where the weights live.
         dtype: The weights' dtype.
     """
 
     def __init__(
-        self,
-        in_channels: int = 4,
-        channels: Channels = SD1_CHANNELS,
-        context_embedding_dim: int = 768,
-        num_attention_heads: int = 8,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
+        self, in_channels: int, topology: UNetTopology, device: Device = None, dtype: torch.dtype | None = None
     ) -> None:
         self.in_channels = in_channels
-        self.channels = channels
+        channels = topology.channels
         blocks: list[fl.Chain] = [
             fl.Chain(fl.Conv2d(in_channels, channels[0], kernel_size=3, padding=1, device=device, dtype=dtype))
         ]
         previous = channels[0]
         for level, width in enumerate(channels):
-            for _ in range(2):
+            for _ in range(topology.layers_per_block):
                 layers: list[fl.Module] = [ResidualBlock(previous, width, device=device, dtype=dtype)]
-                if level < 3:
-                    layers.append(
-                        CLIPLCrossAttention(
-                            width, context_embedding_dim, num_attention_heads, device=device, dtype=dtype
-                        )
-                    )
+                if topology.attention_levels[level]:
+                    layers.append(topology.cross_attention(level, device, dtype))
                 blocks.append(fl.Chain(layers))
                 previous = width
-            if level < 3:
+            if level < len(channels) - 1:
                 blocks.append(fl.Chain(fl.Downsample(width, scale_factor=2, padding=1, device=device, dtype=dtype)))
         super().__init__(blocks)
 
 
 class MiddleBlock(fl.Chain):
-    """At the lowest resolution: residual block, cross-attention, residual block.
+    """At the lowest resolution: residual block, transformer, residual block.
 
     Args:
-        channels: The width of the lowest resolution.
-        context_embedding_dim: Size of the text embedding.
-        num_attention_heads: Number of attention heads.
+        topology: The UNet's shape (the lowest resolution's width, heads and transformer depth).
         device: Where the weights live.
         dtype: The weights' dtype.
     """
 
-    def __init__(
-        self,
-        channels: int = 1280,
-        context_embedding_dim: int = 768,
-        num_attention_heads: int = 8,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        self.channels = channels
+    def __init__(self, topology: UNetTopology, device: Device = None, dtype: torch.dtype | None = None) -> None:
+        channels = topology.channels[-1]
+        lowest = len(topology.channels) - 1
         super().__init__(
             ResidualBlock(channels, channels, device=device, dtype=dtype),
-            CLIPLCrossAttention(channels, context_embedding_dim, num_attention_heads, device=device, dtype=dtype),
+            topology.cross_attention(lowest, device, dtype),
             ResidualBlock(channels, channels, device=device, dtype=dtype),
         )
 
 
 class UpBlocks(fl.Chain):
-    """The decoder half: at each of four resolutions, from the lowest, three residual blocks (with cross-attention
-    at the last three resolutions), then an upsampling to the next one.
+    """The decoder half: at each resolution, from the lowest, `layers_per_block + 1` residual blocks (each followed
+    by a transformer where the resolution has attention), then an upsampling to the next one.
 
-    The input of each residual block is concatenated with a skip connection first (`SD1UNet` inserts a
+    The input of each residual block is concatenated with a skip connection first (the UNet inserts a
     `ResidualConcatenator` at the start of each child Chain), hence their input widths: the sum of the two.
 
     Args:
-        channels: The widths of the four resolutions (as for `DownBlocks`).
-        context_embedding_dim: Size of the text embedding.
-        num_attention_heads: Number of attention heads.
+        topology: The UNet's shape.
         device: Where the weights live.
         dtype: The weights' dtype.
     """
 
-    def __init__(
-        self,
-        channels: Channels = SD1_CHANNELS,
-        context_embedding_dim: int = 768,
-        num_attention_heads: int = 8,
-        device: Device = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        self.channels = channels
-        # The widths of the 12 skip connections, in the order the up blocks consume them (the last one first).
-        skips = [channels[0]] * 4 + [channels[1]] * 3 + [channels[2]] * 3 + [channels[3]] * 2
+    def __init__(self, topology: UNetTopology, device: Device = None, dtype: torch.dtype | None = None) -> None:
+        channels = topology.channels
+        skips = topology.skip_channels  # consumed from the last
         blocks: list[fl.Chain] = []
-        previous = channels[3]
-        for level, width in enumerate(reversed(channels)):
-            for index in range(3):
+        previous = channels[-1]
+        lowest = len(channels) - 1
+        for level in range(lowest, -1, -1):
+            width = channels[level]
+            for index in range(topology.layers_per_block + 1):
                 layers: list[fl.Module] = [ResidualBlock(previous + skips.pop(), width, device=device, dtype=dtype)]
-                if level > 0:
-                    layers.append(
-                        CLIPLCrossAttention(
-                            width, context_embedding_dim, num_attention_heads, device=device, dtype=dtype
-                        )
-                    )
-                if index == 2 and level < 3:
+                if topology.attention_levels[level]:
+                    layers.append(topology.cross_attention(level, device, dtype))
+                if index == topology.layers_per_block and level > 0:
                     layers.append(fl.Upsample(width, device=device, dtype=dtype))
                 blocks.append(fl.Chain(layers))
                 previous = width
@@ -308,7 +351,100 @@ class ResidualConcatenator(fl.Concatenate):
         )
 
 
-class SD1UNet(fl.Chain):
+class UNet(fl.Chain):
+    """A Stable Diffusion UNet laid out by a `UNetTopology`: predicts the noise of `(batch, in_channels, h, w)` latents.
+
+    A `TimestepEncoder` embeds the timestep, `DownBlocks`, a `MiddleBlock` and `UpBlocks` follow, joined by the skip
+    connections (`ResidualAccumulator`, `ResidualConcatenator`), and an `OutputBlock` predicts the noise. Each
+    residual block's first convolution is wrapped in a `RangeAdapter2d`, which adds the timestep embedding to it.
+    The families subclass it with their sizes and side inputs (`SD1UNet`, `SDXLUNet`).
+
+    Args:
+        in_channels: Channels of the latents.
+        topology: The UNet's shape.
+        device: Where the weights live.
+        dtype: The weights' dtype.
+    """
+
+    def __init__(
+        self, in_channels: int, topology: UNetTopology, device: Device = None, dtype: torch.dtype | None = None
+    ) -> None:
+        self.in_channels = in_channels
+        self.topology = topology
+        self._num_skips = len(topology.skip_channels)
+        first = topology.channels[0]
+        timestep_embedding_dim = 4 * first
+        super().__init__(
+            TimestepEncoder(first, timestep_embedding_dim, device=device, dtype=dtype),
+            DownBlocks(in_channels, topology, device=device, dtype=dtype),
+            MiddleBlock(topology, device=device, dtype=dtype),
+            UpBlocks(topology, device=device, dtype=dtype),
+            OutputBlock(first, 4, device=device, dtype=dtype),
+        )
+        for residual_block in self.layers(ResidualBlock):
+            chain = residual_block.layer("Chain", fl.Chain)
+            RangeAdapter2d(
+                target=chain.layer("Conv2d_1", fl.Conv2d),
+                channels=residual_block.out_channels,
+                embedding_dim=timestep_embedding_dim,
+                device=device,
+                dtype=dtype,
+            ).inject(chain)
+        down_blocks = self.layer("DownBlocks", DownBlocks)
+        up_blocks = self.layer("UpBlocks", UpBlocks)
+        for n, block in enumerate(down_blocks.layers(fl.Chain)):
+            block.append(ResidualAccumulator(n))
+        for n, block in enumerate(up_blocks.layers(fl.Chain)):
+            block.insert(0, ResidualConcatenator(len(down_blocks) - 1 - n))
+
+    def extra_diffusers_modules(self) -> list[tuple[str, fl.WeightedModule]]:
+        """The layers of this UNet outside the common blocks, by their diffusers names (see `unet_names`)."""
+        return []
+
+    @property
+    def context_embedding_dim(self) -> int:
+        """Size of the text embedding the transformers attend to."""
+        return self.topology.context_embedding_dim
+
+    def init_context(self) -> Contexts:
+        return {
+            UNET_CONTEXT: {RESIDUALS_KEY: [None] * self._num_skips},
+            TIMESTEP_CONTEXT: {},
+            RANGE_ADAPTER_CONTEXT: {TIMESTEP_EMBEDDING_KEY: None},
+            CROSS_ATTENTION_CONTEXT: {},
+        }
+
+    def set_timestep(self, timestep: Tensor | int | float) -> None:
+        """Set the timestep of the next forwards: a scalar, or a `(batch,)` tensor with one per batch element.
+
+        Args:
+            timestep: The diffusion timestep(s), e.g. `solver.timesteps[step]`.
+        """
+        if not isinstance(timestep, Tensor):
+            timestep = torch.tensor([timestep])
+        if timestep.dim() > 1:
+            raise ValueError(
+                f"the timestep must be a scalar or a (batch,) tensor (one per batch element), got shape "
+                f"{tuple(timestep.shape)}"
+            )
+        self.set_context(TIMESTEP_CONTEXT, {TIMESTEP_KEY: timestep})
+
+    def set_clip_text_embedding(self, clip_text_embedding: Tensor) -> None:
+        """Set the text embedding the cross-attentions attend to in the next forwards.
+
+        Args:
+            clip_text_embedding: `(batch, sequence, context_embedding_dim)`: the text encoder's output, e.g.
+                `(2, 77, 768)` for SD1 with a negative and a positive prompt (classifier-free guidance).
+        """
+        if clip_text_embedding.dim() != 3 or clip_text_embedding.shape[-1] != self.context_embedding_dim:
+            raise ValueError(
+                f"the CLIP text embedding must be (batch, sequence, {self.context_embedding_dim}), got shape "
+                f"{tuple(clip_text_embedding.shape)}. Pass the output of this model's text encoder."
+            )
+        self.set_context(CROSS_ATTENTION_CONTEXT, {CLIP_TEXT_EMBEDDING_KEY: clip_text_embedding})
+
+
+class SD1UNet(UNet):
     """The Stable Diffusion 1.x UNet: predicts the noise of `(batch, in_channels, height, width)` latents.
 
     Set the side inputs, then call it on the latents:
@@ -353,76 +489,15 @@ class SD1UNet(fl.Chain):
         device: Device = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        self.in_channels = in_channels
         self.channels = tuple(channels)
-        self.context_embedding_dim = context_embedding_dim
         self.num_attention_heads = num_attention_heads
         if len(self.channels) != 4:
             raise ValueError(f"the SD1 UNet has four resolutions: channels must have 4 widths, got {channels}")
-        for width in self.channels:
-            if width % 32 != 0 or width % num_attention_heads != 0:
-                raise ValueError(
-                    f"each width must be a multiple of 32 (the GroupNorms' groups) and of num_attention_heads="
-                    f"{num_attention_heads}; got channels={channels}"
-                )
-        timestep_embedding_dim = 4 * channels[0]
-        attention = {"context_embedding_dim": context_embedding_dim, "num_attention_heads": num_attention_heads}
-        super().__init__(
-            TimestepEncoder(channels[0], timestep_embedding_dim, device=device, dtype=dtype),
-            DownBlocks(in_channels, channels, **attention, device=device, dtype=dtype),
-            MiddleBlock(channels[3], **attention, device=device, dtype=dtype),
-            UpBlocks(channels, **attention, device=device, dtype=dtype),
-            OutputBlock(channels[0], 4, device=device, dtype=dtype),
+        topology = UNetTopology(
+            channels=self.channels,
+            attention_levels=(True, True, True, False),
+            transformer_depths=(1, 1, 1, 1),
+            num_attention_heads=(num_attention_heads,) * 4,
+            context_embedding_dim=context_embedding_dim,
         )
-        for residual_block in self.layers(ResidualBlock):
-            chain = residual_block.layer("Chain", fl.Chain)
-            RangeAdapter2d(
-                target=chain.layer("Conv2d_1", fl.Conv2d),
-                channels=residual_block.out_channels,
-                embedding_dim=timestep_embedding_dim,
-                device=device,
-                dtype=dtype,
-            ).inject(chain)
-        down_blocks = self.layer("DownBlocks", DownBlocks)
-        up_blocks = self.layer("UpBlocks", UpBlocks)
-        for n, block in enumerate(down_blocks.layers(fl.Chain)):
-            block.append(ResidualAccumulator(n))
-        for n, block in enumerate(up_blocks.layers(fl.Chain)):
-            block.insert(0, ResidualConcatenator(len(down_blocks) - 1 - n))
-
-    def init_context(self) -> Contexts:
-        return {
-            UNET_CONTEXT: {RESIDUALS_KEY: [None] * 12},
-            TIMESTEP_CONTEXT: {},
-            RANGE_ADAPTER_CONTEXT: {TIMESTEP_EMBEDDING_KEY: None},
-            CROSS_ATTENTION_CONTEXT: {},
-        }
-
-    def set_timestep(self, timestep: Tensor | int | float) -> None:
-        """Set the timestep of the next forwards: a scalar, or a `(batch,)` tensor with one per batch element.
-
-        Args:
-            timestep: The diffusion timestep(s), e.g. `solver.timesteps[step]`.
-        """
-        if not isinstance(timestep, Tensor):
-            timestep = torch.tensor([timestep])
-        if timestep.dim() > 1:
-            raise ValueError(
-                f"the timestep must be a scalar or a (batch,) tensor (one per batch element), got shape "
-                f"{tuple(timestep.shape)}"
-            )
-        self.set_context(TIMESTEP_CONTEXT, {TIMESTEP_KEY: timestep})
-
-    def set_clip_text_embedding(self, clip_text_embedding: Tensor) -> None:
-        """Set the text embedding the cross-attentions attend to in the next forwards.
-
-        Args:
-            clip_text_embedding: `(batch, sequence, context_embedding_dim)`: the CLIP text encoder's output, e.g.
-                `(2, 77, 768)` for a negative and a positive prompt with classifier-free guidance.
-        """
-        if clip_text_embedding.dim() != 3 or clip_text_embedding.shape[-1] != self.context_embedding_dim:
-            raise ValueError(
-                f"the CLIP text embedding must be (batch, sequence, {self.context_embedding_dim}), got shape "
-                f"{tuple(clip_text_embedding.shape)}. Pass the text encoder's output (e.g. CLIPTextEncoderL for SD1)."
-            )
-        self.set_context(CROSS_ATTENTION_CONTEXT, {CLIP_TEXT_EMBEDDING_KEY: clip_text_embedding})
+        super().__init__(in_channels, topology, device=device, dtype=dtype)

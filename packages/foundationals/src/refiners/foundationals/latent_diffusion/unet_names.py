@@ -32,7 +32,7 @@ from refiners.foundationals.latent_diffusion.unet import (
     MiddleBlock,
     OutputBlock,
     ResidualBlock,
-    SD1UNet,
+    UNet,
     UpBlocks,
 )
 
@@ -41,7 +41,6 @@ __all__ = ["diffusers_unet_modules", "ModuleRenaming", "ldm_unet_renaming"]
 T = TypeVar("T", bound=fl.Module)
 
 _RESNET = ("norm1", "conv1", "time_emb_proj", "norm2", "conv2", "conv_shortcut")
-_TRANSFORMER_BLOCK = "transformer_blocks.0"
 _ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -60,7 +59,7 @@ def _layers(chain: fl.Chain, layer_type: type[T]) -> Iterator[T]:
 def _the(modules: Iterable[T], what: str, count: int) -> list[T]:
     found = list(modules)
     if len(found) != count:
-        raise ValueError(f"expected {count} {what}, found {len(found)}: is this an SD1UNet?")
+        raise ValueError(f"expected {count} {what}, found {len(found)}: is this a Stable Diffusion UNet?")
     return found
 
 
@@ -69,7 +68,9 @@ def _resnet(prefix: str, block: ResidualBlock) -> list[tuple[str, fl.WeightedMod
     norm1, norm2 = _the(_layers(block, fl.GroupNorm), "GroupNorms per ResidualBlock", 2)
     convs = list(_layers(block, fl.Conv2d))
     if len(convs) not in (2, 3):
-        raise ValueError(f"expected 2 or 3 Conv2ds per ResidualBlock, found {len(convs)}: is this an SD1UNet?")
+        raise ValueError(
+            f"expected 2 or 3 Conv2ds per ResidualBlock, found {len(convs)}: is this a Stable Diffusion UNet?"
+        )
     conv1, conv2, *shortcut = convs
     (time_emb_proj,) = _the(_layers(block, fl.Linear), "Linear per ResidualBlock (timestep projection)", 1)
     modules: tuple[fl.WeightedModule, ...] = (norm1, conv1, time_emb_proj, norm2, conv2, *shortcut)
@@ -77,25 +78,36 @@ def _resnet(prefix: str, block: ResidualBlock) -> list[tuple[str, fl.WeightedMod
 
 
 def _transformer(prefix: str, block: CrossAttentionBlock2d) -> list[tuple[str, fl.WeightedModule]]:
+    depth = block.num_layers
     (norm,) = _the(_layers(block, fl.GroupNorm), "GroupNorm per CrossAttentionBlock2d", 1)
-    proj_in, proj_out = _the(_layers(block, fl.Conv2d), "Conv2ds per CrossAttentionBlock2d", 2)
-    norm1, norm2, norm3 = _the(_layers(block, fl.LayerNorm), "LayerNorms per CrossAttentionBlock2d", 3)
-    linears = _the(_layers(block, fl.Linear), "Linears per CrossAttentionBlock2d", 10)
-    attn1, attn2, (ff_in, ff_out) = linears[0:4], linears[4:8], linears[8:10]
-    t = f"{prefix}.{_TRANSFORMER_BLOCK}"
-    return [
-        (f"{prefix}.norm", norm),
-        (f"{prefix}.proj_in", proj_in),
-        (f"{t}.norm1", norm1),
-        *((f"{t}.attn1.{name}", module) for name, module in zip(_ATTENTION, attn1, strict=True)),
-        (f"{t}.norm2", norm2),
-        *((f"{t}.attn2.{name}", module) for name, module in zip(_ATTENTION, attn2, strict=True)),
-        (f"{t}.norm3", norm3),
-        # diffusers' GEGLU projection: one Linear for the values and the gates.
-        (f"{t}.ff.net.0.proj", ff_in),
-        (f"{t}.ff.net.2", ff_out),
-        (f"{prefix}.proj_out", proj_out),
-    ]
+    norms = _the(_layers(block, fl.LayerNorm), "LayerNorms per CrossAttentionBlock2d", 3 * depth)
+    linears: list[fl.WeightedModule] = list(_layers(block, fl.Linear))
+    projections: list[fl.WeightedModule]
+    if block.use_linear_projection:
+        _the(linears, "Linears per CrossAttentionBlock2d", 10 * depth + 2)
+        projections, linears = [linears[0], linears[-1]], linears[1:-1]
+    else:
+        projections = list(_the(_layers(block, fl.Conv2d), "Conv2ds per CrossAttentionBlock2d", 2))
+        _the(linears, "Linears per CrossAttentionBlock2d", 10 * depth)
+    proj_in, proj_out = projections
+    pairs: list[tuple[str, fl.WeightedModule]] = [(f"{prefix}.norm", norm), (f"{prefix}.proj_in", proj_in)]
+    for k in range(depth):
+        t = f"{prefix}.transformer_blocks.{k}"
+        norm1, norm2, norm3 = norms[3 * k : 3 * k + 3]
+        block_linears = linears[10 * k : 10 * k + 10]
+        attn1, attn2, (ff_in, ff_out) = block_linears[0:4], block_linears[4:8], block_linears[8:10]
+        pairs += [
+            (f"{t}.norm1", norm1),
+            *((f"{t}.attn1.{name}", module) for name, module in zip(_ATTENTION, attn1, strict=True)),
+            (f"{t}.norm2", norm2),
+            *((f"{t}.attn2.{name}", module) for name, module in zip(_ATTENTION, attn2, strict=True)),
+            (f"{t}.norm3", norm3),
+            # diffusers' GEGLU projection: one Linear for the values and the gates.
+            (f"{t}.ff.net.0.proj", ff_in),
+            (f"{t}.ff.net.2", ff_out),
+        ]
+    pairs.append((f"{prefix}.proj_out", proj_out))
+    return pairs
 
 
 def _level_blocks(prefix: str, blocks: Iterable[fl.Chain]) -> list[tuple[str, fl.WeightedModule]]:
@@ -119,13 +131,14 @@ def _level_blocks(prefix: str, blocks: Iterable[fl.Chain]) -> list[tuple[str, fl
     return pairs
 
 
-def diffusers_unet_modules(unet: SD1UNet) -> dict[str, fl.WeightedModule]:
-    """Every layer with weights of an `SD1UNet`, by the name of the module of diffusers' `UNet2DConditionModel`
-    (SD1.x configuration) that plays its role, in diffusers' order.
+def diffusers_unet_modules(unet: UNet) -> dict[str, fl.WeightedModule]:
+    """Every layer with weights of a UNet (`SD1UNet`, `SDXLUNet`), by the name of the module of diffusers'
+    `UNet2DConditionModel` that plays its role, in diffusers' order.
 
-    The names are derived from the structure, so they hold for every width (`SD1UNet(channels=...)`), for the
-    inpainting UNet, and with adapters injected (a layer wrapped in a `LoraAdapter` keeps its name; the layers of
-    LoRAs are not the model's and have none).
+    The names are derived from the structure, so they hold for every topology and width (`SD1UNet(channels=...)`),
+    for the inpainting UNets, and with adapters injected (a layer wrapped in a `LoraAdapter` keeps its name; the
+    layers of LoRAs are not the model's and have none). Layers outside the common blocks (SDXL's text-time
+    embedding) are named by the UNet's `extra_diffusers_modules()`.
 
     Args:
         unet: The UNet (its weights are not read: it may live on the "meta" device).
@@ -137,6 +150,7 @@ def diffusers_unet_modules(unet: SD1UNet) -> dict[str, fl.WeightedModule]:
     range_encoder = unet.ensure_find(RangeEncoder)
     linear_1, linear_2 = _the(_layers(range_encoder, fl.Linear), "Linears in the RangeEncoder", 2)
     pairs += [("time_embedding.linear_1", linear_1), ("time_embedding.linear_2", linear_2)]
+    pairs += unet.extra_diffusers_modules()
 
     down_blocks = unet.layer("DownBlocks", DownBlocks)
     conv_in_block, *down = list(down_blocks.layers(fl.Chain))

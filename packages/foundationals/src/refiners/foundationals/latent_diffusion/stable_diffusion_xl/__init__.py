@@ -1,0 +1,21 @@
+"""Stable Diffusion XL: its UNets (base and refiner), text encoders and pipeline."""
+
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl.unet import (
+    POOLED_TEXT_EMBEDDING_KEY,
+    TEXT_TIME_CONTEXT,
+    TIME_IDS_KEY,
+    SDXLRefinerUNet,
+    SDXLUNet,
+    TextTimeEmbedding,
+    TimeIdsEmbedding,
+)
+
+__all__ = [
+    "SDXLUNet",
+    "SDXLRefinerUNet",
+    "TextTimeEmbedding",
+    "TimeIdsEmbedding",
+    "TEXT_TIME_CONTEXT",
+    "POOLED_TEXT_EMBEDDING_KEY",
+    "TIME_IDS_KEY",
+]

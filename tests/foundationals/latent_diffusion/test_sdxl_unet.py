@@ -1,0 +1,124 @@
+"""SDXLUNet computes what diffusers' UNet2DConditionModel computes with SDXL's architecture, on converted weights.
+
+The reference is built from SDXL's config at reduced widths (three resolutions, no attention at the first, several
+transformer layers per block, linear projections, the text-time embedding) with random weights.
+"""
+
+import re
+from typing import Any
+
+import pytest
+import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from torch import Tensor
+
+from refiners.converters.unet import convert_diffusers_unet
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl import SDXLRefinerUNet, SDXLUNet
+
+# SDXL base's `unet/config.json`, as diffusers writes it (the entries that differ from diffusers' defaults).
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 128,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "attention_head_dim": [5, 10, 20],
+    "transformer_layers_per_block": [1, 2, 10],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+TOY: dict[str, Any] = {
+    "block_out_channels": [32, 64, 64],
+    "attention_head_dim": [1, 2, 4],
+    "transformer_layers_per_block": [1, 2, 3],
+    "cross_attention_dim": 32,
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 16 + 6 * 8,
+}
+TOY_SDXL_UNET_CONFIG: dict[str, Any] = SDXL_UNET_CONFIG | TOY
+RELATIVE_ATOL = 1e-4
+
+
+def toy_unet(in_channels: int = 4, device: str | None = None) -> SDXLUNet:
+    return SDXLUNet(
+        in_channels,
+        channels=(32, 64, 64),
+        num_attention_heads=(1, 2, 4),
+        transformer_depths=(1, 2, 3),
+        context_embedding_dim=32,
+        pooled_embedding_dim=16,
+        time_embedding_dim=8,
+        device=device,
+    )
+
+
+def run(unet: SDXLUNet, x: Tensor, timestep: Tensor, text: Tensor, pooled: Tensor, time_ids: Tensor) -> Tensor:
+    unet.set_timestep(timestep)
+    unet.set_clip_text_embedding(text)
+    unet.set_pooled_text_embedding(pooled)
+    unet.set_time_ids(time_ids)
+    with torch.no_grad():
+        return unet(x)
+
+
+@pytest.mark.parametrize("in_channels", [4, 9])
+def test_toy_sdxl_unet_matches_diffusers(in_channels: int) -> None:
+    torch.manual_seed(0)
+    config: dict[str, Any] = {**TOY_SDXL_UNET_CONFIG, "in_channels": in_channels}
+    reference = UNet2DConditionModel(**config).eval()
+    unet = toy_unet(in_channels, device="meta")
+    unet.load_state_dict(convert_diffusers_unet(reference.state_dict(), unet), strict=True, assign=True)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, in_channels, 12, 20, generator=generator)  # a non-square size
+    timestep = torch.tensor([999, 321])
+    text = torch.randn(2, 77, 32, generator=generator)
+    pooled = torch.randn(2, 16, generator=generator)
+    time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0], [768.0, 512.0, 16.0, 32.0, 1024.0, 1024.0]])
+    with torch.no_grad():
+        expected = reference(
+            x, timestep, encoder_hidden_states=text, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}
+        ).sample
+    actual = run(unet, x, timestep, text, pooled, time_ids)
+    torch.testing.assert_close(actual, expected, atol=RELATIVE_ATOL * expected.abs().max().item(), rtol=0)
+    # The text-time embedding matters: other time ids give another prediction.
+    other = run(unet, x, timestep, text, pooled, time_ids.flip(0))
+    assert (other - actual).abs().max() > 1e-3 * expected.abs().max()
+
+
+def test_refiner_unet_sizes_match_diffusers() -> None:
+    # The refiner's config at full size, on the meta device: every tensor's name maps and every shape fits.
+    config: dict[str, Any] = SDXL_UNET_CONFIG | {
+        "block_out_channels": [384, 768, 1536, 1536],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "attention_head_dim": [6, 12, 24, 24],
+        "transformer_layers_per_block": 4,
+        "cross_attention_dim": 1280,
+        "projection_class_embeddings_input_dim": 2560,
+    }
+    with torch.device("meta"):
+        reference = UNet2DConditionModel(**config)
+    unet = SDXLRefinerUNet(device="meta")
+    converted = convert_diffusers_unet(reference.state_dict(), unet)
+    assert len(converted) == len(unet.state_dict())
+    assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in reference.parameters())
+
+
+def test_time_ids_of_the_wrong_width_are_refused() -> None:
+    unet = toy_unet(device="meta")
+    with pytest.raises(ValueError, match=re.escape("the time ids must be (batch, 6), got shape (1, 5)")):
+        unet.set_time_ids(torch.zeros(1, 5))
+    with pytest.raises(ValueError, match=re.escape("the pooled text embedding must be (batch, 16)")):
+        unet.set_pooled_text_embedding(torch.zeros(1, 1280))
+
+
+def test_base_unet_sizes_match_diffusers() -> None:
+    # SDXL base at full size (2.6 B parameters), on the meta device: every name maps and every shape fits.
+    with torch.device("meta"):
+        reference = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+    unet = SDXLUNet(device="meta")
+    converted = convert_diffusers_unet(reference.state_dict(), unet)
+    assert len(converted) == len(unet.state_dict())
+    assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in reference.parameters())
