@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from refiners.adapters.lora import UnmatchedLoraKeysWarning, convert_sd1_lora
+from refiners.adapters.lora import UnmatchedLoraKeysError, UnmatchedLoraKeysWarning, convert_sd1_lora
 from refiners.converters.reference_check import (
     Comparison,
     compare_autoencoder,
@@ -35,7 +35,7 @@ from refiners.converters.reference_check import (
     compare_unet,
     missing_reference_packages,
 )
-from refiners.converters.sources import Source, open_source
+from refiners.converters.sources import Source, SourceError, open_source
 from refiners.converters.stable_diffusion import (
     ConversionResult,
     convert_autoencoder,
@@ -195,19 +195,53 @@ def _add_lora_command(commands: "argparse._SubParsersAction[argparse.ArgumentPar
     )
 
 
+_LENIENT_HINT = (
+    "Check that the file is a LoRA for Stable Diffusion 1.x; pass --lenient to write the rest and only warn."
+)
+_LENIENT_NOTE = "They are not written (--lenient)."
+
+
+def _lora_destination(dest: str) -> Path:
+    path = Path(dest).expanduser()
+    if path.is_dir():
+        raise SourceError(f"the destination {dest} is a folder: pass the .safetensors file to write in it")
+    if path.suffix != ".safetensors":
+        raise SourceError(f"the destination must be a .safetensors file, got {dest}")
+    return path
+
+
 def _convert_lora(args: argparse.Namespace) -> int:
+    created: list[Path] = []
     try:
+        dest = _lora_destination(args.dest)
+        created = [folder for folder in reversed(dest.parents) if not folder.exists()]
+        dest.parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UnmatchedLoraKeysWarning)
-            specs = convert_sd1_lora(Path(args.source), args.dest, layout=args.layout, strict=not args.lenient)
+            specs = convert_sd1_lora(Path(args.source), dest, layout=args.layout, strict=not args.lenient)
         for warning in caught:
-            _print_progress(f"refiners-convert: warning: {warning.message}")
+            message = warning.message
+            if isinstance(message, UnmatchedLoraKeysWarning):
+                _print_progress(f"refiners-convert: warning: {message.report}\n{_LENIENT_NOTE}")
+            else:
+                _print_progress(f"refiners-convert: warning: {message}")
+    except UnmatchedLoraKeysError as error:
+        _remove_empty(created)
+        _print_progress(f"refiners-convert: error: {error.report}\n{_LENIENT_HINT}")
+        return 1
     except (ValueError, OSError) as error:
+        _remove_empty(created)
         _print_progress(f"refiners-convert: error: {error}")
         return 1
     _print_progress(f"lora: {len(specs)} layers, {args.layout} layout")
-    print(Path(args.dest))
+    print(dest)
     return 0
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders created for a destination that was not written, deepest first."""
+    for folder in reversed(folders):
+        folder.rmdir()
 
 
 if __name__ == "__main__":

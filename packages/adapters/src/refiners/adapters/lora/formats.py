@@ -37,6 +37,7 @@ Example:
 
 import difflib
 import json
+import pickle
 import re
 import warnings
 from collections import defaultdict
@@ -105,6 +106,11 @@ _SELF_ATTENTION = re.compile(r"(^|\.)self_attn\.to_(q|k|v|out)$")
 _METADATA_KEY = "lora_adapter_metadata"
 _PEFT_FIELDS = frozenset({"r", "lora_alpha", "alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora"})
 _MAX_LISTED = 20
+
+_STRICT_HINT = "Check that the file is a LoRA for this model; pass strict=False to load the rest and only warn."
+"""`UnmatchedLoraKeysError`'s hint in the Python API."""
+_LENIENT_NOTE = "They are ignored (strict=False)."
+"""`UnmatchedLoraKeysWarning`'s note in the Python API."""
 
 
 def flatten_name(name: str) -> str:
@@ -351,16 +357,49 @@ def _load(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         return load_from_safetensors(path), load_metadata_from_safetensors(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such LoRA file: {path}")
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(loaded, Mapping) or not all(
-        isinstance(key, str) and isinstance(value, Tensor)
-        for key, value in loaded.items()  # pyright: ignore[reportUnknownVariableType]
-    ):
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path} {_unpicklable(error)}; {_RESAVE}") from None
+    except Exception as error:  # torch.load of a file it did not write fails in many ways (KeyError, EOFError...)
+        raise ValueError(
+            f"{path} cannot be read by torch.load ({_first_line(error)}): it is truncated, corrupted or not a "
+            "PyTorch file; download or save it again"
+        ) from None
+    if not isinstance(loaded, Mapping):
         raise ValueError(
             f"{path} holds a {type(loaded).__name__}, not a LoRA state dict (names to tensors): save the LoRA's "
             f"state dict, or convert the file to safetensors"
         )
-    return dict(loaded), {}  # pyright: ignore[reportUnknownArgumentType]
+    entries: dict[Any, Any] = dict(loaded)  # pyright: ignore[reportUnknownArgumentType]
+    if others := [
+        f"{key!r}: {type(value).__name__}" for key, value in entries.items() if not isinstance(value, Tensor)
+    ]:
+        raise ValueError(
+            f"{path} holds a {type(loaded).__name__} with entries that are not tensors ({', '.join(others[:5])}), not "
+            f"a LoRA state dict (names to tensors): {_RESAVE}"
+        )
+    return {str(key): value for key, value in entries.items()}, {}
+
+
+_RESAVE = "re-save it with torch.save of a dict of tensors, or as .safetensors"
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _unpicklable(error: pickle.UnpicklingError) -> str:
+    """What `torch.load(weights_only=True)` refused, in words that do not invite running the pickle anyway."""
+    # torch's message suggests `weights_only=False`, which would run whatever code the file holds.
+    if (found := _UNSUPPORTED_GLOBAL.search(str(error))) is not None:
+        return f"holds a Python object ({found.group(1)}) that is not a tensor: refusing to unpickle it"
+    return "holds pickled Python objects that are not tensors: refusing to unpickle them"
+
+
+def _first_line(error: Exception) -> str:
+    """The error's type and first sentence, without torch's terminal colours."""
+    text = _ANSI_ESCAPE.sub("", str(error)).strip()
+    first = text.splitlines()[0].split(". ")[0] if text else ""
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 @dataclass
@@ -569,18 +608,43 @@ def _peft_config(metadata: Mapping[str, str]) -> dict[str | None, dict[str, Any]
 class UnmatchedLoraKeysError(ValueError):
     """LoRA tensors that match no module of the model, or that no spec uses.
 
+    The message is the report, then the hint: what to do, in the Python API's words (`strict=False`). A front end
+    with its own words for it (`refiners-convert lora --lenient`) prints `report` with its own hint.
+
     Args:
-        message: The report.
+        report: The tensors that cannot be used, with why and what the model has near them, one line each.
         unmatched: Each unusable file key, with why and what the model has near it.
+        hint: What to do about it.
     """
 
-    def __init__(self, message: str, unmatched: dict[str, str]) -> None:
-        super().__init__(message)
+    def __init__(self, report: str, unmatched: dict[str, str], hint: str = _STRICT_HINT) -> None:
+        super().__init__(report, unmatched, hint)
+        self.report = report
         self.unmatched = unmatched
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.report}\n{self.hint}"
 
 
 class UnmatchedLoraKeysWarning(UserWarning):
-    """`resolve(..., strict=False)`: the same report as `UnmatchedLoraKeysError`, the rest being loaded."""
+    """`resolve(..., strict=False)`: the same report as `UnmatchedLoraKeysError`, the rest being loaded.
+
+    Args:
+        report: See `UnmatchedLoraKeysError`.
+        unmatched: See `UnmatchedLoraKeysError`.
+        note: What became of them, in the Python API's words (`strict=False`); a front end prints `report` with its
+            own.
+    """
+
+    def __init__(self, report: str, unmatched: dict[str, str], note: str = _LENIENT_NOTE) -> None:
+        super().__init__(report, unmatched, note)
+        self.report = report
+        self.unmatched = unmatched
+        self.note = note
+
+    def __str__(self) -> str:
+        return f"{self.report}\n{self.note}"
 
 
 def resolve(
@@ -625,10 +689,10 @@ def resolve(
         claimed[match] = name
         resolved[match] = spec
     if unmatched:
-        message = _report(groups, len(unmatched), strict)
+        report = _report(groups, len(unmatched))
         if strict:
-            raise UnmatchedLoraKeysError(message, unmatched)
-        warnings.warn(message, UnmatchedLoraKeysWarning, stacklevel=2)
+            raise UnmatchedLoraKeysError(report, unmatched)
+        warnings.warn(UnmatchedLoraKeysWarning(report, unmatched), stacklevel=2)
     return resolved
 
 
@@ -681,16 +745,11 @@ class _Index:
         return sorted({module for rest in close for module in by_flat[rest]})
 
 
-def _report(groups: list[tuple[list[str], str]], count: int, strict: bool) -> str:
+def _report(groups: list[tuple[list[str], str]], count: int) -> str:
     lines = [f"{count} tensor(s) of the LoRA file cannot be used:"]
     for keys, reason in groups[:_MAX_LISTED]:
         lines.append(f"  - {', '.join(keys)}: {reason}")
     if len(groups) > _MAX_LISTED:
         rest = sum(len(keys) for keys, _ in groups[_MAX_LISTED:])
         lines.append(f"  ... and {len(groups) - _MAX_LISTED} more module(s) ({rest} tensor(s))")
-    lines.append(
-        "Check that the file is a LoRA for this model; pass strict=False to load the rest and only warn."
-        if strict
-        else "They are ignored (strict=False)."
-    )
     return "\n".join(lines)
