@@ -11,12 +11,14 @@ original layout, or one component's weights), or a Hugging Face Hub id such as `
 Every command takes `--dtype {float32,float16,bfloat16}` (default: keep the source's) and `--check`, which runs
 the converted model and the reference (diffusers/transformers, from the `reference` extra) on a random input and
 prints the max abs difference. Progress goes to stderr, the written paths to stdout. Exit status: 0 on success,
-1 on an error or a failed check, 2 on a usage error.
+1 on an error or a failed check, 2 on a usage error. A source that already holds refiners weights (what this command
+writes) is refused with how to load it instead.
 
 `lora` reads a Stable Diffusion 1.x LoRA file of any layout (PEFT/diffusers, the old attention processors, kohya and
 A1111, LyCORIS LoHa/LoKr/LoCon/DoRA; `.safetensors`, or `.bin`/`.pt` read with `torch.load(weights_only=True)`) and
-writes it in the refiners layout (`--layout refiners`, the default), as PEFT/diffusers or as kohya files. A tensor
-that no layer of SD1.5 has use for is an error that lists it (`--lenient`: a warning, the rest is written).
+writes it in the refiners layout (`--layout refiners`, the default), as PEFT/diffusers or as kohya files, to the
+`.safetensors` file `--to` names (its folder is created if needed). A tensor that no layer of SD1.5 has use for is an
+error that lists it (`--lenient`: a warning, the rest is written).
 """
 
 import argparse

@@ -13,6 +13,9 @@ A component's weights are read from the first of these files its folder has: `{n
 `{name}.safetensors.index.json`, the fp16 variant `{name}.fp16.safetensors` (or its sharded index), `{name}.bin`,
 `{name}.fp16.bin`, where `{name}` is `diffusion_pytorch_model` (diffusers) or `model` (transformers). Tensors are
 read one at a time when accessed (`TensorFile`), so a conversion never holds a whole checkpoint next to its output.
+
+What `refiners-convert` wrote (a folder of refiners `.safetensors` files, or one of them) is refused with how to load
+it instead: refiners weights are told apart by their keys, module paths of class names (`DownBlocks.Chain_1...`).
 """
 
 import json
@@ -55,6 +58,11 @@ _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _TOKENIZER_FILES = ("vocab.json", "merges.txt")
 _TOKENIZER_JSON = "tokenizer.json"  # what transformers 5 saves (without the two above)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# A module path of class names (`Chain_1`, `Conv2d`), then the parameter's or buffer's name.
+_REFINERS_KEY = re.compile(r"(?:[A-Z]\w*\.)+\w+")
+_REFINERS_MODELS = {"unet": "SD1UNet", "vae": "SD1Autoencoder", "text_encoder": "CLIPTextEncoderL"}
 
 
 class SourceError(ValueError):
@@ -148,15 +156,20 @@ def _load_pickle(path: Path) -> dict[str, Tensor]:
                 raise
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        # Not torch's message: it suggests `weights_only=False`, which would run whatever code the file holds.
+        found = _UNSUPPORTED_GLOBAL.search(str(error))
+        objects = f"Python objects that are not tensors{f' ({found.group(1)})' if found else ''}"
         raise SourceError(
-            f"{path} cannot be loaded safely: it pickles Python objects other than tensors, which "
-            f"torch.load(weights_only=True) refuses to run ({str(error).splitlines()[0]}). Get the .safetensors "
-            "version of this checkpoint, or re-save its state dict from a trusted environment."
-        ) from error
-    except (RuntimeError, OSError, EOFError) as error:
+            f"{path} cannot be loaded safely: it pickles {objects}: refusing to unpickle it; get the .safetensors "
+            "version of this checkpoint, or re-save its state dict (a dict of tensors) with torch.save"
+        ) from None
+    except Exception as error:  # torch.load of a file it did not write fails in many ways (KeyError, EOFError...)
+        text = _ANSI_ESCAPE.sub("", str(error)).strip()
+        detail = f"{type(error).__name__}: {text.splitlines()[0].split('. ')[0]}" if text else type(error).__name__
         raise SourceError(
-            f"{path} is not a readable PyTorch checkpoint ({error}): download or save it again."
-        ) from error
+            f"{path} is not a readable PyTorch checkpoint ({detail}): it is truncated, corrupted or of another "
+            "format; download or save it again"
+        ) from None
     if isinstance(loaded, dict) and isinstance(state_dict := loaded.get("state_dict"), dict):
         loaded = state_dict
     if not isinstance(loaded, dict):
@@ -330,13 +343,14 @@ def open_source(source: "str | Path | Source", components: Sequence[str] = ("une
             files are downloaded from the Hub.
 
     Raises:
-        SourceError: The path does not exist and is not a Hub id, the file type is not supported, or the download
-            failed.
+        SourceError: The path does not exist and is not a Hub id, the file type is not supported, the download
+            failed, or the folder or `.safetensors` file already holds refiners weights (`refiners-convert`'s output).
     """
     if isinstance(source, DiffusersFolder | SingleFile):
         return source
     path = Path(source).expanduser()
     if path.is_dir():
+        _refuse_converted_folder(path)
         return DiffusersFolder(path)
     if path.is_file():
         if path.suffix.lower() not in _SINGLE_FILE_SUFFIXES:
@@ -344,10 +358,51 @@ def open_source(source: "str | Path | Source", components: Sequence[str] = ("une
                 f"{path} is not a checkpoint file: expected one of {', '.join(_SINGLE_FILE_SUFFIXES)}, or a diffusers "
                 "folder."
             )
+        _refuse_converted_file(path, components)
         return SingleFile(path)
     if not _HUB_ID.fullmatch(str(source)):
         raise SourceError(f"no such file or folder: {source} (nor is it a Hugging Face Hub id like `org/name`)")
     return DiffusersFolder(_download(str(source), components))
+
+
+def _holds_refiners_weights(path: Path) -> bool:
+    """Whether `path` is a `.safetensors` file of refiners weights, which need no conversion.
+
+    A refiners state dict's keys are paths in a tree of Chains, where each module is named after its class
+    (`DownBlocks.Chain_1.Conv2d.weight`); diffusers, transformers and the original checkpoints name modules in lower
+    case (`down_blocks.0.resnets.0.conv1.weight`, `model.diffusion_model.input_blocks.0.0.weight`). Only the header
+    is read.
+    """
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            keys: list[str] = list(file.keys())
+    except Exception:  # an unreadable file is not refiners weights; reading it as a source reports why
+        return False
+    return bool(keys) and all(_REFINERS_KEY.fullmatch(key) for key in keys)
+
+
+def _refuse_converted_folder(folder: Path) -> None:
+    if (folder / "model_index.json").is_file() or (folder / "config.json").is_file():
+        return
+    if converted := sorted(path.name for path in folder.glob("*.safetensors") if _holds_refiners_weights(path)):
+        raise SourceError(
+            f"{folder} already holds refiners weights ({', '.join(converted)}): load it with "
+            f'StableDiffusion_1.from_folder("{folder}") instead of converting it again'
+        )
+
+
+def _refuse_converted_file(path: Path, components: Sequence[str]) -> None:
+    if not _holds_refiners_weights(path):
+        return
+    models = [_REFINERS_MODELS[component] for component in components if component in _REFINERS_MODELS]
+    load = (
+        f'{models[0]}(...).load_from_safetensors("{path}")'
+        if len(models) == 1
+        else (f'the load_from_safetensors("{path}") of its model ({", ".join(_REFINERS_MODELS.values())})')
+    )
+    raise SourceError(f"{path} already holds refiners weights: load it with {load} instead of converting it again")
 
 
 def _download(repo_id: str, components: Sequence[str]) -> Path:
