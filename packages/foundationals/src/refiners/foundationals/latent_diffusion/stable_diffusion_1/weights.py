@@ -14,8 +14,10 @@ not fit says to convert it again.
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+from safetensors import safe_open
 from torch import Tensor
 
 from refiners.fluxion.model_config import ModelConfig
@@ -92,19 +94,22 @@ class ConvertedWeights:
 
 @dataclass(frozen=True)
 class WeightsFile:
-    """One component's converted `.safetensors` file, and its metadata (read when the file is opened).
+    """One component's converted `.safetensors` file: its path, and its header (metadata and shapes, read when the
+    file is opened; the tensors are read by `load_into`).
 
     Attributes:
         path: The file.
         metadata: Its header's metadata.
+        shapes: The shape of each of its tensors.
     """
 
     path: Path
     metadata: Mapping[str, str]
+    shapes: Mapping[str, tuple[int, ...]]
 
     @classmethod
     def open(cls, path: Path) -> "WeightsFile":
-        """The file at `path`, its metadata read (not its tensors).
+        """The file at `path`, its header read.
 
         Raises:
             FileNotFoundError: No file at `path`; the message says how to make it.
@@ -113,23 +118,19 @@ class WeightsFile:
             raise FileNotFoundError(
                 f"{path} is missing: create it (and the other files) with `{_convert_command(path.parent)}`"
             )
-        return cls(path, load_metadata_from_safetensors(path))
+        metadata = load_metadata_from_safetensors(path)  # first: its errors say what is wrong with the file
+        with safe_open(str(path), framework="pt") as handle:
+            keys: list[str] = handle.keys()
+            shapes = {key: tuple[int, ...](handle.get_slice(key).get_shape()) for key in keys}
+        return cls(path, metadata, shapes)
 
     def load_into(self, module: torch.nn.Module) -> None:
         """Load the file into `module` (built on the meta device: the tensors are created on CPU).
 
         Raises:
-            ValueError: The file does not fit the module; if it records no sizes, the message says to convert it again.
+            ValueError: The file does not fit the module; the message lists what differs.
         """
-        try:
-            load_state_dict_from_safetensors(module, self.path)
-        except ValueError as error:
-            if ModelConfig.from_metadata(self.metadata) is not None:
-                raise
-            raise ValueError(
-                f"{self.path} was converted before sizes were recorded and is not SD1.5-sized: convert it again with "
-                f"{_convert_command(self.path.parent)}\n{error}"
-            ) from error
+        load_state_dict_from_safetensors(module, self.path)
 
 
 ComponentWeights = ConvertedWeights | WeightsFile
@@ -180,28 +181,63 @@ class SD1Weights:
         return int(value)
 
     def build_unet(self, in_channels: int, dtype: torch.dtype | None = None) -> SD1UNet:
-        """The UNet the weights fit, on the meta device; `SD1UNet(in_channels)` if they record no sizes."""
+        """The UNet the weights fit, on the meta device; `SD1UNet(in_channels)` if they record no sizes.
+
+        Raises:
+            ValueError: The weights record no sizes and are not SD1.5's; the message says to convert them again.
+        """
         config = ModelConfig.from_metadata(self.unet.metadata)
         if config is None:
-            return SD1UNet(in_channels, device="meta", dtype=dtype)
+            return _unrecorded(self.unet, SD1UNet(in_channels, device="meta", dtype=dtype))
         return config.build(_UNET_CLASSES, device="meta", dtype=dtype)
 
     def build_lda(self, dtype: torch.dtype | None = None) -> LatentDiffusionAutoencoder:
-        """The autoencoder the weights fit, on the meta device; `SD1Autoencoder` if they record no sizes."""
+        """The autoencoder the weights fit, on the meta device; `SD1Autoencoder` if they record no sizes.
+
+        Raises:
+            ValueError: The weights record no sizes and are not SD1.5's; the message says to convert them again.
+        """
         config = ModelConfig.from_metadata(self.lda.metadata)
         if config is None:
-            return SD1Autoencoder(device="meta", dtype=dtype)
+            return _unrecorded(self.lda, SD1Autoencoder(device="meta", dtype=dtype))
         return config.build(_AUTOENCODER_CLASSES, device="meta", dtype=dtype)
 
     def build_clip_text_encoder(self, dtype: torch.dtype | None = None) -> CLIPTextEncoder:
         """The text encoder the weights fit, on the meta device, with the metadata's tokenizer if there is one;
-        `CLIPTextEncoderL` if they record no sizes."""
+        `CLIPTextEncoderL` if they record no sizes.
+
+        Raises:
+            ValueError: The weights record no sizes and are not SD1.5's; the message says to convert them again.
+        """
         metadata = self.clip_text_encoder.metadata
         config = ModelConfig.from_metadata(metadata)
         if config is None:
-            encoder = CLIPTextEncoderL(device="meta", dtype=dtype)
+            encoder = _unrecorded(self.clip_text_encoder, CLIPTextEncoderL(device="meta", dtype=dtype))
         else:
             encoder = config.build(_CLIP_TEXT_CLASSES, device="meta", dtype=dtype)
         if any(key.startswith(METADATA_PREFIX) for key in metadata):
             encoder.set_tokenizer(CLIPTokenizer.from_metadata(metadata))
         return encoder
+
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
+
+def _unrecorded(weights: ComponentWeights, sd15: ModuleT) -> ModuleT:
+    """`sd15`, the family's default component, for weights that record no sizes: checked to fit, from the file's
+    header, before anything is built around it."""
+    if not isinstance(weights, WeightsFile):
+        return sd15  # in memory: `load_into` lists what does not fit
+    expected = {key: tuple(tensor.shape) for key, tensor in sd15.state_dict().items()}
+    differing = sorted(
+        key for key in expected.keys() | weights.shapes.keys() if expected.get(key) != weights.shapes.get(key)
+    )
+    if not differing:
+        return sd15
+    example = differing[0]
+    raise ValueError(
+        f"{weights.path} was converted before sizes were recorded and is not SD1.5-sized: convert it again with "
+        f"{_convert_command(weights.path.parent)} ({len(differing)} of its tensors differ from {type(sd15).__name__}'s, "
+        f"e.g. {example}: {weights.shapes.get(example, 'absent')} in the file, {expected.get(example, 'absent')} in "
+        "the model)"
+    )
