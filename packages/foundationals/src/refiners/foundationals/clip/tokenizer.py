@@ -206,6 +206,23 @@ class CLIPTokenizer(fl.Module):
             raise ValueError(f"Invalid CLIP tokenizer metadata: {error}") from error
         return cls.from_vocabulary(vocabulary, merges, **integers)
 
+    def with_pad_token(self, token: str) -> Self:
+        """A copy of this tokenizer that pads with `token` (SDXL's second tokenizer pads with "!").
+
+        Args:
+            token: A token of the vocabulary.
+        """
+        if token not in self._vocabulary:
+            raise ValueError(f"cannot pad with {token!r}: it is not in this tokenizer's vocabulary")
+        return self.from_vocabulary(
+            self._vocabulary,
+            self._merges,
+            sequence_length=self.sequence_length,
+            start_of_text_token_id=self.start_of_text_token_id,
+            end_of_text_token_id=self.end_of_text_token_id,
+            pad_token_id=self._vocabulary[token],
+        )
+
     def to_metadata(self) -> dict[str, str]:
         """The vocabulary, merges and settings as safetensors metadata, so a checkpoint needs no tokenizer folder."""
         return {

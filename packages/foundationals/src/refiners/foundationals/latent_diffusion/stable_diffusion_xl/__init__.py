@@ -1,5 +1,9 @@
 """Stable Diffusion XL: its UNets (base and refiner), text encoders and pipeline."""
 
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl.text_encoder import (
+    ConcatenateEmbeddings,
+    DoubleTextEncoder,
+)
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl.unet import (
     POOLED_TEXT_EMBEDDING_KEY,
     TEXT_TIME_CONTEXT,
@@ -11,6 +15,8 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_xl.unet import (
 )
 
 __all__ = [
+    "DoubleTextEncoder",
+    "ConcatenateEmbeddings",
     "SDXLUNet",
     "SDXLRefinerUNet",
     "TextTimeEmbedding",
