@@ -17,7 +17,10 @@ def twins() -> Twins:
 def test_embeddings_match_encode_prompt(twins: Twins) -> None:
     with torch.no_grad():
         embeds, negative_embeds, pooled, negative_pooled = twins.pipeline.encode_prompt(
-            PROMPTS, device="cpu", do_classifier_free_guidance=True, negative_prompt=["blurry", ""]
+            PROMPTS,  # pyright: ignore[reportArgumentType] (diffusers takes lists, its annotation says str)
+            device=torch.device("cpu"),
+            do_classifier_free_guidance=True,
+            negative_prompt=["blurry", ""],  # pyright: ignore[reportArgumentType]
         )
         ours, ours_pooled = twins.text_encoder(PROMPTS)
         ours_negative, ours_negative_pooled = twins.text_encoder(["blurry", ""])

@@ -81,7 +81,7 @@ LoraLayout = Literal["refiners", "peft", "kohya"]
 (`lora_A`/`lora_B` with `lora_adapter_metadata`, what `load_lora_weights` reads), kohya's (A1111, ComfyUI)."""
 
 Targetable = fl.Linear | fl.Conv2d
-StableDiffusion = LatentDiffusionModel[SD1UNet]
+StableDiffusion = LatentDiffusionModel[SD1UNet, CLIPTextEncoder]
 
 
 def sd1_lora_targets(unet: SD1UNet, text_encoder: CLIPTextEncoder | None = None) -> dict[str, Targetable]:

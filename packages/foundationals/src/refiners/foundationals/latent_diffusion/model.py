@@ -17,37 +17,74 @@ diffusers' pipelines', so the same seed gives the same draws on both sides.
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Generic, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 
 import torch
 from torch import Tensor
 
 import refiners.fluxion.layers as fl
 from refiners.fluxion.utils import image_to_tensor
-from refiners.foundationals.clip.text_encoder import CLIPTextEncoder
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
 from refiners.foundationals.latent_diffusion.solvers.solver import Solver
 
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["LatentDiffusionModel"]
+__all__ = ["LatentDiffusionModel", "batch_conditioning"]
 
 UNetT = TypeVar("UNetT", bound=fl.Chain)
+TextEncoderT = TypeVar("TextEncoderT", bound=fl.Chain)
 
 # diffusers' img2img pipeline default: the share of the schedule an init image is denoised over.
 DEFAULT_STRENGTH = 0.8
 
 
-class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT]):
+def batch_conditioning(
+    prompt_rows: Mapping[str, Tensor], latent_rows: Mapping[str, Tensor], batch: int, guided: bool
+) -> dict[str, Tensor]:
+    """The UNet's conditioning for a batch of latents, with classifier-free guidance's two halves when `guided`.
+
+    The one place where every family's conditioning is batched: the UNet then runs on `cat([latents, latents])`.
+
+    Args:
+        prompt_rows: Conditioning made per prompt (text embeddings, pooled embeddings): `(2 * prompts, ...)`,
+            negative rows first, when guided, else `(prompts, ...)`. Each prompt serves `batch / prompts`
+            consecutive latents: its rows are repeated, each half on its own, the negative rows staying first.
+        latent_rows: Conditioning made per latent (SDXL's time ids): `(batch, ...)` or `(1, ...)` for all; both
+            halves get the same rows.
+        batch: The number of latents.
+        guided: Whether the UNet runs the negative and the positive halves in one batch.
+    """
+    batched: dict[str, Tensor] = {}
+    for name, tensor in prompt_rows.items():
+        prompts = tensor.shape[0] // (2 if guided else 1)
+        if tensor.shape[0] % (2 if guided else 1) != 0 or prompts == 0 or batch % prompts != 0:
+            raise ValueError(
+                f"{name} has {tensor.shape[0]} rows for {batch} latents: it needs "
+                + ("2 * prompts rows (negative rows first)" if guided else "one row per prompt")
+                + ", and the number of latents must be a multiple of the number of prompts"
+            )
+        halves = tensor.chunk(2) if guided else (tensor,)
+        batched[name] = torch.cat([half.repeat_interleave(batch // prompts, dim=0) for half in halves])
+    for name, tensor in latent_rows.items():
+        if tensor.shape[0] not in (1, batch):
+            raise ValueError(f"{name} has {tensor.shape[0]} rows for {batch} latents: give one row per latent, or one")
+        rows = tensor.expand(batch, *tensor.shape[1:])
+        batched[name] = torch.cat([rows, rows]) if guided else rows
+    return batched
+
+
+class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT, TextEncoderT]):
     """A latent diffusion pipeline: `unet`, `lda` (the autoencoder), `clip_text_encoder` and `solver`.
 
     Calling it runs one denoising step: `model(x, step=step, clip_text_embedding=embedding, condition_scale=7.5)`.
-    The model's `device` and `dtype` are the UNet's; move all components at once with `.to(...)`.
+    The model's `device` and `dtype` are the UNet's; move all components at once with `.to(...)`. A family
+    (`StableDiffusion_1`, `StableDiffusion_XL`) says how it encodes prompts (`_prompt_conditioning`) and gives the
+    UNet its side inputs (`set_unet_context`); stepping, guidance, image-to-image and `generate` live here.
 
     Args:
-        unet: The denoising model; `set_unet_context` gives it the timestep and text embedding.
+        unet: The denoising model; `set_unet_context` gives it the timestep and the conditioning.
         lda: The autoencoder between images and latents.
         clip_text_encoder: The text encoder (with its tokenizer, to encode text).
         solver: The diffusion solver (its number of steps can be changed with `set_num_inference_steps`).
@@ -55,14 +92,18 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT]):
 
     unet: UNetT
     lda: LatentDiffusionAutoencoder
-    clip_text_encoder: CLIPTextEncoder
+    clip_text_encoder: TextEncoderT
     solver: Solver
+    default_guidance_scale: ClassVar[float] = 7.5
+    """`generate`'s default classifier-free guidance scale (diffusers' pipelines': 7.5 for SD1, 5.0 for SDXL)."""
+    default_size: int
+    """The side, in pixels, of the images `generate` draws when given no size (the UNet's native size)."""
 
     def __init__(
         self,
         unet: UNetT,
         lda: LatentDiffusionAutoencoder,
-        clip_text_encoder: CLIPTextEncoder,
+        clip_text_encoder: TextEncoderT,
         solver: Solver,
     ) -> None:
         super().__init__()
@@ -90,13 +131,35 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT]):
         )
 
     @abstractmethod
-    def set_unet_context(self, *, timestep: Tensor, clip_text_embedding: Tensor) -> None:
+    def set_unet_context(self, *, timestep: Tensor, clip_text_embedding: Tensor, **conditioning: Tensor) -> None:
         """Give the UNet the side inputs of its next forward.
 
         Args:
             timestep: The diffusion timestep (a scalar tensor).
             clip_text_embedding: The text embedding, one row per row of the UNet's input.
+            **conditioning: The family's other side inputs (SDXL: `pooled_text_embedding`, `time_ids`), batched
+                the same way.
         """
+
+    @abstractmethod
+    def _prompt_conditioning(
+        self, prompts: list[str], negative_prompts: list[str] | None, guided: bool
+    ) -> dict[str, Tensor]:
+        """The conditioning made per prompt, for `batch_conditioning`: `clip_text_embedding` and the family's others.
+
+        Args:
+            prompts: The prompts.
+            negative_prompts: One per prompt, or None for the family's default (the empty prompt; zeros for SDXL).
+            guided: Whether to make the negative rows too (first), for classifier-free guidance.
+        """
+
+    def _latent_conditioning(self, size: tuple[int, int]) -> dict[str, Tensor]:
+        """The conditioning made per latent that `generate` gives by default (SDXL's time ids); none here.
+
+        Args:
+            size: `(height, width)` of the images, in pixels.
+        """
+        return {}
 
     # -- schedule ----------------------------------------------------------------------------------------------
 
@@ -117,31 +180,18 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT]):
 
     # -- text --------------------------------------------------------------------------------------------------
 
-    def compute_clip_text_embedding(self, text: str | Sequence[str], negative_text: str | Sequence[str] = "") -> Tensor:
-        """The text embedding classifier-free guidance needs: the negative prompts' rows, then the prompts'.
-
-        Both halves are encoded in one batch. `__call__` repeats each prompt's rows over as many latents as there
-        are per prompt.
-
-        Args:
-            text: A prompt, or a batch of prompts.
-            negative_text: What to steer away from: one negative prompt for all prompts, or one per prompt. The
-                empty default is the unconditional embedding of classifier-free guidance.
-
-        Returns:
-            `(2 * prompts, sequence_length, embedding_dim)`: `cat([negative, positive])`.
-        """
-        prompts = _prompt_list(text, "text")
+    @staticmethod
+    def _negative_prompts(prompts: list[str], negative_text: str | Sequence[str]) -> list[str]:
+        """One negative prompt per prompt: the given one for all, or the given list (checked to match)."""
         if isinstance(negative_text, str):
-            negatives = [negative_text] * len(prompts)
-        else:
-            negatives = list(negative_text)
-            if len(negatives) != len(prompts):
-                raise ValueError(
-                    f"got {len(negatives)} negative prompts for {len(prompts)} prompts: give one negative prompt per "
-                    "prompt, or a single string for all of them"
-                )
-        return self.clip_text_encoder([*negatives, *prompts])
+            return [negative_text] * len(prompts)
+        negatives = list(negative_text)
+        if len(negatives) != len(prompts):
+            raise ValueError(
+                f"got {len(negatives)} negative prompts for {len(prompts)} prompts: give one negative prompt per "
+                "prompt, or a single string for all of them"
+            )
+        return negatives
 
     # -- latents -----------------------------------------------------------------------------------------------
 
@@ -240,6 +290,9 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT]):
 
     # -- denoising ---------------------------------------------------------------------------------------------
 
+    latent_conditioning_names: ClassVar[frozenset[str]] = frozenset()
+    """The conditioning made per latent rather than per prompt (SDXL: `time_ids`), see `batch_conditioning`."""
+
     def forward(
         self,
         x: Tensor,
@@ -248,6 +301,7 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT]):
         clip_text_embedding: Tensor,
         condition_scale: float = 7.5,
         generator: torch.Generator | None = None,
+        **conditioning: Tensor,
     ) -> Tensor:
         """One denoising step with classifier-free guidance: the latents at `solver.timesteps[step]` to the next step's.
 
@@ -262,6 +316,7 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT]):
                 latents.
             condition_scale: The guidance scale (diffusers' `guidance_scale`).
             generator: The random generator of stochastic solvers (default: torch's global one).
+            **conditioning: The family's other conditioning (SDXL: `pooled_text_embedding`, `time_ids`).
         """
         rows, batch = clip_text_embedding.shape[0], x.shape[0]
         if clip_text_embedding.dim() != 3 or rows % 2 != 0 or batch % (rows // 2) != 0:
@@ -270,32 +325,144 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT]):
                 f"compute_clip_text_embedding makes it, for a number of latents that is a multiple of the number of "
                 f"prompts: got shape {tuple(clip_text_embedding.shape)} for {batch} latents"
             )
-        return self._denoise(x, step, clip_text_embedding, condition_scale, generator)
+        return self._denoise(
+            x, step, {"clip_text_embedding": clip_text_embedding, **conditioning}, condition_scale, generator
+        )
 
     def _denoise(
         self,
         x: Tensor,
         step: int,
-        clip_text_embedding: Tensor,
+        conditioning: Mapping[str, Tensor],
         condition_scale: float | None,
         generator: torch.Generator | None,
     ) -> Tensor:
-        """One step; without guidance when `condition_scale` is None (`clip_text_embedding`: the positive rows)."""
+        """One step; without guidance when `condition_scale` is None (the conditioning then has no negative rows)."""
+        guided = condition_scale is not None
+        latent_rows = {k: v for k, v in conditioning.items() if k in self.latent_conditioning_names}
+        prompt_rows = {k: v for k, v in conditioning.items() if k not in self.latent_conditioning_names}
+        batched = batch_conditioning(prompt_rows, latent_rows, x.shape[0], guided)
         latents = self.solver.scale_model_input(x, step=step)
-        repeats = x.shape[0] // (clip_text_embedding.shape[0] // (1 if condition_scale is None else 2))
-        if condition_scale is None:
-            embedding = clip_text_embedding.repeat_interleave(repeats, dim=0)
-        else:
-            # Each half repeated on its own: the negative rows stay first, as diffusers batches them.
-            negative, positive = clip_text_embedding.chunk(2)
-            embedding = torch.cat([negative.repeat_interleave(repeats, 0), positive.repeat_interleave(repeats, 0)])
+        if guided:
             latents = torch.cat([latents, latents])
-        self.set_unet_context(timestep=self.solver.timesteps[step], clip_text_embedding=embedding)
+        self.set_unet_context(timestep=self.solver.timesteps[step], **batched)  # pyright: ignore[reportArgumentType]
         prediction = self.unet(self._unet_input(latents))
         if condition_scale is not None:
             unconditional, conditional = prediction.chunk(2)
             prediction = unconditional + condition_scale * (conditional - unconditional)
         return self.solver(x, predicted_noise=prediction, step=step, generator=generator)
+
+    # -- one call ----------------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        init_image: "Image.Image | None" = None,
+        strength: float | None = None,
+        mask: "Image.Image | None" = None,
+        num_images_per_prompt: int = 1,
+        progress: bool = True,
+        latent_conditioning: Mapping[str, Tensor] | None = None,
+    ) -> "list[Image.Image]":
+        """Generate images in one call, as diffusers' Stable Diffusion pipelines do (with the same seeds).
+
+        Text-to-image, or image-to-image with `init_image` (and `strength`). With `seed`, the random draws are those
+        of diffusers' pipeline called with `generator=torch.Generator("cpu").manual_seed(seed)` (on the same
+        solver, the images match); without, they come from torch's global generator (see `manual_seed`). The
+        solver's type is kept; its number of steps is set to `num_inference_steps`.
+
+        Args:
+            prompt: A prompt, or a batch of prompts.
+            negative_prompt: What to steer away from: one for all prompts, or one per prompt (needs
+                `guidance_scale > 1`). Default: the family's (the empty prompt; zero embeddings for SDXL, as
+                diffusers' `force_zeros_for_empty_prompt`).
+            num_inference_steps: The number of steps of the schedule (image-to-image runs `strength` of them).
+            guidance_scale: The classifier-free guidance scale (default: `default_guidance_scale`, diffusers'
+                pipeline's); at 1 or below, no guidance (one UNet batch instead of two), as in diffusers.
+            height: The images' height in pixels, a multiple of 8 (default: the init image's, else `default_size`:
+                512 for SD1.5).
+            width: The images' width in pixels, a multiple of 8 (default: the init image's, else `default_size`).
+            seed: Seed of a CPU `torch.Generator` for all the random draws.
+            init_image: The image to start from; resized (Lanczos) to `height` x `width` if needed.
+            strength: Image-to-image: how much of the schedule the init image goes through, in (0, 1] (default 0.8;
+                1 for inpainting).
+            mask: Inpainting only (`StableDiffusion_1_Inpainting`): white where to paint, the size of the init image.
+            num_images_per_prompt: How many images to generate per prompt (consecutive in the result).
+            progress: Show a progress bar.
+            latent_conditioning: The family's per-latent conditioning, instead of its defaults (SDXL's
+                `time_ids`, which `StableDiffusion_XL.generate` makes from its size arguments).
+
+        Returns:
+            The images, `num_images_per_prompt` per prompt, in the prompts' order.
+        """
+        from tqdm import tqdm
+
+        prompts = _prompt_list(prompt, "prompt")
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        if negative_prompt is not None and guidance_scale <= 1.0:
+            raise ValueError(
+                f"negative_prompt only acts through classifier-free guidance, which guidance_scale={guidance_scale} "
+                "turns off: use a guidance_scale above 1, or drop the negative prompt"
+            )
+        if strength is not None and init_image is None:
+            raise ValueError(f"strength={strength} needs an init_image: pass the image to start from")
+        if strength is not None and not 0.0 < strength <= 1.0:
+            raise ValueError(
+                f"strength must be in (0, 1], got {strength}: 1 denoises over the whole schedule, lower values keep "
+                "more of the init image"
+            )
+        size = (
+            height if height is not None else init_image.height if init_image is not None else self.default_size,
+            width if width is not None else init_image.width if init_image is not None else self.default_size,
+        )
+        self._check_size(size)
+        self._check_generation_images(init_image, mask)
+        # Resized, then converted, as diffusers' image processors do.
+        if init_image is not None:
+            init_image = _resized(init_image, (size[1], size[0])).convert("RGB")
+        if mask is not None:
+            mask = _resized(mask, (size[1], size[0])).convert("L")
+
+        generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            guided = guidance_scale > 1.0
+            negatives = None if negative_prompt is None else self._negative_prompts(prompts, negative_prompt)
+            conditioning = self._prompt_conditioning(prompts, negatives, guided)
+            conditioning |= self._latent_conditioning(size) if latent_conditioning is None else latent_conditioning
+            self.set_num_inference_steps(num_inference_steps)
+            x = self.init_latents(
+                size,
+                init_image,
+                strength=strength,
+                batch_size=len(prompts) * num_images_per_prompt,
+                generator=generator,
+            )
+            self._set_generation_conditions(init_image, mask, generator)
+            condition_scale = guidance_scale if guidance_scale > 1.0 else None
+            for step in tqdm(self.steps, desc=type(self).__name__, disable=not progress):
+                x = self._denoise(x, step, conditioning, condition_scale, generator)
+            return self.lda.latents_to_images(x.to(device=self.lda.device, dtype=self.lda.dtype))
+
+    def _check_generation_images(self, init_image: "Image.Image | None", mask: "Image.Image | None") -> None:
+        """Refuse images this pipeline cannot use (a mask, but for inpainting)."""
+        if mask is not None:
+            raise ValueError(
+                f"a mask is for inpainting, which needs an inpainting UNet: use the inpainting pipeline of "
+                f"{type(self).__name__} with the inpainting weights"
+            )
+
+    def _set_generation_conditions(
+        self, init_image: "Image.Image | None", mask: "Image.Image | None", generator: torch.Generator | None
+    ) -> None:
+        """Set what the UNet needs besides the latents, after they are drawn (diffusers' order of draws)."""
 
     def _unet_input(self, latents: Tensor) -> Tensor:
         """The UNet's input for the (scaled, batched) latents: themselves; inpainting appends its conditions."""

@@ -27,7 +27,7 @@ from torch.nn.functional import interpolate
 from refiners.fluxion.utils import image_to_tensor
 from refiners.foundationals.clip.text_encoder import CLIPTextEncoder, CLIPTextEncoderL
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder, SD1Autoencoder
-from refiners.foundationals.latent_diffusion.model import LatentDiffusionModel, _prompt_list, _resized
+from refiners.foundationals.latent_diffusion.model import LatentDiffusionModel, _prompt_list
 from refiners.foundationals.latent_diffusion.solvers.dpm_solver import DPMSolver
 from refiners.foundationals.latent_diffusion.solvers.solver import Solver
 from refiners.foundationals.latent_diffusion.stable_diffusion_1.weights import ConvertedWeights, SD1Weights
@@ -45,7 +45,7 @@ ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 DEFAULT_SIZE = 512
 
 
-class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):  # noqa: N801 (the name of the seed README's API)
+class StableDiffusion_1(LatentDiffusionModel[SD1UNet, CLIPTextEncoder]):  # noqa: N801 (the name of the seed README's API)
     """Stable Diffusion 1.x: `SD1UNet`, `SD1Autoencoder`, `CLIPTextEncoderL` and a solver (DPM-Solver++, 30 steps).
 
     Components that are not given are built with Stable Diffusion 1.5's sizes on `device` (use `"meta"` to load
@@ -215,101 +215,37 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):  # noqa: N801 (the name 
                 f"Stable Diffusion 1 works on 4-channel latents, the autoencoder has {lda.latent_channels}"
             )
 
-    def set_unet_context(self, *, timestep: Tensor, clip_text_embedding: Tensor) -> None:
+    def set_unet_context(self, *, timestep: Tensor, clip_text_embedding: Tensor, **conditioning: Tensor) -> None:
+        if conditioning:
+            raise ValueError(
+                f"Stable Diffusion 1 is conditioned by the text embedding alone, got {sorted(conditioning)} too"
+            )
         self.unet.set_timestep(timestep)
         self.unet.set_clip_text_embedding(clip_text_embedding)
 
-    def generate(
-        self,
-        prompt: str | Sequence[str],
-        negative_prompt: str | Sequence[str] | None = None,
-        num_inference_steps: int = 30,
-        guidance_scale: float = 7.5,
-        height: int | None = None,
-        width: int | None = None,
-        seed: int | None = None,
-        init_image: "Image.Image | None" = None,
-        strength: float | None = None,
-        mask: "Image.Image | None" = None,
-        num_images_per_prompt: int = 1,
-        progress: bool = True,
-    ) -> "list[Image.Image]":
-        """Generate images in one call, as diffusers' Stable Diffusion pipelines do (with the same seeds).
+    def compute_clip_text_embedding(self, text: str | Sequence[str], negative_text: str | Sequence[str] = "") -> Tensor:
+        """The text embedding classifier-free guidance needs: the negative prompts' rows, then the prompts'.
 
-        Text-to-image, or image-to-image with `init_image` (and `strength`). With `seed`, the random draws are those
-        of diffusers' pipeline called with `generator=torch.Generator("cpu").manual_seed(seed)` (on the same
-        solver, the images match); without, they come from torch's global generator (see `manual_seed`). The
-        solver's type is kept; its number of steps is set to `num_inference_steps`.
+        Both halves are encoded in one batch. `__call__` repeats each prompt's rows over as many latents as there
+        are per prompt.
 
         Args:
-            prompt: A prompt, or a batch of prompts.
-            negative_prompt: What to steer away from: one for all prompts, or one per prompt (needs
-                `guidance_scale > 1`). Default: the empty prompt.
-            num_inference_steps: The number of steps of the schedule (image-to-image runs `strength` of them).
-            guidance_scale: The classifier-free guidance scale; at 1 or below, no guidance (one UNet batch instead
-                of two), as in diffusers.
-            height: The images' height in pixels, a multiple of 8 (default: the init image's, else `default_size`:
-                512 for SD1.5).
-            width: The images' width in pixels, a multiple of 8 (default: the init image's, else `default_size`).
-            seed: Seed of a CPU `torch.Generator` for all the random draws.
-            init_image: The image to start from; resized (Lanczos) to `height` x `width` if needed.
-            strength: Image-to-image: how much of the schedule the init image goes through, in (0, 1] (default 0.8;
-                1 for inpainting).
-            mask: Inpainting only (`StableDiffusion_1_Inpainting`): white where to paint, the size of the init image.
-            num_images_per_prompt: How many images to generate per prompt (consecutive in the result).
-            progress: Show a progress bar.
+            text: A prompt, or a batch of prompts.
+            negative_text: What to steer away from: one negative prompt for all prompts, or one per prompt. The
+                empty default is the unconditional embedding of classifier-free guidance.
 
         Returns:
-            The images, `num_images_per_prompt` per prompt, in the prompts' order.
+            `(2 * prompts, sequence_length, embedding_dim)`: `cat([negative, positive])`.
         """
-        from tqdm import tqdm
+        prompts = _prompt_list(text, "text")
+        return self.clip_text_encoder([*self._negative_prompts(prompts, negative_text), *prompts])
 
-        prompts = _prompt_list(prompt, "prompt")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
-        if negative_prompt is not None and guidance_scale <= 1.0:
-            raise ValueError(
-                f"negative_prompt only acts through classifier-free guidance, which guidance_scale={guidance_scale} "
-                "turns off: use a guidance_scale above 1, or drop the negative prompt"
-            )
-        if strength is not None and init_image is None:
-            raise ValueError(f"strength={strength} needs an init_image: pass the image to start from")
-        if strength is not None and not 0.0 < strength <= 1.0:
-            raise ValueError(
-                f"strength must be in (0, 1], got {strength}: 1 denoises over the whole schedule, lower values keep "
-                "more of the init image"
-            )
-        size = (
-            height if height is not None else init_image.height if init_image is not None else self.default_size,
-            width if width is not None else init_image.width if init_image is not None else self.default_size,
-        )
-        self._check_size(size)
-        self._check_generation_images(init_image, mask)
-        # Resized, then converted, as diffusers' image processors do.
-        if init_image is not None:
-            init_image = _resized(init_image, (size[1], size[0])).convert("RGB")
-        if mask is not None:
-            mask = _resized(mask, (size[1], size[0])).convert("L")
-
-        generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-        with torch.no_grad():
-            if guidance_scale > 1.0:
-                embedding = self.compute_clip_text_embedding(prompts, negative_prompt or "")
-            else:
-                embedding = self.clip_text_encoder(prompts)
-            self.set_num_inference_steps(num_inference_steps)
-            x = self.init_latents(
-                size,
-                init_image,
-                strength=strength,
-                batch_size=len(prompts) * num_images_per_prompt,
-                generator=generator,
-            )
-            self._set_generation_conditions(init_image, mask, generator)
-            condition_scale = guidance_scale if guidance_scale > 1.0 else None
-            for step in tqdm(self.steps, desc=type(self).__name__, disable=not progress):
-                x = self._denoise(x, step, embedding, condition_scale, generator)
-            return self.lda.latents_to_images(x.to(device=self.lda.device, dtype=self.lda.dtype))
+    def _prompt_conditioning(
+        self, prompts: list[str], negative_prompts: list[str] | None, guided: bool
+    ) -> dict[str, Tensor]:
+        if not guided:
+            return {"clip_text_embedding": self.clip_text_encoder(prompts)}
+        return {"clip_text_embedding": self.compute_clip_text_embedding(prompts, negative_prompts or "")}
 
     def _check_generation_images(self, init_image: "Image.Image | None", mask: "Image.Image | None") -> None:
         if mask is not None:
@@ -317,11 +253,6 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet]):  # noqa: N801 (the name 
                 "a mask is for inpainting, which needs an inpainting UNet: use StableDiffusion_1_Inpainting with the "
                 "inpainting weights"
             )
-
-    def _set_generation_conditions(
-        self, init_image: "Image.Image | None", mask: "Image.Image | None", generator: torch.Generator | None
-    ) -> None:
-        """Set what the UNet needs besides the latents, after they are drawn (diffusers' order of draws)."""
 
 
 class StableDiffusion_1_Inpainting(StableDiffusion_1):  # noqa: N801
