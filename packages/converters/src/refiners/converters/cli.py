@@ -22,6 +22,7 @@ error that lists it (`--lenient`: a warning, the rest is written).
 """
 
 import argparse
+import contextlib
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -241,9 +242,10 @@ def _convert_lora(args: argparse.Namespace) -> int:
 
 
 def _remove_empty(folders: list[Path]) -> None:
-    """Remove the folders created for a destination that was not written, deepest first."""
+    """Remove the folders created for a destination that was not written, deepest first (if still empty)."""
     for folder in reversed(folders):
-        folder.rmdir()
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 if __name__ == "__main__":
