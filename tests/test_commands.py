@@ -176,7 +176,10 @@ def _run_train(command: Command, arguments: list[str], capsys: pytest.CaptureFix
         status = exit.code
     except ValueError as error:  # the weights folder or the images folder the command names is not there
         raise AssertionError(f"{command.where} failed: {error}") from error
-    assert status == 0, f"{command.where} exited with {status}:\n{capsys.readouterr().err}"
+    lines = capsys.readouterr().err.splitlines()
+    errors = [index for index, line in enumerate(lines) if "error:" in line]  # after jsonargparse's long usage
+    error = "\n".join(lines[errors[0] : errors[0] + 5] if errors else lines[-5:])
+    assert status == 0, f"{command.where} exited with {status}:\n{error}"
 
 
 def _run_python(command: Command, arguments: list[str], folder: Path) -> None:
