@@ -56,7 +56,11 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "beta_start": 0.00085,
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
+    "clip_sample": False,
     "num_train_timesteps": 1000,
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
     "steps_offset": 1,
     "timestep_spacing": "leading",
     "interpolation_type": "linear",
@@ -86,7 +90,7 @@ def build_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         unet=unet,
-        scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG),  # pyright: ignore[reportArgumentType]
+        scheduler=EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG),  # pyright: ignore[reportArgumentType]
     )
 
 

@@ -419,11 +419,7 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT, TextEncoderT]):
                 f"strength must be in (0, 1], got {strength}: 1 denoises over the whole schedule, lower values keep "
                 "more of the init image"
             )
-        size = (
-            height if height is not None else init_image.height if init_image is not None else self.default_size,
-            width if width is not None else init_image.width if init_image is not None else self.default_size,
-        )
-        self._check_size(size)
+        size = self._generation_size(height, width, init_image)
         self._check_generation_images(init_image, mask)
         # Resized, then converted, as diffusers' image processors do.
         if init_image is not None:
@@ -450,6 +446,16 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT, TextEncoderT]):
             for step in tqdm(self.steps, desc=type(self).__name__, disable=not progress):
                 x = self._denoise(x, step, conditioning, condition_scale, generator)
             return self.lda.latents_to_images(x.to(device=self.lda.device, dtype=self.lda.dtype))
+
+    def _generation_size(
+        self, height: int | None, width: int | None, init_image: "Image.Image | None"
+    ) -> tuple[int, int]:
+        """`generate`'s `(height, width)`: as given, else the init image's, else `default_size`; checked."""
+        size = (
+            height if height is not None else init_image.height if init_image is not None else self.default_size,
+            width if width is not None else init_image.width if init_image is not None else self.default_size,
+        )
+        return self._check_size(size)
 
     def _check_generation_images(self, init_image: "Image.Image | None", mask: "Image.Image | None") -> None:
         """Refuse images this pipeline cannot use (a mask, but for inpainting)."""
@@ -492,3 +498,13 @@ def _resized(image: "Image.Image", size: tuple[int, int]) -> "Image.Image":
     from PIL import Image
 
     return image.resize(size, resample=Image.Resampling.LANCZOS)
+
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
+
+def moved_component(module: ModuleT, device: torch.device | str | None, dtype: torch.dtype | None) -> ModuleT:
+    """A given component on the pipeline's device and dtype (when they are given)."""
+    if device is None and dtype is None:
+        return module
+    return module.to(device=device, dtype=dtype)

@@ -18,7 +18,7 @@ and `from_single_file`.
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Self, TypeVar
+from typing import TYPE_CHECKING, Self
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ from torch.nn.functional import interpolate
 from refiners.fluxion.utils import image_to_tensor
 from refiners.foundationals.clip.text_encoder import CLIPTextEncoder, CLIPTextEncoderL
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder, SD1Autoencoder
-from refiners.foundationals.latent_diffusion.model import LatentDiffusionModel, _prompt_list
+from refiners.foundationals.latent_diffusion.model import LatentDiffusionModel, _prompt_list, moved_component
 from refiners.foundationals.latent_diffusion.solvers.dpm_solver import DPMSolver
 from refiners.foundationals.latent_diffusion.solvers.solver import Solver
 from refiners.foundationals.latent_diffusion.stable_diffusion_1.weights import ConvertedWeights, SD1Weights
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 __all__ = ["StableDiffusion_1", "StableDiffusion_1_Inpainting"]
 
 Device = torch.device | str | None
-ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 # diffusers' StableDiffusionPipeline draws images of the UNet's sample_size times 8 by default: 512x512 for SD1.5.
 DEFAULT_SIZE = 512
@@ -104,13 +103,15 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet, CLIPTextEncoder]):  # noqa
         # The schedule is computed when the solver is built: on the meta device it would be lost.
         solver_device = "cpu" if device is not None and torch.device(device).type == "meta" else device
         unet = (
-            SD1UNet(self.unet_in_channels, device=device, dtype=dtype) if unet is None else _moved(unet, device, dtype)
+            SD1UNet(self.unet_in_channels, device=device, dtype=dtype)
+            if unet is None
+            else moved_component(unet, device, dtype)
         )
-        lda = SD1Autoencoder(device=device, dtype=dtype) if lda is None else _moved(lda, device, dtype)
+        lda = SD1Autoencoder(device=device, dtype=dtype) if lda is None else moved_component(lda, device, dtype)
         if clip_text_encoder is None:
             clip_text_encoder = CLIPTextEncoderL(device=device, dtype=dtype)
         else:
-            clip_text_encoder = _moved(clip_text_encoder, device, dtype)
+            clip_text_encoder = moved_component(clip_text_encoder, device, dtype)
         if solver is None:
             solver = DPMSolver(num_inference_steps=30, device=solver_device)
         elif solver_device is not None:
@@ -392,10 +393,3 @@ class StableDiffusion_1_Inpainting(StableDiffusion_1):  # noqa: N801
     ) -> None:
         assert init_image is not None and mask is not None, "checked by _check_generation_images"
         self.set_inpainting_conditions(init_image, mask, generator)
-
-
-def _moved(module: ModuleT, device: Device, dtype: torch.dtype | None) -> ModuleT:
-    """A given component on the pipeline's device and dtype (when they are given)."""
-    if device is None and dtype is None:
-        return module
-    return module.to(device=device, dtype=dtype)

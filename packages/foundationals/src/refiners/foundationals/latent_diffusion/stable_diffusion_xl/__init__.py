@@ -1,5 +1,10 @@
 """Stable Diffusion XL: its UNets (base and refiner), text encoders and pipeline."""
 
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl.model import (
+    SDXL_SOLVER_PARAMS,
+    SDXLAutoencoder,
+    StableDiffusion_XL,
+)
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl.text_encoder import (
     ConcatenateEmbeddings,
     DoubleTextEncoder,
@@ -15,6 +20,9 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_xl.unet import (
 )
 
 __all__ = [
+    "SDXL_SOLVER_PARAMS",
+    "StableDiffusion_XL",
+    "SDXLAutoencoder",
     "DoubleTextEncoder",
     "ConcatenateEmbeddings",
     "SDXLUNet",

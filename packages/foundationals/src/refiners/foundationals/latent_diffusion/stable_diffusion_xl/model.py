@@ -1,0 +1,264 @@
+"""Stable Diffusion XL: text-to-image and image-to-image, step by step or in one `generate` call.
+
+The step by step loop, as for SD1, with SDXL's two more side inputs, the pooled text embedding and the time ids:
+
+    embedding, pooled = sdxl.compute_clip_text_embedding("a cute cat")
+    time_ids = sdxl.default_time_ids()  # [h, w, top, left, target_h, target_w] for 1024x1024
+    sdxl.set_num_inference_steps(30)
+    x = sdxl.init_latents((1024, 1024))
+    for step in sdxl.steps:
+        x = sdxl(x, step=step, clip_text_embedding=embedding, pooled_text_embedding=pooled, time_ids=time_ids)
+    image = sdxl.lda.decode_latents(x)
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor
+
+from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
+from refiners.foundationals.latent_diffusion.model import LatentDiffusionModel, _prompt_list, moved_component
+from refiners.foundationals.latent_diffusion.solvers.ddim import DDIM
+from refiners.foundationals.latent_diffusion.solvers.solver import Solver, SolverParams, TimestepSpacing
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl.text_encoder import DoubleTextEncoder
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl.unet import SDXLUNet
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = ["SDXL_SOLVER_PARAMS", "SDXLAutoencoder", "StableDiffusion_XL"]
+
+Device = torch.device | str | None
+
+SDXL_SOLVER_PARAMS = SolverParams(timesteps_spacing=TimestepSpacing.LEADING)
+"""SDXL base's scheduler config: SD1.5's betas, timesteps spaced "leading" with an offset of 1, for every solver."""
+
+# diffusers' StableDiffusionXLPipeline draws 1024x1024 images by default (the UNet's sample_size times 8).
+DEFAULT_SIZE = 1024
+
+
+class SDXLAutoencoder(LatentDiffusionAutoencoder):
+    """The autoencoder of Stable Diffusion XL: SD1's architecture, latents scaled by 0.13025.
+
+    The fp16-fix VAE (madebyollin/sdxl-vae-fp16-fix) has the same architecture and loads into it.
+
+    Args:
+        device: Where the weights live.
+        dtype: The weights' dtype.
+    """
+
+    def __init__(self, device: Device = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(
+            encoder_scale=0.13025,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            device=device,
+            dtype=dtype,
+        )
+
+
+class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet, DoubleTextEncoder]):  # noqa: N801 (the original's name)
+    """Stable Diffusion XL: `SDXLUNet`, `SDXLAutoencoder`, `DoubleTextEncoder` and a solver (DDIM, 30 steps).
+
+    Components that are not given are built with SDXL base's sizes on `device` (`"meta"` to load weights into them
+    without a random initialization).
+
+    Args:
+        unet: The denoising UNet, 4 input channels (default: `SDXLUNet()`).
+        lda: The autoencoder (default: `SDXLAutoencoder()`).
+        clip_text_encoder: The two text encoders (default: `DoubleTextEncoder()`; give it a tokenizer, or load
+            weights converted with their tokenizer, to encode text).
+        solver: The solver (default: `DDIM(num_inference_steps=30, params=SDXL_SOLVER_PARAMS)`).
+        device: Where the components built here live; given components are moved there (None: left where they are).
+        dtype: The weights' dtype of the components built here; given components are cast to it.
+        default_size: The side, in pixels, of the images `generate` draws when given no size (1024 for SDXL).
+    """
+
+    default_guidance_scale: ClassVar[float] = 5.0
+    latent_conditioning_names: ClassVar[frozenset[str]] = frozenset({"time_ids"})
+    unet_in_channels: int = 4
+
+    def __init__(
+        self,
+        unet: SDXLUNet | None = None,
+        lda: LatentDiffusionAutoencoder | None = None,
+        clip_text_encoder: DoubleTextEncoder | None = None,
+        solver: Solver | None = None,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+        default_size: int = DEFAULT_SIZE,
+    ) -> None:
+        solver_device = "cpu" if device is not None and torch.device(device).type == "meta" else device
+        unet = SDXLUNet(self.unet_in_channels, device=device, dtype=dtype) if unet is None else unet
+        lda = SDXLAutoencoder(device=device, dtype=dtype) if lda is None else lda
+        if clip_text_encoder is None:
+            clip_text_encoder = DoubleTextEncoder(device=device, dtype=dtype)
+        if solver is None:
+            solver = DDIM(num_inference_steps=30, params=SDXL_SOLVER_PARAMS, device=solver_device)
+        elif solver_device is not None:
+            solver = solver.to(device=solver_device)
+        if unet.in_channels != self.unet_in_channels:
+            raise ValueError(
+                f"{type(self).__name__} needs a UNet with {self.unet_in_channels} input channels, got one with "
+                f"{unet.in_channels}"
+            )
+        if unet.context_embedding_dim != clip_text_encoder.embedding_dim:
+            raise ValueError(
+                f"the UNet attends to text embeddings of size {unet.context_embedding_dim} but the text encoders make "
+                f"them of size {clip_text_encoder.embedding_dim}: build them for the same model (2048 for SDXL)"
+            )
+        if default_size < 1 or default_size % lda.downscale_factor != 0:
+            raise ValueError(f"default_size must be a positive multiple of {lda.downscale_factor}, got {default_size}")
+        super().__init__(
+            unet=moved_component(unet, device, dtype),
+            lda=moved_component(lda, device, dtype),
+            clip_text_encoder=moved_component(clip_text_encoder, device, dtype),
+            solver=solver,
+        )
+        self.default_size = default_size
+
+    def compute_clip_text_embedding(
+        self, text: str | Sequence[str], negative_text: str | Sequence[str] | None = ""
+    ) -> tuple[Tensor, Tensor]:
+        """The text and pooled embeddings classifier-free guidance needs: the negative prompts' rows, then the prompts'.
+
+        Args:
+            text: A prompt, or a batch of prompts.
+            negative_text: What to steer away from: one negative prompt for all prompts, or one per prompt. None:
+                zero embeddings, as diffusers' SDXL pipeline does for a missing negative prompt
+                (`force_zeros_for_empty_prompt`).
+
+        Returns:
+            `(2 * prompts, 77, 2048)` and `(2 * prompts, 1280)`: each `cat([negative, positive])`.
+        """
+        prompts = _prompt_list(text, "text")
+        if negative_text is None:
+            embedding, pooled = self.clip_text_encoder(prompts)
+            return torch.cat([torch.zeros_like(embedding), embedding]), torch.cat([torch.zeros_like(pooled), pooled])
+        return self.clip_text_encoder([*self._negative_prompts(prompts, negative_text), *prompts])
+
+    def default_time_ids(
+        self,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+    ) -> Tensor:
+        """SDXL's micro-conditioning, `(1, 6)`: `[original_h, original_w, crop_top, crop_left, target_h, target_w]`.
+
+        Args:
+            original_size: `(height, width)` the image is said to come from (default: `default_size` square).
+            crops_coords_top_left: `(top, left)` of the crop it is said to be.
+            target_size: `(height, width)` it is said to be made at (default: `default_size` square).
+        """
+        original = original_size or (self.default_size, self.default_size)
+        target = target_size or (self.default_size, self.default_size)
+        values = [*original, *crops_coords_top_left, *target]
+        return torch.tensor([values], device=self.device, dtype=self.dtype)
+
+    def forward(
+        self,
+        x: Tensor,
+        step: int,
+        *,
+        clip_text_embedding: Tensor,
+        condition_scale: float = 5.0,
+        generator: torch.Generator | None = None,
+        **conditioning: Tensor,
+    ) -> Tensor:
+        """One denoising step with classifier-free guidance.
+
+        Args:
+            x: The latents, `(batch, 4, height / 8, width / 8)`.
+            step: The index of the step in the solver's schedule (one of `steps`).
+            clip_text_embedding: `compute_clip_text_embedding`'s first output, negative rows first.
+            condition_scale: The guidance scale (diffusers' `guidance_scale`, 5.0 in its SDXL pipeline).
+            generator: The random generator of stochastic solvers.
+            **conditioning: `pooled_text_embedding` (`compute_clip_text_embedding`'s second output) and `time_ids`
+                (`(batch, 6)` or `(1, 6)` for the conditional batch, e.g. `default_time_ids()`; doubled internally).
+        """
+        missing = {"pooled_text_embedding", "time_ids"} - set(conditioning)
+        if missing:
+            raise ValueError(
+                f"Stable Diffusion XL also needs {sorted(missing)}: pass pooled_text_embedding (the second output of "
+                "compute_clip_text_embedding) and time_ids (e.g. default_time_ids())"
+            )
+        return super().forward(
+            x,
+            step,
+            clip_text_embedding=clip_text_embedding,
+            condition_scale=condition_scale,
+            generator=generator,
+            **conditioning,
+        )
+
+    def set_unet_context(self, *, timestep: Tensor, clip_text_embedding: Tensor, **conditioning: Tensor) -> None:
+        unknown = set(conditioning) - {"pooled_text_embedding", "time_ids"}
+        if unknown:
+            raise ValueError(f"Stable Diffusion XL has no conditioning named {sorted(unknown)}")
+        self.unet.set_timestep(timestep)
+        self.unet.set_clip_text_embedding(clip_text_embedding)
+        self.unet.set_pooled_text_embedding(conditioning["pooled_text_embedding"])
+        self.unet.set_time_ids(conditioning["time_ids"])
+
+    def _prompt_conditioning(
+        self, prompts: list[str], negative_prompts: list[str] | None, guided: bool
+    ) -> dict[str, Tensor]:
+        if guided:
+            embedding, pooled = self.compute_clip_text_embedding(prompts, negative_prompts)
+        else:
+            embedding, pooled = self.clip_text_encoder(prompts)
+        return {"clip_text_embedding": embedding, "pooled_text_embedding": pooled}
+
+    def _latent_conditioning(self, size: tuple[int, int]) -> dict[str, Tensor]:
+        return {"time_ids": self.default_time_ids(original_size=size, target_size=size)}
+
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        init_image: "Image.Image | None" = None,
+        strength: float | None = None,
+        mask: "Image.Image | None" = None,
+        num_images_per_prompt: int = 1,
+        progress: bool = True,
+        latent_conditioning: Mapping[str, Tensor] | None = None,
+        *,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+    ) -> "list[Image.Image]":
+        """Generate images in one call, as diffusers' `StableDiffusionXLPipeline` does (with the same seeds).
+
+        See `LatentDiffusionModel.generate` for the common arguments (the default guidance scale is 5.0, and a
+        missing negative prompt means zero embeddings, as in diffusers). SDXL's micro-conditioning:
+
+        Args:
+            original_size: `(height, width)` for the time ids (default: the generated size).
+            crops_coords_top_left: `(top, left)` for the time ids.
+            target_size: `(height, width)` for the time ids (default: the generated size).
+        """
+        if latent_conditioning is None and (original_size or target_size or any(crops_coords_top_left)):
+            size = self._generation_size(height, width, init_image)
+            time_ids = self.default_time_ids(original_size or size, crops_coords_top_left, target_size or size)
+            latent_conditioning = {"time_ids": time_ids}
+        return super().generate(
+            prompt,
+            negative_prompt,
+            num_inference_steps,
+            guidance_scale,
+            height,
+            width,
+            seed,
+            init_image,
+            strength,
+            mask,
+            num_images_per_prompt,
+            progress,
+            latent_conditioning,
+        )

@@ -1,0 +1,114 @@
+"""StableDiffusion_XL generates what diffusers' StableDiffusionXLPipeline generates (toy sizes, random weights)."""
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
+from PIL import Image
+
+from refiners.foundationals.latent_diffusion import DDIM, Euler, Solver
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl import SDXL_SOLVER_PARAMS, StableDiffusion_XL
+from toy_sdxl import SCHEDULER_CONFIG, Twins, build_twins
+
+HEIGHT, WIDTH = 64, 48
+SEED = 12
+PROMPTS = ["a cute cat", "a red car"]
+
+
+@pytest.fixture(scope="module")
+def twins() -> Twins:
+    return build_twins()
+
+
+def sdxl(twins: Twins, solver: Solver) -> StableDiffusion_XL:
+    return StableDiffusion_XL(
+        unet=twins.unet, lda=twins.lda, clip_text_encoder=twins.text_encoder, solver=solver, default_size=64
+    )
+
+
+def generator() -> torch.Generator:
+    return torch.Generator().manual_seed(SEED)
+
+
+def reference_latents(twins: Twins, scheduler: Any, **kwargs: Any) -> torch.Tensor:
+    twins.pipeline.scheduler = scheduler
+    with torch.no_grad():
+        output = twins.pipeline(height=HEIGHT, width=WIDTH, output_type="latent", generator=generator(), **kwargs)
+    latents = output.images  # pyright: ignore[reportAttributeAccessIssue]
+    assert isinstance(latents, torch.Tensor)
+    return latents
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("solver", "scheduler"),
+    [(DDIM, DDIMScheduler), (Euler, EulerDiscreteScheduler)],
+)
+def test_step_by_step_matches_diffusers(twins: Twins, solver: type[Solver], scheduler: Any) -> None:
+    # SDXL's scheduler config spaces timesteps as "leading" (diffusers' Euler default, SD1.5's, is "linspace").
+    expected = reference_latents(
+        twins,
+        scheduler.from_config(SCHEDULER_CONFIG),
+        prompt=PROMPTS[0],
+        negative_prompt="blurry",
+        num_inference_steps=5,
+    )
+    model = sdxl(twins, solver(num_inference_steps=5, params=SDXL_SOLVER_PARAMS))
+    with torch.no_grad():
+        embedding, pooled = model.compute_clip_text_embedding(PROMPTS[0], negative_text="blurry")
+        time_ids = model.default_time_ids(original_size=(HEIGHT, WIDTH), target_size=(HEIGHT, WIDTH))
+        x = model.init_latents((HEIGHT, WIDTH), generator=generator())
+        for step in model.steps:
+            x = model(x, step, clip_text_embedding=embedding, pooled_text_embedding=pooled, time_ids=time_ids)
+    assert_matches(x, expected)
+
+
+def test_generate_matches_diffusers(twins: Twins) -> None:
+    # Two prompts, two images each, no negative prompt: diffusers' zero negative embeddings.
+    kwargs: dict[str, Any] = {"num_inference_steps": 4, "num_images_per_prompt": 2, "guidance_scale": 6.0}
+    expected = reference_latents(twins, DDIMScheduler.from_config(SCHEDULER_CONFIG), prompt=PROMPTS, **kwargs)
+    model = sdxl(twins, DDIM(num_inference_steps=4))
+    expected_images = twins.pipeline.image_processor.postprocess(  # pyright: ignore[reportUnknownMemberType]
+        twins.pipeline.vae.decode(expected / 0.13025).sample.detach(), output_type="pil"
+    )
+    images = model.generate(PROMPTS, height=HEIGHT, width=WIDTH, seed=SEED, progress=False, **kwargs)
+    assert len(images) == 4 and images[0].size == (WIDTH, HEIGHT)
+    for image, reference in zip(images, expected_images, strict=True):
+        assert isinstance(reference, Image.Image)
+        difference = np.abs(np.asarray(image, dtype=np.int16) - np.asarray(reference, dtype=np.int16))
+        assert difference.max() <= 1
+
+
+def test_micro_conditioning_moves_the_image(twins: Twins) -> None:
+    kwargs: dict[str, Any] = {"num_inference_steps": 3, "height": HEIGHT, "width": WIDTH, "seed": SEED}
+    model = sdxl(twins, DDIM(num_inference_steps=3))
+    expected = reference_latents(
+        twins,
+        DDIMScheduler.from_config(SCHEDULER_CONFIG),
+        prompt=PROMPTS[0],
+        num_inference_steps=3,
+        original_size=(512, 256),
+        crops_coords_top_left=(16, 32),
+    )
+    plain = np.asarray(model.generate(PROMPTS[0], progress=False, **kwargs)[0], dtype=np.int16)
+    conditioned = model.generate(
+        PROMPTS[0], progress=False, original_size=(512, 256), crops_coords_top_left=(16, 32), **kwargs
+    )[0]
+    assert np.abs(np.asarray(conditioned, dtype=np.int16) - plain).max() > 0
+    with torch.no_grad():
+        decoded = twins.pipeline.vae.decode(expected / 0.13025).sample
+    reference = twins.pipeline.image_processor.postprocess(decoded, output_type="pil")[0]  # pyright: ignore
+    assert isinstance(reference, Image.Image)
+    assert np.abs(np.asarray(conditioned, dtype=np.int16) - np.asarray(reference, dtype=np.int16)).max() <= 1
+
+
+def test_missing_sdxl_conditioning_is_named(twins: Twins) -> None:
+    model = sdxl(twins, DDIM(num_inference_steps=3))
+    with pytest.raises(ValueError, match=r"also needs \['pooled_text_embedding', 'time_ids'\]"):
+        model(torch.zeros(1, 4, 8, 6), 0, clip_text_embedding=torch.zeros(2, 77, 80))
