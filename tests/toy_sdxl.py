@@ -14,6 +14,7 @@ from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
+from toy_models import perturb_norms
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from transformers import CLIPTokenizer as TransformersCLIPTokenizer
 
@@ -24,7 +25,6 @@ from refiners.converters.unet import convert_diffusers_unet
 from refiners.foundationals.clip import CLIPTextEncoder, CLIPTokenizer
 from refiners.foundationals.latent_diffusion import LatentDiffusionAutoencoder
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl import DoubleTextEncoder, SDXLUNet
-from toy_models import perturb_norms
 
 WIDTH_L, WIDTH_G = 32, 48
 POOLED_DIM = WIDTH_G

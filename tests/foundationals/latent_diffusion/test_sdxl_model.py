@@ -8,10 +8,10 @@ import torch
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
 from PIL import Image
+from toy_sdxl import SCHEDULER_CONFIG, Twins, build_twins
 
 from refiners.foundationals.latent_diffusion import DDIM, Euler, Solver
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl import SDXL_SOLVER_PARAMS, StableDiffusion_XL
-from toy_sdxl import SCHEDULER_CONFIG, Twins, build_twins
 
 HEIGHT, WIDTH = 64, 48
 SEED = 12

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from toy_sdxl import WIDTH_G, WIDTH_L, Twins, build_twins
 
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl import DoubleTextEncoder
-from toy_sdxl import WIDTH_G, WIDTH_L, Twins, build_twins
 
 PROMPTS = ["a cute cat, high quality", "an astronaut riding a horse on the moon"]
 
