@@ -47,7 +47,7 @@ Example:
 import fnmatch
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 import torch
 from torch import Tensor
@@ -59,6 +59,8 @@ from refiners.fluxion.adapters.lora import Lora, LoraAdapter
 from refiners.foundationals.clip.text_encoder import CLIPTextEncoder, CLIPTextEncoderL
 from refiners.foundationals.clip.text_encoder_names import transformers_clip_text_modules
 from refiners.foundationals.latent_diffusion.model import LatentDiffusionModel
+from refiners.foundationals.latent_diffusion.stable_diffusion_1 import StableDiffusion_1
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl import StableDiffusion_XL
 from refiners.foundationals.latent_diffusion.unet import SD1UNet
 from refiners.foundationals.latent_diffusion.unet_names import diffusers_unet_modules, ldm_unet_renaming
 
@@ -67,7 +69,11 @@ __all__ = [
     "LoraSource",
     "sd1_lora_targets",
     "sd1_module_aliases",
+    "lora_targets",
+    "module_aliases",
+    "SDLoraAdapter",
     "SD1LoraAdapter",
+    "SDXLLoraAdapter",
     "SDLoraManager",
     "convert_sd1_lora",
 ]
@@ -81,7 +87,8 @@ LoraLayout = Literal["refiners", "peft", "kohya"]
 (`lora_A`/`lora_B` with `lora_adapter_metadata`, what `load_lora_weights` reads), kohya's (A1111, ComfyUI)."""
 
 Targetable = fl.Linear | fl.Conv2d
-StableDiffusion = LatentDiffusionModel[SD1UNet, CLIPTextEncoder]
+StableDiffusion = LatentDiffusionModel[Any, Any]
+"""Any Stable Diffusion family's pipeline (`StableDiffusion_1`, `StableDiffusion_XL` and their variants)."""
 
 
 def sd1_lora_targets(unet: SD1UNet, text_encoder: CLIPTextEncoder | None = None) -> dict[str, Targetable]:
@@ -221,16 +228,69 @@ def _detach(adapter: LoraAdapter, name: str) -> None:
         adapter.eject()
 
 
-def _components(target: StableDiffusion) -> tuple[SD1UNet, CLIPTextEncoder]:
-    if not isinstance(target, LatentDiffusionModel) or not isinstance(target.unet, SD1UNet):  # pyright: ignore[reportUnnecessaryIsInstance]
+def _check_model(target: StableDiffusion) -> None:
+    if not isinstance(target, LatentDiffusionModel):  # pyright: ignore[reportUnnecessaryIsInstance]
         raise TypeError(
-            f"expected a Stable Diffusion 1.x model (e.g. StableDiffusion_1), got a {type(target).__name__}"
+            f"expected a Stable Diffusion model (StableDiffusion_1, StableDiffusion_XL...), got a {type(target).__name__}"
         )
-    return target.unet, target.clip_text_encoder
 
 
-class SD1LoraAdapter:
-    """One LoRA file on a Stable Diffusion 1.x model: `inject` puts all its LoRAs in, `eject` takes them out.
+def lora_targets(target: StableDiffusion) -> dict[str, Targetable]:
+    """The layers of a Stable Diffusion model a LoRA may update, by diffusers' module name with the component first.
+
+    The family names them (`LatentDiffusionModel.diffusers_modules`): `unet.*`, `text_encoder.*`, and
+    `text_encoder_2.*` for SDXL. Derived from the live model: a layer wrapped in a `LoraAdapter` keeps its name.
+
+    Args:
+        target: The model.
+    """
+    _check_model(target)
+    return {name: module for name, module in target.diffusers_modules().items() if isinstance(module, Targetable)}
+
+
+def module_aliases(target: StableDiffusion) -> Callable[[str], Iterable[str]]:
+    """The other names files use for the modules of `lora_targets`: the original layout's (`unet.input_blocks.1.1.proj_in`
+    for `unet.down_blocks.0.attentions.0.proj_in`, SGM's for SDXL), for `resolve`.
+
+    Args:
+        target: The model.
+    """
+    renamings = target.original_renamings()
+
+    def aliases(module: str) -> Iterator[str]:
+        component, _, name = module.partition(".")
+        renaming = renamings.get(component)
+        if renaming is not None and (original := renaming.to_original(name)) is not None and original != name:
+            yield f"{component}.{original}"
+
+    return aliases
+
+
+def _text_width(parsed: ParsedLoras) -> int | None:
+    """The width of the text embedding the file's cross-attention keys read, if it has one."""
+    for module, spec in parsed.specs.items():
+        flat = module.replace(".", "_")
+        if flat.endswith("attn2_to_k") and (down := spec.tensors.get("lora_down")) is not None and down.dim() == 2:
+            return down.shape[1]
+    return None
+
+
+def _check_text_width(parsed: ParsedLoras, target: StableDiffusion) -> None:
+    """Refuse a LoRA made for another family, by the width of the text its cross-attention reads."""
+    width, expected = _text_width(parsed), target.unet.context_embedding_dim
+    if width is not None and width != expected:
+        families = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "Stable Diffusion XL"}
+        made_for = families.get(width, "another model")
+        raise ValueError(
+            f"this LoRA is for {made_for}: its cross-attention reads {width}-wide text embeddings, but "
+            f"{type(target).__name__}'s reads {expected}-wide ones. Load it on a {made_for} model."
+        )
+
+
+class SDLoraAdapter:
+    """One LoRA file on a Stable Diffusion model: `inject` puts all its LoRAs in, `eject` takes them out.
+
+    `SD1LoraAdapter` and `SDXLLoraAdapter` are its names for each family (they check the model's family).
 
     Its LoRAs are built (and the file checked) when the adapter is built; the model is untouched until `inject`.
     For several LoRAs at once, per-block scales and export, use `SDLoraManager` (which sees this adapter's LoRA
@@ -269,13 +329,13 @@ class SD1LoraAdapter:
     def __init__(
         self, target: StableDiffusion, specs: Mapping[str, LoraSpec], name: str, scale: float = 1.0, own: bool = True
     ) -> None:
-        unet, text_encoder = _components(target)
-        modules = sd1_lora_targets(unet, text_encoder)
+        self._check_family(target)
+        modules = lora_targets(target)
         unknown = sorted(set(specs) - set(modules))
         if unknown:
             raise ValueError(
                 f"{len(unknown)} module name(s) are not layers of the model a LoRA can update: {unknown[:10]}. Name "
-                f"them as `sd1_lora_targets` does (or read the file with `SD1LoraAdapter.from_safetensors`)."
+                f"them as `lora_targets` does (or read the file with `{type(self).__name__}.from_safetensors`)."
             )
         if not specs:
             raise ValueError(f"LoRA {name!r} updates no layer: there is nothing to inject")
@@ -305,12 +365,24 @@ class SD1LoraAdapter:
             strict: Raise `UnmatchedLoraKeysError` on a tensor the model has no use for; when False, warn and
                 load the rest.
         """
-        unet, text_encoder = _components(target)
+        cls._check_family(target)
         path = Path(checkpoint_path)
-        specs = resolve(
-            parse_lora_file(path), sd1_lora_targets(unet, text_encoder), aliases=sd1_module_aliases(), strict=strict
-        )
+        parsed = parse_lora_file(path)
+        _check_text_width(parsed, target)
+        specs = resolve(parsed, lora_targets(target), aliases=module_aliases(target), strict=strict)
         return cls(target, specs, name=path.stem if name is None else name, scale=scale, own=False)
+
+    family: ClassVar[type[LatentDiffusionModel[Any, Any]]] = LatentDiffusionModel
+    """The models this adapter is for."""
+
+    @classmethod
+    def _check_family(cls, target: StableDiffusion) -> None:
+        _check_model(target)
+        if not isinstance(target, cls.family):
+            raise TypeError(
+                f"{cls.__name__} is for {cls.family.__name__} models, got a {type(target).__name__}: use the adapter "
+                "of its family (SD1LoraAdapter, SDXLLoraAdapter) or SDLoraAdapter"
+            )
 
     @property
     def loras(self) -> dict[str, Lora[Any]]:
@@ -335,8 +407,7 @@ class SD1LoraAdapter:
         """Put the LoRAs on their layers (in a `LoraAdapter` per layer, shared with the other LoRAs on it)."""
         if self._injected:
             raise ValueError(f"LoRA {self.name!r} is already injected; eject it first")
-        unet, text_encoder = _components(self.target)
-        _check_new_name(self.name, sd1_lora_targets(unet, text_encoder))
+        _check_new_name(self.name, lora_targets(self.target))
         for module, lora in self._loras.items():
             layer = self._layers[module]
             # The model may have moved since the LoRAs were built: they follow it.
@@ -381,20 +452,20 @@ class SDLoraManager:
     """
 
     def __init__(self, target: StableDiffusion) -> None:
-        _components(target)
+        _check_model(target)
         self.target = target
         self._scales: dict[str, float] = {}
         self._block_scales: dict[str, dict[str, float]] = {}
-        self._modules: tuple[SD1UNet, CLIPTextEncoder, dict[str, Targetable]] | None = None
+        self._modules: tuple[tuple[torch.nn.Module, torch.nn.Module], dict[str, Targetable]] | None = None
 
     @property
     def modules(self) -> dict[str, Targetable]:
-        """The layers a LoRA may update, by module name (see `sd1_lora_targets`)."""
-        unet, text_encoder = _components(self.target)
+        """The layers a LoRA may update, by module name (see `lora_targets`)."""
+        components = (self.target.unet, self.target.clip_text_encoder)
         # Walking the model takes longer than what most calls do: the map is kept until a component is replaced.
-        if self._modules is None or self._modules[0] is not unet or self._modules[1] is not text_encoder:
-            self._modules = (unet, text_encoder, sd1_lora_targets(unet, text_encoder))
-        return dict(self._modules[2])
+        if self._modules is None or any(a is not b for a, b in zip(self._modules[0], components, strict=True)):
+            self._modules = (components, lora_targets(self.target))
+        return dict(self._modules[1])
 
     @property
     def names(self) -> list[str]:
@@ -464,7 +535,9 @@ class SDLoraManager:
         _check_new_name(name, modules)
         for what, patterns in (("include", include), ("exclude", exclude), ("block_scales", block_scales)):
             _check_patterns(patterns or (), modules, what)
-        specs = resolve(_parsed(tensors_or_path), modules, aliases=sd1_module_aliases(), strict=strict)
+        parsed = _parsed(tensors_or_path)
+        _check_text_width(parsed, self.target)
+        specs = resolve(parsed, modules, aliases=module_aliases(self.target), strict=strict)
         specs = {
             module: spec
             for module, spec in specs.items()
@@ -560,7 +633,7 @@ class SDLoraManager:
         name: str,
         path: str | Path,
         layout: LoraLayout = "refiners",
-        base_model: KohyaBaseModel = "sd_v1",
+        base_model: KohyaBaseModel | None = None,
     ) -> None:
         """Write the LoRA `name` to a `.safetensors` file.
 
@@ -570,8 +643,12 @@ class SDLoraManager:
             layout: `refiners`, `peft` (what diffusers' `load_lora_weights` reads; down/up LoRAs only; the text
                 encoder's modules named as transformers 5 names them, without `text_model.`), or `kohya` (with
                 `ss_*` and `modelspec.*` metadata, for A1111, ComfyUI and kohya's tools).
-            base_model: The kohya base model written in the metadata.
+            base_model: The kohya base model written in the metadata (default: the model's family's).
         """
+        if base_model is None:
+            base_model = (
+                "sdxl_base_v1-0" if "text_encoder_2" in {m.partition(".")[0] for m in self.modules} else "sd_v1"
+            )
         _save(path, self.lora_specs(name), layout, base_model)
 
     def _loras(self, name: str, modules: Mapping[str, Targetable]) -> dict[str, tuple[LoraAdapter, Lora[Any]]]:
@@ -668,3 +745,17 @@ def convert_sd1_lora(
     specs = resolve(_parsed(source), modules, aliases=sd1_module_aliases(), strict=strict)
     _save(destination, specs, layout, "sd_v1")
     return specs
+
+
+class SD1LoraAdapter(SDLoraAdapter):
+    """One LoRA file on a Stable Diffusion 1.x model (see `SDLoraAdapter`): the seed README's adapter."""
+
+    family = StableDiffusion_1
+
+
+class SDXLLoraAdapter(SDLoraAdapter):
+    """One LoRA file on a Stable Diffusion XL model (see `SDLoraAdapter`): kohya files with SGM or diffusers names,
+    `lora_te1_`/`lora_te2_` for the two text encoders, PEFT/diffusers files with `unet.`, `text_encoder.` and
+    `text_encoder_2.` prefixes, LyCORIS kinds and DoRA."""
+
+    family = StableDiffusion_XL

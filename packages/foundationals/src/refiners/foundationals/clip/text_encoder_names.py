@@ -95,12 +95,11 @@ def transformers_clip_text_modules(
             (f"{name}.mlp.fc1", fc1),
             (f"{name}.mlp.fc2", fc2),
         ]
-    (final_norm,) = _the(
-        (norm for norm in _layers(encoder, fl.LayerNorm) if id(norm) not in layer_norms_in_layers),
-        "final LayerNorm",
-        1,
-    )
-    pairs.append((f"{p}final_layer_norm", final_norm))
+    final_norms = [norm for norm in _layers(encoder, fl.LayerNorm) if id(norm) not in layer_norms_in_layers]
+    if len(final_norms) > 1:
+        raise ValueError(f"expected one final LayerNorm, found {len(final_norms)}: is this a CLIPTextEncoder?")
+    # None in an encoder cut to its penultimate output (`with_penultimate_output`, SDXL's CLIP-L).
+    pairs += [(f"{p}final_layer_norm", norm) for norm in final_norms]
     if (pooling := encoder.find(TextEncoderWithPooling)) is not None:
         pairs.append(("text_projection", pooling.projection))
     return dict(pairs)

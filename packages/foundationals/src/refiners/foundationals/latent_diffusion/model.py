@@ -27,6 +27,7 @@ import refiners.fluxion.layers as fl
 from refiners.fluxion.utils import image_to_tensor
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
 from refiners.foundationals.latent_diffusion.solvers.solver import Solver
+from refiners.foundationals.latent_diffusion.unet_names import ModuleRenaming
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -152,6 +153,20 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT, TextEncoderT]):
             negative_prompts: One per prompt, or None for the family's default (the empty prompt; zeros for SDXL).
             guided: Whether to make the negative rows too (first), for classifier-free guidance.
         """
+
+    @abstractmethod
+    def diffusers_modules(self) -> "dict[str, fl.WeightedModule]":
+        """Every layer with weights, by the name diffusers' pipeline gives its module, component first.
+
+        `unet.down_blocks.1.attentions.0.proj_in`, `text_encoder.text_model.encoder.layers.0.self_attn.q_proj`, and
+        `text_encoder_2.*` for SDXL: the names community files (LoRAs, checkpoints) use. Derived from the live
+        model: a layer wrapped in an adapter keeps its name.
+        """
+
+    @abstractmethod
+    def original_renamings(self) -> "dict[str, ModuleRenaming]":
+        """For each component whose original layout names modules otherwise (the UNet's `input_blocks`...), its
+        `ModuleRenaming` to and from diffusers' names."""
 
     def _latent_conditioning(self, size: tuple[int, int]) -> dict[str, Tensor]:
         """The conditioning made per latent that `generate` gives by default (SDXL's time ids); none here.

@@ -401,6 +401,10 @@ class UNet(fl.Chain):
         """The layers of this UNet outside the common blocks, by their diffusers names (see `unet_names`)."""
         return []
 
+    def extra_original_modules(self) -> list[tuple[str, str]]:
+        """The `(original, diffusers)` paths of the modules outside the common blocks (see `unet_renaming`)."""
+        return []
+
     @property
     def context_embedding_dim(self) -> int:
         """Size of the text embedding the transformers attend to."""

@@ -36,7 +36,7 @@ from refiners.foundationals.latent_diffusion.unet import (
     UpBlocks,
 )
 
-__all__ = ["diffusers_unet_modules", "ModuleRenaming", "ldm_unet_renaming"]
+__all__ = ["diffusers_unet_modules", "ModuleRenaming", "ldm_unet_renaming", "unet_renaming"]
 
 T = TypeVar("T", bound=fl.Module)
 
@@ -229,8 +229,20 @@ def _unet_resnet(original: str, diffusers: str) -> list[tuple[str, str]]:
     return [(f"{original}.{o}", f"{diffusers}.{d}") for o, d in _UNET_RESNET]
 
 
+def unet_renaming(unet: UNet) -> ModuleRenaming:
+    """The original layout's module paths of `unet` (SD1's `openaimodel`, SDXL's SGM) and diffusers', from its topology.
+
+    Args:
+        unet: The UNet (its weights are not read).
+    """
+    topology = unet.topology
+    return ldm_unet_renaming(topology.layers_per_block, topology.attention_levels, unet.extra_original_modules())
+
+
 def ldm_unet_renaming(
-    layers_per_block: int = 2, attention_levels: Sequence[bool] = (True, True, True, False)
+    layers_per_block: int = 2,
+    attention_levels: Sequence[bool] = (True, True, True, False),
+    extra_pairs: Iterable[tuple[str, str]] = (),
 ) -> ModuleRenaming:
     """The original UNet's (`openaimodel.UNetModel`) module paths and diffusers' `UNet2DConditionModel`'s.
 
@@ -243,6 +255,7 @@ def ldm_unet_renaming(
         layers_per_block: Resnets per down block (diffusers' `layers_per_block`; SD1: 2).
         attention_levels: For each resolution, highest first, whether its blocks have a transformer (SD1: all but
             the lowest).
+        extra_pairs: `(original, diffusers)` paths of the modules outside the common blocks (SDXL's `label_emb`).
     """
     levels = len(attention_levels)
     pairs = [
@@ -275,4 +288,4 @@ def ldm_unet_renaming(
                 upsampler = f"output_blocks.{block}.{2 if attention else 1}.conv"
                 pairs.append((upsampler, f"up_blocks.{level}.upsamplers.0.conv"))
             block += 1
-    return ModuleRenaming(pairs)
+    return ModuleRenaming([*pairs, *extra_pairs])

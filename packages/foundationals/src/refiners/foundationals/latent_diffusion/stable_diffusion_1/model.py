@@ -24,14 +24,17 @@ import torch
 from torch import Tensor
 from torch.nn.functional import interpolate
 
+import refiners.fluxion.layers as fl
 from refiners.fluxion.utils import image_to_tensor
 from refiners.foundationals.clip.text_encoder import CLIPTextEncoder, CLIPTextEncoderL
+from refiners.foundationals.clip.text_encoder_names import transformers_clip_text_modules
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder, SD1Autoencoder
 from refiners.foundationals.latent_diffusion.model import LatentDiffusionModel, _prompt_list, moved_component
 from refiners.foundationals.latent_diffusion.solvers.dpm_solver import DPMSolver
 from refiners.foundationals.latent_diffusion.solvers.solver import Solver
 from refiners.foundationals.latent_diffusion.stable_diffusion_1.weights import ConvertedWeights, SD1Weights
 from refiners.foundationals.latent_diffusion.unet import SD1UNet
+from refiners.foundationals.latent_diffusion.unet_names import ModuleRenaming, diffusers_unet_modules, unet_renaming
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -223,6 +226,15 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet, CLIPTextEncoder]):  # noqa
             )
         self.unet.set_timestep(timestep)
         self.unet.set_clip_text_embedding(clip_text_embedding)
+
+    def diffusers_modules(self) -> dict[str, fl.WeightedModule]:
+        return {f"unet.{name}": module for name, module in diffusers_unet_modules(self.unet).items()} | {
+            f"text_encoder.{name}": module
+            for name, module in transformers_clip_text_modules(self.clip_text_encoder).items()
+        }
+
+    def original_renamings(self) -> dict[str, ModuleRenaming]:
+        return {"unet": unet_renaming(self.unet)}
 
     def compute_clip_text_embedding(self, text: str | Sequence[str], negative_text: str | Sequence[str] = "") -> Tensor:
         """The text embedding classifier-free guidance needs: the negative prompts' rows, then the prompts'.

@@ -17,12 +17,15 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
+import refiners.fluxion.layers as fl
+from refiners.foundationals.clip.text_encoder_names import transformers_clip_text_modules
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
 from refiners.foundationals.latent_diffusion.model import LatentDiffusionModel, _prompt_list, moved_component
 from refiners.foundationals.latent_diffusion.solvers.ddim import DDIM
 from refiners.foundationals.latent_diffusion.solvers.solver import Solver, SolverParams, TimestepSpacing
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl.text_encoder import DoubleTextEncoder
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl.unet import SDXLUNet
+from refiners.foundationals.latent_diffusion.unet_names import ModuleRenaming, diffusers_unet_modules, unet_renaming
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -117,6 +120,19 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet, DoubleTextEncoder]):  # 
             solver=solver,
         )
         self.default_size = default_size
+
+    def diffusers_modules(self) -> dict[str, fl.WeightedModule]:
+        encoders = {
+            "text_encoder": self.clip_text_encoder.text_encoder_l,
+            "text_encoder_2": self.clip_text_encoder.text_encoder_g,
+        }
+        modules = {f"unet.{name}": module for name, module in diffusers_unet_modules(self.unet).items()}
+        for component, encoder in encoders.items():
+            modules |= {f"{component}.{name}": m for name, m in transformers_clip_text_modules(encoder).items()}
+        return modules
+
+    def original_renamings(self) -> dict[str, ModuleRenaming]:
+        return {"unet": unet_renaming(self.unet)}
 
     def compute_clip_text_embedding(
         self, text: str | Sequence[str], negative_text: str | Sequence[str] | None = ""

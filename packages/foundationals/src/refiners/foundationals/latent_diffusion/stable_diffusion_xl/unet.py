@@ -204,6 +204,9 @@ class SDXLUNet(UNet):
         linear_1, linear_2 = text_time.layers(fl.Linear)
         return [("add_embedding.linear_1", linear_1), ("add_embedding.linear_2", linear_2)]
 
+    def extra_original_modules(self) -> list[tuple[str, str]]:
+        return [("label_emb.0.0", "add_embedding.linear_1"), ("label_emb.0.2", "add_embedding.linear_2")]
+
     def set_pooled_text_embedding(self, pooled_text_embedding: Tensor) -> None:
         """Set the pooled text embedding of the next forwards.
 
