@@ -17,15 +17,20 @@ Usage:
 """
 
 import argparse
+import logging
+import os
 import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Generator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from transformers.utils import logging as transformers_logging
 
 from refiners.adapters.lora import SD1LoraAdapter
 from refiners.converters.toy import save_toy_stable_diffusion_1
@@ -45,8 +50,28 @@ INFERENCE_STEPS = 20
 _START = time.monotonic()
 
 
-def _section(number: int, title: str) -> None:
-    print(f"\n[{number}/5] {title}  ({time.monotonic() - _START:.0f} s)", flush=True)
+@contextmanager
+def _step(number: int, title: str) -> Generator[None]:
+    """A step of the demo: its title, then (once it ran) how long it took."""
+    print(f"\n[{number}/5] {title}", flush=True)
+    start = time.monotonic()
+    yield
+    print(f"[{number}/5] done in {time.monotonic() - start:.0f} s", flush=True)
+
+
+def _is_torchvision_notice(record: logging.LogRecord) -> bool:
+    return "requires torchvision (not installed)" in record.getMessage()
+
+
+def _quiet_third_parties() -> None:
+    """Silence what diffusers and transformers print that does not concern the demo's reader, here and in the
+    commands it runs: the progress bars of writing and loading weights (the files are tiny), and transformers'
+    notice that its image processors fall back to Pillow without torchvision (the demo processes no image with
+    them). Their warnings still show; refiners-train quiets Lightning's notices itself."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the commands: read when they import transformers
+    # This process imported transformers already (Lightning imports it): its bars are switched off here.
+    transformers_logging.disable_progress_bar()
+    logging.getLogger("transformers.utils.import_utils").addFilter(lambda record: not _is_torchvision_notice(record))
 
 
 def _run(name: str, module: str, *arguments: str, cwd: Path) -> None:
@@ -80,51 +105,52 @@ def main() -> None:
     args = parser.parse_args()
     output: Path = args.output.resolve()
     output.mkdir(parents=True, exist_ok=True)
+    _quiet_third_parties()
 
-    _section(1, "A toy Stable Diffusion 1.x with random weights, saved as a diffusers folder")
-    diffusers_folder = save_toy_stable_diffusion_1(output / "diffusers", seed=0)
-    print(f"{diffusers_folder}: {', '.join(sorted(path.name for path in diffusers_folder.iterdir()))}")
+    with _step(1, "A toy Stable Diffusion 1.x with random weights, saved as a diffusers folder"):
+        diffusers_folder = save_toy_stable_diffusion_1(output / "diffusers", seed=0)
+        print(f"{diffusers_folder}: {', '.join(sorted(path.name for path in diffusers_folder.iterdir()))}")
 
-    _section(2, "Convert it to refiners weights, and check them against diffusers and transformers")
-    _run(
-        "refiners-convert", "refiners.converters.cli",
-        "sd1", "--from", "diffusers", "--to", "refiners", "--check", cwd=output,
-    )  # fmt: skip
+    with _step(2, "Convert it to refiners weights, and check them against diffusers and transformers"):
+        _run(
+            "refiners-convert", "refiners.converters.cli",
+            "sd1", "--from", "diffusers", "--to", "refiners", "--check", cwd=output,
+        )  # fmt: skip
 
-    _section(3, f"Generate: {PROMPT!r}, seed {SEED}, {INFERENCE_STEPS} steps")
-    components = build_components("tiny", weights=output / "refiners")  # the toy sizes of configs/tiny-lora.yaml
-    sd = StableDiffusion_1(
-        unet=components.unet,
-        lda=components.lda,
-        clip_text_encoder=components.clip_text_encoder,
-        solver=DPMSolver(num_inference_steps=INFERENCE_STEPS),
-    )
-    before = generate(sd)
-    before.save(output / "before.png")
-    print(f"wrote {output / 'before.png'} ({before.width}x{before.height})")
+    with _step(3, f"Generate: {PROMPT!r}, seed {SEED}, {INFERENCE_STEPS} steps"):
+        components = build_components("tiny", weights=output / "refiners")  # the toy sizes of configs/tiny-lora.yaml
+        sd = StableDiffusion_1(
+            unet=components.unet,
+            lda=components.lda,
+            clip_text_encoder=components.clip_text_encoder,
+            solver=DPMSolver(num_inference_steps=INFERENCE_STEPS),
+        )
+        before = generate(sd)
+        before.save(output / "before.png")
+        print(f"wrote {output / 'before.png'} ({before.width}x{before.height})")
 
-    _section(4, f"Fine-tune a LoRA for {args.steps} steps with refiners-train on a folder of captioned images")
-    images = make_image_folder(output / "images", n=24, size=64)
-    print(f"{images.path}: {len(images.captions)} images, e.g. {next(iter(images.captions.values()))!r}")
-    _run(
-        "refiners-train", "refiners.training.cli",
-        "fit", "--config", str(ROOT / "configs" / "tiny-lora.yaml"),
-        "--model.weights", "refiners", "--data.data_dir", "images", "--export.dirpath", "lora",
-        "--trainer.max_steps", str(args.steps), cwd=output,
-    )  # fmt: skip
-    lora = output / "lora" / "lora.safetensors"
+    with _step(4, f"Fine-tune a LoRA for {args.steps} steps with refiners-train on a folder of captioned images"):
+        images = make_image_folder(output / "images", n=24, size=64)
+        print(f"{images.path}: {len(images.captions)} images, e.g. {next(iter(images.captions.values()))!r}")
+        _run(
+            "refiners-train", "refiners.training.cli",
+            "fit", "--config", str(ROOT / "configs" / "tiny-lora.yaml"),
+            "--model.weights", "refiners", "--data.data_dir", "images", "--export.dirpath", "lora",
+            "--trainer.max_steps", str(args.steps), cwd=output,
+        )  # fmt: skip
+        lora = output / "lora" / "lora.safetensors"
 
-    _section(5, "Generate again with the LoRA, then without it")
-    adapter = SD1LoraAdapter.from_safetensors(target=sd, checkpoint_path=lora, scale=1.0)
-    adapter.inject()
-    after = generate(sd)
-    after.save(output / "after.png")
-    adapter.eject()
-    ejected = generate(sd)
-    change, restored = _difference(before, after), _difference(before, ejected)
-    print(f"with the LoRA: mean |pixel change| = {change:.2f} / 255 -> {output / 'after.png'}")
-    print(f"LoRA ejected: mean |pixel change| = {restored:.2f} / 255 (the base model is untouched)")
-    assert change > 0 and restored == 0, (change, restored)
+    with _step(5, "Generate again with the LoRA, then without it"):
+        adapter = SD1LoraAdapter.from_safetensors(target=sd, checkpoint_path=lora, scale=1.0)
+        adapter.inject()
+        after = generate(sd)
+        after.save(output / "after.png")
+        adapter.eject()
+        ejected = generate(sd)
+        change, restored = _difference(before, after), _difference(before, ejected)
+        print(f"with the LoRA: mean |pixel change| = {change:.2f} / 255 -> {output / 'after.png'}")
+        print(f"LoRA ejected: mean |pixel change| = {restored:.2f} / 255 (the base model is untouched)")
+        assert change > 0 and restored == 0, (change, restored)
 
     runs = sorted((output / "outputs" / "tiny-lora" / "tensorboard").glob("version_*"), key=lambda p: p.stat().st_mtime)
     print(f"\nDone in {time.monotonic() - _START:.0f} s. Everything is in {output}:")

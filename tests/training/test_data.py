@@ -571,7 +571,7 @@ def test_images_without_captions(tmp_path: Path) -> None:
         ),
         (
             _metadata({"file_name": "a.png", "caption": "ok"}),
-            r"line 1 lacks text \(its fields: file_name, caption\): .*; pass caption_column= to read captions",
+            r"line 1 lacks text \(its fields: file_name, caption\): .*; pass caption_column=<field> to read captions",
         ),
         (_metadata({"text": "no file"}), r"line 1 lacks file_name \(its fields: text\)"),
         (_metadata({"file_name": "a.png", "text": 3}), r"line 1 has a file_name or caption that is no string"),

@@ -28,7 +28,10 @@ from torch.optim import Optimizer
 from transformers import CLIPTextConfig, CLIPTextModel
 
 import refiners.training.callbacks
+import refiners.training.cli
+import refiners.training.errors
 import refiners.training.module
+import refiners.training.progress
 from refiners.adapters.lora import SD1LoraAdapter, parse_lora_file
 from refiners.converters.clip_text import transformers_clip_text_key_map
 from refiners.converters.engine import KeyMap
@@ -700,14 +703,27 @@ def test_decaying_schedule_needs_an_end(metadata_folder: SampleImageFolder, tmp_
 
 EXAMPLES = [
     (f"{module.__name__}.{name}", block)
-    for module in (refiners.training.module, refiners.training.callbacks)
+    for module in (
+        refiners.training.module,
+        refiners.training.callbacks,
+        refiners.training.errors,
+        refiners.training.progress,
+        refiners.training.cli,
+    )
     for name in module.__all__
     for block in re.findall(r"```py\n(.*?)\s*```", inspect.getdoc(getattr(module, name)) or "", flags=re.DOTALL)
 ]
 
 
 def test_there_are_examples() -> None:
-    assert {name.rsplit(".", 1)[-1] for name, _ in EXAMPLES} >= {"LoraFineTuning", "ExportLora"}
+    assert {name.rsplit(".", 1)[-1] for name, _ in EXAMPLES} >= {
+        "LoraFineTuning",
+        "ExportLora",
+        "Setting",
+        "TrainingSetupError",
+        "progress_line",
+        "usage_error",
+    }
 
 
 @pytest.mark.parametrize(("name", "code"), EXAMPLES, ids=[name for name, _ in EXAMPLES])

@@ -8,6 +8,7 @@ from refiners.training.data import (
     TrainingBatch,
 )
 from refiners.training.data_transforms import ImageTransform
+from refiners.training.errors import Setting, TrainingSetupError
 from refiners.training.image_folder import ImageFolderError, find_captioned_images
 from refiners.training.module import (
     BaseModel,
@@ -20,6 +21,7 @@ from refiners.training.module import (
     build_components,
     lora_target_layers,
 )
+from refiners.training.progress import TrainingProgress
 from refiners.training.sample_data import make_image_folder
 
 __all__ = [
@@ -32,6 +34,9 @@ __all__ = [
     "ImageFolderError",
     "find_captioned_images",
     "make_image_folder",
+    # errors that the user fixes (`refiners-train` prints them without traceback)
+    "TrainingSetupError",
+    "Setting",
     # fine-tuning
     "LoraFineTuning",
     "BaseModel",
@@ -46,4 +51,5 @@ __all__ = [
     "SampleImages",
     "ExportLora",
     "LoraFormat",
+    "TrainingProgress",
 ]

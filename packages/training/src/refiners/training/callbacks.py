@@ -87,7 +87,8 @@ def _averaged(trainer: Trainer, module: LoraFineTuning) -> LoraFineTuning:
 
 
 def lora_metadata(trainer: Trainer, module: LoraFineTuning, averaged: bool) -> dict[str, str]:
-    """The training's settings, for an exported LoRA's header: `refiners_training` (JSON) and kohya's `ss_*` keys.
+    """The training's settings, for an exported LoRA's header: `refiners_training` (JSON), kohya's `ss_*` keys and
+    the training resolution as the SAI model spec's `modelspec.resolution`.
 
     Args:
         trainer: The trainer (for the step, the epoch and the data).
@@ -125,7 +126,10 @@ def lora_metadata(trainer: Trainer, module: LoraFineTuning, averaged: bool) -> d
     if module.train_text_encoder:
         metadata["ss_text_encoder_lr"] = str(module.text_encoder_learning_rate)
     if resolution is not None:
+        # Both say the training resolution (kohya's trainer writes both); `kohya_state_dict`'s `modelspec.resolution`
+        # is the base model's native one, which these replace.
         metadata["ss_resolution"] = f"({resolution}, {resolution})"
+        metadata["modelspec.resolution"] = f"{resolution}x{resolution}"
     return metadata
 
 
@@ -236,7 +240,8 @@ class ExportLora(Callback):
                     tensors, header = peft_state_dict(peft_specs)
                 case "kohya":
                     tensors, header = kohya_state_dict(specs, "sd_v1", title=self.filename)
-            # kohya's `ss_*` keys are meaningful to kohya's tools only; the settings go into every file.
+            # kohya's `ss_*` and `modelspec.*` keys are meaningful to kohya's tools only; the settings go into every
+            # file. The training's keys win over the header's defaults.
             extra = metadata if format == "kohya" else {METADATA_KEY: metadata[METADATA_KEY]}
             save_to_safetensors(path, tensors, header | extra)
             self.exported.append(path)

@@ -7,23 +7,217 @@
 It is Lightning's `LightningCLI` over `LoraFineTuning` and `CaptionedImageDataModule`: every argument of the module
 (`model.*`), the data (`data.*`) and the `Trainer` (`trainer.*`: devices, strategy, precision, callbacks, loggers...)
 comes from the config or the command line, and `refiners-train fit --print_config` shows them all. An `ExportLora`
-callback is always there (configure it under `export`): the LoRA is written at every checkpoint and at the end.
+callback is always there (configure it under `export`): the LoRA is written at every checkpoint and at the end. The
+loggers write under `trainer.default_root_dir` (their `save_dir` follows it), and so do the checkpoints, samples and
+LoRAs, which go into the first logger's run folder.
+
+What goes wrong in the data, the weights or a setting is one line on stderr and exit status 1
+(`refiners-train: error: ...`, the settings it names written as options: `--data.skip_unreadable true`); a
+misspelled option or config key is one line that names the nearest valid one, and exit status 2. A run that fails
+before its first step leaves no empty run folder.
 """
 
+import difflib
+import importlib
+import inspect
+import logging
+import os
+import re
+import shutil
+import sys
+import warnings
+from collections.abc import Iterable, Mapping
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any, NoReturn
+
+from jsonargparse import Namespace
+from lightning import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from refiners.training.callbacks import ExportLora
 from refiners.training.data import CaptionedImageDataModule
+from refiners.training.errors import Setting, TrainingSetupError
 from refiners.training.module import LoraFineTuning
 
-__all__ = ["LoraTrainingCLI", "main"]
+__all__ = [
+    "PROG",
+    "LoraTrainingCLI",
+    "TrainingArgumentParser",
+    "main",
+    "option_of",
+    "usage_error",
+    "quiet_lightning",
+]
+
+PROG = "refiners-train"
+
+# The classes behind the options of each group: `--model.rank` is `LoraFineTuning(rank=...)`.
+_GROUPS: Mapping[str, type] = {"model": LoraFineTuning, "data": CaptionedImageDataModule, "export": ExportLora}
+# What a logger writes as it starts, before any step: a failed run's folder holding only these is removed.
+_LOGGER_START_FILES = ("hparams.yaml", "config.yaml", "metrics.csv", "events.out.tfevents.*")
+# Lightning's info lines that do not concern a refiners-train user (the device lines: the config names the device).
+_LIGHTNING_NOTICES = ("💡 Tip:", "GPU available:", "TPU available:", "HPU available:")
+
+
+# -- messages for the command line -------------------------------------------------------------------------------
+
+
+def option_of(setting: Setting) -> str:
+    """A setting as `refiners-train`'s command line writes it (`--data.skip_unreadable true`), or as Python does
+    when no single group of options has it.
+
+    Args:
+        setting: A setting named by an error.
+    """
+    groups = [group for group, cls in _GROUPS.items() if setting.name in inspect.signature(cls).parameters]
+    return setting.command_line(f"--{groups[0]}.{setting.name}") if len(groups) == 1 else str(setting)
+
+
+def _nearest(name: str, candidates: Iterable[str]) -> str | None:
+    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _did_you_mean(suggestion: str | None) -> str:
+    return f": did you mean {suggestion}?" if suggestion is not None else ""
+
+
+def _init_parameters(class_path: str) -> list[str]:
+    """The keyword arguments of a class named by its import path (none if it cannot be imported)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        return [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return []
+
+
+def usage_error(message: str, options: list[str]) -> str:
+    """jsonargparse's message for a usage error, as one line that names the nearest valid option or value.
+
+    Args:
+        message: jsonargparse's (or argparse's) message.
+        options: The valid options of the (sub)command, e.g. `--model.rank`.
+
+    Example:
+        ```py
+        from refiners.training.cli import usage_error
+
+        options = ["--model.rank", "--model.alpha", "--data.data_dir"]
+        assert usage_error("unrecognized arguments: --model.rnak 4", options) == (
+            "unknown option --model.rnak: did you mean --model.rank?"
+        )
+        assert usage_error("Subcommand 'fit' does not accept option 'model.rnak'", options) == (
+            "unknown config key model.rnak: did you mean model.rank?"
+        )
+        ```
+    """
+    if match := re.fullmatch(r"unrecognized arguments: (.*)", message, re.DOTALL):
+        unknown = [token.partition("=")[0] for token in match[1].split() if token.startswith("-")]
+        if unknown:
+            return "; ".join(f"unknown option {flag}{_did_you_mean(_nearest(flag, options))}" for flag in unknown)
+    if match := re.search(r"does not accept (?:option|nested key) '([^']+)'", message):
+        keys = [option.removeprefix("--") for option in options]
+        return f"unknown config key {match[1]}{_did_you_mean(_nearest(match[1], keys))}"
+    if match := re.search(
+        r"Problem with given class_path '([^']+)':\s+Option '([^']+)' is not accepted", message, re.DOTALL
+    ):
+        where = re.match(r'Parser key "([^"]+)"', message)
+        class_path, key = match[1], match[2]
+        suggestion = _nearest(key, _init_parameters(class_path))
+        prefix = f"{where[1]}: " if where else ""
+        return f"{prefix}{class_path} has no argument {key}{_did_you_mean(suggestion)}"
+    if match := re.search(
+        r"Parser key \"([^\"]+)\":.*Option '([^']+)' is not accepted\. Got value: Namespace\(class_path='([^']+)'",
+        message,
+        re.DOTALL,
+    ):
+        key, option, class_path = match[1], match[2], match[3]
+        if key == "model.optimizer" and option == "lr":
+            return (
+                f"{key}: {class_path} takes no lr here: the learning rates are model.learning_rate and "
+                "model.text_encoder_learning_rate"
+            )
+        suggestion = _nearest(option, _init_parameters(class_path))
+        return f"{key}: {class_path} has no argument {option}{_did_you_mean(suggestion)}"
+    if match := re.search(r'Parser key "([^"]+)":\s+Expected a typing\.Literal\[(.*)\]\. Got value: (.*)', message):
+        allowed = re.findall(r"'([^']*)'", match[2])
+        value = match[3].strip()
+        return f"{match[1]}: {value} is not one of {', '.join(allowed)}{_did_you_mean(_nearest(value, allowed))}"
+    if match := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message):
+        allowed = re.findall(r"'([^']*)'", match[2])
+        return f"{message}{_did_you_mean(_nearest(match[1], allowed))}"
+    if match := re.search(r"Call to compute_fn of link .* failed: (.*)", message, re.DOTALL):
+        return match[1]
+    return message
+
+
+class TrainingArgumentParser(LightningArgumentParser):
+    """Lightning's parser, whose usage errors are one line naming the nearest valid option (see `usage_error`),
+    then where to find every option; jsonargparse's own print the command's whole usage first (80 lines)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)  # raises: jsonargparse is trying alternatives, or debugging
+        parser = getattr(ex, "subcommand_parser", None) or self
+        assert isinstance(parser, TrainingArgumentParser)
+        command = parser.prog.replace(" [options]", "")
+        sys.stderr.write(
+            f"{PROG}: error: {usage_error(message, parser.options())}\n"
+            f"{PROG}: every option and its default: {command} --help\n"
+        )
+        self.exit(2)
+
+    def options(self) -> list[str]:
+        """The long options of this (sub)command, e.g. `--model.rank`."""
+        return [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+
+
+# -- the command -------------------------------------------------------------------------------------------------
+
+
+def _logs_folder(default_root_dir: str | None, loggers: Any) -> str:
+    """The `save_dir` of the loggers: `trainer.default_root_dir` (Lightning's default: the working directory)."""
+    root = os.getcwd() if default_root_dir is None else default_root_dir
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = logger.get("init_args") if isinstance(logger, Namespace) else None
+        pinned = init_args.get("save_dir") if isinstance(init_args, Namespace) else None
+        if pinned is not None and Path(pinned) != Path(root):
+            raise TrainingSetupError(
+                f"trainer.logger: the save_dir of {logger.get('class_path')} is {pinned}, but refiners-train writes "
+                f"the logs under trainer.default_root_dir ({root}), with the checkpoints and LoRAs: remove save_dir "
+                "and set trainer.default_root_dir"
+            )
+    return root
+
+
+def _log_folders(trainer: Trainer) -> dict[Path, bool]:
+    """The run folders the loggers will write (and their parents), each with whether it exists now."""
+    folders: dict[Path, bool] = {}
+    for logger in trainer.loggers:
+        log_dir = getattr(logger, "log_dir", None)
+        if isinstance(log_dir, str):
+            for folder in (Path(log_dir), Path(log_dir).parent):
+                folders[folder] = folder.exists()
+    return folders
+
+
+def _holds_only_logger_start(folder: Path) -> bool:
+    return all(
+        path.is_dir() or any(fnmatch(path.name, pattern) for pattern in _LOGGER_START_FILES)
+        for path in folder.rglob("*")
+    )
 
 
 class LoraTrainingCLI(LightningCLI):
     """`LightningCLI` for `LoraFineTuning` and `CaptionedImageDataModule`, with an `ExportLora` under `export`.
 
     The optimizer is the module's `optimizer` argument (its parameter groups carry their own learning rates), not
-    LightningCLI's `--optimizer`.
+    LightningCLI's `--optimizer`. The loggers' `save_dir` is `trainer.default_root_dir`. The data folder is read
+    before the training starts (and its loggers make their folders); a run that fails before its first step
+    removes the run folders it made, when they hold only what the loggers wrote as they started.
 
     Args:
         args: The command line arguments (default: `sys.argv[1:]`), or a dict of the config.
@@ -35,6 +229,8 @@ class LoraTrainingCLI(LightningCLI):
             LoraFineTuning,
             CaptionedImageDataModule,
             seed_everything_default=0,
+            parser_kwargs={"prog": PROG},
+            parser_class=TrainingArgumentParser,
             auto_configure_optimizers=False,
             args=args,
             run=run,
@@ -42,6 +238,44 @@ class LoraTrainingCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ExportLora, "export")
+        parser.link_arguments(
+            ("trainer.default_root_dir", "trainer.logger"), "trainer.logger.init_args.save_dir", _logs_folder
+        )
+
+    def before_fit(self) -> None:
+        # Read the folder before the loggers make their run folders: bad data leaves no empty `version_N` behind.
+        datamodule: LightningDataModule = self.datamodule
+        datamodule.setup("fit")
+
+    def fit(self, model: LightningModule, **kwargs: Any) -> None:
+        """`Trainer.fit`, removing on failure the run folders it made if no step was trained (rank zero only)."""
+        folders = _log_folders(self.trainer) if getattr(rank_zero_only, "rank", 0) == 0 else {}
+        try:
+            self.trainer.fit(model, **kwargs)
+        except BaseException:
+            if self.trainer.global_step == 0:
+                for folder, existed in folders.items():
+                    if not existed and folder.is_dir() and _holds_only_logger_start(folder):
+                        shutil.rmtree(folder)
+            raise
+
+
+def _not_a_notice(record: logging.LogRecord) -> bool:
+    return record.levelno > logging.INFO or not record.getMessage().startswith(_LIGHTNING_NOTICES)
+
+
+def quiet_lightning() -> None:
+    """Silence what Lightning and torch print that does not concern a refiners-train user: Lightning's tips
+    (`💡 Tip: ...`), its device lines (`GPU available: ...`, `LOCAL_RANK: ...`), `Seed set to 0`, and torch's
+    deprecation of the `LeafSpec` that Lightning still uses. Their warnings and errors still show."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        _not_a_notice
+    )  # added once, however many calls
+    for name in ("lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.seed"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # they log one info line each: the device, the seed
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
 
 
 def main(args: ArgsType = None) -> None:
@@ -50,7 +284,12 @@ def main(args: ArgsType = None) -> None:
     Args:
         args: The command line arguments (default: `sys.argv[1:]`).
     """
-    LoraTrainingCLI(args=args)
+    quiet_lightning()
+    try:
+        LoraTrainingCLI(args=args)
+    except TrainingSetupError as error:
+        sys.stderr.write(f"{PROG}: error: {error.render(option_of)}\n")
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from refiners.fluxion.utils import load_from_safetensors, save_to_safetensors
 from refiners.training.data_transforms import ImageTransform, Interpolation, seeded_generator
+from refiners.training.errors import Setting, TrainingSetupError
 from refiners.training.image_folder import find_captioned_images, open_image, readable_images
 
 __all__ = [
@@ -101,7 +102,7 @@ class CaptionedImageDataset(Dataset[CaptionedImage]):
     ) -> None:
         self.transform = ImageTransform(resolution, center_crop, random_flip, interpolation)
         if not 0.0 <= caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout is a probability, in [0, 1]; got {caption_dropout}")
+            raise TrainingSetupError(Setting("caption_dropout"), f" is a probability, in [0, 1]; got {caption_dropout}")
         self.folder = Path(folder)
         self.caption_dropout = caption_dropout
         self.seed = seed
@@ -431,19 +432,26 @@ class CaptionedImageDataModule(LightningDataModule):
         # Checked now, so that a bad configuration fails before any model is built.
         transform = ImageTransform(resolution, center_crop, random_flip)
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            raise TrainingSetupError(Setting("batch_size"), f" must be at least 1, got {batch_size}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be 0 (load in the training process) or more, got {num_workers}")
+            raise TrainingSetupError(
+                Setting("num_workers"), f" must be 0 (load in the training process) or more, got {num_workers}"
+            )
         if not 0.0 <= caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout is a probability, in [0, 1]; got {caption_dropout}")
+            raise TrainingSetupError(Setting("caption_dropout"), f" is a probability, in [0, 1]; got {caption_dropout}")
         if cache_latents and transform.is_random:
             random = " and ".join(
                 name for name, on in (("random crops", not center_crop), ("random flips", random_flip)) if on
             )
-            raise ValueError(
-                f"cache_latents=True encodes each image once, which would freeze one draw of the {random}: pass "
-                "center_crop=True and random_flip=False to cache latents, or cache_latents=False to keep the "
-                "augmentations"
+            raise TrainingSetupError(
+                Setting("cache_latents", True),
+                f" encodes each image once, which would freeze one draw of the {random}: pass ",
+                Setting("center_crop", True),
+                " and ",
+                Setting("random_flip", False),
+                " to cache latents, or ",
+                Setting("cache_latents", False),
+                " to keep the augmentations",
             )
         self.data_dir = Path(data_dir)
         self.resolution = resolution

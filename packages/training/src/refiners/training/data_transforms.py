@@ -14,6 +14,7 @@ from PIL import Image
 from torch import Tensor
 
 from refiners.fluxion.utils import image_to_tensor
+from refiners.training.errors import Setting, TrainingSetupError
 
 __all__ = [
     "Interpolation",
@@ -110,16 +111,19 @@ class ImageTransform:
     def __post_init__(self) -> None:
         resolution = self.resolution
         if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise ValueError(f"resolution must be a positive int, got {resolution!r}")
+            raise TrainingSetupError(Setting("resolution"), f" must be a positive int, got {resolution!r}")
         if resolution % RESOLUTION_MULTIPLE != 0:
             below = resolution - resolution % RESOLUTION_MULTIPLE
             suggestion = f"{below} or {below + RESOLUTION_MULTIPLE}" if below else str(RESOLUTION_MULTIPLE)
-            raise ValueError(
-                f"resolution must be a multiple of {RESOLUTION_MULTIPLE} (the autoencoder downsamples by "
-                f"{RESOLUTION_MULTIPLE}), got {resolution}: use {suggestion}"
+            raise TrainingSetupError(
+                Setting("resolution"),
+                f" must be a multiple of {RESOLUTION_MULTIPLE} (the autoencoder downsamples by "
+                f"{RESOLUTION_MULTIPLE}), got {resolution}: use {suggestion}",
             )
         if self.interpolation not in _FILTERS:
-            raise ValueError(f"interpolation must be one of {', '.join(_FILTERS)}, got {self.interpolation!r}")
+            raise TrainingSetupError(
+                Setting("interpolation"), f" must be one of {', '.join(_FILTERS)}, got {self.interpolation!r}"
+            )
 
     @property
     def is_random(self) -> bool:

@@ -20,6 +20,8 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
+from refiners.training.errors import Setting, TrainingSetupError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "METADATA_FILE",
@@ -36,7 +38,7 @@ METADATA_FILE = "metadata.jsonl"
 _MAX_LISTED = 5
 
 
-class ImageFolderError(ValueError):
+class ImageFolderError(TrainingSetupError):
     """A training image folder cannot be read as it is: the message says what, where, and how to fix it."""
 
 
@@ -150,10 +152,11 @@ def _read_metadata(metadata_file: Path, caption_column: str, known: set[Path], c
             if not isinstance(file_name, str) or not isinstance(caption, str):
                 absent = [key for key, value in (("file_name", file_name), (caption_column, caption)) if value is None]
                 problem = f"lacks {' and '.join(absent)}" if absent else "has a file_name or caption that is no string"
+                hint = ("; pass ", Setting("caption_column", "<field>"), " to read captions from another field")
                 raise ImageFolderError(
                     f"{where} {problem} (its fields: {', '.join(fields) or 'none'}): each line needs a string "
-                    f'"file_name" and a string "{caption_column}"'
-                    + ("; pass caption_column= to read captions from another field" if caption_column in absent else "")
+                    f'"file_name" and a string "{caption_column}"',
+                    *(hint if caption_column in absent else ()),
                 )
             path = _normalized(metadata_file.parent / file_name)
             if path not in known:
@@ -197,8 +200,9 @@ def open_image(path: Path) -> Image.Image:
             return image.convert("RGB")
     except Exception as error:  # Pillow raises many kinds on bad files (OSError, SyntaxError, struct.error, ...).
         raise ImageFolderError(
-            f"cannot read the image {path} ({type(error).__name__}: {error}): replace or remove the file, or pass "
-            "skip_unreadable=True to leave unreadable images out (with a warning)"
+            f"cannot read the image {path} ({type(error).__name__}: {error}): replace or remove the file, or pass ",
+            Setting("skip_unreadable", True),
+            " to leave unreadable images out (with a warning)",
         ) from error
 
 
@@ -224,8 +228,9 @@ def readable_images(files: list[CaptionedImageFile], root: Path, skip_unreadable
     listing = _listing([f"{file.path.relative_to(root).as_posix()} ({error})" for file, error in unreadable])
     if not skip_unreadable:
         raise ImageFolderError(
-            f"{len(unreadable)} image(s) in {root} cannot be read: {listing}. Replace or remove them, or pass "
-            "skip_unreadable=True to leave them out (with a warning)"
+            f"{len(unreadable)} image(s) in {root} cannot be read: {listing}. Replace or remove them, or pass ",
+            Setting("skip_unreadable", True),
+            " to leave them out (with a warning)",
         )
     if len(unreadable) == len(files):
         raise ImageFolderError(f"no image of {root} can be read: {listing}")

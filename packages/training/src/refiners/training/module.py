@@ -58,8 +58,10 @@ from refiners.foundationals.latent_diffusion.unet import (
 )
 from refiners.training.data import TrainingBatch
 from refiners.training.data_transforms import seeded_generator
+from refiners.training.errors import Setting, TrainingSetupError
 
 __all__ = [
+    "CONVERT_COMMAND",
     "UNET_FILE",
     "AUTOENCODER_FILE",
     "CLIP_TEXT_FILE",
@@ -76,6 +78,8 @@ __all__ = [
 ]
 
 # The files `refiners-convert sd1` writes into its output folder (refiners.converters.stable_diffusion).
+CONVERT_COMMAND = "refiners-convert sd1 --from <source> --to <folder>"
+"""How to make a weights folder: `<source>` is a diffusers folder, a single checkpoint file or a Hub id."""
 UNET_FILE = "unet.safetensors"
 AUTOENCODER_FILE = "autoencoder.safetensors"
 CLIP_TEXT_FILE = "clip_text.safetensors"
@@ -100,9 +104,11 @@ PredictionType = Literal["epsilon", "v_prediction"]
 LrSchedule = Literal["constant", "linear", "cosine"]
 """The learning rate after warmup: constant, or decaying to zero at the last step linearly or as a half cosine."""
 
-OptimizerFactory = Callable[[Iterable[Any]], Optimizer]
-"""Builds the optimizer from parameter groups (each with its own `lr`), e.g. `torch.optim.AdamW`. In a
-`LightningCLI` config: `optimizer: {class_path: torch.optim.AdamW, init_args: {weight_decay: 0.01}}`."""
+OptimizerFactory = Callable[[Iterable[Any], float], Optimizer]
+"""Builds the optimizer from parameter groups (each with its own `lr`) and a default learning rate (`learning_rate`),
+as an optimizer class does: e.g. `torch.optim.AdamW`, or `functools.partial(torch.optim.AdamW, weight_decay=0.01)`.
+In a `LightningCLI` config: `optimizer: {class_path: torch.optim.AdamW, init_args: {weight_decay: 0.01}}`, where
+`init_args` has no `lr`: the learning rates are the module's (`learning_rate`, `text_encoder_learning_rate`)."""
 
 _LORA_NAME = "default"
 # The per-sample loss is a mean over (channels, height, width) of the latents.
@@ -181,15 +187,19 @@ def build_components(
         seed: The seed of the random initialization (without `weights`).
 
     Raises:
-        ValueError: `sd15` without weights, or a folder that lacks a file.
+        TrainingSetupError: `sd15` without weights, a folder that lacks a file, or a text encoder without tokenizer.
     """
     build = {"sd15": _sd15_components, "tiny": _tiny_components}[base]
     if weights is None:
         if base == "sd15":
-            raise ValueError(
-                "base='sd15' needs weights: pass weights=<folder> written by `refiners-convert sd1` (it holds "
-                f"{UNET_FILE}, {AUTOENCODER_FILE} and {CLIP_TEXT_FILE}), or base='tiny' for a toy model with random "
-                "weights"
+            raise TrainingSetupError(
+                Setting("base", "sd15"),
+                " needs weights: pass ",
+                Setting("weights", "<folder>"),
+                f", a folder written by `{CONVERT_COMMAND}` (it holds {UNET_FILE}, {AUTOENCODER_FILE} and "
+                f"{CLIP_TEXT_FILE}), or ",
+                Setting("base", "tiny"),
+                " for a toy model with random weights",
             )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -199,18 +209,19 @@ def build_components(
     if missing := [name for name in files if not (folder / name).is_file()]:
         found = sorted(path.name for path in folder.glob("*.safetensors")) if folder.is_dir() else []
         where = f"{folder} holds {found or 'no .safetensors file'}" if folder.is_dir() else f"{folder} is not a folder"
-        raise ValueError(
-            f"the weights folder lacks {', '.join(missing)} ({where}): convert the model with "
-            "`refiners-convert sd1 <source> <folder>` and pass that folder"
+        raise TrainingSetupError(
+            f"the weights folder lacks {', '.join(missing)} ({where}): convert the model with `{CONVERT_COMMAND}` "
+            "and pass that folder as ",
+            Setting("weights", "<folder>"),
         )
     components = build("meta")
     components.unet.load_from_safetensors(folder / UNET_FILE)
     components.lda.load_from_safetensors(folder / AUTOENCODER_FILE)
     components.clip_text_encoder.load_from_safetensors(folder / CLIP_TEXT_FILE)
     if components.clip_text_encoder.tokenizer is None:
-        raise ValueError(
+        raise TrainingSetupError(
             f"{folder / CLIP_TEXT_FILE} carries no tokenizer in its metadata: convert it again with "
-            "`refiners-convert sd1`, which stores the vocabulary with the weights"
+            f"`{CONVERT_COMMAND}`, which stores the vocabulary with the weights"
         )
     return components
 
@@ -381,7 +392,8 @@ class LoraFineTuning(LightningModule):
             `transformer` and `all` presets).
         learning_rate: The UNet LoRAs' learning rate.
         text_encoder_learning_rate: The text encoder LoRAs' learning rate (default: `learning_rate`).
-        optimizer: Builds the optimizer from the parameter groups (default: AdamW with its defaults).
+        optimizer: Builds the optimizer from the parameter groups and `learning_rate` (see `OptimizerFactory`;
+            default: AdamW with its defaults).
         warmup_steps: Optimizer steps of linear warmup from 0 to the learning rate.
         lr_schedule: The learning rate after warmup (see `LrSchedule`).
         prediction_type: The UNet's target (see `PredictionType`).
@@ -694,7 +706,7 @@ class LoraFineTuning(LightningModule):
     # -- optimization ----------------------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.lora_parameter_groups())
+        optimizer = self.optimizer_factory(self.lora_parameter_groups(), self.learning_rate)
         total = self.trainer.estimated_stepping_batches if self.lr_schedule != "constant" else None
         if total is not None and not math.isfinite(total):
             raise ValueError(
@@ -760,24 +772,32 @@ def _check_arguments(
     }
     for name, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+            raise TrainingSetupError(Setting(name), f" must be one of {', '.join(map(repr, allowed))}, got {value!r}")
     if rank < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank}")
+        raise TrainingSetupError(Setting("rank"), f" must be a positive integer, got {rank}")
     if alpha is not None and alpha <= 0:
-        raise ValueError(f"alpha must be positive (the LoRAs are scaled by alpha / rank), got {alpha}")
+        raise TrainingSetupError(
+            Setting("alpha"), f" must be positive (the LoRAs are scaled by alpha / rank), got {alpha}"
+        )
     for name, rate in (("learning_rate", learning_rate), ("text_encoder_learning_rate", text_encoder_learning_rate)):
         if rate is not None and rate <= 0:
-            raise ValueError(f"{name} must be positive, got {rate}")
+            raise TrainingSetupError(Setting(name), f" must be positive, got {rate}")
     if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be 0 (no warmup) or more, got {warmup_steps}")
+        raise TrainingSetupError(Setting("warmup_steps"), f" must be 0 (no warmup) or more, got {warmup_steps}")
     if min_snr_gamma is not None and min_snr_gamma <= 0:
-        raise ValueError(
-            f"min_snr_gamma must be positive (5 in the paper), or None for no weighting; got {min_snr_gamma}"
+        raise TrainingSetupError(
+            Setting("min_snr_gamma"),
+            f" must be positive (5 in the paper), or None for no weighting; got {min_snr_gamma}",
         )
     if offset_noise < 0:
-        raise ValueError(f"offset_noise must be 0 (off) or positive (0.1 is common), got {offset_noise}")
+        raise TrainingSetupError(
+            Setting("offset_noise"), f" must be 0 (off) or positive (0.1 is common), got {offset_noise}"
+        )
     if not 0 <= min_timestep <= max_timestep <= 999:
-        raise ValueError(
-            f"need 0 <= min_timestep <= max_timestep <= 999 (SD1.5 has 1000 timesteps), got min_timestep="
-            f"{min_timestep}, max_timestep={max_timestep}"
+        raise TrainingSetupError(
+            "need 0 <= ",
+            Setting("min_timestep"),
+            " <= ",
+            Setting("max_timestep"),
+            f" <= 999 (SD1.5 has 1000 timesteps), got {min_timestep} and {max_timestep}",
         )
