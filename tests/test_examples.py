@@ -26,6 +26,27 @@ EXPECTED_OUTPUT = {
         "tolerance 0.0001): ok\n",
         "LoRA exported to lora/lora.safetensors, lora/lora-peft.safetensors, lora/lora-kohya.safetensors",
         "LoRA ejected: mean |pixel change| = 0.00 / 255",
+        # refiners-train's progress (configs/tiny-lora.yaml's TrainingProgress), and each step's duration.
+        "training 97,792 parameters on cpu to step 24\nstep 1/24  loss ",
+        "\nstep 24/24  loss ",
+        "\n[4/5] done in ",
+    ],
+}
+# What an example must not print: third-party notices that do not concern its reader.
+UNEXPECTED_OUTPUT = {
+    "stable_diffusion_demo.py": [
+        "requires torchvision",  # transformers' image processors falling back to Pillow
+        "Writing model shards",  # transformers' save_pretrained progress bar
+        "Loading weights",  # transformers' from_pretrained progress bar (refiners-convert --check)
+        "💡 Tip",  # Lightning's advertisements
+        "GPU available",  # Lightning's device lines
+        "TPU available",
+        "LOCAL_RANK",
+        "Seed set to",
+        "Epoch ",  # Lightning's progress bar, which counts epochs
+        "┃",  # Lightning's model summary table
+        "LeafSpec",  # torch's deprecation of what Lightning uses
+        "Traceback",
     ],
 }
 # Where an example writes its outputs, if it does (kept out of the repository by the tests).
@@ -42,7 +63,9 @@ def test_example_runs(script: Path, tmp_path: Path) -> None:
     assert result.stdout.strip(), f"{script.name} printed nothing"
     for expected in EXPECTED_OUTPUT.get(script.name, []):
         assert expected in result.stdout + result.stderr, expected
+    for unexpected in UNEXPECTED_OUTPUT.get(script.name, []):
+        assert unexpected not in result.stdout + result.stderr, unexpected
 
 
 def test_expectations_name_existing_examples() -> None:
-    assert set(EXPECTED_OUTPUT) | set(OUTPUT_ARGUMENT) <= {path.name for path in EXAMPLES}
+    assert set(EXPECTED_OUTPUT) | set(UNEXPECTED_OUTPUT) | set(OUTPUT_ARGUMENT) <= {path.name for path in EXAMPLES}
