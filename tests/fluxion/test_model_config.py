@@ -61,3 +61,33 @@ def test_errors() -> None:
 def test_docstring_example() -> None:
     (code,) = re.findall(r"```py\n(.*?)\s*```", inspect.getdoc(ModelConfig) or "", flags=re.DOTALL)
     exec(compile(textwrap.dedent(code), "<example of ModelConfig>", "exec"), {"__name__": "example"})
+
+
+class Wrapper(fl.Chain):
+    def __init__(
+        self,
+        inner: fl.Linear,
+        scale: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(inner, fl.Multiply(scale))
+
+
+def test_nested_configs_build_their_components(tmp_path: Path) -> None:
+    # A constructor that takes a component (SDXL's DoubleTextEncoder takes its two encoders) records its config.
+    config = ModelConfig.of(Wrapper, inner=ModelConfig.of(fl.Linear, in_features=4, out_features=2), scale=2.0)
+    path = tmp_path / "nested.safetensors"
+    save_to_safetensors(path, {"x": torch.zeros(1)}, metadata=config.to_metadata())
+    metadata = load_metadata_from_safetensors(path)
+    assert metadata["refiners.model.arguments"] == (
+        '{"inner": {"class": "Linear", "arguments": {"in_features": 4, "out_features": 2}}, "scale": 2.0}'
+    )
+    read = ModelConfig.from_metadata(metadata)
+    assert read is not None and read == config
+    assert str(read) == "Wrapper(inner=Linear(in_features=4, out_features=2), scale=2.0)"
+    wrapper = read.build([Wrapper, fl.Linear], device="meta", dtype=torch.float16)
+    linear = wrapper.layer("Linear", fl.Linear)
+    assert linear.weight.shape == (2, 4) and linear.weight.is_meta and linear.weight.dtype == torch.float16
+    with pytest.raises(ValueError, match="weights are for a Linear, which is not one of the models expected here"):
+        read.build([Wrapper])

@@ -38,18 +38,23 @@ ModelT = TypeVar("ModelT", bound=torch.nn.Module)
 
 
 def _frozen(value: Any, where: str) -> Any:
-    """`value` with lists as tuples, checked to be what JSON holds (a record must survive the round trip)."""
-    if value is None or isinstance(value, bool | int | float | str):
+    """`value` with lists as tuples, checked to be what JSON holds (a record must survive the round trip); a nested
+    config (a component given to the constructor, e.g. SDXL's two text encoders) as a `ModelConfig`."""
+    if value is None or isinstance(value, bool | int | float | str | ModelConfig):
         return value
+    if isinstance(value, dict) and set(value) == {"class", "arguments"}:  # pyright: ignore[reportUnknownArgumentType]
+        return ModelConfig(value["class"], value["arguments"])  # pyright: ignore[reportUnknownArgumentType]
     if isinstance(value, list | tuple):
         return tuple(_frozen(item, where) for item in value)  # pyright: ignore[reportUnknownVariableType]
     raise TypeError(
         f"{where} is a {type(value).__name__}: a model config holds JSON values only (numbers, strings, booleans, "
-        "None, and lists or tuples of them)"
+        "None, and lists or tuples of them) and the configs of components"
     )
 
 
 def _json(value: Any) -> Any:
+    if isinstance(value, ModelConfig):
+        return {"class": value.class_name, "arguments": {name: _json(item) for name, item in value.arguments.items()}}
     return [_json(item) for item in value] if isinstance(value, tuple) else value  # pyright: ignore[reportUnknownVariableType]
 
 
@@ -60,7 +65,8 @@ class ModelConfig:
     Args:
         class_name: The model class's name, e.g. `"SD1UNet"`.
         arguments: The constructor's keyword arguments but `device` and `dtype`: numbers, strings, booleans, None,
-            and sequences of them (stored as tuples, which is how they come back from a file).
+            and sequences of them (stored as tuples, which is how they come back from a file), or the `ModelConfig`
+            of a component the constructor takes (built first, with the same classes, device and dtype).
 
     Example:
         ```py
@@ -173,7 +179,12 @@ class ModelConfig:
                 f"the weights are for a {self.class_name}, which is not one of the models expected here "
                 f"({', '.join(candidates)}): they belong to another model"
             )
-        arguments = dict(self.arguments) | {"device": device, "dtype": dtype}
+        arguments = {
+            name: value.build(candidates.values(), device=device, dtype=dtype)
+            if isinstance(value, ModelConfig)
+            else value
+            for name, value in self.arguments.items()
+        } | {"device": device, "dtype": dtype}
         try:
             inspect.signature(model_class).bind(**arguments)
         except TypeError as error:
@@ -184,4 +195,5 @@ class ModelConfig:
         return model_class(**arguments)
 
     def __str__(self) -> str:
-        return f"{self.class_name}({', '.join(f'{name}={value!r}' for name, value in self.arguments.items())})"
+        arguments = (f"{name}={value if isinstance(value, ModelConfig) else repr(value)}" for name, value in self.arguments.items())
+        return f"{self.class_name}({', '.join(arguments)})"
