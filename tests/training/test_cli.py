@@ -4,6 +4,7 @@ its progress, and says what is wrong with the data, the weights or an option in 
 import csv
 import io
 import json
+import logging
 import os
 import re
 import shlex
@@ -16,6 +17,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import EMAWeightAveraging, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from PIL import Image
 
 import refiners.converters.cli
@@ -32,7 +34,7 @@ from refiners.training import (
     build_components,
 )
 from refiners.training.callbacks import METADATA_KEY
-from refiners.training.cli import LoraTrainingCLI, main, option_of
+from refiners.training.cli import LoraTrainingCLI, main, option_of, quiet_lightning
 from refiners.training.module import CONVERT_COMMAND
 from refiners.training.sample_data import SampleImageFolder
 
@@ -376,31 +378,45 @@ def _truncated_png() -> bytes:
     return stream.getvalue()[:200]  # the header is intact (the folder is read), the pixels cut short
 
 
+@pytest.mark.parametrize(
+    ("arguments", "hint", "out"),
+    [
+        # Encoding b.png for the latents cache fails (the loggers have started: version_1).
+        ([], "pass --data.skip_unreadable true to leave unreadable images out (with a warning)", ""),
+        # Loading b.png for the first batch fails in a data loader worker, which torch re-raises in the training
+        # process with the worker's traceback as the message: its last line is shown. The worker wrote the setting.
+        (
+            ["--data.num_workers", "1", "--data.cache_latents", "false"],
+            "pass skip_unreadable=True to leave unreadable images out (with a warning) (in DataLoader worker process 0)",
+            "training 97,792 parameters on cpu to step 12\n",
+        ),
+    ],
+    ids=["caching", "worker"],
+)
 def test_a_run_that_fails_before_its_first_step_leaves_no_run_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    arguments: list[str],
+    hint: str,
+    out: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
     _image(tmp_path / "images" / "a.png", "a red square")
-    (tmp_path / "images" / "b.png").write_bytes(_truncated_png())
+    (tmp_path / "images" / "b.png").write_bytes(_truncated_png())  # the folder reads: the header is whole
     (tmp_path / "images" / "b.txt").write_text("noise")
     earlier = tmp_path / "outputs" / "tiny-lora" / "tensorboard" / "version_0"
     earlier.mkdir(parents=True)
     (earlier / "hparams.yaml").write_text("{}")
-    # The folder reads, the loggers start (version_1), and decoding b.png for the latents cache fails.
     config = ROOT / "configs" / "tiny-lora.yaml"
-    code, out, err = _main(["fit", "--config", config, "--data.data_dir", "images"], monkeypatch, capsys)
-    assert code == 1 and re.fullmatch(
-        re.escape("refiners-train: error: cannot read the image images/b.png (OSError: ")
-        + ".*"
-        + re.escape(
-            "): replace or remove the file, or pass --data.skip_unreadable true to leave unreadable images out (with a "
-            "warning)\n"
-        ),
-        err,
-    ), err
-    assert out.splitlines() == []
-    # This run's folders are gone; the earlier run's is untouched.
-    assert sorted(path.name for path in (tmp_path / "outputs" / "tiny-lora").iterdir()) == ["tensorboard"]
+    code, printed, err = _main(
+        ["fit", "--config", config, "--data.data_dir", "images", *arguments], monkeypatch, capsys
+    )
+    line = re.escape("refiners-train: error: cannot read the image images/b.png (OSError: ") + ".*"
+    line += re.escape(f"): replace or remove the file, or {hint}\n")
+    assert (code, printed) == (1, out) and re.fullmatch(line, err), err
+    # This run's folders are gone (tensorboard/version_1, csv/version_0 and csv/); the earlier run's is untouched.
+    assert [path.name for path in (tmp_path / "outputs" / "tiny-lora").iterdir()] == ["tensorboard"]
     assert [path.name for path in (tmp_path / "outputs" / "tiny-lora" / "tensorboard").iterdir()] == ["version_0"]
     assert (earlier / "hparams.yaml").read_text() == "{}"
 
@@ -471,3 +487,40 @@ def test_the_suggested_conversion_command_makes_the_weights_folder(tmp_path: Pat
     assert refiners.converters.cli.main(shlex.split(command)[1:]) == 0
     components = build_components("tiny", weights=weights)
     assert components.clip_text_encoder(["a red circle"]).shape == (1, 77, 32)
+
+
+# -- what refiners-train does not print ---------------------------------------------------------------------------
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_lightning_notices_are_silenced_but_not_its_other_lines() -> None:
+    quiet_lightning()
+    records = _Records()
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    rank_zero.addHandler(records)
+    try:
+        rank_zero_info("💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]")
+        rank_zero_info("GPU available: True (cuda), used: True")
+        rank_zero_info("TPU available: False, using: 0 TPU cores")
+        rank_zero_info("LoRA exported to lora/lora.safetensors")
+        rank_zero_info("`Trainer.fit` stopped: `max_steps=24` reached.")
+        rank_zero.warning("GPU available: but a warning is shown")
+    finally:
+        rank_zero.removeHandler(records)
+    assert records.messages == [
+        "LoRA exported to lora/lora.safetensors",
+        "`Trainer.fit` stopped: `max_steps=24` reached.",
+        "GPU available: but a warning is shown",
+    ]
+    # `LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES: [0]` (on GPUs) and `Seed set to 0` are those loggers' only info lines.
+    for name in ("lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.seed"):
+        assert not logging.getLogger(name).isEnabledFor(logging.INFO)
+        assert logging.getLogger(name).isEnabledFor(logging.WARNING)

@@ -20,6 +20,7 @@ before its first step leaves no empty run folder.
 import difflib
 import importlib
 import inspect
+import itertools
 import logging
 import os
 import re
@@ -193,22 +194,28 @@ def _logs_folder(default_root_dir: str | None, loggers: Any) -> str:
     return root
 
 
-def _log_folders(trainer: Trainer) -> dict[Path, bool]:
-    """The run folders the loggers will write (and their parents), each with whether it exists now."""
-    folders: dict[Path, bool] = {}
+def _new_log_folders(trainer: Trainer) -> list[list[Path]]:
+    """For each logger, the run folder it will make and the folders above it that do not exist yet, deepest first
+    (none if the run folder exists already)."""
+    created: list[list[Path]] = []
     for logger in trainer.loggers:
         log_dir = getattr(logger, "log_dir", None)
-        if isinstance(log_dir, str):
-            for folder in (Path(log_dir), Path(log_dir).parent):
-                folders[folder] = folder.exists()
-    return folders
+        folders = [] if not isinstance(log_dir, str) else [Path(log_dir), *Path(log_dir).absolute().parents]
+        created.append(list(itertools.takewhile(lambda folder: not folder.exists(), folders)))
+    return created
 
 
-def _holds_only_logger_start(folder: Path) -> bool:
-    return all(
-        path.is_dir() or any(fnmatch(path.name, pattern) for pattern in _LOGGER_START_FILES)
-        for path in folder.rglob("*")
-    )
+def _remove_unused(folders: list[Path]) -> None:
+    """Remove a run folder made by a run that trained no step if it holds only what its logger wrote as it started,
+    and then the folders made above it, if empty."""
+    run, *above = folders
+    if run.is_dir() and all(
+        path.is_dir() or any(fnmatch(path.name, pattern) for pattern in _LOGGER_START_FILES) for path in run.rglob("*")
+    ):
+        shutil.rmtree(run)
+    for folder in above:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 class LoraTrainingCLI(LightningCLI):
@@ -249,14 +256,14 @@ class LoraTrainingCLI(LightningCLI):
 
     def fit(self, model: LightningModule, **kwargs: Any) -> None:
         """`Trainer.fit`, removing on failure the run folders it made if no step was trained (rank zero only)."""
-        folders = _log_folders(self.trainer) if getattr(rank_zero_only, "rank", 0) == 0 else {}
+        created = _new_log_folders(self.trainer) if getattr(rank_zero_only, "rank", 0) == 0 else []
         try:
             self.trainer.fit(model, **kwargs)
         except BaseException:
             if self.trainer.global_step == 0:
-                for folder, existed in folders.items():
-                    if not existed and folder.is_dir() and _holds_only_logger_start(folder):
-                        shutil.rmtree(folder)
+                for folders in created:
+                    if folders:
+                        _remove_unused(folders)
             raise
 
 
@@ -278,6 +285,18 @@ def quiet_lightning() -> None:
     )
 
 
+def _message(error: TrainingSetupError) -> str:
+    """The error's message, for the command line."""
+    # An error in a data loader worker comes back as torch's copy of it, whose message is the worker's traceback: the
+    # message is its last line (there, the settings read as Python writes them: the error object stayed in the worker).
+    worker = re.fullmatch(
+        r"Caught \w+ (in DataLoader worker process \d+)\.\nOriginal Traceback.*\n[\w.]+: (.+?)\n*",
+        str(error),
+        re.DOTALL,
+    )
+    return f"{worker[2]} ({worker[1]})" if worker else error.render(option_of)
+
+
 def main(args: ArgsType = None) -> None:
     """The `refiners-train` command.
 
@@ -288,7 +307,7 @@ def main(args: ArgsType = None) -> None:
     try:
         LoraTrainingCLI(args=args)
     except TrainingSetupError as error:
-        sys.stderr.write(f"{PROG}: error: {error.render(option_of)}\n")
+        sys.stderr.write(f"{PROG}: error: {_message(error)}\n")
         raise SystemExit(1) from None
 
 

@@ -5,6 +5,7 @@ calls `CaptionedImageDataModule(...)`, `--data.skip_unreadable true` for who run
 holds the setting as a `Setting`, not as text, and each front end renders it (`TrainingSetupError.render`).
 """
 
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ class Setting:
 
     @property
     def is_placeholder(self) -> bool:
+        """Whether the value stands for what the user chooses (`<folder>`), to be written as it is."""
         return isinstance(self.value, str) and self.value.startswith("<") and self.value.endswith(">")
 
     def __str__(self) -> str:
@@ -54,6 +56,8 @@ class Setting:
                 return flag
             case bool():
                 return f"{flag} {str(self.value).lower()}"
+            case str() if not self.is_placeholder:
+                return f"{flag} {shlex.quote(self.value)}"
             case _:
                 return f"{flag} {self.value}"
 
