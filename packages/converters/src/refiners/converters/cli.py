@@ -1,6 +1,7 @@
 """`refiners-convert`: Stable Diffusion 1.x checkpoints to refiners weights, from the command line.
 
     refiners-convert sd1 --from SOURCE --to FOLDER                  # clip_text, autoencoder and unet .safetensors
+    refiners-convert sdxl --from SOURCE --to FOLDER                 # the same for Stable Diffusion XL
     refiners-convert clip-text --from SOURCE --to clip_text.safetensors [--tokenizer TOKENIZER]
     refiners-convert autoencoder --from SOURCE --to autoencoder.safetensors
     refiners-convert unet --from SOURCE --to unet.safetensors
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
             "input and print the max abs difference",
         )
     _add_lora_command(commands)
+    _add_sdxl_command(commands)
     return parser
 
 
@@ -143,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: The arguments, without the program name.
     """
     args = build_parser().parse_args(argv)
+    if args.command == "sdxl":
+        return _convert_sdxl(args)
     if args.command == "lora":
         return _convert_lora(args)
     dtype = _DTYPES[args.dtype] if args.dtype is not None else None
@@ -246,6 +250,34 @@ def _remove_empty(folders: list[Path]) -> None:
     for folder in reversed(folders):
         with contextlib.suppress(OSError):
             folder.rmdir()
+
+
+
+def _add_sdxl_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    help = "a whole Stable Diffusion XL model: clip_text, autoencoder and unet .safetensors files in a folder"
+    command = commands.add_parser("sdxl", help=help, description=help)
+    command.add_argument(
+        "--from", dest="source", required=True, metavar="SOURCE", help="a diffusers SDXL folder or a Hub id"
+    )
+    command.add_argument("--to", dest="dest", required=True, metavar="FOLDER", help="the folder to write the files in")
+    command.add_argument(
+        "--dtype", choices=list(_DTYPES), default=None, help="cast the weights (default: keep the source's)"
+    )
+
+
+def _convert_sdxl(args: argparse.Namespace) -> int:
+    from refiners.converters.stable_diffusion_xl import convert_stable_diffusion_xl
+
+    dtype = _DTYPES[args.dtype] if args.dtype is not None else None
+    try:
+        written = convert_stable_diffusion_xl(args.source, args.dest, dtype, progress=_print_progress)
+    except (ValueError, OSError) as error:
+        _print_progress(f"refiners-convert: error: {error}")
+        return 1
+    for path in written.values():
+        print(path)
+    _print_progress(f"load it with StableDiffusion_XL.from_folder({str(args.dest)!r})")
+    return 0
 
 
 if __name__ == "__main__":

@@ -53,7 +53,12 @@ COMPONENT_CLASSES: dict[str, tuple[str, ...]] = {
 }
 """The classes a component folder's `config.json` may name (diffusers' `_class_name`, transformers' `architectures`)."""
 
-_WEIGHTS_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+_WEIGHTS_NAMES = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+    "text_encoder_2": "model",
+}
 _SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _TOKENIZER_FILES = ("vocab.json", "merges.txt")
 _TOKENIZER_JSON = "tokenizer.json"  # what transformers 5 saves (without the two above)

@@ -108,16 +108,19 @@ class WeightsFile:
     shapes: Mapping[str, tuple[int, ...]]
 
     @classmethod
-    def open(cls, path: Path) -> "WeightsFile":
+    def open(cls, path: Path, command: str | None = None) -> "WeightsFile":
         """The file at `path`, its header read.
+
+        Args:
+            path: The file.
+            command: The command that writes it, for the error (default: `refiners-convert sd1`'s).
 
         Raises:
             FileNotFoundError: No file at `path`; the message says how to make it.
         """
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} is missing: create it (and the other files) with `{_convert_command(path.parent)}`"
-            )
+            command = command or _convert_command(path.parent)
+            raise FileNotFoundError(f"{path} is missing: create it (and the other files) with `{command}`")
         metadata = load_metadata_from_safetensors(path)  # first: its errors say what is wrong with the file
         with safe_open(str(path), framework="pt") as handle:
             keys: list[str] = handle.keys()

@@ -12,19 +12,31 @@ The step by step loop, as for SD1, with SDXL's two more side inputs, the pooled 
 """
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Self
 
 import torch
 from torch import Tensor
 
 import refiners.fluxion.layers as fl
+from refiners.fluxion.model_config import ModelConfig
+from refiners.foundationals.clip.text_encoder import CLIPTextEncoder, CLIPTextEncoderG, CLIPTextEncoderL
 from refiners.foundationals.clip.text_encoder_names import transformers_clip_text_modules
+from refiners.foundationals.clip.tokenizer import METADATA_PREFIX as TOKENIZER_METADATA_PREFIX
+from refiners.foundationals.clip.tokenizer import CLIPTokenizer
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
 from refiners.foundationals.latent_diffusion.model import LatentDiffusionModel, _prompt_list, moved_component
 from refiners.foundationals.latent_diffusion.solvers.ddim import DDIM
 from refiners.foundationals.latent_diffusion.solvers.solver import Solver, SolverParams, TimestepSpacing
+from refiners.foundationals.latent_diffusion.stable_diffusion_1.weights import (
+    AUTOENCODER_FILE,
+    CLIP_TEXT_FILE,
+    SAMPLE_SIZE_KEY,
+    UNET_FILE,
+    WeightsFile,
+)
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl.text_encoder import DoubleTextEncoder
-from refiners.foundationals.latent_diffusion.stable_diffusion_xl.unet import SDXLUNet
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl.unet import SDXLRefinerUNet, SDXLUNet
 from refiners.foundationals.latent_diffusion.unet_names import ModuleRenaming, diffusers_unet_modules, unet_renaming
 
 if TYPE_CHECKING:
@@ -120,6 +132,60 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet, DoubleTextEncoder]):  # 
             solver=solver,
         )
         self.default_size = default_size
+
+    @classmethod
+    def from_folder(
+        cls,
+        folder: str | Path,
+        *,
+        solver: Solver | None = None,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> Self:
+        """Load a folder that `refiners-convert sdxl` wrote, at the sizes its files record (SDXL's, or any other).
+
+        The components are built on the "meta" device, then the files fill them: no random initialization is paid.
+
+        Args:
+            folder: The folder of `clip_text.safetensors`, `autoencoder.safetensors` and `unet.safetensors`.
+            solver: The solver (default: DDIM, 30 steps, SDXL's schedule).
+            device: Where the model goes once loaded (default: CPU).
+            dtype: The weights' dtype (default: float32), as diffusers' `torch_dtype`.
+
+        Raises:
+            FileNotFoundError: A file is missing; the message gives the command that writes it.
+            ValueError: A file records no sizes, or sizes of another family's model.
+        """
+        path = Path(folder).expanduser()
+        command = f"refiners-convert sdxl --from SOURCE --to {path}"
+        files = {name: WeightsFile.open(path / name, command) for name in (UNET_FILE, AUTOENCODER_FILE, CLIP_TEXT_FILE)}
+        built: list[torch.nn.Module] = []
+        for name, classes in (
+            (UNET_FILE, (SDXLUNet, SDXLRefinerUNet)),
+            (AUTOENCODER_FILE, (LatentDiffusionAutoencoder, SDXLAutoencoder)),
+            (CLIP_TEXT_FILE, (DoubleTextEncoder, CLIPTextEncoder, CLIPTextEncoderL, CLIPTextEncoderG)),
+        ):
+            config = ModelConfig.from_metadata(files[name].metadata)
+            if config is None:
+                raise ValueError(f"{path / name} records no model sizes: convert it again with `{command}`")
+            built.append(config.build(classes, device="meta", dtype=dtype))
+        unet, lda, encoder = built
+        assert isinstance(unet, SDXLUNet) and isinstance(lda, LatentDiffusionAutoencoder)
+        assert isinstance(encoder, DoubleTextEncoder)
+        clip_metadata = files[CLIP_TEXT_FILE].metadata
+        if any(key.startswith(TOKENIZER_METADATA_PREFIX) for key in clip_metadata):
+            encoder.set_tokenizer(CLIPTokenizer.from_metadata(clip_metadata))
+        sample_size = int(files[UNET_FILE].metadata.get(SAMPLE_SIZE_KEY, DEFAULT_SIZE // lda.downscale_factor))
+        model = cls(
+            unet=unet,
+            lda=lda,
+            clip_text_encoder=encoder,
+            solver=solver,
+            default_size=sample_size * lda.downscale_factor,
+        )
+        for name, module in zip((UNET_FILE, AUTOENCODER_FILE, CLIP_TEXT_FILE), built, strict=True):
+            files[name].load_into(module)
+        return model if device is None else model.to(device=device)
 
     def diffusers_modules(self) -> dict[str, fl.WeightedModule]:
         encoders = {

@@ -1,0 +1,303 @@
+"""Stable Diffusion XL checkpoints to refiners weights: `refiners-convert sdxl --from SOURCE --to FOLDER`.
+
+Writes the three files `refiners-convert sd1` writes (`clip_text.safetensors`, `autoencoder.safetensors`,
+`unet.safetensors`), each recording the constructor call of its model (`refiners.fluxion.model_config`), so that
+`StableDiffusion_XL.from_folder` builds every component at its sizes: the base, the refiner (OpenCLIP-G alone, 5 time
+ids), an inpainting UNet (9 input channels), or any size of the architecture. The text file holds both encoders (a
+`DoubleTextEncoder`), the tokenizer's vocabulary, and not CLIP-L's last layer and final norm: SDXL conditions on the
+penultimate hidden state, so those tensors are left out on purpose (and said so).
+
+SOURCE is a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`, `tokenizer/`)
+or a Hugging Face Hub id. Original single-file checkpoints (SGM layout) are not read yet.
+"""
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from refiners.converters.architecture import autoencoder_config
+from refiners.converters.autoencoder import diffusers_autoencoder_key_map
+from refiners.converters.clip_text import transformers_clip_text_key_map
+from refiners.converters.engine import ConversionError, KeyMap, convert_state_dict
+from refiners.converters.sources import DiffusersFolder, Source, SourceError, open_source, read_tokenizer
+from refiners.converters.unet import diffusers_unet_key_map
+from refiners.fluxion.model_config import ModelConfig
+from refiners.fluxion.utils import save_to_safetensors
+from refiners.foundationals.clip.text_encoder import CLIPTextEncoder, CLIPTextEncoderG, CLIPTextEncoderL
+from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder, SD1Autoencoder
+from refiners.foundationals.latent_diffusion.stable_diffusion_1.weights import (
+    AUTOENCODER_FILE,
+    CLIP_TEXT_FILE,
+    UNET_FILE,
+    ConvertedWeights,
+    unet_metadata,
+)
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl import (
+    DoubleTextEncoder,
+    SDXLAutoencoder,
+    SDXLRefinerUNet,
+    SDXLUNet,
+)
+
+__all__ = [
+    "sdxl_unet_config",
+    "sdxl_text_encoder_config",
+    "convert_stable_diffusion_xl_weights",
+    "convert_stable_diffusion_xl",
+    "SDXL_TEXT_ENCODER_CLASSES",
+    "SDXL_UNET_CLASSES",
+    "SDXL_AUTOENCODER_CLASSES",
+]
+
+Progress = Callable[[str], None]
+
+SDXL_UNET_CLASSES = (SDXLUNet, SDXLRefinerUNet)
+SDXL_AUTOENCODER_CLASSES = (LatentDiffusionAutoencoder, SD1Autoencoder, SDXLAutoencoder)
+SDXL_TEXT_ENCODER_CLASSES = (DoubleTextEncoder, CLIPTextEncoder, CLIPTextEncoderL, CLIPTextEncoderG)
+_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer")
+_GELU = {"quick_gelu": "quick", "gelu": "none"}
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+def _config(source: DiffusersFolder, component: str) -> dict[str, Any]:
+    if not source.has_component(component):
+        raise SourceError(
+            f"{source.describe()} has no {component}/: an SDXL diffusers folder has {', '.join(_COMPONENTS)}"
+        )
+    return source.config(component)
+
+
+def sdxl_unet_config(source: DiffusersFolder) -> ModelConfig:
+    """The constructor call of the `SDXLUNet` that the folder's UNet converts into, from its `config.json`.
+
+    Raises:
+        ConversionError: The UNet is not of SDXL's architecture (no text-time embedding: an SD1 or SD2 UNet).
+    """
+    config = _config(source, "unet")
+    if config.get("addition_embed_type") != "text_time":
+        raise ConversionError(
+            f"the UNet of {source.describe()} is not an SDXL UNet: its config has addition_embed_type="
+            f"{config.get('addition_embed_type')!r} (SDXL: 'text_time'). For Stable Diffusion 1.x, use refiners-convert sd1."
+        )
+    if config.get("time_cond_proj_dim") is not None:
+        raise ConversionError(
+            f"the UNet of {source.describe()} has a guidance embedding (time_cond_proj_dim="
+            f"{config['time_cond_proj_dim']}, an LCM UNet): refiners-convert sdxl does not convert LCM UNets yet"
+        )
+    channels = tuple(config["block_out_channels"])
+    levels = len(channels)
+    attention = tuple(kind.startswith("CrossAttn") for kind in config["down_block_types"])
+
+    def per_level(key: str, default: Any) -> tuple[int, ...]:
+        value = config.get(key, default)
+        return tuple(value) if isinstance(value, list | tuple) else (value,) * levels  # pyright: ignore[reportUnknownArgumentType, reportUnknownVariableType]
+
+    heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
+    heads = tuple(heads) if isinstance(heads, list | tuple) else (heads,) * levels  # pyright: ignore[reportUnknownArgumentType, reportUnknownVariableType]
+    time_dim = int(config.get("addition_time_embed_dim", 256))
+    pooled = int(_config(source, "text_encoder_2").get("projection_dim", 1280))
+    num_time_ids, remainder = divmod(int(config["projection_class_embeddings_input_dim"]) - pooled, time_dim)
+    if remainder:
+        raise ConversionError(
+            f"the UNet of {source.describe()} takes {config['projection_class_embeddings_input_dim']} text-time features, "
+            f"which is not the pooled embedding ({pooled}) plus a whole number of {time_dim}-wide time ids"
+        )
+    return ModelConfig.of(
+        SDXLUNet,
+        in_channels=int(config.get("in_channels", 4)),
+        channels=channels,
+        attention_levels=attention,
+        transformer_depths=per_level("transformer_layers_per_block", 1),
+        num_attention_heads=heads,  # pyright: ignore[reportUnknownArgumentType]
+        context_embedding_dim=int(config["cross_attention_dim"]),
+        pooled_embedding_dim=pooled,
+        num_time_ids=num_time_ids,
+        time_embedding_dim=time_dim,
+        layers_per_block=int(config.get("layers_per_block", 2)),
+    )
+
+
+def _clip_config(config: Mapping[str, Any]) -> ModelConfig:
+    return ModelConfig.of(
+        CLIPTextEncoder,
+        embedding_dim=int(config["hidden_size"]),
+        max_sequence_length=int(config.get("max_position_embeddings", 77)),
+        vocabulary_size=int(config["vocab_size"]),
+        num_layers=int(config["num_hidden_layers"]),
+        num_attention_heads=int(config["num_attention_heads"]),
+        feedforward_dim=int(config["intermediate_size"]),
+        layer_norm_eps=float(config.get("layer_norm_eps", 1e-5)),
+        gelu_approximation=_GELU[config.get("hidden_act", "quick_gelu")],
+    )
+
+
+def sdxl_text_encoder_config(source: DiffusersFolder) -> ModelConfig:
+    """The constructor call of the `DoubleTextEncoder` that the folder's text encoders convert into.
+
+    The refiner has only `text_encoder_2`: its text conditioning is OpenCLIP-G's alone (not handled yet here).
+    """
+    if not source.has_component("text_encoder"):
+        raise ConversionError(
+            f"{source.describe()} has no text_encoder/ (CLIP-L): an SDXL refiner? refiners-convert sdxl converts "
+            "models with both text encoders only for now"
+        )
+    config_g = _config(source, "text_encoder_2")
+    return ModelConfig.of(
+        DoubleTextEncoder,
+        text_encoder_l=_clip_config(_config(source, "text_encoder")),
+        text_encoder_g=_clip_config(config_g),
+        projection_dim=int(config_g.get("projection_dim", config_g["hidden_size"])),
+    )
+
+
+def _path(root: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next(name for name, candidate in root.named_modules() if candidate is module)
+
+
+def _text_encoder_key_map(encoder: DoubleTextEncoder, source: DiffusersFolder) -> KeyMap:
+    """transformers' two CLIP text models (keys prefixed by their component) to the `DoubleTextEncoder`'s."""
+    key_map = KeyMap()
+    num_layers_l = _config(source, "text_encoder")["num_hidden_layers"]
+    for component, sub_encoder in (
+        ("text_encoder", encoder.text_encoder_l),
+        ("text_encoder_2", encoder.text_encoder_g),
+    ):
+        prefix = "text_model." if any(k.startswith("text_model.") for k in source.tensors(component)) else ""
+        sub_map = transformers_clip_text_key_map(sub_encoder, source_prefix=prefix).with_prefix(
+            f"{component}.", f"{_path(encoder, sub_encoder)}."
+        )
+        key_map.mapping |= sub_map.mapping
+        key_map.ignored += sub_map.ignored
+        if component == "text_encoder":
+            # SDXL conditions on CLIP-L's penultimate hidden state: its last layer and final norm compute nothing used.
+            unused = (
+                f"{component}.{prefix}encoder.layers.{num_layers_l - 1}.",
+                f"{component}.{prefix}final_layer_norm.",
+            )
+            key_map.ignored.append(lambda key, unused=unused: key.startswith(unused))
+    return key_map
+
+
+def _text_encoder(source: DiffusersFolder, dtype: torch.dtype | None, progress: Progress) -> ConvertedWeights:
+    config = sdxl_text_encoder_config(source)
+    encoder = config.build(SDXL_TEXT_ENCODER_CLASSES, device="meta")
+    assert isinstance(encoder, DoubleTextEncoder)
+    tensors: dict[str, Tensor] = {}
+    for component in ("text_encoder", "text_encoder_2"):
+        files = source.tensors(component)
+        tensors |= {f"{component}.{key}": files[key] for key in files}
+    key_map = _text_encoder_key_map(encoder, source)
+    skipped = [key for key in tensors if key_map.is_ignored(key) and key.startswith("text_encoder.")]
+    progress(f"clip-text: CLIP-L and OpenCLIP-G of {source.describe()} for {config}")
+    if skipped:
+        progress(
+            f"clip-text: left out CLIP-L's last layer and final norm ({len(skipped)} tensors): SDXL reads the penultimate"
+        )
+    shapes = {key: tensor.shape for key, tensor in encoder.state_dict().items()}
+    converted = convert_state_dict(tensors, key_map, shapes, what=f"text encoders of {source.describe()}", dtype=dtype)
+    metadata = config.to_metadata()
+    if (folder := source.tokenizer_folder()) is not None:
+        metadata |= read_tokenizer(folder).to_metadata()
+    return ConvertedWeights({k: v.contiguous() for k, v in converted.items()}, metadata)
+
+
+def _autoencoder(source: DiffusersFolder, dtype: torch.dtype | None, progress: Progress) -> ConvertedWeights:
+    config = autoencoder_config(source)
+    autoencoder = config.build(SDXL_AUTOENCODER_CLASSES, device="meta")
+    progress(f"autoencoder: {source.describe()} for {config}")
+    shapes = {key: tensor.shape for key, tensor in autoencoder.state_dict().items()}
+    converted = convert_state_dict(
+        source.tensors("vae"), diffusers_autoencoder_key_map(autoencoder), shapes, what="autoencoder", dtype=dtype
+    )
+    return ConvertedWeights({k: v.contiguous() for k, v in converted.items()}, config.to_metadata())
+
+
+def _unet(source: DiffusersFolder, dtype: torch.dtype | None, progress: Progress) -> ConvertedWeights:
+    config = sdxl_unet_config(source)
+    unet = config.build(SDXL_UNET_CLASSES, device="meta")
+    progress(f"unet: {source.describe()} for {config}")
+    shapes = {key: tensor.shape for key, tensor in unet.state_dict().items()}
+    converted = convert_state_dict(
+        source.tensors("unet"), diffusers_unet_key_map(unet), shapes, what="UNet", dtype=dtype
+    )
+    sample_size = int(_config(source, "unet").get("sample_size", 128))
+    return ConvertedWeights({k: v.contiguous() for k, v in converted.items()}, unet_metadata(config, sample_size))
+
+
+def _open(source: str | Path | Source) -> DiffusersFolder:
+    opened = open_source(source, components=_COMPONENTS)
+    if not isinstance(opened, DiffusersFolder):
+        raise SourceError(
+            f"{opened.describe()} is a single file: refiners-convert sdxl reads diffusers folders and Hub ids for now"
+        )
+    if not opened.has_component("text_encoder_2"):
+        raise ConversionError(
+            f"{opened.describe()} is not a Stable Diffusion XL model: it has no text_encoder_2/ (OpenCLIP-G). For "
+            "Stable Diffusion 1.x, use refiners-convert sd1."
+        )
+    return opened
+
+
+def convert_stable_diffusion_xl_weights(
+    source: str | Path | Source, dtype: torch.dtype | None = None, *, progress: Progress = _quiet
+) -> dict[str, ConvertedWeights]:
+    """Convert an SDXL model in memory: the tensors and metadata `convert_stable_diffusion_xl` writes.
+
+    Args:
+        source: A diffusers folder or a Hub id.
+        dtype: Cast the weights to this dtype (default: keep the source's).
+        progress: Receives a line per step.
+
+    Returns:
+        The converted weights by component: `"clip_text"`, `"autoencoder"`, `"unet"`.
+    """
+    opened = _open(source)
+    return {
+        "clip_text": _text_encoder(opened, dtype, progress),
+        "autoencoder": _autoencoder(opened, dtype, progress),
+        "unet": _unet(opened, dtype, progress),
+    }
+
+
+def convert_stable_diffusion_xl(
+    source: str | Path | Source,
+    out_folder: str | Path,
+    dtype: torch.dtype | None = None,
+    *,
+    progress: Progress = _quiet,
+) -> dict[str, Path]:
+    """Convert an SDXL model into `CLIP_TEXT_FILE`, `AUTOENCODER_FILE` and `UNET_FILE` in a folder, which
+    `StableDiffusion_XL.from_folder` loads.
+
+    Args:
+        source: A diffusers folder or a Hub id.
+        out_folder: The folder to write the three files in (created if needed).
+        dtype: Cast the weights to this dtype (default: keep the source's).
+        progress: Receives a line per step.
+
+    Returns:
+        The written files by component.
+    """
+    opened = _open(source)
+    folder = Path(out_folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise SourceError(f"the destination {folder} is a file: pass a folder (created if needed)")
+    folder.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    # One component in memory at a time.
+    for name, file, convert in (
+        ("clip_text", CLIP_TEXT_FILE, _text_encoder),
+        ("autoencoder", AUTOENCODER_FILE, _autoencoder),
+        ("unet", UNET_FILE, _unet),
+    ):
+        weights = convert(opened, dtype, progress)
+        save_to_safetensors(folder / file, dict(weights.tensors), dict(weights.metadata))
+        progress(f"{name}: wrote {len(weights.tensors)} tensors to {folder / file}")
+        written[name] = folder / file
+    return written
