@@ -195,5 +195,8 @@ class ModelConfig:
         return model_class(**arguments)
 
     def __str__(self) -> str:
-        arguments = (f"{name}={value if isinstance(value, ModelConfig) else repr(value)}" for name, value in self.arguments.items())
+        arguments = (
+            f"{name}={value if isinstance(value, ModelConfig) else repr(value)}"
+            for name, value in self.arguments.items()
+        )
         return f"{self.class_name}({', '.join(arguments)})"
