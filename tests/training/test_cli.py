@@ -263,6 +263,15 @@ def test_a_misspelled_subcommand_names_the_nearest(
     )
 
 
+def test_a_missing_option_is_named(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _main(["fit"], monkeypatch, capsys) == (
+        2,
+        "",
+        "refiners-train: error: missing --data.data_dir (on the command line, or in a config file)\n"
+        "refiners-train: every option and its default: refiners-train --help\n",
+    )
+
+
 def _image(path: Path, caption: str | None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (16, 16), (200, 30, 30)).save(path)

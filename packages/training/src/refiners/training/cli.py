@@ -150,6 +150,10 @@ def usage_error(message: str, options: list[str]) -> str:
     if match := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message):
         allowed = re.findall(r"'([^']*)'", match[2])
         return f"{message}{_did_you_mean(_nearest(match[1], allowed))}"
+    if match := re.fullmatch(r"the following arguments are required: (.*)", message):
+        keys = [re.sub(r"^(fit|validate|test|predict)\.", "", key) for key in match[1].split(", ")]
+        missing = [f"--{key}" for key in keys]
+        return f"missing {', '.join(missing)} (on the command line, or in a config file)"
     if match := re.search(r"Call to compute_fn of link .* failed: (.*)", message, re.DOTALL):
         return match[1]
     return message
