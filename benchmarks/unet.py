@@ -27,7 +27,7 @@ from torch import Tensor
 
 from refiners.converters.reference_check import SD15_UNET_CONFIG
 from refiners.converters.unet import convert_diffusers_unet
-from refiners.foundationals.latent_diffusion.unet import SD1UNet
+from refiners.foundationals.latent_diffusion.stable_diffusion_1.unet import SD1UNet
 
 __all__ = ["Result", "build_pair", "measure", "main"]
 

@@ -27,7 +27,7 @@ from refiners.fluxion.model_config import ModelConfig
 from refiners.fluxion.utils import load_from_safetensors, load_metadata_from_safetensors
 from refiners.foundationals.clip import CLIPTextEncoder, CLIPTextEncoderL, CLIPTokenizer
 from refiners.foundationals.latent_diffusion.auto_encoder import SD1Autoencoder
-from refiners.foundationals.latent_diffusion.unet import SD1UNet
+from refiners.foundationals.latent_diffusion.stable_diffusion_1.unet import SD1UNet
 
 # Relative to the output's scale: atol = RELATIVE_ATOL * max |reference|.
 RELATIVE_ATOL = 1e-4

@@ -23,7 +23,7 @@ from refiners.converters.toy import (
 )
 from refiners.foundationals.clip import CLIPTextEncoder
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
-from refiners.foundationals.latent_diffusion.unet import SD1UNet
+from refiners.foundationals.latent_diffusion.stable_diffusion_1.unet import SD1UNet
 from refiners.training.module import build_components
 
 PROMPTS = ["a red circle on a white background", "A Photo, of an ASTRONAUT!  riding\ta horse", ""]

@@ -50,7 +50,7 @@ from refiners.converters.stable_diffusion import (
 from refiners.fluxion.model_config import ModelConfig
 from refiners.fluxion.utils import load_from_safetensors, load_metadata_from_safetensors, save_to_safetensors
 from refiners.foundationals.clip import CLIPTextEncoderL, CLIPTokenizer
-from refiners.foundationals.latent_diffusion.unet import SD1UNet
+from refiners.foundationals.latent_diffusion.stable_diffusion_1.unet import SD1UNet
 
 COMPONENT_FILES = {
     "unet": "unet/diffusion_pytorch_model.safetensors",

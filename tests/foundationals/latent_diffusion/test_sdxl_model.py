@@ -73,12 +73,13 @@ def test_generate_matches_diffusers(twins: Twins) -> None:
     # Two prompts, two images each, no negative prompt: diffusers' zero negative embeddings.
     kwargs: dict[str, Any] = {"num_inference_steps": 4, "num_images_per_prompt": 2, "guidance_scale": 6.0}
     expected = reference_latents(twins, DDIMScheduler.from_config(SCHEDULER_CONFIG), prompt=PROMPTS, **kwargs)
-    model = sdxl(twins, DDIM(num_inference_steps=4))
+    model = sdxl(twins, DDIM(num_inference_steps=4, params=SDXL_SOLVER_PARAMS))
     expected_images = twins.pipeline.image_processor.postprocess(  # pyright: ignore[reportUnknownMemberType]
         twins.pipeline.vae.decode(expected / 0.13025).sample.detach(), output_type="pil"
     )
     images = model.generate(PROMPTS, height=HEIGHT, width=WIDTH, seed=SEED, progress=False, **kwargs)
     assert len(images) == 4 and images[0].size == (WIDTH, HEIGHT)
+    assert isinstance(expected_images, list)
     for image, reference in zip(images, expected_images, strict=True):
         assert isinstance(reference, Image.Image)
         difference = np.abs(np.asarray(image, dtype=np.int16) - np.asarray(reference, dtype=np.int16))
@@ -87,7 +88,7 @@ def test_generate_matches_diffusers(twins: Twins) -> None:
 
 def test_micro_conditioning_moves_the_image(twins: Twins) -> None:
     kwargs: dict[str, Any] = {"num_inference_steps": 3, "height": HEIGHT, "width": WIDTH, "seed": SEED}
-    model = sdxl(twins, DDIM(num_inference_steps=3))
+    model = sdxl(twins, DDIM(num_inference_steps=3, params=SDXL_SOLVER_PARAMS))
     expected = reference_latents(
         twins,
         DDIMScheduler.from_config(SCHEDULER_CONFIG),
@@ -109,6 +110,6 @@ def test_micro_conditioning_moves_the_image(twins: Twins) -> None:
 
 
 def test_missing_sdxl_conditioning_is_named(twins: Twins) -> None:
-    model = sdxl(twins, DDIM(num_inference_steps=3))
+    model = sdxl(twins, DDIM(num_inference_steps=3, params=SDXL_SOLVER_PARAMS))
     with pytest.raises(ValueError, match=r"also needs \['pooled_text_embedding', 'time_ids'\]"):
         model(torch.zeros(1, 4, 8, 6), 0, clip_text_embedding=torch.zeros(2, 77, 80))

@@ -22,7 +22,8 @@ from refiners.converters.engine import ConversionError, convert_state_dict
 from refiners.converters.reference_check import SD15_UNET_CONFIG
 from refiners.converters.unet import convert_diffusers_unet, diffusers_unet_key_map
 from refiners.fluxion.utils import load_from_safetensors
-from refiners.foundationals.latent_diffusion.unet import RESIDUALS_KEY, UNET_CONTEXT, SD1UNet
+from refiners.foundationals.latent_diffusion.stable_diffusion_1.unet import SD1UNet
+from refiners.foundationals.latent_diffusion.unet import RESIDUALS_KEY, UNET_CONTEXT
 
 # The same architecture at toy size, as the inpainting UNet (latents + mask + masked-image latents).
 SMALL_CHANNELS = (32, 32, 64, 64)

@@ -24,8 +24,8 @@ from refiners.converters.sources import DiffusersFolder, Source
 from refiners.fluxion.model_config import ModelConfig
 from refiners.foundationals.clip import CLIPTextEncoder, CLIPTextEncoderL
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder, SD1Autoencoder
+from refiners.foundationals.latent_diffusion.stable_diffusion_1.unet import SD1UNet
 from refiners.foundationals.latent_diffusion.stable_diffusion_1.weights import SD15_SAMPLE_SIZE
-from refiners.foundationals.latent_diffusion.unet import SD1UNet
 
 __all__ = [
     "unet_config",

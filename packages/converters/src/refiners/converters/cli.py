@@ -252,7 +252,6 @@ def _remove_empty(folders: list[Path]) -> None:
             folder.rmdir()
 
 
-
 def _add_sdxl_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     help = "a whole Stable Diffusion XL model: clip_text, autoencoder and unet .safetensors files in a folder"
     command = commands.add_parser("sdxl", help=help, description=help)

@@ -66,6 +66,7 @@ from refiners.converters.unet import diffusers_unet_key_map
 from refiners.fluxion.utils import save_to_safetensors
 from refiners.foundationals.clip.text_encoder import CLIPTextEncoder, CLIPTextEncoderL
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder, SD1Autoencoder
+from refiners.foundationals.latent_diffusion.stable_diffusion_1.unet import SD1UNet
 from refiners.foundationals.latent_diffusion.stable_diffusion_1.weights import (
     AUTOENCODER_FILE,
     CLIP_TEXT_FILE,
@@ -73,7 +74,6 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_1.weights import (
     ConvertedWeights,
     unet_metadata,
 )
-from refiners.foundationals.latent_diffusion.unet import SD1UNet
 
 __all__ = [
     "CLIP_TEXT_FILE",

@@ -60,8 +60,8 @@ from refiners.foundationals.clip.text_encoder import CLIPTextEncoder, CLIPTextEn
 from refiners.foundationals.clip.text_encoder_names import transformers_clip_text_modules
 from refiners.foundationals.latent_diffusion.model import LatentDiffusionModel
 from refiners.foundationals.latent_diffusion.stable_diffusion_1 import StableDiffusion_1
+from refiners.foundationals.latent_diffusion.stable_diffusion_1.unet import SD1UNet
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl import StableDiffusion_XL
-from refiners.foundationals.latent_diffusion.unet import SD1UNet
 from refiners.foundationals.latent_diffusion.unet_names import diffusers_unet_modules, ldm_unet_renaming
 
 __all__ = [

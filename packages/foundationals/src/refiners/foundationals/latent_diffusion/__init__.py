@@ -16,7 +16,7 @@ from refiners.foundationals.latent_diffusion.solvers import (
     TimestepSpacing,
 )
 from refiners.foundationals.latent_diffusion.stable_diffusion_1 import StableDiffusion_1, StableDiffusion_1_Inpainting
-from refiners.foundationals.latent_diffusion.unet import SD1UNet
+from refiners.foundationals.latent_diffusion.stable_diffusion_1.unet import SD1UNet
 
 __all__ = [
     "LatentDiffusionModel",

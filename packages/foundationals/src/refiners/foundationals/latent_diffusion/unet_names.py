@@ -9,7 +9,7 @@ The weight converters (`refiners.converters`) and the LoRA loaders (`refiners.ad
 Example:
     ```py
     import refiners.fluxion.layers as fl
-    from refiners.foundationals.latent_diffusion.unet import SD1UNet
+    from refiners.foundationals.latent_diffusion.stable_diffusion_1.unet import SD1UNet
     from refiners.foundationals.latent_diffusion.unet_names import diffusers_unet_modules, ldm_unet_renaming
 
     modules = diffusers_unet_modules(SD1UNet(device="meta"))

@@ -32,8 +32,8 @@ from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusion
 from refiners.foundationals.latent_diffusion.model import LatentDiffusionModel, _prompt_list, moved_component
 from refiners.foundationals.latent_diffusion.solvers.dpm_solver import DPMSolver
 from refiners.foundationals.latent_diffusion.solvers.solver import Solver
+from refiners.foundationals.latent_diffusion.stable_diffusion_1.unet import SD1UNet
 from refiners.foundationals.latent_diffusion.stable_diffusion_1.weights import ConvertedWeights, SD1Weights
-from refiners.foundationals.latent_diffusion.unet import SD1UNet
 from refiners.foundationals.latent_diffusion.unet_names import ModuleRenaming, diffusers_unet_modules, unet_renaming
 
 if TYPE_CHECKING:

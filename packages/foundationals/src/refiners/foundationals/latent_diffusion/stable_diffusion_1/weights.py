@@ -25,7 +25,7 @@ from refiners.fluxion.utils import load_metadata_from_safetensors, load_state_di
 from refiners.foundationals.clip.text_encoder import CLIPTextEncoder, CLIPTextEncoderL
 from refiners.foundationals.clip.tokenizer import METADATA_PREFIX, CLIPTokenizer
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder, SD1Autoencoder
-from refiners.foundationals.latent_diffusion.unet import SD1UNet
+from refiners.foundationals.latent_diffusion.stable_diffusion_1.unet import SD1UNet
 
 __all__ = [
     "CLIP_TEXT_FILE",
