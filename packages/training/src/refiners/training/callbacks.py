@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from refiners.adapters.lora import kohya_state_dict, peft_state_dict, refiners_state_dict, specs_of
 from refiners.fluxion.utils import image_to_tensor, save_to_safetensors
+from refiners.training.errors import TrainingSetupError
 from refiners.training.module import LoraFineTuning
 
 if TYPE_CHECKING:
@@ -175,11 +176,11 @@ class ExportLora(Callback):
     ) -> None:
         super().__init__()
         if not formats:
-            raise ValueError("formats is empty: give at least one of 'refiners', 'peft', 'kohya'")
+            raise TrainingSetupError("formats is empty: give at least one of 'refiners', 'peft', 'kohya'")
         if unknown := [f for f in formats if f not in _SUFFIXES]:
-            raise ValueError(f"unknown LoRA formats {unknown}: use 'refiners', 'peft' or 'kohya'")
+            raise TrainingSetupError(f"unknown LoRA formats {unknown}: use 'refiners', 'peft' or 'kohya'")
         if not filename or "/" in filename:
-            raise ValueError(
+            raise TrainingSetupError(
                 f"filename is the files' stem, without folder: got {filename!r} (use dirpath for the folder)"
             )
         self.dirpath = dirpath
@@ -305,11 +306,15 @@ class SampleImages(Callback):
     ) -> None:
         super().__init__()
         if not prompts or not seeds:
-            raise ValueError("SampleImages needs at least one prompt and one seed")
+            raise TrainingSetupError("SampleImages needs at least one prompt and one seed")
         if every_n_steps < 0:
-            raise ValueError(f"every_n_steps must be 0 (only at the end) or more, got {every_n_steps}")
+            raise TrainingSetupError(
+                f"SampleImages: every_n_steps must be 0 (only at the end) or more, got {every_n_steps}"
+            )
         if size is not None and (size <= 0 or size % 8 != 0):
-            raise ValueError(f"size must be a positive multiple of 8 (the autoencoder's downscale factor), got {size}")
+            raise TrainingSetupError(
+                f"SampleImages: size must be a positive multiple of 8 (the autoencoder's downscale factor), got {size}"
+            )
         self.prompts = list(prompts)
         self.seeds = list(seeds)
         self.every_n_steps = every_n_steps

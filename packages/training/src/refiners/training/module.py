@@ -49,13 +49,8 @@ from refiners.foundationals.latent_diffusion.solvers import (
     SolverParams,
 )
 from refiners.foundationals.latent_diffusion.stable_diffusion_1 import StableDiffusion_1
-from refiners.foundationals.latent_diffusion.unet import (
-    DownBlocks,
-    MiddleBlock,
-    ResidualBlock,
-    SD1UNet,
-    UpBlocks,
-)
+from refiners.foundationals.latent_diffusion.stable_diffusion_1.unet import SD1UNet
+from refiners.foundationals.latent_diffusion.unet import DownBlocks, MiddleBlock, ResidualBlock, UpBlocks
 from refiners.training.data import TrainingBatch
 from refiners.training.data_transforms import seeded_generator
 from refiners.training.errors import Setting, TrainingSetupError
@@ -547,7 +542,7 @@ class LoraFineTuning(LightningModule):
     def on_fit_start(self) -> None:
         sharded = isinstance(self.trainer.strategy, FSDPStrategy)
         if sharded and any(isinstance(callback, WeightAveraging) for callback in self.trainer.callbacks):  # pyright: ignore[reportAttributeAccessIssue]
-            raise ValueError(
+            raise TrainingSetupError(
                 "EMA (Lightning's WeightAveraging callback) does not work under FSDP: it averages an unsharded copy "
                 "of the module, which FSDP's flattened shards do not match. Remove the callback from "
                 "trainer.callbacks, or train with strategy='ddp' (the LoRAs are small: DDP holds them on every "
@@ -613,9 +608,12 @@ class LoraFineTuning(LightningModule):
     def encode_texts(self, captions: list[str]) -> Tensor:
         """The text encoder's embeddings of captions; only cacheable while the text encoder does not train."""
         if self.train_text_encoder:
-            raise ValueError(
-                "train_text_encoder=True trains LoRAs of the text encoder, so its embeddings change at every step and "
-                "cannot be cached: set cache_text_embeddings=False in the data module, or train_text_encoder=False"
+            raise TrainingSetupError(
+                Setting("train_text_encoder", True),
+                " trains LoRAs of the text encoder, so its embeddings change at every step and cannot be cached: set ",
+                Setting("cache_text_embeddings", False),
+                " in the data module, or ",
+                Setting("train_text_encoder", False),
             )
         with torch.no_grad():
             return self.clip_text_encoder(captions)
@@ -689,9 +687,12 @@ class LoraFineTuning(LightningModule):
         text_embeddings, captions = batch.get("text_embeddings"), batch.get("captions")
         if text_embeddings is not None:
             if self.train_text_encoder:
-                raise ValueError(
-                    "the batch carries cached text embeddings, but train_text_encoder=True trains the text encoder: "
-                    "set cache_text_embeddings=False in the data module"
+                raise TrainingSetupError(
+                    "the batch carries cached text embeddings, but ",
+                    Setting("train_text_encoder", True),
+                    " trains the text encoder: set ",
+                    Setting("cache_text_embeddings", False),
+                    " in the data module",
                 )
         elif captions is None:
             raise ValueError(f"a batch needs captions or text embeddings, got the keys {sorted(batch)}")
@@ -709,9 +710,11 @@ class LoraFineTuning(LightningModule):
         optimizer = self.optimizer_factory(self.lora_parameter_groups(), self.learning_rate)
         total = self.trainer.estimated_stepping_batches if self.lr_schedule != "constant" else None
         if total is not None and not math.isfinite(total):
-            raise ValueError(
-                f"lr_schedule={self.lr_schedule!r} decays to zero at the last step, but the training has no end: set "
-                "trainer.max_steps or trainer.max_epochs, or use lr_schedule='constant'"
+            raise TrainingSetupError(
+                Setting("lr_schedule", self.lr_schedule),
+                " decays to zero at the last step, but the training has no end: set trainer.max_steps or "
+                "trainer.max_epochs, or use ",
+                Setting("lr_schedule", "constant"),
             )
         schedule = _lr_multiplier(self.lr_schedule, self.warmup_steps, None if total is None else int(total))
         scheduler = LambdaLR(optimizer, schedule)

@@ -7,6 +7,8 @@ from typing import Any
 from lightning import LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 
+from refiners.training.errors import TrainingSetupError
+
 __all__ = ["TrainingProgress", "progress_line"]
 
 
@@ -72,7 +74,7 @@ class TrainingProgress(ProgressBar):
     def __init__(self, every_n_steps: int = 10) -> None:
         super().__init__()
         if every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
+            raise TrainingSetupError(f"TrainingProgress: every_n_steps must be at least 1, got {every_n_steps}")
         self.every_n_steps = every_n_steps
         self.lines: list[str] = []
         self._enabled = True
