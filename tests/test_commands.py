@@ -38,6 +38,9 @@ DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "configs").glob("*.yaml"))]
 
 COVERED_ELSEWHERE = {
     "python3 -m pip install uv": "installs uv, which runs every other command: the set-up of the machine itself",
+    "uv run refiners-convert sdxl --from path/to/stable-diffusion-xl-base-1.0 --to sdxl/": (
+        "tests/converters/test_sdxl_conversion.py::test_the_readme_sdxl_blocks_run runs it on a toy SDXL folder"
+    ),
     "uv sync --locked --all-packages && uv run python examples/stable_diffusion_demo.py": (
         "tests/test_examples.py::test_example_runs runs the demo, tests/test_readme.py::test_commands_install_then_run "
         "checks the command"

@@ -3,6 +3,7 @@ diffusers' pipeline from the same folder."""
 
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from toy_sdxl import SCHEDULER_CONFIG, build_pipeline
 
 from refiners.converters.cli import main
 from refiners.fluxion.model_config import ModelConfig
-from refiners.fluxion.utils import load_metadata_from_safetensors
+from refiners.fluxion.utils import load_metadata_from_safetensors, save_to_safetensors
 from refiners.foundationals.latent_diffusion import DDIM
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl import SDXL_SOLVER_PARAMS, StableDiffusion_XL
 
@@ -81,3 +82,31 @@ def test_from_folder_names_the_command_for_a_missing_file(tmp_path: Path) -> Non
         match=re.escape(f"create it (and the other files) with `refiners-convert sdxl --from SOURCE --to {tmp_path}`"),
     ):
         StableDiffusion_XL.from_folder(tmp_path)
+
+
+def test_the_readme_sdxl_blocks_run(
+    sdxl_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's SDXL section word for word, on the toy: converted as `sdxl/`, a kohya LoRA as `sdxl_lora.safetensors`."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Stable Diffusion XL") : readme.index("## Import paths")]
+    commands = re.findall(r"^uv run (refiners-convert sdxl .*?)\s+#", section, flags=re.MULTILINE)
+    assert commands == ["refiners-convert sdxl --from path/to/stable-diffusion-xl-base-1.0 --to sdxl/"]
+    (tmp_path / "path/to").mkdir(parents=True)
+    (tmp_path / "path/to/stable-diffusion-xl-base-1.0").symlink_to(sdxl_folder, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    assert main(commands[0].split()[1:]) == 0
+    to_q = "lora_te2_text_model_encoder_layers_0_self_attn_q_proj"
+    generator = torch.Generator().manual_seed(0)
+    lora = {f"{to_q}.lora_down.weight": torch.randn(4, 48, generator=generator)}
+    lora[f"{to_q}.lora_up.weight"] = torch.randn(48, 4, generator=generator)
+    save_to_safetensors(tmp_path / "sdxl_lora.safetensors", lora)
+    namespace: dict[str, Any] = {"__name__": "readme"}
+    blocks = re.findall(r"^```py\n(.*?)^```$", section, flags=re.MULTILINE | re.DOTALL)
+    assert len(blocks) == 2
+    for index, block in enumerate(blocks):
+        exec(compile(block, f"README.md, SDXL block {index}", "exec"), namespace)
+    from PIL import Image
+
+    assert Image.open(tmp_path / "sdxl_cat.png").size == (64, 64)  # the toy's native size
+    assert Image.open(tmp_path / "sdxl_cat_by_hand.png").size == (64, 64)
