@@ -1,0 +1,163 @@
+"""SDXLUNet vs diffusers' UNet2DConditionModel: one denoising forward, same weights, SDXL base config, CPU float32.
+
+As `unet.py` for SD1.5: both models hold the very same weight tensors (ours built on the meta device and given
+diffusers' tensors, converted by key only), their outputs are checked to match before timing, and runs alternate
+round after round in one process; the ratio is taken per round and its median reported. Batch 2 (negative and
+positive prompt), text embedding (2, 77, 2048), pooled (2, 1280), time ids (2, 6), latents 32x32 (256-pixel images:
+the full 128x128 does not fit a 2-core machine's patience). Target: ours/diffusers <= 1.0 (wall time).
+
+Usage:
+    uv run python benchmarks/sdxl_unet.py [--rounds N] [--warmup N] [--threads N] [--sizes S ...] [--json PATH]
+    uv run python benchmarks/sdxl_unet.py --smoke  # a tiny SDXL UNet, one forward each: checks it runs
+"""
+
+import argparse
+import gc
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from _machine import cpu_model, interleaved
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from torch import Tensor
+
+from refiners.converters.unet import convert_diffusers_unet
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl import SDXLUNet
+
+TARGET_RATIO = 1.0
+BATCH = 2
+# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json (the entries that differ from diffusers' defaults).
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 128,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "attention_head_dim": [5, 10, 20],
+    "transformer_layers_per_block": [1, 2, 10],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+TINY: dict[str, Any] = {
+    "block_out_channels": [32, 64, 64],
+    "attention_head_dim": [1, 2, 4],
+    "transformer_layers_per_block": [1, 2, 2],
+    "cross_attention_dim": 32,
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 16 + 6 * 8,
+}
+
+
+@dataclass
+class Result:
+    """The timings of one latent size: medians over rounds, in seconds per forward (wall, and process CPU time)."""
+
+    variant: str
+    ours_s: float
+    diffusers_s: float
+    ratio: float
+    ours_cpu_s: float
+    diffusers_cpu_s: float
+    cpu_ratio: float
+    rounds: int
+    load_average: float
+
+
+def build_pair(tiny: bool = False) -> tuple[SDXLUNet, UNet2DConditionModel]:
+    """diffusers' SDXL UNet with random weights, and ours holding the same weight tensors."""
+    torch.manual_seed(0)
+    config: dict[str, Any] = SDXL_UNET_CONFIG | (TINY if tiny else {})
+    theirs = UNet2DConditionModel(**config).eval()
+    if tiny:
+        ours = SDXLUNet(
+            channels=(32, 64, 64),
+            num_attention_heads=(1, 2, 4),
+            transformer_depths=(1, 2, 2),
+            context_embedding_dim=32,
+            pooled_embedding_dim=16,
+            time_embedding_dim=8,
+            device="meta",
+        )
+    else:
+        ours = SDXLUNet(device="meta")
+    ours.load_state_dict(convert_diffusers_unet(theirs.state_dict(), ours), strict=True, assign=True)
+    return ours, theirs
+
+
+def measure(ours: SDXLUNet, theirs: UNet2DConditionModel, size: int, rounds: int, warmup: int) -> Result:
+    generator = torch.Generator().manual_seed(size)
+    latents = torch.randn(BATCH, 4, size, size, generator=generator)
+    timesteps = torch.tensor([999, 500])
+    text = torch.randn(BATCH, 77, ours.context_embedding_dim, generator=generator)
+    pooled = torch.randn(BATCH, ours.pooled_embedding_dim, generator=generator)
+    time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * BATCH)
+    ours.set_timestep(timesteps)
+    ours.set_clip_text_embedding(text)
+    ours.set_pooled_text_embedding(pooled)
+    ours.set_time_ids(time_ids)
+    conditions = {"text_embeds": pooled, "time_ids": time_ids}
+
+    def run_ours() -> Tensor:
+        return ours(latents)
+
+    def run_theirs() -> Tensor:
+        return theirs(latents, timesteps, encoder_hidden_states=text, added_cond_kwargs=conditions).sample
+
+    with torch.no_grad():
+        expected = run_theirs()
+        torch.testing.assert_close(run_ours(), expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+        del expected
+        for _ in range(warmup):
+            run_ours()
+            run_theirs()
+        timings = interleaved(run_ours, run_theirs, rounds)
+    return Result(
+        variant=f"latents {size}x{size}",
+        ours_s=timings.ours_s,
+        diffusers_s=timings.reference_s,
+        ratio=timings.ratio,
+        ours_cpu_s=timings.ours_cpu_s,
+        diffusers_cpu_s=timings.reference_cpu_s,
+        cpu_ratio=timings.cpu_ratio,
+        rounds=rounds,
+        load_average=os.getloadavg()[0],
+    )
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5, help="measurement pairs per latent size (default: 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="forwards of each model before measuring (default: 1)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: 2)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32], help="latent sizes (default: 32)")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument("--smoke", action="store_true", help="a tiny SDXL UNet, one forward each: checks it runs")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.rounds, args.warmup, args.sizes, args.threads = 1, 0, [8], 1
+    torch.set_num_threads(args.threads)
+    ours, theirs = build_pair(tiny=args.smoke)
+    gc.collect()
+    results = [measure(ours, theirs, size, args.rounds, args.warmup) for size in args.sizes]
+    machine = f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    model = "tiny SDXL UNet (smoke)" if args.smoke else "SDXL base UNet"
+    print(f"SDXLUNet vs diffusers UNet2DConditionModel, {model}, batch {BATCH}, float32, CPU ({machine})")
+    print(f"median of {args.rounds} interleaved rounds, {args.warmup} warmup; target ours/diffusers <= {TARGET_RATIO}")
+    for r in results:
+        print(
+            f"{r.variant:<16} ours {r.ours_s:.3f} s, diffusers {r.diffusers_s:.3f} s, ratio {r.ratio:.3f}; CPU "
+            f"{r.ours_cpu_s:.3f} / {r.diffusers_cpu_s:.3f} s, ratio {r.cpu_ratio:.3f}; load {r.load_average:.1f}"
+        )
+    if args.json is not None:
+        payload = {"machine": machine, "target_ratio": TARGET_RATIO, "results": [asdict(r) for r in results]}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
