@@ -22,6 +22,7 @@ from refiners.converters.reference_check import SD15_TEXT_ENCODER_CONFIG, SD15_U
 from refiners.converters.unet import convert_diffusers_unet
 from refiners.foundationals.clip import CLIPTextEncoder
 from refiners.foundationals.latent_diffusion import LatentDiffusionAutoencoder, SD1UNet, StableDiffusion_1
+from refiners.foundationals.latent_diffusion.stable_diffusion_1.presets import TINY
 
 # -- the smallest models with every LoRA target ---------------------------------------------------------------------
 
@@ -73,12 +74,15 @@ def layers(components: dict[str, nn.Module]) -> Layers:
 
 # -- the SD1.5 architecture at toy size -----------------------------------------------------------------------------
 
-UNET_CHANNELS = (32, 32, 64, 64)
-TEXT_WIDTH = 32
+# The family's TINY preset, with a smaller vocabulary (64 ids) for the text encoder.
+UNET_CHANNELS: tuple[int, int, int, int] = TINY.unet.arguments["channels"]
+TEXT_WIDTH: int = TINY.unet.arguments["context_embedding_dim"]
+HEADS: int = TINY.unet.arguments["num_attention_heads"]
 VOCABULARY_SIZE = 64
 UNET_CONFIG: dict[str, Any] = SD15_UNET_CONFIG | {
     "block_out_channels": list(UNET_CHANNELS),
     "cross_attention_dim": TEXT_WIDTH,
+    "attention_head_dim": HEADS,  # diffusers' name for SD1's number of heads
     "sample_size": 8,
 }
 TEXT_ENCODER_CONFIG: dict[str, Any] = SD15_TEXT_ENCODER_CONFIG | {
@@ -118,7 +122,7 @@ def build_reference() -> Reference:
 
 
 def toy_unet() -> SD1UNet:
-    return SD1UNet(channels=UNET_CHANNELS, context_embedding_dim=TEXT_WIDTH, device="meta")
+    return TINY.unet.build((SD1UNet,), device="meta")
 
 
 def toy_text_encoder() -> CLIPTextEncoder:

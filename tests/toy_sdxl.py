@@ -22,35 +22,48 @@ from refiners.converters.autoencoder import convert_diffusers_autoencoder
 from refiners.converters.clip_text import convert_transformers_clip_text
 from refiners.converters.toy import TOY_TEXT_ENCODER_CONFIG, TOY_VAE_CONFIG, write_byte_level_vocabulary
 from refiners.converters.unet import convert_diffusers_unet
+from refiners.fluxion.model_config import ModelConfig
 from refiners.foundationals.clip import CLIPTextEncoder, CLIPTokenizer
 from refiners.foundationals.latent_diffusion import LatentDiffusionAutoencoder
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl import DoubleTextEncoder, SDXLUNet
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl.presets import TINY
 
-WIDTH_L, WIDTH_G = 32, 48
-POOLED_DIM = WIDTH_G
-TIME_EMBEDDING_DIM = 8
+# The family's TINY preset, in diffusers' and transformers' words.
+_UNET = TINY.unet.arguments
+_L, _G = (TINY.clip_text_encoder.arguments[name] for name in ("text_encoder_l", "text_encoder_g"))
+assert isinstance(_L, ModelConfig) and isinstance(_G, ModelConfig)
+WIDTH_L, WIDTH_G = _L.arguments["embedding_dim"], _G.arguments["embedding_dim"]
+POOLED_DIM = TINY.clip_text_encoder.arguments["projection_dim"]
+TIME_EMBEDDING_DIM = _UNET["time_embedding_dim"]
 UNET_CONFIG: dict[str, Any] = {
     "sample_size": 8,
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [32, 64, 64],
-    "attention_head_dim": [1, 2, 4],
-    "transformer_layers_per_block": [1, 2, 3],
-    "cross_attention_dim": WIDTH_L + WIDTH_G,
+    "block_out_channels": list(_UNET["channels"]),
+    "attention_head_dim": list(_UNET["num_attention_heads"]),
+    "transformer_layers_per_block": list(_UNET["transformer_depths"]),
+    "cross_attention_dim": _UNET["context_embedding_dim"],
     "use_linear_projection": True,
     "addition_embed_type": "text_time",
     "addition_time_embed_dim": TIME_EMBEDDING_DIM,
     "projection_class_embeddings_input_dim": POOLED_DIM + 6 * TIME_EMBEDDING_DIM,
 }
-TEXT_ENCODER_L_CONFIG: dict[str, Any] = TOY_TEXT_ENCODER_CONFIG | {"hidden_size": WIDTH_L}
+TEXT_ENCODER_L_CONFIG: dict[str, Any] = TOY_TEXT_ENCODER_CONFIG | {
+    "hidden_size": WIDTH_L,
+    "intermediate_size": _L.arguments["feedforward_dim"],
+    "num_hidden_layers": _L.arguments["num_layers"],
+}
 TEXT_ENCODER_G_CONFIG: dict[str, Any] = TOY_TEXT_ENCODER_CONFIG | {
     "hidden_size": WIDTH_G,
-    "intermediate_size": 96,
-    "num_hidden_layers": 3,
+    "intermediate_size": _G.arguments["feedforward_dim"],
+    "num_hidden_layers": _G.arguments["num_layers"],
     "hidden_act": "gelu",
     "projection_dim": POOLED_DIM,
 }
-VAE_CONFIG: dict[str, Any] = TOY_VAE_CONFIG | {"scaling_factor": 0.13025, "force_upcast": True}
+VAE_CONFIG: dict[str, Any] = TOY_VAE_CONFIG | {
+    "scaling_factor": TINY.lda.arguments["encoder_scale"],
+    "force_upcast": True,
+}
 # stabilityai/stable-diffusion-xl-base-1.0's scheduler.
 SCHEDULER_CONFIG: dict[str, Any] = {
     "beta_start": 0.00085,
@@ -103,19 +116,8 @@ def our_tokenizer() -> CLIPTokenizer:
 def our_text_encoder(pipeline: StableDiffusionXLPipeline) -> DoubleTextEncoder:
     """Our `DoubleTextEncoder` with the pipeline's weights and a tokenizer."""
     encoders: list[CLIPTextEncoder] = []
-    for reference, config, approximation in [
-        (pipeline.text_encoder, TEXT_ENCODER_L_CONFIG, "quick"),
-        (pipeline.text_encoder_2, TEXT_ENCODER_G_CONFIG, "none"),
-    ]:
-        encoder = CLIPTextEncoder(
-            embedding_dim=config["hidden_size"],
-            vocabulary_size=config["vocab_size"],
-            num_layers=config["num_hidden_layers"],
-            num_attention_heads=config["num_attention_heads"],
-            feedforward_dim=config["intermediate_size"],
-            gelu_approximation=approximation,  # pyright: ignore[reportArgumentType]
-            device="meta",
-        )
+    for reference, config in [(pipeline.text_encoder, _L), (pipeline.text_encoder_2, _G)]:
+        encoder = config.build((CLIPTextEncoder,), device="meta")
         state_dict = {k: v for k, v in reference.state_dict().items() if k != "text_projection.weight"}
         encoder.load_state_dict(convert_transformers_clip_text(state_dict, encoder), strict=True, assign=True)
         encoders.append(encoder)
@@ -127,27 +129,14 @@ def our_text_encoder(pipeline: StableDiffusionXLPipeline) -> DoubleTextEncoder:
 
 
 def our_unet(pipeline: StableDiffusionXLPipeline) -> SDXLUNet:
-    unet = SDXLUNet(
-        pipeline.unet.config.in_channels,  # pyright: ignore[reportAttributeAccessIssue]
-        channels=tuple(UNET_CONFIG["block_out_channels"]),
-        num_attention_heads=tuple(UNET_CONFIG["attention_head_dim"]),
-        transformer_depths=tuple(UNET_CONFIG["transformer_layers_per_block"]),
-        context_embedding_dim=WIDTH_L + WIDTH_G,
-        pooled_embedding_dim=POOLED_DIM,
-        time_embedding_dim=TIME_EMBEDDING_DIM,
-        device="meta",
-    )
+    in_channels = pipeline.unet.config.in_channels  # pyright: ignore[reportAttributeAccessIssue]
+    unet = ModelConfig(TINY.unet.class_name, {**_UNET, "in_channels": in_channels}).build((SDXLUNet,), device="meta")
     unet.load_state_dict(convert_diffusers_unet(pipeline.unet.state_dict(), unet), strict=True, assign=True)
     return unet
 
 
 def our_autoencoder(pipeline: StableDiffusionXLPipeline) -> LatentDiffusionAutoencoder:
-    lda = LatentDiffusionAutoencoder(
-        0.13025,
-        block_out_channels=tuple(VAE_CONFIG["block_out_channels"]),
-        layers_per_block=VAE_CONFIG["layers_per_block"],
-        device="meta",
-    )
+    lda = TINY.lda.build((LatentDiffusionAutoencoder,), device="meta")
     lda.load_state_dict(convert_diffusers_autoencoder(pipeline.vae.state_dict(), lda), strict=True, assign=True)
     return lda
 

@@ -36,7 +36,7 @@ from diffusers import (
 )
 from PIL import Image
 from torch import Tensor
-from toy_models import TEXT_WIDTH, UNET_CHANNELS, UNET_CONFIG
+from toy_models import HEADS, TEXT_WIDTH, UNET_CHANNELS, UNET_CONFIG
 from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -220,7 +220,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
 
 
 def toy_unet(in_channels: int = 4) -> SD1UNet:
-    return SD1UNet(in_channels, channels=UNET_CHANNELS, context_embedding_dim=TEXT_WIDTH, device="meta")
+    return SD1UNet(
+        in_channels, channels=UNET_CHANNELS, context_embedding_dim=TEXT_WIDTH, num_attention_heads=HEADS, device="meta"
+    )
 
 
 def toy_autoencoder() -> LatentDiffusionAutoencoder:
@@ -512,7 +514,9 @@ def test_hello_world(reference: Reference, weights: Weights) -> None:
 
     for device in ["meta", "cpu"]:
         sd15 = StableDiffusion_1(
-            unet=SD1UNet(channels=UNET_CHANNELS, context_embedding_dim=TEXT_WIDTH, device=device),
+            unet=SD1UNet(
+                channels=UNET_CHANNELS, context_embedding_dim=TEXT_WIDTH, num_attention_heads=HEADS, device=device
+            ),
             lda=LatentDiffusionAutoencoder(0.18215, block_out_channels=VAE_CHANNELS, layers_per_block=1, device=device),
             clip_text_encoder=CLIPTextEncoder(
                 embedding_dim=TEXT_WIDTH,

@@ -4,7 +4,7 @@ the trainer without downloading a model.
 `save_toy_stable_diffusion_1(folder)` builds diffusers' `StableDiffusionPipeline` from the configs below (SD1's
 architecture: the same blocks as Stable Diffusion 1.5, 32 to 64 channels wide, a 2-layer text encoder over a
 byte-level vocabulary) and writes it with `save_pretrained`, as a download from the Hub looks: `model_index.json`,
-`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`. Its sizes are those of `refiners.training`'s `tiny` base,
+`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`. Its sizes are the family's `TINY` preset (`stable_diffusion_1/presets.py`), `refiners.training`'s `tiny` base,
 so `refiners-convert sd1` turns it into weights that `refiners-train` loads with `base: tiny`.
 
 Needs diffusers and transformers: the `reference` extra (`pip install "refiners-converters[reference]"`).
@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from refiners.foundationals.latent_diffusion.stable_diffusion_1.presets import TINY, TINY_VOCABULARY_SIZE
+
 __all__ = [
     "TOY_UNET_CONFIG",
     "TOY_VAE_CONFIG",
@@ -26,10 +28,12 @@ __all__ = [
     "save_toy_stable_diffusion_1",
 ]
 
+# The diffusers/transformers configs of the family's `TINY` preset: the same sizes, in the reference's words.
+_UNET, _VAE, _TEXT = TINY.unet.arguments, TINY.lda.arguments, TINY.clip_text_encoder.arguments
 TOY_UNET_CONFIG: dict[str, Any] = {
-    "block_out_channels": [32, 32, 64, 64],
-    "cross_attention_dim": 32,
-    "attention_head_dim": 4,  # diffusers' name for the number of heads of SD1's transformers
+    "block_out_channels": list(_UNET["channels"]),
+    "cross_attention_dim": _UNET["context_embedding_dim"],
+    "attention_head_dim": _UNET["num_attention_heads"],  # diffusers' name for the number of heads of SD1's transformers
     "layers_per_block": 2,
     "norm_num_groups": 32,
     "in_channels": 4,
@@ -39,26 +43,26 @@ TOY_UNET_CONFIG: dict[str, Any] = {
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
 TOY_VAE_CONFIG: dict[str, Any] = {
-    "block_out_channels": [32, 32, 32, 32],
-    "layers_per_block": 1,
+    "block_out_channels": list(_VAE["block_out_channels"]),
+    "layers_per_block": _VAE["layers_per_block"],
     "norm_num_groups": 32,
     "latent_channels": 4,
     "in_channels": 3,
     "out_channels": 3,
     "sample_size": 64,
-    "scaling_factor": 0.18215,
+    "scaling_factor": _VAE["encoder_scale"],
     "down_block_types": ["DownEncoderBlock2D"] * 4,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 _BYTES = 256
 TOY_TEXT_ENCODER_CONFIG: dict[str, Any] = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
+    "hidden_size": _TEXT["embedding_dim"],
+    "intermediate_size": _TEXT["feedforward_dim"],
+    "num_hidden_layers": _TEXT["num_layers"],
+    "num_attention_heads": _TEXT["num_attention_heads"],
     "hidden_act": "quick_gelu",
     "max_position_embeddings": 77,
-    "vocab_size": 2 * _BYTES + 2,  # each byte alone and at the end of a word, then <|startoftext|>, <|endoftext|>
+    "vocab_size": TINY_VOCABULARY_SIZE,  # each byte alone and at the end of a word, then <|startoftext|>, <|endoftext|>
     "bos_token_id": 2 * _BYTES,
     "eos_token_id": 2 * _BYTES + 1,
     "pad_token_id": 2 * _BYTES + 1,

@@ -49,6 +49,7 @@ from refiners.foundationals.latent_diffusion.solvers import (
     SolverParams,
 )
 from refiners.foundationals.latent_diffusion.stable_diffusion_1 import StableDiffusion_1
+from refiners.foundationals.latent_diffusion.stable_diffusion_1.presets import TINY
 from refiners.foundationals.latent_diffusion.stable_diffusion_1.unet import SD1UNet
 from refiners.foundationals.latent_diffusion.unet import DownBlocks, MiddleBlock, ResidualBlock, UpBlocks
 from refiners.training.data import TrainingBatch
@@ -142,23 +143,11 @@ def _byte_level_tokenizer() -> CLIPTokenizer:
 
 
 def _tiny_components(device: torch.device | str | None) -> StableDiffusionComponents:
-    # The SD1 architecture at the smallest sizes it allows: 32-channel GroupNorms, 4 heads, a 2-layer text encoder.
-    tokenizer = _byte_level_tokenizer()
-    vocabulary_size = 2 * len(bytes_to_unicode()) + 2  # the byte symbols, their end-of-word forms, start and end
-    return StableDiffusionComponents(
-        unet=SD1UNet(4, channels=(32, 32, 64, 64), context_embedding_dim=32, num_attention_heads=4, device=device),
-        lda=LatentDiffusionAutoencoder(0.18215, block_out_channels=(32, 32, 32, 32), layers_per_block=1, device=device),
-        clip_text_encoder=CLIPTextEncoder(
-            embedding_dim=32,
-            vocabulary_size=vocabulary_size,
-            num_layers=2,
-            num_attention_heads=4,
-            feedforward_dim=64,
-            gelu_approximation="quick",
-            tokenizer=tokenizer if device is None or torch.device(device).type != "meta" else None,
-            device=device,
-        ),
-    )
+    # The family's TINY preset: the SD1 architecture at the smallest sizes it allows.
+    components = TINY.build(device=device)
+    if device is None or torch.device(device).type != "meta":
+        components["clip_text_encoder"].set_tokenizer(_byte_level_tokenizer())
+    return StableDiffusionComponents(**components)
 
 
 def _sd15_components(device: torch.device | str | None) -> StableDiffusionComponents:
