@@ -87,8 +87,14 @@ class CLIPTokenizer(fl.Module):
     Example:
         ```py
         from refiners.foundationals.clip import CLIPTokenizer
+        from refiners.foundationals.clip.tokenizer import bytes_to_unicode
 
-        tokenizer = CLIPTokenizer("tokenizer/vocab.json", "tokenizer/merges.txt")  # an SD model's tokenizer folder
+        # An SD model's: CLIPTokenizer("tokenizer/vocab.json", "tokenizer/merges.txt"). Here, the byte symbols alone
+        # and at the end of a word, and two merges that make "dog" one token.
+        symbols = list(bytes_to_unicode().values())
+        tokens = [*symbols, *(s + "</w>" for s in symbols), "do", "dog</w>", "<|startoftext|>", "<|endoftext|>"]
+        vocabulary = {token: index for index, token in enumerate(tokens)}
+        tokenizer = CLIPTokenizer.from_vocabulary(vocabulary, merges=[("d", "o"), ("do", "g</w>")])
         ids = tokenizer(["a photo of a cat", "a dog"])
         assert ids.shape == (2, 77) and ids[1, 0] == tokenizer.start_of_text_token_id
         assert tokenizer.encode("a dog") == ids[1, :4].tolist()  # start, a, dog, end
