@@ -14,35 +14,22 @@ Usage:
 import argparse
 import gc
 import json
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from _machine import cpu_model, interleaved
+from _machine import cpu_model
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import Tensor
+from unet import Result, timed_pair
 
+from refiners.converters.reference_check import SDXL_UNET_CONFIG
 from refiners.converters.unet import convert_diffusers_unet
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl import SDXLUNet
 
 TARGET_RATIO = 1.0
 BATCH = 2
-# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json (the entries that differ from diffusers' defaults).
-SDXL_UNET_CONFIG: dict[str, Any] = {
-    "sample_size": 128,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [320, 640, 1280],
-    "attention_head_dim": [5, 10, 20],
-    "transformer_layers_per_block": [1, 2, 10],
-    "cross_attention_dim": 2048,
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
-}
 TINY: dict[str, Any] = {
     "block_out_channels": [32, 64, 64],
     "attention_head_dim": [1, 2, 4],
@@ -51,21 +38,6 @@ TINY: dict[str, Any] = {
     "addition_time_embed_dim": 8,
     "projection_class_embeddings_input_dim": 16 + 6 * 8,
 }
-
-
-@dataclass
-class Result:
-    """The timings of one latent size: medians over rounds, in seconds per forward (wall, and process CPU time)."""
-
-    variant: str
-    ours_s: float
-    diffusers_s: float
-    ratio: float
-    ours_cpu_s: float
-    diffusers_cpu_s: float
-    cpu_ratio: float
-    rounds: int
-    load_average: float
 
 
 def build_pair(tiny: bool = False) -> tuple[SDXLUNet, UNet2DConditionModel]:
@@ -108,25 +80,7 @@ def measure(ours: SDXLUNet, theirs: UNet2DConditionModel, size: int, rounds: int
     def run_theirs() -> Tensor:
         return theirs(latents, timesteps, encoder_hidden_states=text, added_cond_kwargs=conditions).sample
 
-    with torch.no_grad():
-        expected = run_theirs()
-        torch.testing.assert_close(run_ours(), expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
-        del expected
-        for _ in range(warmup):
-            run_ours()
-            run_theirs()
-        timings = interleaved(run_ours, run_theirs, rounds)
-    return Result(
-        variant=f"latents {size}x{size}",
-        ours_s=timings.ours_s,
-        diffusers_s=timings.reference_s,
-        ratio=timings.ratio,
-        ours_cpu_s=timings.ours_cpu_s,
-        diffusers_cpu_s=timings.reference_cpu_s,
-        cpu_ratio=timings.cpu_ratio,
-        rounds=rounds,
-        load_average=os.getloadavg()[0],
-    )
+    return timed_pair(run_ours, run_theirs, f"latents {size}x{size}", rounds, warmup)
 
 
 def main(argv: list[str] | None = None) -> list[Result]:

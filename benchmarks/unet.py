@@ -16,6 +16,7 @@ import argparse
 import gc
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from refiners.converters.reference_check import SD15_UNET_CONFIG
 from refiners.converters.unet import convert_diffusers_unet
 from refiners.foundationals.latent_diffusion.stable_diffusion_1.unet import SD1UNet
 
-__all__ = ["Result", "build_pair", "measure", "main"]
+__all__ = ["Result", "build_pair", "measure", "timed_pair", "main"]
 
 TARGET_RATIO = 1.0
 BATCH = 2
@@ -98,6 +99,21 @@ def measure(ours: SD1UNet, theirs: UNet2DConditionModel, size: int, rounds: int,
     def run_theirs() -> Tensor:
         return theirs(latents, timesteps, encoder_hidden_states=text_embedding).sample
 
+    return timed_pair(run_ours, run_theirs, f"latents {size}x{size}", rounds, warmup)
+
+
+def timed_pair(
+    run_ours: Callable[[], Tensor], run_theirs: Callable[[], Tensor], variant: str, rounds: int, warmup: int
+) -> Result:
+    """Check that both compute the same (1e-4 of the output's scale), warm up, then time them interleaved.
+
+    Args:
+        run_ours: One forward of ours.
+        run_theirs: The same forward of the reference.
+        variant: The row's name.
+        rounds: Number of (ours, reference) measurement pairs.
+        warmup: Forwards of each before measuring.
+    """
     with torch.no_grad():
         # The comparison is only fair if both compute the same thing.
         expected = run_theirs()
@@ -109,7 +125,7 @@ def measure(ours: SD1UNet, theirs: UNet2DConditionModel, size: int, rounds: int,
             run_theirs()
         timings = interleaved(run_ours, run_theirs, rounds)
     return Result(
-        variant=f"latents {size}x{size}",
+        variant=variant,
         ours_s=timings.ours_s,
         diffusers_s=timings.reference_s,
         ratio=timings.ratio,

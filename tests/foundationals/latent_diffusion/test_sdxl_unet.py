@@ -12,23 +12,10 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import Tensor
 
+from refiners.converters.reference_check import SDXL_UNET_CONFIG
 from refiners.converters.unet import convert_diffusers_unet
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl import SDXLRefinerUNet, SDXLUNet
 
-# SDXL base's `unet/config.json`, as diffusers writes it (the entries that differ from diffusers' defaults).
-SDXL_UNET_CONFIG: dict[str, Any] = {
-    "sample_size": 128,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "block_out_channels": [320, 640, 1280],
-    "attention_head_dim": [5, 10, 20],
-    "transformer_layers_per_block": [1, 2, 10],
-    "cross_attention_dim": 2048,
-    "use_linear_projection": True,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816,
-}
 TOY: dict[str, Any] = {
     "block_out_channels": [32, 64, 64],
     "attention_head_dim": [1, 2, 4],

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SD15_UNET_CONFIG",
+    "SDXL_UNET_CONFIG",
     "SD15_VAE_CONFIG",
     "SD15_TEXT_ENCODER_CONFIG",
     "Comparison",
@@ -60,6 +61,21 @@ SD15_UNET_CONFIG: dict[str, Any] = {
     "sample_size": 64,
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
+SDXL_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 128,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "attention_head_dim": [5, 10, 20],
+    "transformer_layers_per_block": [1, 2, 10],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+}
+"""stabilityai/stable-diffusion-xl-base-1.0's `unet/config.json` (the entries that differ from diffusers' defaults)."""
+
 SD15_VAE_CONFIG: dict[str, Any] = {
     "act_fn": "silu",
     "block_out_channels": [128, 256, 512, 512],

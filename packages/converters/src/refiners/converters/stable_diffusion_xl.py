@@ -207,27 +207,34 @@ def _text_encoder(source: DiffusersFolder, dtype: torch.dtype | None, progress: 
     return ConvertedWeights({k: v.contiguous() for k, v in converted.items()}, metadata)
 
 
+def _converted(
+    source: DiffusersFolder,
+    component: str,
+    config: ModelConfig,
+    classes: tuple[type[Any], ...],
+    key_map_of: Callable[[Any], KeyMap],
+    dtype: torch.dtype | None,
+    progress: Progress,
+    metadata: dict[str, str],
+) -> ConvertedWeights:
+    """One diffusers component converted for the model `config` builds (on the meta device)."""
+    model = config.build(classes, device="meta")
+    progress(f"{component}: {source.describe()} for {config}")
+    shapes = {key: tensor.shape for key, tensor in model.state_dict().items()}
+    tensors = convert_state_dict(source.tensors(component), key_map_of(model), shapes, what=component, dtype=dtype)
+    return ConvertedWeights({k: v.contiguous() for k, v in tensors.items()}, metadata)
+
+
 def _autoencoder(source: DiffusersFolder, dtype: torch.dtype | None, progress: Progress) -> ConvertedWeights:
     config = autoencoder_config(source)
-    autoencoder = config.build(SDXL_AUTOENCODER_CLASSES, device="meta")
-    progress(f"autoencoder: {source.describe()} for {config}")
-    shapes = {key: tensor.shape for key, tensor in autoencoder.state_dict().items()}
-    converted = convert_state_dict(
-        source.tensors("vae"), diffusers_autoencoder_key_map(autoencoder), shapes, what="autoencoder", dtype=dtype
-    )
-    return ConvertedWeights({k: v.contiguous() for k, v in converted.items()}, config.to_metadata())
+    key_map = diffusers_autoencoder_key_map
+    return _converted(source, "vae", config, SDXL_AUTOENCODER_CLASSES, key_map, dtype, progress, config.to_metadata())
 
 
 def _unet(source: DiffusersFolder, dtype: torch.dtype | None, progress: Progress) -> ConvertedWeights:
     config = sdxl_unet_config(source)
-    unet = config.build(SDXL_UNET_CLASSES, device="meta")
-    progress(f"unet: {source.describe()} for {config}")
-    shapes = {key: tensor.shape for key, tensor in unet.state_dict().items()}
-    converted = convert_state_dict(
-        source.tensors("unet"), diffusers_unet_key_map(unet), shapes, what="UNet", dtype=dtype
-    )
-    sample_size = int(_config(source, "unet").get("sample_size", 128))
-    return ConvertedWeights({k: v.contiguous() for k, v in converted.items()}, unet_metadata(config, sample_size))
+    metadata = unet_metadata(config, int(_config(source, "unet").get("sample_size", 128)))
+    return _converted(source, "unet", config, SDXL_UNET_CLASSES, diffusers_unet_key_map, dtype, progress, metadata)
 
 
 def _open(source: str | Path | Source) -> DiffusersFolder:

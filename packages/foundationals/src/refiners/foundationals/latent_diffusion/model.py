@@ -17,7 +17,7 @@ diffusers' pipelines', so the same seed gives the same draws on both sides.
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 
 import torch
@@ -89,6 +89,7 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT, TextEncoderT]):
         lda: The autoencoder between images and latents.
         clip_text_encoder: The text encoder (with its tokenizer, to encode text).
         solver: The diffusion solver (its number of steps can be changed with `set_num_inference_steps`).
+        default_size: The side, in pixels, of the images `generate` draws when given no size.
     """
 
     unet: UNetT
@@ -106,12 +107,19 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT, TextEncoderT]):
         lda: LatentDiffusionAutoencoder,
         clip_text_encoder: TextEncoderT,
         solver: Solver,
+        default_size: int = 512,
     ) -> None:
+        if default_size < 1 or default_size % lda.downscale_factor != 0:
+            raise ValueError(
+                f"default_size must be a positive multiple of {lda.downscale_factor} (the autoencoder's downscale "
+                f"factor), got {default_size}"
+            )
         super().__init__()
         self.unet = unet
         self.lda = lda
         self.clip_text_encoder = clip_text_encoder
         self.solver = solver
+        self.default_size = default_size
 
     @property
     def device(self) -> torch.device:
@@ -523,3 +531,16 @@ def moved_component(module: ModuleT, device: torch.device | str | None, dtype: t
     if device is None and dtype is None:
         return module
     return module.to(device=device, dtype=dtype)
+
+
+def placed_solver(
+    solver: Solver | None, device: torch.device | str | None, default: Callable[[torch.device | str | None], Solver]
+) -> Solver:
+    """A pipeline's solver on `device`: the given one moved there, or `default(device)`.
+
+    On the "meta" device it goes to the CPU instead: its schedule is computed when it is built, and would be lost.
+    """
+    solver_device = "cpu" if device is not None and torch.device(device).type == "meta" else device
+    if solver is None:
+        return default(solver_device)
+    return solver if solver_device is None else solver.to(device=solver_device)

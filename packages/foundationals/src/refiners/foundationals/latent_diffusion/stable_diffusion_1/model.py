@@ -29,7 +29,12 @@ from refiners.fluxion.utils import image_to_tensor
 from refiners.foundationals.clip.text_encoder import CLIPTextEncoder, CLIPTextEncoderL
 from refiners.foundationals.clip.text_encoder_names import transformers_clip_text_modules
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder, SD1Autoencoder
-from refiners.foundationals.latent_diffusion.model import LatentDiffusionModel, _prompt_list, moved_component
+from refiners.foundationals.latent_diffusion.model import (
+    LatentDiffusionModel,
+    _prompt_list,
+    moved_component,
+    placed_solver,
+)
 from refiners.foundationals.latent_diffusion.solvers.dpm_solver import DPMSolver
 from refiners.foundationals.latent_diffusion.solvers.solver import Solver
 from refiners.foundationals.latent_diffusion.stable_diffusion_1.unet import SD1UNet
@@ -103,8 +108,6 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet, CLIPTextEncoder]):  # noqa
         dtype: torch.dtype | None = None,
         default_size: int = DEFAULT_SIZE,
     ) -> None:
-        # The schedule is computed when the solver is built: on the meta device it would be lost.
-        solver_device = "cpu" if device is not None and torch.device(device).type == "meta" else device
         unet = (
             SD1UNet(self.unet_in_channels, device=device, dtype=dtype)
             if unet is None
@@ -115,18 +118,9 @@ class StableDiffusion_1(LatentDiffusionModel[SD1UNet, CLIPTextEncoder]):  # noqa
             clip_text_encoder = CLIPTextEncoderL(device=device, dtype=dtype)
         else:
             clip_text_encoder = moved_component(clip_text_encoder, device, dtype)
-        if solver is None:
-            solver = DPMSolver(num_inference_steps=30, device=solver_device)
-        elif solver_device is not None:
-            solver = solver.to(device=solver_device)
+        solver = placed_solver(solver, device, lambda on: DPMSolver(num_inference_steps=30, device=on))
         self._check_components(unet, lda, clip_text_encoder)
-        if default_size < 1 or default_size % lda.downscale_factor != 0:
-            raise ValueError(
-                f"default_size must be a positive multiple of {lda.downscale_factor} (the autoencoder's downscale "
-                f"factor), got {default_size}"
-            )
-        super().__init__(unet=unet, lda=lda, clip_text_encoder=clip_text_encoder, solver=solver)
-        self.default_size = default_size
+        super().__init__(unet, lda, clip_text_encoder, solver, default_size)
 
     @classmethod
     def from_folder(

@@ -25,7 +25,12 @@ from refiners.foundationals.clip.text_encoder_names import transformers_clip_tex
 from refiners.foundationals.clip.tokenizer import METADATA_PREFIX as TOKENIZER_METADATA_PREFIX
 from refiners.foundationals.clip.tokenizer import CLIPTokenizer
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
-from refiners.foundationals.latent_diffusion.model import LatentDiffusionModel, _prompt_list, moved_component
+from refiners.foundationals.latent_diffusion.model import (
+    LatentDiffusionModel,
+    _prompt_list,
+    moved_component,
+    placed_solver,
+)
 from refiners.foundationals.latent_diffusion.solvers.ddim import DDIM
 from refiners.foundationals.latent_diffusion.solvers.solver import Solver, SolverParams, TimestepSpacing
 from refiners.foundationals.latent_diffusion.stable_diffusion_1.weights import (
@@ -104,15 +109,11 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet, DoubleTextEncoder]):  # 
         dtype: torch.dtype | None = None,
         default_size: int = DEFAULT_SIZE,
     ) -> None:
-        solver_device = "cpu" if device is not None and torch.device(device).type == "meta" else device
         unet = SDXLUNet(self.unet_in_channels, device=device, dtype=dtype) if unet is None else unet
         lda = SDXLAutoencoder(device=device, dtype=dtype) if lda is None else lda
         if clip_text_encoder is None:
             clip_text_encoder = DoubleTextEncoder(device=device, dtype=dtype)
-        if solver is None:
-            solver = DDIM(num_inference_steps=30, params=SDXL_SOLVER_PARAMS, device=solver_device)
-        elif solver_device is not None:
-            solver = solver.to(device=solver_device)
+        solver = placed_solver(solver, device, lambda on: DDIM(30, params=SDXL_SOLVER_PARAMS, device=on))
         if unet.in_channels != self.unet_in_channels:
             raise ValueError(
                 f"{type(self).__name__} needs a UNet with {self.unet_in_channels} input channels, got one with "
@@ -123,15 +124,13 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet, DoubleTextEncoder]):  # 
                 f"the UNet attends to text embeddings of size {unet.context_embedding_dim} but the text encoders make "
                 f"them of size {clip_text_encoder.embedding_dim}: build them for the same model (2048 for SDXL)"
             )
-        if default_size < 1 or default_size % lda.downscale_factor != 0:
-            raise ValueError(f"default_size must be a positive multiple of {lda.downscale_factor}, got {default_size}")
         super().__init__(
-            unet=moved_component(unet, device, dtype),
-            lda=moved_component(lda, device, dtype),
-            clip_text_encoder=moved_component(clip_text_encoder, device, dtype),
-            solver=solver,
+            moved_component(unet, device, dtype),
+            moved_component(lda, device, dtype),
+            moved_component(clip_text_encoder, device, dtype),
+            solver,
+            default_size,
         )
-        self.default_size = default_size
 
     @classmethod
     def from_folder(
