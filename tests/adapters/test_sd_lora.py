@@ -611,7 +611,7 @@ def test_docstring_examples_run() -> None:
     import refiners.foundationals.clip.text_encoder_names as text_encoder_names
     import refiners.foundationals.latent_diffusion.unet_names as unet_names
 
-    for documented in (sd_module, SD1LoraAdapter, unet_names, text_encoder_names):
+    for documented in (sd_module, sd_module.SDLoraAdapter, unet_names, text_encoder_names):
         (example,) = re.findall(r"```py\n(.*?)```", documented.__doc__ or "", re.DOTALL)
         exec(textwrap.dedent(example), {})
 

@@ -399,5 +399,5 @@ def test_unknown_names_are_refused(files: Files, sd: StableDiffusion_1) -> None:
         manager.set_scale("styel", 1.0)
     with pytest.raises(LookupError, match="no LoRA named 'styel'"):
         manager.fuse("styel")
-    with pytest.raises(TypeError, match=r"expected a Stable Diffusion 1\.x model"):
+    with pytest.raises(TypeError, match=r"expected a Stable Diffusion model \(StableDiffusion_1, StableDiffusion_XL"):
         SDLoraManager(sd.unet)  # pyright: ignore[reportArgumentType]
