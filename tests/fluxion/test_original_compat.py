@@ -19,6 +19,7 @@ from refiners.foundationals.clip.text_encoder import (
     CLIPTextEncoderH,
     CLIPTextEncoderL,
 )
+from refiners.foundationals.latent_diffusion.cross_attention import CrossAttentionBlock2d
 
 # -- bugs ------------------------------------------------------------------------------------------------------------
 
@@ -119,6 +120,13 @@ def _positional(cls: type) -> list[str]:
         (
             TransformerLayer,
             ["embedding_dim", "feedforward_dim", "num_attention_heads", "layer_norm_eps", "device", "dtype"],
+        ),
+        (
+            CrossAttentionBlock2d,
+            [
+                *("channels", "context_embedding_dim", "context_key", "num_attention_heads", "num_attention_layers"),
+                *("num_groups", "use_bias", "use_linear_projection", "device", "dtype"),
+            ],
         ),
         (CLIPTextEncoderL, ["device", "dtype"]),
         (CLIPTextEncoderH, ["device", "dtype"]),

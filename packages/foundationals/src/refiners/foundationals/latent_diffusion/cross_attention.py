@@ -132,7 +132,7 @@ class CrossAttentionBlock(fl.Chain):
 class CrossAttentionBlock2d(fl.Residual):
     """A transformer over the positions of a `(batch, channels, height, width)` map, conditioned by cross-attention.
 
-    `x + proj_out(transformer(proj_in(GroupNorm(x))))`, where the transformer (`num_layers` `CrossAttentionBlock`s)
+    `x + proj_out(transformer(proj_in(GroupNorm(x))))`, where the transformer (`num_attention_layers` `CrossAttentionBlock`s)
     runs on the `(batch, height * width, channels)` sequence of positions, and the projections are 1x1 convolutions
     on the map (SD1) or Linears on the sequence (`use_linear_projection`, SDXL).
 
@@ -141,12 +141,14 @@ class CrossAttentionBlock2d(fl.Residual):
         context_embedding_dim: Size of the conditioning's embeddings.
         context_key: The conditioning's key in `CROSS_ATTENTION_CONTEXT`.
         num_attention_heads: Number of attention heads; it must divide `channels`.
+        num_attention_layers: Number of transformer layers (diffusers' `transformer_layers_per_block`).
         num_groups: Number of groups of the GroupNorm; it must divide `channels`.
         use_bias: Whether the attention's query, key and value projections have a bias.
+        use_linear_projection: Project in and out with Linears on the sequence instead of 1x1 convolutions.
         device: Where the weights live.
         dtype: The weights' dtype.
-        num_layers: Number of transformer layers (diffusers' `transformer_layers_per_block`).
-        use_linear_projection: Project in and out with Linears on the sequence instead of 1x1 convolutions.
+
+    The positional order is the original Refiners'.
     """
 
     def __init__(
@@ -155,23 +157,24 @@ class CrossAttentionBlock2d(fl.Residual):
         context_embedding_dim: int,
         context_key: str,
         num_attention_heads: int = 1,
+        num_attention_layers: int = 1,
         num_groups: int = 32,
         use_bias: bool = True,
+        use_linear_projection: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        *,
-        num_layers: int = 1,
-        use_linear_projection: bool = False,
     ) -> None:
-        if num_layers < 1:
-            raise ValueError(f"CrossAttentionBlock2d needs at least one transformer layer, got num_layers={num_layers}")
+        if num_attention_layers < 1:
+            raise ValueError(
+                f"CrossAttentionBlock2d needs at least one transformer layer, got num_attention_layers={num_attention_layers}"
+            )
         self.channels = channels
         self.context_embedding_dim = context_embedding_dim
         self.context_key = context_key
         self.num_attention_heads = num_attention_heads
         self.num_groups = num_groups
         self.use_bias = use_bias
-        self.num_layers = num_layers
+        self.num_attention_layers = num_attention_layers
         self.use_linear_projection = use_linear_projection
         transformer = [
             CrossAttentionBlock(
@@ -183,7 +186,7 @@ class CrossAttentionBlock2d(fl.Residual):
                 device=device,
                 dtype=dtype,
             )
-            for _ in range(num_layers)
+            for _ in range(num_attention_layers)
         ]
         norm = fl.GroupNorm(channels, num_groups, eps=1e-6, device=device, dtype=dtype)
         if use_linear_projection:

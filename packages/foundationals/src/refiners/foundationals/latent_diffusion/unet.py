@@ -106,7 +106,7 @@ class CLIPLCrossAttention(CrossAttentionBlock2d):
         num_attention_heads: Number of attention heads.
         device: Where the weights live.
         dtype: The weights' dtype.
-        num_layers: Number of transformer layers (diffusers' `transformer_layers_per_block`).
+        num_attention_layers: Number of transformer layers (diffusers' `transformer_layers_per_block`).
         use_linear_projection: Linear projections in and out instead of 1x1 convolutions (SDXL).
     """
 
@@ -118,7 +118,7 @@ class CLIPLCrossAttention(CrossAttentionBlock2d):
         device: Device = None,
         dtype: torch.dtype | None = None,
         *,
-        num_layers: int = 1,
+        num_attention_layers: int = 1,
         use_linear_projection: bool = False,
     ) -> None:
         super().__init__(
@@ -129,7 +129,7 @@ class CLIPLCrossAttention(CrossAttentionBlock2d):
             use_bias=False,
             device=device,
             dtype=dtype,
-            num_layers=num_layers,
+            num_attention_layers=num_attention_layers,
             use_linear_projection=use_linear_projection,
         )
 
@@ -191,7 +191,7 @@ class UNetTopology:
             self.num_attention_heads[level],
             device=device,
             dtype=dtype,
-            num_layers=self.transformer_depths[level],
+            num_attention_layers=self.transformer_depths[level],
             use_linear_projection=self.use_linear_projection,
         )
 

@@ -78,7 +78,7 @@ def _resnet(prefix: str, block: ResidualBlock) -> list[tuple[str, fl.WeightedMod
 
 
 def _transformer(prefix: str, block: CrossAttentionBlock2d) -> list[tuple[str, fl.WeightedModule]]:
-    depth = block.num_layers
+    depth = block.num_attention_layers
     (norm,) = _the(_layers(block, fl.GroupNorm), "GroupNorm per CrossAttentionBlock2d", 1)
     norms = _the(_layers(block, fl.LayerNorm), "LayerNorms per CrossAttentionBlock2d", 3 * depth)
     linears: list[fl.WeightedModule] = list(_layers(block, fl.Linear))
