@@ -113,3 +113,26 @@ def test_missing_sdxl_conditioning_is_named(twins: Twins) -> None:
     model = sdxl(twins, DDIM(num_inference_steps=3, params=SDXL_SOLVER_PARAMS))
     with pytest.raises(ValueError, match=r"also needs \['pooled_text_embedding', 'time_ids'\]"):
         model(torch.zeros(1, 4, 8, 6), 0, clip_text_embedding=torch.zeros(2, 77, 80))
+
+
+def test_generate_image_to_image_matches_diffusers(twins: Twins) -> None:
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
+        StableDiffusionXLImg2ImgPipeline,
+    )
+
+    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+    pixels = np.stack([x * 255 / WIDTH, y * 255 / HEIGHT, ((x - 24) ** 2 + (y - 30) ** 2 < 200) * 200.0], axis=-1)
+    init_image = Image.fromarray(pixels.astype(np.uint8))
+    pipeline = StableDiffusionXLImg2ImgPipeline(**twins.pipeline.components, requires_aesthetics_score=False)
+    pipeline.scheduler = DDIMScheduler.from_config(SCHEDULER_CONFIG)  # pyright: ignore[reportAttributeAccessIssue]
+    with torch.no_grad():
+        expected = pipeline(
+            PROMPTS[0], image=init_image, strength=0.6, num_inference_steps=5, generator=generator()
+        ).images[0]  # pyright: ignore[reportAttributeAccessIssue]
+    model = sdxl(twins, DDIM(num_inference_steps=5, params=SDXL_SOLVER_PARAMS))
+    image = model.generate(
+        PROMPTS[0], init_image=init_image, strength=0.6, num_inference_steps=5, seed=SEED, progress=False
+    )[0]
+    assert image.size == (WIDTH, HEIGHT)
+    difference = np.abs(np.asarray(image, dtype=np.int16) - np.asarray(expected, dtype=np.int16))
+    assert difference.max() <= 1
