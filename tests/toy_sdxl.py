@@ -82,11 +82,12 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
-def build_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+def build_pipeline(seed: int = 0, in_channels: int = 4) -> StableDiffusionXLPipeline:
     """diffusers' SDXL pipeline at toy size, random weights (seeded), norms perturbed."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**UNET_CONFIG).eval()
+        config: dict[str, Any] = {**UNET_CONFIG, "in_channels": in_channels}
+        unet = UNet2DConditionModel(**config).eval()
         vae = AutoencoderKL(**VAE_CONFIG).eval()
         text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_L_CONFIG)).eval()
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**TEXT_ENCODER_G_CONFIG)).eval()
@@ -149,6 +150,6 @@ class Twins:
     lda: LatentDiffusionAutoencoder
 
 
-def build_twins(seed: int = 0) -> Twins:
-    pipeline = build_pipeline(seed)
+def build_twins(seed: int = 0, in_channels: int = 4) -> Twins:
+    pipeline = build_pipeline(seed, in_channels)
     return Twins(pipeline, our_text_encoder(pipeline), our_unet(pipeline), our_autoencoder(pipeline))

@@ -11,7 +11,11 @@ from PIL import Image
 from toy_sdxl import SCHEDULER_CONFIG, Twins, build_twins
 
 from refiners.foundationals.latent_diffusion import DDIM, Euler, Solver
-from refiners.foundationals.latent_diffusion.stable_diffusion_xl import SDXL_SOLVER_PARAMS, StableDiffusion_XL
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl import (
+    SDXL_SOLVER_PARAMS,
+    StableDiffusion_XL,
+    StableDiffusion_XL_Inpainting,
+)
 
 HEIGHT, WIDTH = 64, 48
 SEED = 12
@@ -136,3 +140,40 @@ def test_generate_image_to_image_matches_diffusers(twins: Twins) -> None:
     assert image.size == (WIDTH, HEIGHT)
     difference = np.abs(np.asarray(image, dtype=np.int16) - np.asarray(expected, dtype=np.int16))
     assert difference.max() <= 1
+
+
+def test_generate_inpainting_matches_diffusers() -> None:
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint import (
+        StableDiffusionXLInpaintPipeline,
+    )
+
+    twins = build_twins(seed=1, in_channels=9)
+    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+    pixels = np.stack([x * 255 / WIDTH, y * 255 / HEIGHT, np.full_like(x, 90.0)], axis=-1)
+    image = Image.fromarray(pixels.astype(np.uint8))
+    mask = Image.fromarray(((np.abs(x - 24) < 12) & (np.abs(y - 32) < 16)).astype(np.uint8) * 255)
+    pipeline = StableDiffusionXLInpaintPipeline(**twins.pipeline.components, requires_aesthetics_score=False)
+    pipeline.scheduler = DDIMScheduler.from_config(SCHEDULER_CONFIG)  # pyright: ignore[reportAttributeAccessIssue]
+    kwargs: dict[str, Any] = {"strength": 1.0, "num_inference_steps": 4, "height": HEIGHT, "width": WIDTH}
+    with torch.no_grad():
+        expected = pipeline(PROMPTS[0], image=image, mask_image=mask, generator=generator(), **kwargs).images[0]  # pyright: ignore[reportAttributeAccessIssue]
+    model = StableDiffusion_XL_Inpainting(
+        unet=twins.unet,
+        lda=twins.lda,
+        clip_text_encoder=twins.text_encoder,
+        solver=DDIM(num_inference_steps=4, params=SDXL_SOLVER_PARAMS),
+    )
+    ours = model.generate(PROMPTS[0], init_image=image, mask=mask, seed=SEED, progress=False, **kwargs)[0]
+    difference = np.abs(np.asarray(ours, dtype=np.int16) - np.asarray(expected, dtype=np.int16))
+    assert difference.max() <= 1
+    assert model.default_guidance_scale == 7.5  # diffusers' SDXL inpainting pipeline's default, not SDXL's 5.0
+    # The conditions matter: another mask gives another image.
+    other = model.generate(
+        PROMPTS[0],
+        init_image=image,
+        mask=mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        seed=SEED,
+        progress=False,
+        **kwargs,
+    )[0]
+    assert np.abs(np.asarray(other, dtype=np.int16) - np.asarray(ours, dtype=np.int16)).max() > 1

@@ -4,6 +4,7 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_xl.model import (
     SDXL_SOLVER_PARAMS,
     SDXLAutoencoder,
     StableDiffusion_XL,
+    StableDiffusion_XL_Inpainting,
 )
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl.text_encoder import (
     ConcatenateEmbeddings,
@@ -22,6 +23,7 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_xl.unet import (
 __all__ = [
     "SDXL_SOLVER_PARAMS",
     "StableDiffusion_XL",
+    "StableDiffusion_XL_Inpainting",
     "SDXLAutoencoder",
     "DoubleTextEncoder",
     "ConcatenateEmbeddings",

@@ -25,6 +25,7 @@ from refiners.foundationals.clip.text_encoder_names import transformers_clip_tex
 from refiners.foundationals.clip.tokenizer import METADATA_PREFIX as TOKENIZER_METADATA_PREFIX
 from refiners.foundationals.clip.tokenizer import CLIPTokenizer
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
+from refiners.foundationals.latent_diffusion.inpainting import Inpainting
 from refiners.foundationals.latent_diffusion.model import (
     LatentDiffusionModel,
     _prompt_list,
@@ -47,7 +48,7 @@ from refiners.foundationals.latent_diffusion.unet_names import ModuleRenaming, d
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["SDXL_SOLVER_PARAMS", "SDXLAutoencoder", "StableDiffusion_XL"]
+__all__ = ["SDXL_SOLVER_PARAMS", "SDXLAutoencoder", "StableDiffusion_XL", "StableDiffusion_XL_Inpainting"]
 
 Device = torch.device | str | None
 
@@ -343,3 +344,21 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet, DoubleTextEncoder]):  # 
             progress,
             latent_conditioning,
         )
+
+
+class StableDiffusion_XL_Inpainting(Inpainting, StableDiffusion_XL):  # noqa: N801
+    """Stable Diffusion XL inpainting: a 9-channel `SDXLUNet` that also sees the mask and the masked image's latents,
+    as diffusers' `StableDiffusionXLInpaintPipeline` (see `Inpainting`; `set_inpainting_conditions` before stepping,
+    or `generate(prompt, init_image=..., mask=...)`).
+
+    Args:
+        unet: The inpainting UNet (default: `SDXLUNet(in_channels=9)`).
+        lda: The autoencoder (default: `SDXLAutoencoder()`).
+        clip_text_encoder: The two text encoders (default: `DoubleTextEncoder()`).
+        solver: The solver (default: DDIM, 30 steps, SDXL's schedule).
+        device: Where the components built here live; given components are moved there.
+        dtype: The weights' dtype of the components built here; given components are cast to it.
+        default_size: The side, in pixels, of the images `generate` draws when given no size (1024 for SDXL).
+    """
+
+    default_guidance_scale: ClassVar[float] = 7.5  # diffusers' StableDiffusionXLInpaintPipeline's
