@@ -256,11 +256,28 @@ def _add_sdxl_command(commands: "argparse._SubParsersAction[argparse.ArgumentPar
     help = "a whole Stable Diffusion XL model: clip_text, autoencoder and unet .safetensors files in a folder"
     command = commands.add_parser("sdxl", help=help, description=help)
     command.add_argument(
-        "--from", dest="source", required=True, metavar="SOURCE", help="a diffusers SDXL folder or a Hub id"
+        "--from",
+        dest="source",
+        required=True,
+        metavar="SOURCE",
+        help="a diffusers SDXL folder, a Hub id, or a single-file checkpoint (SGM layout)",
     )
     command.add_argument("--to", dest="dest", required=True, metavar="FOLDER", help="the folder to write the files in")
     command.add_argument(
         "--dtype", choices=list(_DTYPES), default=None, help="cast the weights (default: keep the source's)"
+    )
+    command.add_argument(
+        "--config",
+        metavar="FOLDER",
+        default=None,
+        help="for a single file: a diffusers folder (or Hub id) whose configs size the model (default: SDXL base's)",
+    )
+    command.add_argument(
+        "--tokenizer",
+        metavar="TOKENIZER",
+        default=None,
+        help="for a single file without --config: where to read the CLIP tokenizer (a folder or a Hub id such as "
+        "openai/clip-vit-large-patch14)",
     )
 
 
@@ -269,7 +286,9 @@ def _convert_sdxl(args: argparse.Namespace) -> int:
 
     dtype = _DTYPES[args.dtype] if args.dtype is not None else None
     try:
-        written = convert_stable_diffusion_xl(args.source, args.dest, dtype, progress=_print_progress)
+        written = convert_stable_diffusion_xl(
+            args.source, args.dest, dtype, config=args.config, tokenizer=args.tokenizer, progress=_print_progress
+        )
     except (ValueError, OSError) as error:
         _print_progress(f"refiners-convert: error: {error}")
         return 1

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 __all__ = [
     "SD15_UNET_CONFIG",
     "SDXL_UNET_CONFIG",
+    "SDXL_VAE_CONFIG",
+    "SDXL_TEXT_ENCODER_2_CONFIG",
     "SD15_VAE_CONFIG",
     "SD15_TEXT_ENCODER_CONFIG",
     "Comparison",
@@ -102,6 +104,25 @@ SD15_TEXT_ENCODER_CONFIG: dict[str, Any] = {
     "eos_token_id": 2,
     "pad_token_id": 1,
 }
+
+SDXL_VAE_CONFIG: dict[str, Any] = SD15_VAE_CONFIG | {
+    "sample_size": 1024,
+    "scaling_factor": 0.13025,
+    "force_upcast": True,
+}
+"""SDXL base's `vae/config.json`: SD1.5's architecture, another scaling factor."""
+SDXL_TEXT_ENCODER_2_CONFIG: dict[str, Any] = {
+    "hidden_act": "gelu",
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "max_position_embeddings": 77,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "projection_dim": 1280,
+    "vocab_size": 49408,
+    "layer_norm_eps": 1e-05,
+}
+"""SDXL base's `text_encoder_2/config.json` (OpenCLIP ViT-bigG/14); its `text_encoder` is SD1.5's CLIP ViT-L."""
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ __all__ = [
     "ldm_ema_keys",
     "original_key_map",
     "ldm_to_diffusers",
+    "SGM_PREFIXES",
+    "openclip_to_transformers",
 ]
 
 LDM_PREFIXES = {
@@ -224,4 +226,66 @@ def ldm_to_diffusers(checkpoint: Mapping[str, Tensor], renaming: ModuleRenaming,
         converted[diffusers] = tensor
     if unknown:
         raise ValueError(f"{len(unknown)} keys under {prefix!r} belong to no known module: {', '.join(unknown[:20])}")
+    return converted
+
+
+SGM_PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "conditioner.embedders.0.transformer.",
+    "text_encoder_2": "conditioner.embedders.1.model.",
+}
+"""Where each component's keys live in an SDXL single-file checkpoint (Stability's generative-models, "SGM")."""
+
+_OPENCLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+_OPENCLIP_IGNORED = ("logit_scale",)  # the contrastive loss's temperature: nothing a text encoder computes with
+
+
+def openclip_to_transformers(checkpoint: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """OpenCLIP's text transformer (SGM's `conditioner.embedders.1.model.*`) with transformers' keys and shapes.
+
+    The fused attention input projection (`attn.in_proj_weight`, `(3 d, d)`) is split into `q_proj`, `k_proj` and
+    `v_proj`; `text_projection` (applied as `x @ P`) becomes the weight of transformers' Linear, `P.T`.
+
+    Args:
+        checkpoint: The checkpoint's tensors.
+        prefix: OpenCLIP's prefix in it (`conditioner.embedders.1.model.`).
+
+    Raises:
+        ValueError: Keys under `prefix` that OpenCLIP's text transformer does not have; the message lists them.
+    """
+    converted: dict[str, Tensor] = {}
+    unknown: list[str] = []
+    for key in checkpoint:
+        if not key.startswith(prefix):
+            continue
+        name, tensor = key.removeprefix(prefix), checkpoint[key]
+        if name in _OPENCLIP_IGNORED:
+            continue
+        if name == "token_embedding.weight":
+            converted["text_model.embeddings.token_embedding.weight"] = tensor
+        elif name == "positional_embedding":
+            converted["text_model.embeddings.position_embedding.weight"] = tensor
+        elif name.startswith("ln_final."):
+            converted[f"text_model.final_layer_norm.{name.removeprefix('ln_final.')}"] = tensor
+        elif name == "text_projection":
+            converted["text_projection.weight"] = tensor.t().contiguous()
+        elif name.startswith("transformer.resblocks."):
+            index, _, rest = name.removeprefix("transformer.resblocks.").partition(".")
+            layer = f"text_model.encoder.layers.{index}"
+            if rest.startswith("attn.in_proj_"):
+                for projection, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3), strict=True):
+                    converted[f"{layer}.self_attn.{projection}.{rest.removeprefix('attn.in_proj_')}"] = part
+            elif rest.startswith("attn.out_proj."):
+                converted[f"{layer}.self_attn.out_proj.{rest.removeprefix('attn.out_proj.')}"] = tensor
+            elif (module := rest.rpartition(".")[0]) in _OPENCLIP_LAYER:
+                converted[f"{layer}.{_OPENCLIP_LAYER[module]}.{rest.rpartition('.')[2]}"] = tensor
+            else:
+                unknown.append(key)
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} keys under {prefix!r} are not OpenCLIP's text transformer: {', '.join(unknown[:20])}"
+        )
     return converted

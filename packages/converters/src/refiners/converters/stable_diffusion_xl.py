@@ -7,8 +7,12 @@ ids), an inpainting UNet (9 input channels), or any size of the architecture. Th
 `DoubleTextEncoder`), the tokenizer's vocabulary, and not CLIP-L's last layer and final norm: SDXL conditions on the
 penultimate hidden state, so those tensors are left out on purpose (and said so).
 
-SOURCE is a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`, `tokenizer/`)
-or a Hugging Face Hub id. Original single-file checkpoints (SGM layout) are not read yet.
+SOURCE is a diffusers folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`, `tokenizer/`),
+a Hugging Face Hub id, or an original single-file checkpoint in Stability's SGM layout (`model.diffusion_model.*`,
+`first_stage_model.*`, `conditioner.embedders.0.transformer.*` for CLIP-L, `conditioner.embedders.1.model.*` for
+OpenCLIP-G with its fused attention projections): a community fine-tune. A single file has no configs: it is SDXL
+base's sizes, or those of the diffusers folder given as `config` (as diffusers' `from_single_file(config=...)`),
+which also gives the tokenizer.
 """
 
 from collections.abc import Callable, Mapping
@@ -22,7 +26,27 @@ from refiners.converters.architecture import autoencoder_config
 from refiners.converters.autoencoder import diffusers_autoencoder_key_map
 from refiners.converters.clip_text import transformers_clip_text_key_map
 from refiners.converters.engine import ConversionError, KeyMap, convert_state_dict
-from refiners.converters.sources import DiffusersFolder, Source, SourceError, open_source, read_tokenizer
+from refiners.converters.reference_check import (
+    SD15_TEXT_ENCODER_CONFIG,
+    SDXL_TEXT_ENCODER_2_CONFIG,
+    SDXL_UNET_CONFIG,
+    SDXL_VAE_CONFIG,
+)
+from refiners.converters.single_file import (
+    SGM_PREFIXES,
+    ldm_autoencoder_renaming,
+    ldm_to_diffusers,
+    openclip_to_transformers,
+)
+from refiners.converters.sources import (
+    DiffusersFolder,
+    SingleFile,
+    Source,
+    SourceError,
+    locate_tokenizer,
+    open_source,
+    read_tokenizer,
+)
 from refiners.converters.unet import diffusers_unet_key_map
 from refiners.fluxion.model_config import ModelConfig
 from refiners.fluxion.utils import save_to_safetensors
@@ -41,8 +65,10 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_xl import (
     SDXLRefinerUNet,
     SDXLUNet,
 )
+from refiners.foundationals.latent_diffusion.unet_names import unet_renaming
 
 __all__ = [
+    "SGMCheckpoint",
     "sdxl_unet_config",
     "sdxl_text_encoder_config",
     "convert_stable_diffusion_xl_weights",
@@ -65,7 +91,71 @@ def _quiet(line: str) -> None:
     pass
 
 
-def _config(source: DiffusersFolder, component: str) -> dict[str, Any]:
+class SGMCheckpoint:
+    """An SDXL single-file checkpoint (SGM layout), read as the components of a diffusers folder.
+
+    Args:
+        file: The checkpoint.
+        config: A diffusers folder whose configs (and tokenizer) size the model; None for SDXL base's.
+        tokenizer: A folder holding the CLIP tokenizer (`vocab.json`, `merges.txt`), if `config` has none.
+    """
+
+    def __init__(self, file: SingleFile, config: DiffusersFolder | None, tokenizer: Path | None) -> None:
+        self.file = file
+        self.config_folder = config
+        self.tokenizer = tokenizer
+        keys = list(file.tensors)
+        if not any(key.startswith(SGM_PREFIXES["text_encoder_2"]) for key in keys):
+            raise ConversionError(
+                f"{file.describe()} is not an SDXL checkpoint: it has no {SGM_PREFIXES['text_encoder_2']}* "
+                "(OpenCLIP-G). For Stable Diffusion 1.x, use refiners-convert sd1."
+            )
+        if not any(key.startswith(SGM_PREFIXES["text_encoder"]) for key in keys):
+            raise ConversionError(
+                f"{file.describe()} has OpenCLIP-G but no CLIP-L ({SGM_PREFIXES['text_encoder']}*): an SDXL refiner, "
+                "which refiners-convert sdxl does not convert yet"
+            )
+
+    def has_component(self, component: str) -> bool:
+        return component in SGM_PREFIXES
+
+    def config(self, component: str) -> dict[str, Any]:
+        if self.config_folder is not None:
+            return self.config_folder.config(component)
+        if component == "unet":
+            in_channels = self.file.tensors.shape(f"{SGM_PREFIXES['unet']}input_blocks.0.0.weight")[1]
+            return SDXL_UNET_CONFIG | {"in_channels": in_channels}
+        defaults = {"vae": SDXL_VAE_CONFIG, "text_encoder": SD15_TEXT_ENCODER_CONFIG}
+        return dict(defaults.get(component, SDXL_TEXT_ENCODER_2_CONFIG))
+
+    def tensors(self, component: str) -> Mapping[str, Tensor]:
+        checkpoint, prefix = self.file.tensors, SGM_PREFIXES[component]
+        match component:
+            case "unet":
+                unet = sdxl_unet_config(self).build(SDXL_UNET_CLASSES, device="meta")
+                return ldm_to_diffusers(checkpoint, unet_renaming(unet), prefix)
+            case "vae":
+                config = self.config("vae")
+                renaming = ldm_autoencoder_renaming(len(config["block_out_channels"]), config["layers_per_block"])
+                return ldm_to_diffusers(checkpoint, renaming, prefix)
+            case "text_encoder":
+                return {key.removeprefix(prefix): checkpoint[key] for key in checkpoint if key.startswith(prefix)}
+            case _:
+                return openclip_to_transformers(checkpoint, prefix)
+
+    def tokenizer_folder(self) -> Path | None:
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return self.config_folder.tokenizer_folder() if self.config_folder is not None else None
+
+    def describe(self) -> str:
+        return self.file.describe()
+
+
+SDXLSource = DiffusersFolder | SGMCheckpoint
+
+
+def _config(source: SDXLSource, component: str) -> dict[str, Any]:
     if not source.has_component(component):
         raise SourceError(
             f"{source.describe()} has no {component}/: an SDXL diffusers folder has {', '.join(_COMPONENTS)}"
@@ -73,7 +163,7 @@ def _config(source: DiffusersFolder, component: str) -> dict[str, Any]:
     return source.config(component)
 
 
-def sdxl_unet_config(source: DiffusersFolder) -> ModelConfig:
+def sdxl_unet_config(source: SDXLSource) -> ModelConfig:
     """The constructor call of the `SDXLUNet` that the folder's UNet converts into, from its `config.json`.
 
     Raises:
@@ -137,7 +227,7 @@ def _clip_config(config: Mapping[str, Any]) -> ModelConfig:
     )
 
 
-def sdxl_text_encoder_config(source: DiffusersFolder) -> ModelConfig:
+def sdxl_text_encoder_config(source: SDXLSource) -> ModelConfig:
     """The constructor call of the `DoubleTextEncoder` that the folder's text encoders convert into.
 
     The refiner has only `text_encoder_2`: its text conditioning is OpenCLIP-G's alone (not handled yet here).
@@ -160,7 +250,7 @@ def _path(root: torch.nn.Module, module: torch.nn.Module) -> str:
     return next(name for name, candidate in root.named_modules() if candidate is module)
 
 
-def _text_encoder_key_map(encoder: DoubleTextEncoder, source: DiffusersFolder) -> KeyMap:
+def _text_encoder_key_map(encoder: DoubleTextEncoder, source: SDXLSource) -> KeyMap:
     """transformers' two CLIP text models (keys prefixed by their component) to the `DoubleTextEncoder`'s."""
     key_map = KeyMap()
     num_layers_l = _config(source, "text_encoder")["num_hidden_layers"]
@@ -184,7 +274,7 @@ def _text_encoder_key_map(encoder: DoubleTextEncoder, source: DiffusersFolder) -
     return key_map
 
 
-def _text_encoder(source: DiffusersFolder, dtype: torch.dtype | None, progress: Progress) -> ConvertedWeights:
+def _text_encoder(source: SDXLSource, dtype: torch.dtype | None, progress: Progress) -> ConvertedWeights:
     config = sdxl_text_encoder_config(source)
     encoder = config.build(SDXL_TEXT_ENCODER_CLASSES, device="meta")
     assert isinstance(encoder, DoubleTextEncoder)
@@ -208,7 +298,7 @@ def _text_encoder(source: DiffusersFolder, dtype: torch.dtype | None, progress: 
 
 
 def _converted(
-    source: DiffusersFolder,
+    source: SDXLSource,
     component: str,
     config: ModelConfig,
     classes: tuple[type[Any], ...],
@@ -225,24 +315,32 @@ def _converted(
     return ConvertedWeights({k: v.contiguous() for k, v in tensors.items()}, metadata)
 
 
-def _autoencoder(source: DiffusersFolder, dtype: torch.dtype | None, progress: Progress) -> ConvertedWeights:
-    config = autoencoder_config(source)
+def _autoencoder(source: SDXLSource, dtype: torch.dtype | None, progress: Progress) -> ConvertedWeights:
+    if isinstance(source, SGMCheckpoint):
+        # Sized by the config folder, else SDXL's (SD1's architecture, SDXL's scaling factor).
+        folder = source.config_folder
+        config = autoencoder_config(folder) if folder is not None else ModelConfig.of(SDXLAutoencoder)
+    else:
+        config = autoencoder_config(source)
     key_map = diffusers_autoencoder_key_map
     return _converted(source, "vae", config, SDXL_AUTOENCODER_CLASSES, key_map, dtype, progress, config.to_metadata())
 
 
-def _unet(source: DiffusersFolder, dtype: torch.dtype | None, progress: Progress) -> ConvertedWeights:
+def _unet(source: SDXLSource, dtype: torch.dtype | None, progress: Progress) -> ConvertedWeights:
     config = sdxl_unet_config(source)
     metadata = unet_metadata(config, int(_config(source, "unet").get("sample_size", 128)))
     return _converted(source, "unet", config, SDXL_UNET_CLASSES, diffusers_unet_key_map, dtype, progress, metadata)
 
 
-def _open(source: str | Path | Source) -> DiffusersFolder:
+def _open(
+    source: str | Path | Source, config: str | Path | None = None, tokenizer: str | Path | None = None
+) -> SDXLSource:
     opened = open_source(source, components=_COMPONENTS)
-    if not isinstance(opened, DiffusersFolder):
-        raise SourceError(
-            f"{opened.describe()} is a single file: refiners-convert sdxl reads diffusers folders and Hub ids for now"
-        )
+    if isinstance(opened, SingleFile):
+        folder = open_source(config, components=_COMPONENTS) if config is not None else None
+        if folder is not None and not isinstance(folder, DiffusersFolder):
+            raise SourceError(f"the config {config} must be a diffusers folder (its configs size the model)")
+        return SGMCheckpoint(opened, folder, locate_tokenizer(tokenizer) if tokenizer is not None else None)
     if not opened.has_component("text_encoder_2"):
         raise ConversionError(
             f"{opened.describe()} is not a Stable Diffusion XL model: it has no text_encoder_2/ (OpenCLIP-G). For "
@@ -252,19 +350,26 @@ def _open(source: str | Path | Source) -> DiffusersFolder:
 
 
 def convert_stable_diffusion_xl_weights(
-    source: str | Path | Source, dtype: torch.dtype | None = None, *, progress: Progress = _quiet
+    source: str | Path | Source,
+    dtype: torch.dtype | None = None,
+    *,
+    config: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    progress: Progress = _quiet,
 ) -> dict[str, ConvertedWeights]:
     """Convert an SDXL model in memory: the tensors and metadata `convert_stable_diffusion_xl` writes.
 
     Args:
-        source: A diffusers folder or a Hub id.
+        source: A diffusers folder, a Hub id, or an SGM single file.
         dtype: Cast the weights to this dtype (default: keep the source's).
+        config: For a single file: the diffusers folder whose configs size the model (default: SDXL base's sizes).
+        tokenizer: For a single file: where to read the CLIP tokenizer if `config` has none (a folder or a Hub id).
         progress: Receives a line per step.
 
     Returns:
         The converted weights by component: `"clip_text"`, `"autoencoder"`, `"unet"`.
     """
-    opened = _open(source)
+    opened = _open(source, config, tokenizer)
     return {
         "clip_text": _text_encoder(opened, dtype, progress),
         "autoencoder": _autoencoder(opened, dtype, progress),
@@ -277,21 +382,25 @@ def convert_stable_diffusion_xl(
     out_folder: str | Path,
     dtype: torch.dtype | None = None,
     *,
+    config: str | Path | None = None,
+    tokenizer: str | Path | None = None,
     progress: Progress = _quiet,
 ) -> dict[str, Path]:
     """Convert an SDXL model into `CLIP_TEXT_FILE`, `AUTOENCODER_FILE` and `UNET_FILE` in a folder, which
     `StableDiffusion_XL.from_folder` loads.
 
     Args:
-        source: A diffusers folder or a Hub id.
+        source: A diffusers folder, a Hub id, or an SGM single file.
         out_folder: The folder to write the three files in (created if needed).
         dtype: Cast the weights to this dtype (default: keep the source's).
+        config: For a single file: the diffusers folder whose configs size the model (default: SDXL base's sizes).
+        tokenizer: For a single file: where to read the CLIP tokenizer if `config` has none (a folder or a Hub id).
         progress: Receives a line per step.
 
     Returns:
         The written files by component.
     """
-    opened = _open(source)
+    opened = _open(source, config, tokenizer)
     folder = Path(out_folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise SourceError(f"the destination {folder} is a file: pass a folder (created if needed)")
