@@ -12,6 +12,7 @@ from toy_sdxl import SCHEDULER_CONFIG, Twins, build_twins
 
 from refiners.foundationals.latent_diffusion import DDIM, Euler, Solver
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl import (
+    SDXL_LIGHTNING_SOLVER_PARAMS,
     SDXL_SOLVER_PARAMS,
     StableDiffusion_XL,
     StableDiffusion_XL_Inpainting,
@@ -177,3 +178,25 @@ def test_generate_inpainting_matches_diffusers() -> None:
         **kwargs,
     )[0]
     assert np.abs(np.asarray(other, dtype=np.int16) - np.asarray(ours, dtype=np.int16)).max() > 1
+
+
+def test_lightning_schedule_without_guidance_matches_diffusers(twins: Twins) -> None:
+    # SDXL-Lightning's set-up: Euler, "trailing" timesteps, 4 steps, no classifier-free guidance.
+    scheduler = EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG, timestep_spacing="trailing")
+    expected = reference_latents(twins, scheduler, prompt=PROMPTS[0], num_inference_steps=4, guidance_scale=0.0)
+    model = sdxl(twins, Euler(num_inference_steps=4, params=SDXL_LIGHTNING_SOLVER_PARAMS))
+    with torch.no_grad():
+        embedding, pooled = model.clip_text_encoder(PROMPTS[0])
+        time_ids = model.default_time_ids(original_size=(HEIGHT, WIDTH), target_size=(HEIGHT, WIDTH))
+        x = model.init_latents((HEIGHT, WIDTH), generator=generator())
+        conditioning = {"clip_text_embedding": embedding, "pooled_text_embedding": pooled, "time_ids": time_ids}
+        for step in model.steps:
+            x = model._denoise(x, step, conditioning, None, None)  # pyright: ignore[reportPrivateUsage]
+    assert_matches(x, expected)
+    images = model.generate(
+        PROMPTS[0], num_inference_steps=4, guidance_scale=0.0, height=HEIGHT, width=WIDTH, seed=SEED, progress=False
+    )
+    decoded = twins.pipeline.vae.decode(expected / 0.13025).sample.detach()
+    reference = twins.pipeline.image_processor.postprocess(decoded, output_type="pil")  # pyright: ignore[reportUnknownMemberType]
+    assert isinstance(reference, list)
+    assert np.abs(np.asarray(images[0], dtype=np.int16) - np.asarray(reference[0], dtype=np.int16)).max() <= 1

@@ -1,6 +1,7 @@
 """Stable Diffusion XL: its UNets (base and refiner), text encoders and pipeline."""
 
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl.model import (
+    SDXL_LIGHTNING_SOLVER_PARAMS,
     SDXL_SOLVER_PARAMS,
     SDXLAutoencoder,
     StableDiffusion_XL,
@@ -21,6 +22,7 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_xl.unet import (
 )
 
 __all__ = [
+    "SDXL_LIGHTNING_SOLVER_PARAMS",
     "SDXL_SOLVER_PARAMS",
     "StableDiffusion_XL",
     "StableDiffusion_XL_Inpainting",

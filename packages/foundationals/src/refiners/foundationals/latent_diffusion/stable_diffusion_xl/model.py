@@ -48,12 +48,22 @@ from refiners.foundationals.latent_diffusion.unet_names import ModuleRenaming, d
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["SDXL_SOLVER_PARAMS", "SDXLAutoencoder", "StableDiffusion_XL", "StableDiffusion_XL_Inpainting"]
+__all__ = [
+    "SDXL_SOLVER_PARAMS",
+    "SDXL_LIGHTNING_SOLVER_PARAMS",
+    "SDXLAutoencoder",
+    "StableDiffusion_XL",
+    "StableDiffusion_XL_Inpainting",
+]
 
 Device = torch.device | str | None
 
 SDXL_SOLVER_PARAMS = SolverParams(timesteps_spacing=TimestepSpacing.LEADING)
 """SDXL base's scheduler config: SD1.5's betas, timesteps spaced "leading" with an offset of 1, for every solver."""
+
+SDXL_LIGHTNING_SOLVER_PARAMS = SolverParams(timesteps_spacing=TimestepSpacing.TRAILING)
+"""SDXL-Lightning's (ByteDance): its distilled UNets (or LoRAs) run `Euler` with "trailing" timesteps, in 1 to 8
+steps, without classifier-free guidance (`generate(..., guidance_scale=0)`), as its model card sets diffusers up."""
 
 # diffusers' StableDiffusionXLPipeline draws 1024x1024 images by default (the UNet's sample_size times 8).
 DEFAULT_SIZE = 1024
