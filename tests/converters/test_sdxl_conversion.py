@@ -195,3 +195,13 @@ def test_a_single_file_converts_as_its_folder(sdxl_folder: Path, tmp_path: Path)
         assert from_file.keys() == from_folder.keys()
         for key, tensor in from_folder.items():
             assert torch.equal(from_file[key], tensor), (file, key)
+
+
+def test_check_compares_every_component(sdxl_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    assert main(["sdxl", "--from", str(sdxl_folder), "--to", str(tmp_path / "out"), "--check"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "max abs difference" in line]
+    assert [line.split(":")[0] for line in lines] == ["clip-text", "autoencoder", "unet"]
+    for line in lines:
+        match = re.search(r"\(([^ ]+) of the output's scale", line)
+        assert match is not None and line.endswith(": ok") and float(match.group(1)) <= 1e-5, line

@@ -4,7 +4,9 @@ The reference is built from SDXL's config at reduced widths (three resolutions, 
 transformer layers per block, linear projections, the text-time embedding) with random weights.
 """
 
+import gc
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from torch import Tensor
 
 from refiners.converters.reference_check import SDXL_UNET_CONFIG
 from refiners.converters.unet import convert_diffusers_unet
+from refiners.fluxion.utils import load_from_safetensors
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl import SDXLRefinerUNet, SDXLUNet
 
 TOY: dict[str, Any] = {
@@ -109,3 +112,32 @@ def test_base_unet_sizes_match_diffusers() -> None:
     converted = convert_diffusers_unet(reference.state_dict(), unet)
     assert len(converted) == len(unet.state_dict())
     assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in reference.parameters())
+
+
+@pytest.mark.slow
+def test_full_size_base_unet_matches_diffusers(tmp_path: Path) -> None:
+    """SDXL base's UNet at full size (2.6 B parameters): the reference's output is recorded, the reference saved as a
+    download looks and freed, then ours is built on meta and given the converted file, so that peak memory stays
+    near one model."""
+    torch.manual_seed(0)
+    reference = UNet2DConditionModel(**SDXL_UNET_CONFIG).eval()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 16, 16, generator=generator)
+    text = torch.randn(1, 77, 2048, generator=generator)
+    pooled = torch.randn(1, 1280, generator=generator)
+    time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]])
+    with torch.no_grad():
+        expected = reference(
+            x, 500, encoder_hidden_states=text, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}
+        ).sample
+    reference.save_pretrained(tmp_path / "unet", max_shard_size="20GB")  # one file, as the Hub's
+    del reference
+    gc.collect()
+    unet = SDXLUNet(device="meta")
+    source = load_from_safetensors(tmp_path / "unet" / "diffusion_pytorch_model.safetensors")
+    unet.load_state_dict(convert_diffusers_unet(source, unet), strict=True, assign=True)
+    del source
+    actual = run(unet, x, torch.tensor([500]), text, pooled, time_ids)
+    difference = (actual - expected).abs().max().item()
+    print(f"full-size SDXL UNet: max abs difference {difference:.3g}, output scale {expected.abs().max().item():.3g}")
+    torch.testing.assert_close(actual, expected, atol=RELATIVE_ATOL * expected.abs().max().item(), rtol=0)

@@ -128,7 +128,11 @@ def _check(name: str, source: Source, result: ConversionResult) -> bool:
     label, reference, compare = _REFERENCES[name]
     _print_progress(f"{label}: checking against {reference} on a random input...")
     comparison: Comparison = compare(source, result.path)
-    tolerance = CHECK_TOLERANCE_AFTER_CAST if _is_cast(result) else CHECK_TOLERANCE
+    return _report(label, comparison, CHECK_TOLERANCE_AFTER_CAST if _is_cast(result) else CHECK_TOLERANCE)
+
+
+def _report(label: str, comparison: Comparison, tolerance: float) -> bool:
+    """Print how far a converted component is from the reference; whether it is within `tolerance`."""
     passed = comparison.relative <= tolerance
     _print_progress(
         f"{label}: max abs difference {comparison.max_abs_difference:.3g} "
@@ -279,6 +283,12 @@ def _add_sdxl_command(commands: "argparse._SubParsersAction[argparse.ArgumentPar
         help="for a single file without --config: where to read the CLIP tokenizer (a folder or a Hub id such as "
         "openai/clip-vit-large-patch14)",
     )
+    command.add_argument(
+        "--check",
+        action="store_true",
+        help="compare each converted component with diffusers'/transformers' on random inputs and print the max abs "
+        "difference",
+    )
 
 
 def _convert_sdxl(args: argparse.Namespace) -> int:
@@ -294,6 +304,20 @@ def _convert_sdxl(args: argparse.Namespace) -> int:
         return 1
     for path in written.values():
         print(path)
+    if args.check:
+        if missing := missing_reference_packages():
+            _print_progress(
+                f"refiners-convert: error: --check needs {' and '.join(missing)}: install the reference extra"
+            )
+            return 1
+        from refiners.converters.stable_diffusion_xl import compare_stable_diffusion_xl
+
+        comparisons = compare_stable_diffusion_xl(args.source, args.dest, config=args.config)
+        tolerance = CHECK_TOLERANCE if dtype in (None, torch.float32) else CHECK_TOLERANCE_AFTER_CAST
+        # Every component is reported, even after a failure.
+        passed = [_report(name.replace("_", "-"), comparison, tolerance) for name, comparison in comparisons.items()]
+        if not all(passed):
+            return 1
     _print_progress(f"load it with StableDiffusion_XL.from_folder({str(args.dest)!r})")
     return 0
 

@@ -31,6 +31,7 @@ from refiners.converters.reference_check import (
     SDXL_TEXT_ENCODER_2_CONFIG,
     SDXL_UNET_CONFIG,
     SDXL_VAE_CONFIG,
+    Comparison,
 )
 from refiners.converters.single_file import (
     SGM_PREFIXES,
@@ -73,6 +74,7 @@ __all__ = [
     "sdxl_text_encoder_config",
     "convert_stable_diffusion_xl_weights",
     "convert_stable_diffusion_xl",
+    "compare_stable_diffusion_xl",
     "SDXL_TEXT_ENCODER_CLASSES",
     "SDXL_UNET_CLASSES",
     "SDXL_AUTOENCODER_CLASSES",
@@ -417,3 +419,76 @@ def convert_stable_diffusion_xl(
         progress(f"{name}: wrote {len(weights.tensors)} tensors to {folder / file}")
         written[name] = folder / file
     return written
+
+
+def compare_stable_diffusion_xl(
+    source: str | Path | Source, converted: str | Path, *, config: str | Path | None = None, seed: int = 0
+) -> dict[str, Comparison]:
+    """Compare each converted component with diffusers' and transformers' (the `reference` extra) on random inputs.
+
+    The reference pipeline is diffusers' `StableDiffusionXLPipeline` read from the source (`from_pretrained`, or
+    `from_single_file` with the `config` folder); ours is `StableDiffusion_XL.from_folder(converted)`.
+
+    Args:
+        source: What was converted: a diffusers folder, a Hub id, or an SGM single file.
+        converted: The folder `convert_stable_diffusion_xl` wrote.
+        config: For a single file: the diffusers folder it was converted with (default: SDXL base's sizes).
+        seed: Seed of the random inputs.
+
+    Returns:
+        `"clip_text"` (the concatenated hidden states and the pooled embedding of random token ids),
+        `"autoencoder"` (the reconstruction of a random 64x64 image, posterior mean) and `"unet"` (the noise prediction
+        of random 8x8 latents with random conditioning, timestep 500).
+    """
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
+
+    from refiners.foundationals.latent_diffusion.stable_diffusion_xl import (
+        StableDiffusion_XL,
+        StableDiffusion_XL_Inpainting,
+    )
+
+    opened = _open(source, config)
+    if isinstance(opened, SGMCheckpoint):
+        reference: Any = StableDiffusionXLPipeline.from_single_file(
+            str(opened.file.path), config=str(opened.config_folder.root) if opened.config_folder else None
+        )
+    else:
+        reference = StableDiffusionXLPipeline.from_pretrained(opened.root)
+    reference = reference.to(torch.float32)
+    in_channels = reference.unet.config.in_channels
+    pipeline = StableDiffusion_XL_Inpainting if in_channels == 9 else StableDiffusion_XL
+    ours = pipeline.from_folder(converted, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    encoder = ours.clip_text_encoder
+    ids = torch.randint(0, encoder.text_encoder_l.vocabulary_size, (1, 77), generator=generator)
+    ids[0, -1] = encoder.text_encoder_l.vocabulary_size - 1  # an end token, for the pooling to find
+    image = torch.rand(1, 3, 64, 64, generator=generator) * 2 - 1
+    latents = torch.randn(1, in_channels, 8, 8, generator=generator)
+    text = torch.randn(1, 77, ours.unet.context_embedding_dim, generator=generator)
+    pooled = torch.randn(1, ours.unet.pooled_embedding_dim, generator=generator)
+    time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]])
+    with torch.no_grad():
+        hidden_l = reference.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        output_g = reference.text_encoder_2(ids, output_hidden_states=True)
+        expected_text = torch.cat([hidden_l, output_g.hidden_states[-2]], dim=-1)
+        actual_text, actual_pooled = encoder(ids)  # the tokenizers pass token ids through
+        expected_image = reference.vae(image, sample_posterior=False).sample
+        conditions = {"text_embeds": pooled, "time_ids": time_ids}
+        expected_noise = reference.unet(latents, 500, encoder_hidden_states=text, added_cond_kwargs=conditions).sample
+        ours.set_unet_context(
+            timestep=torch.tensor([500]), clip_text_embedding=text, pooled_text_embedding=pooled, time_ids=time_ids
+        )
+        actual_noise = ours.unet(latents)
+        actual_image = ours.lda(image)
+    text_comparison = _comparison(expected_text, actual_text)
+    pooled_comparison = _comparison(output_g.text_embeds, actual_pooled)
+    worse = max(text_comparison, pooled_comparison, key=lambda comparison: comparison.relative)
+    return {
+        "clip_text": worse,
+        "autoencoder": _comparison(expected_image, actual_image),
+        "unet": _comparison(expected_noise, actual_noise),
+    }
+
+
+def _comparison(expected: Tensor, actual: Tensor) -> Comparison:
+    return Comparison((actual - expected).abs().max().item(), expected.abs().max().item())
