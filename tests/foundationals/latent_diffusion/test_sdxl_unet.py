@@ -115,6 +115,7 @@ def test_base_unet_sizes_match_diffusers() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_full_size_base_unet_matches_diffusers(tmp_path: Path) -> None:
     """SDXL base's UNet at full size (2.6 B parameters): the reference's output is recorded, the reference saved as a
     download looks and freed, then ours is built on meta and given the converted file, so that peak memory stays
