@@ -200,3 +200,22 @@ def test_lightning_schedule_without_guidance_matches_diffusers(twins: Twins) -> 
     reference = twins.pipeline.image_processor.postprocess(decoded, output_type="pil")  # pyright: ignore[reportUnknownMemberType]
     assert isinstance(reference, list)
     assert np.abs(np.asarray(images[0], dtype=np.int16) - np.asarray(reference[0], dtype=np.int16)).max() <= 1
+
+
+def test_lcm_schedule_without_guidance_matches_diffusers(twins: Twins) -> None:
+    # LCM-LoRA SDXL's set-up (the LoRA aside): diffusers' LCMScheduler from SDXL's config, 4 steps, guidance 1 (none).
+    from diffusers.schedulers.scheduling_lcm import LCMScheduler
+
+    from refiners.foundationals.latent_diffusion import LCMSolver
+
+    expected = reference_latents(
+        twins, LCMScheduler.from_config(SCHEDULER_CONFIG), prompt=PROMPTS[0], num_inference_steps=4, guidance_scale=1.0
+    )
+    model = sdxl(twins, LCMSolver(num_inference_steps=4))
+    images = model.generate(
+        PROMPTS[0], num_inference_steps=4, guidance_scale=1.0, height=HEIGHT, width=WIDTH, seed=SEED, progress=False
+    )
+    decoded = twins.pipeline.vae.decode(expected / 0.13025).sample.detach()
+    reference = twins.pipeline.image_processor.postprocess(decoded, output_type="pil")  # pyright: ignore[reportUnknownMemberType]
+    assert isinstance(reference, list)
+    assert np.abs(np.asarray(images[0], dtype=np.int16) - np.asarray(reference[0], dtype=np.int16)).max() <= 1
