@@ -51,15 +51,18 @@ def write_folder(folder: Path, tiny: bool) -> None:
 
 
 def _classes(name: str) -> tuple[type, ...]:
-    from refiners.foundationals.clip.text_encoder import CLIPTextEncoder, CLIPTextEncoderG, CLIPTextEncoderL
-    from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
-    from refiners.foundationals.latent_diffusion.stable_diffusion_xl import DoubleTextEncoder, SDXLAutoencoder, SDXLUNet
+    from refiners.foundationals.latent_diffusion.stable_diffusion_xl.model import (
+        SDXL_AUTOENCODER_CLASSES,
+        SDXL_TEXT_ENCODER_CLASSES,
+        SDXL_UNET_CLASSES,
+    )
 
-    return {
-        "unet": (SDXLUNet,),
-        "lda": (LatentDiffusionAutoencoder, SDXLAutoencoder),
-        "clip_text_encoder": (DoubleTextEncoder, CLIPTextEncoder, CLIPTextEncoderL, CLIPTextEncoderG),
-    }[name]
+    classes = {
+        "unet": SDXL_UNET_CLASSES,
+        "lda": SDXL_AUTOENCODER_CLASSES,
+        "clip_text_encoder": SDXL_TEXT_ENCODER_CLASSES,
+    }
+    return classes[name]
 
 
 def measure_child(folder: Path) -> dict[str, float]:

@@ -13,35 +13,22 @@ import pytest
 import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import Tensor
+from toy_sdxl import POOLED_DIM, UNET_CONFIG, WIDTH_G, WIDTH_L
 
 from refiners.converters.reference_check import SDXL_UNET_CONFIG
 from refiners.converters.unet import convert_diffusers_unet
+from refiners.fluxion.model_config import ModelConfig
 from refiners.fluxion.utils import load_from_safetensors
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl import SDXLRefinerUNet, SDXLUNet
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl.presets import TINY
 
-TOY: dict[str, Any] = {
-    "block_out_channels": [32, 64, 64],
-    "attention_head_dim": [1, 2, 4],
-    "transformer_layers_per_block": [1, 2, 3],
-    "cross_attention_dim": 32,
-    "addition_time_embed_dim": 8,
-    "projection_class_embeddings_input_dim": 16 + 6 * 8,
-}
-TOY_SDXL_UNET_CONFIG: dict[str, Any] = SDXL_UNET_CONFIG | TOY
 RELATIVE_ATOL = 1e-4
 
 
 def toy_unet(in_channels: int = 4, device: str | None = None) -> SDXLUNet:
-    return SDXLUNet(
-        in_channels,
-        channels=(32, 64, 64),
-        num_attention_heads=(1, 2, 4),
-        transformer_depths=(1, 2, 3),
-        context_embedding_dim=32,
-        pooled_embedding_dim=16,
-        time_embedding_dim=8,
-        device=device,
-    )
+    """The family's TINY preset's UNet (the toy reference's `UNET_CONFIG`), with `in_channels`."""
+    config = ModelConfig(TINY.unet.class_name, {**TINY.unet.arguments, "in_channels": in_channels})
+    return config.build((SDXLUNet,), device=device)
 
 
 def run(unet: SDXLUNet, x: Tensor, timestep: Tensor, text: Tensor, pooled: Tensor, time_ids: Tensor) -> Tensor:
@@ -56,15 +43,15 @@ def run(unet: SDXLUNet, x: Tensor, timestep: Tensor, text: Tensor, pooled: Tenso
 @pytest.mark.parametrize("in_channels", [4, 9])
 def test_toy_sdxl_unet_matches_diffusers(in_channels: int) -> None:
     torch.manual_seed(0)
-    config: dict[str, Any] = {**TOY_SDXL_UNET_CONFIG, "in_channels": in_channels}
+    config: dict[str, Any] = {**UNET_CONFIG, "in_channels": in_channels}
     reference = UNet2DConditionModel(**config).eval()
     unet = toy_unet(in_channels, device="meta")
     unet.load_state_dict(convert_diffusers_unet(reference.state_dict(), unet), strict=True, assign=True)
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, in_channels, 12, 20, generator=generator)  # a non-square size
     timestep = torch.tensor([999, 321])
-    text = torch.randn(2, 77, 32, generator=generator)
-    pooled = torch.randn(2, 16, generator=generator)
+    text = torch.randn(2, 77, WIDTH_L + WIDTH_G, generator=generator)
+    pooled = torch.randn(2, POOLED_DIM, generator=generator)
     time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0], [768.0, 512.0, 16.0, 32.0, 1024.0, 1024.0]])
     with torch.no_grad():
         expected = reference(
@@ -100,7 +87,7 @@ def test_time_ids_of_the_wrong_width_are_refused() -> None:
     unet = toy_unet(device="meta")
     with pytest.raises(ValueError, match=re.escape("the time ids must be (batch, 6), got shape (1, 5)")):
         unet.set_time_ids(torch.zeros(1, 5))
-    with pytest.raises(ValueError, match=re.escape("the pooled text embedding must be (batch, 16)")):
+    with pytest.raises(ValueError, match=re.escape(f"the pooled text embedding must be (batch, {POOLED_DIM})")):
         unet.set_pooled_text_embedding(torch.zeros(1, 1280))
 
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SD15_UNET_CONFIG",
+    "compare_outputs",
     "SDXL_UNET_CONFIG",
     "SDXL_VAE_CONFIG",
     "SDXL_TEXT_ENCODER_2_CONFIG",
@@ -148,7 +149,8 @@ def missing_reference_packages() -> list[str]:
     return [name for name in ("diffusers", "transformers") if importlib.util.find_spec(name) is None]
 
 
-def _compare(expected: Tensor, actual: Tensor) -> Comparison:
+def compare_outputs(expected: Tensor, actual: Tensor) -> Comparison:
+    """How far `actual` is from the reference output `expected`."""
     return Comparison((actual - expected).abs().max().item(), expected.abs().max().item())
 
 
@@ -248,7 +250,7 @@ def compare_clip_text(source: Source, converted: Path, seed: int = 0) -> Compari
     gc.collect()
     load_state_dict_from_safetensors(encoder, converted)  # weights only: the encoder takes ids, not text
     with torch.no_grad():
-        return _compare(expected, encoder(ids))
+        return compare_outputs(expected, encoder(ids))
 
 
 def compare_autoencoder(source: Source, converted: Path, seed: int = 0) -> Comparison:
@@ -269,7 +271,7 @@ def compare_autoencoder(source: Source, converted: Path, seed: int = 0) -> Compa
     autoencoder = autoencoder_for(source)
     load_state_dict_from_safetensors(autoencoder, converted)
     with torch.no_grad():
-        return _compare(expected, autoencoder(image))
+        return compare_outputs(expected, autoencoder(image))
 
 
 def _shape_in_file(path: Path, key: str) -> tuple[int, ...]:
@@ -305,4 +307,4 @@ def compare_unet(source: Source, converted: Path, seed: int = 0) -> Comparison:
     unet.set_timestep(timestep)
     unet.set_clip_text_embedding(text_embedding)
     with torch.no_grad():
-        return _compare(expected, unet(latents))
+        return compare_outputs(expected, unet(latents))

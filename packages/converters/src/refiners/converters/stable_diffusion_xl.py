@@ -32,6 +32,7 @@ from refiners.converters.reference_check import (
     SDXL_UNET_CONFIG,
     SDXL_VAE_CONFIG,
     Comparison,
+    compare_outputs,
 )
 from refiners.converters.single_file import (
     SGM_PREFIXES,
@@ -51,8 +52,7 @@ from refiners.converters.sources import (
 from refiners.converters.unet import diffusers_unet_key_map
 from refiners.fluxion.model_config import ModelConfig
 from refiners.fluxion.utils import save_to_safetensors
-from refiners.foundationals.clip.text_encoder import CLIPTextEncoder, CLIPTextEncoderG, CLIPTextEncoderL
-from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder, SD1Autoencoder
+from refiners.foundationals.clip.text_encoder import CLIPTextEncoder
 from refiners.foundationals.latent_diffusion.stable_diffusion_1.weights import (
     AUTOENCODER_FILE,
     CLIP_TEXT_FILE,
@@ -63,8 +63,12 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_1.weights import (
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl import (
     DoubleTextEncoder,
     SDXLAutoencoder,
-    SDXLRefinerUNet,
     SDXLUNet,
+)
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl.model import (
+    SDXL_AUTOENCODER_CLASSES,
+    SDXL_TEXT_ENCODER_CLASSES,
+    SDXL_UNET_CLASSES,
 )
 from refiners.foundationals.latent_diffusion.unet_names import unet_renaming
 
@@ -82,9 +86,6 @@ __all__ = [
 
 Progress = Callable[[str], None]
 
-SDXL_UNET_CLASSES = (SDXLUNet, SDXLRefinerUNet)
-SDXL_AUTOENCODER_CLASSES = (LatentDiffusionAutoencoder, SD1Autoencoder, SDXLAutoencoder)
-SDXL_TEXT_ENCODER_CLASSES = (DoubleTextEncoder, CLIPTextEncoder, CLIPTextEncoderL, CLIPTextEncoderG)
 _COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer")
 _GELU = {"quick_gelu": "quick", "gelu": "none"}
 
@@ -480,15 +481,11 @@ def compare_stable_diffusion_xl(
         )
         actual_noise = ours.unet(latents)
         actual_image = ours.lda(image)
-    text_comparison = _comparison(expected_text, actual_text)
-    pooled_comparison = _comparison(output_g.text_embeds, actual_pooled)
+    text_comparison = compare_outputs(expected_text, actual_text)
+    pooled_comparison = compare_outputs(output_g.text_embeds, actual_pooled)
     worse = max(text_comparison, pooled_comparison, key=lambda comparison: comparison.relative)
     return {
         "clip_text": worse,
-        "autoencoder": _comparison(expected_image, actual_image),
-        "unet": _comparison(expected_noise, actual_noise),
+        "autoencoder": compare_outputs(expected_image, actual_image),
+        "unet": compare_outputs(expected_noise, actual_noise),
     }
-
-
-def _comparison(expected: Tensor, actual: Tensor) -> Comparison:
-    return Comparison((actual - expected).abs().max().item(), expected.abs().max().item())

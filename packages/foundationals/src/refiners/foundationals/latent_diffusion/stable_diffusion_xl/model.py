@@ -24,7 +24,7 @@ from refiners.foundationals.clip.text_encoder import CLIPTextEncoder, CLIPTextEn
 from refiners.foundationals.clip.text_encoder_names import transformers_clip_text_modules
 from refiners.foundationals.clip.tokenizer import METADATA_PREFIX as TOKENIZER_METADATA_PREFIX
 from refiners.foundationals.clip.tokenizer import CLIPTokenizer
-from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
+from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder, SD1Autoencoder
 from refiners.foundationals.latent_diffusion.inpainting import Inpainting
 from refiners.foundationals.latent_diffusion.model import (
     LatentDiffusionModel,
@@ -49,6 +49,9 @@ if TYPE_CHECKING:
     from PIL import Image
 
 __all__ = [
+    "SDXL_UNET_CLASSES",
+    "SDXL_AUTOENCODER_CLASSES",
+    "SDXL_TEXT_ENCODER_CLASSES",
     "SDXL_SOLVER_PARAMS",
     "SDXL_LIGHTNING_SOLVER_PARAMS",
     "SDXLAutoencoder",
@@ -87,6 +90,12 @@ class SDXLAutoencoder(LatentDiffusionAutoencoder):
             device=device,
             dtype=dtype,
         )
+
+
+SDXL_UNET_CLASSES = (SDXLUNet, SDXLRefinerUNet)
+SDXL_AUTOENCODER_CLASSES = (LatentDiffusionAutoencoder, SD1Autoencoder, SDXLAutoencoder)
+SDXL_TEXT_ENCODER_CLASSES = (DoubleTextEncoder, CLIPTextEncoder, CLIPTextEncoderL, CLIPTextEncoderG)
+"""The classes a converted SDXL file may record for each component (`ModelConfig.build` builds only these)."""
 
 
 class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet, DoubleTextEncoder]):  # noqa: N801 (the original's name)
@@ -171,9 +180,9 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet, DoubleTextEncoder]):  # 
         files = {name: WeightsFile.open(path / name, command) for name in (UNET_FILE, AUTOENCODER_FILE, CLIP_TEXT_FILE)}
         built: list[torch.nn.Module] = []
         for name, classes in (
-            (UNET_FILE, (SDXLUNet, SDXLRefinerUNet)),
-            (AUTOENCODER_FILE, (LatentDiffusionAutoencoder, SDXLAutoencoder)),
-            (CLIP_TEXT_FILE, (DoubleTextEncoder, CLIPTextEncoder, CLIPTextEncoderL, CLIPTextEncoderG)),
+            (UNET_FILE, SDXL_UNET_CLASSES),
+            (AUTOENCODER_FILE, SDXL_AUTOENCODER_CLASSES),
+            (CLIP_TEXT_FILE, SDXL_TEXT_ENCODER_CLASSES),
         ):
             config = ModelConfig.from_metadata(files[name].metadata)
             if config is None:

@@ -21,11 +21,16 @@ from typing import Any
 import torch
 
 from refiners.fluxion.model_config import ModelConfig
-from refiners.foundationals.clip.text_encoder import CLIPTextEncoder, CLIPTextEncoderG, CLIPTextEncoderL
+from refiners.foundationals.clip.text_encoder import CLIPTextEncoder
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
-from refiners.foundationals.latent_diffusion.stable_diffusion_xl.model import SDXLAutoencoder
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl.model import (
+    SDXL_AUTOENCODER_CLASSES,
+    SDXL_TEXT_ENCODER_CLASSES,
+    SDXL_UNET_CLASSES,
+    SDXLAutoencoder,
+)
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl.text_encoder import DoubleTextEncoder
-from refiners.foundationals.latent_diffusion.stable_diffusion_xl.unet import SDXLRefinerUNet, SDXLUNet
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl.unet import SDXLUNet
 
 __all__ = ["SDXLPreset", "SDXL_BASE", "TINY"]
 
@@ -46,11 +51,10 @@ class SDXLPreset:
 
     def build(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> dict[str, Any]:
         """The components, as keyword arguments of `StableDiffusion_XL` (random weights; "meta" to load into)."""
-        text_classes = (DoubleTextEncoder, CLIPTextEncoder, CLIPTextEncoderL, CLIPTextEncoderG)
         return {
-            "unet": self.unet.build((SDXLUNet, SDXLRefinerUNet), device=device, dtype=dtype),
-            "lda": self.lda.build((LatentDiffusionAutoencoder, SDXLAutoencoder), device=device, dtype=dtype),
-            "clip_text_encoder": self.clip_text_encoder.build(text_classes, device=device, dtype=dtype),
+            "unet": self.unet.build(SDXL_UNET_CLASSES, device=device, dtype=dtype),
+            "lda": self.lda.build(SDXL_AUTOENCODER_CLASSES, device=device, dtype=dtype),
+            "clip_text_encoder": self.clip_text_encoder.build(SDXL_TEXT_ENCODER_CLASSES, device=device, dtype=dtype),
         }
 
 
