@@ -11,18 +11,12 @@ Usage:
     uv run python benchmarks/sdxl_unet.py --smoke  # a tiny SDXL UNet, one forward each: checks it runs
 """
 
-import argparse
-import gc
-import json
-from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import torch
-from _machine import cpu_model
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from torch import Tensor
-from unet import Result, timed_pair
+from unet import Result, run, timed_pair
 
 from refiners.converters.reference_check import SDXL_UNET_CONFIG
 from refiners.converters.unet import convert_diffusers_unet
@@ -84,33 +78,8 @@ def measure(ours: SDXLUNet, theirs: UNet2DConditionModel, size: int, rounds: int
 
 
 def main(argv: list[str] | None = None) -> list[Result]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5, help="measurement pairs per latent size (default: 5)")
-    parser.add_argument("--warmup", type=int, default=1, help="forwards of each model before measuring (default: 1)")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: 2)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[32], help="latent sizes (default: 32)")
-    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
-    parser.add_argument("--smoke", action="store_true", help="a tiny SDXL UNet, one forward each: checks it runs")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.rounds, args.warmup, args.sizes, args.threads = 1, 0, [8], 1
-    torch.set_num_threads(args.threads)
-    ours, theirs = build_pair(tiny=args.smoke)
-    gc.collect()
-    results = [measure(ours, theirs, size, args.rounds, args.warmup) for size in args.sizes]
-    machine = f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
-    model = "tiny SDXL UNet (smoke)" if args.smoke else "SDXL base UNet"
-    print(f"SDXLUNet vs diffusers UNet2DConditionModel, {model}, batch {BATCH}, float32, CPU ({machine})")
-    print(f"median of {args.rounds} interleaved rounds, {args.warmup} warmup; target ours/diffusers <= {TARGET_RATIO}")
-    for r in results:
-        print(
-            f"{r.variant:<16} ours {r.ours_s:.3f} s, diffusers {r.diffusers_s:.3f} s, ratio {r.ratio:.3f}; CPU "
-            f"{r.ours_cpu_s:.3f} / {r.diffusers_cpu_s:.3f} s, ratio {r.cpu_ratio:.3f}; load {r.load_average:.1f}"
-        )
-    if args.json is not None:
-        payload = {"machine": machine, "target_ratio": TARGET_RATIO, "results": [asdict(r) for r in results]}
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-    return results
+    titles = ("SDXLUNet vs diffusers UNet2DConditionModel", "SDXL base UNet")
+    return run(argv, __doc__ or "", build_pair, measure, titles, (32,))
 
 
 if __name__ == "__main__":

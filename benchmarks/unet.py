@@ -30,7 +30,7 @@ from refiners.converters.reference_check import SD15_UNET_CONFIG
 from refiners.converters.unet import convert_diffusers_unet
 from refiners.foundationals.latent_diffusion.stable_diffusion_1.unet import SD1UNet
 
-__all__ = ["Result", "build_pair", "measure", "timed_pair", "main"]
+__all__ = ["Result", "build_pair", "measure", "timed_pair", "run", "main"]
 
 TARGET_RATIO = 1.0
 BATCH = 2
@@ -137,12 +137,29 @@ def timed_pair(
     )
 
 
-def main(argv: list[str] | None = None) -> list[Result]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run(
+    argv: list[str] | None,
+    description: str,
+    build: Callable[[bool], tuple[Any, Any]],
+    time_size: Callable[[Any, Any, int, int, int], Result],
+    titles: tuple[str, str],
+    sizes: tuple[int, ...],
+) -> list[Result]:
+    """The command line of a UNet benchmark: parse it, build the pair, time each latent size, print and save the table.
+
+    Args:
+        argv: The arguments (default: the command line).
+        description: The script's documentation, for `--help`.
+        build: `build(tiny)`: ours and the reference, holding the same weights.
+        time_size: `time_size(ours, reference, size, rounds, warmup)`: one row.
+        titles: What is compared (`"SD1UNet vs diffusers UNet2DConditionModel"`) and the full-size model's name.
+        sizes: The default latent sizes.
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5, help="measurement pairs per latent size (default: 5)")
     parser.add_argument("--warmup", type=int, default=1, help="forwards of each model before measuring (default: 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default: 2)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="latent sizes (default: 32 64)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(sizes), help=f"latent sizes (default: {sizes})")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--smoke", action="store_true", help="a tiny UNet, one forward each: checks it runs")
     args = parser.parse_args(argv)
@@ -150,12 +167,12 @@ def main(argv: list[str] | None = None) -> list[Result]:
         args.rounds, args.warmup, args.sizes, args.threads = 1, 0, [8], 1
     torch.set_num_threads(args.threads)
 
-    ours, theirs = build_pair(tiny=args.smoke)
+    ours, theirs = build(args.smoke)
     gc.collect()
-    results = [measure(ours, theirs, size, args.rounds, args.warmup) for size in args.sizes]
+    results = [time_size(ours, theirs, size, args.rounds, args.warmup) for size in args.sizes]
     machine = f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
-    model = "tiny UNet (smoke)" if args.smoke else "SD1.5 UNet"
-    print(f"SD1UNet vs diffusers UNet2DConditionModel, {model}, batch {BATCH}, float32, CPU ({machine})")
+    comparison, model = titles
+    print(f"{comparison}, {'tiny UNet (smoke)' if args.smoke else model}, batch {BATCH}, float32, CPU ({machine})")
     print(f"median of {args.rounds} interleaved rounds, {args.warmup} warmup; target ours/diffusers <= {TARGET_RATIO}")
     print(
         f"{'variant':<16} {'ours (s)':>9} {'diffusers (s)':>14} {'ours/diffusers':>15} {'CPU: ours (s)':>14} "
@@ -170,6 +187,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
         payload = {"machine": machine, "target_ratio": TARGET_RATIO, "results": [asdict(r) for r in results]}
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
     return results
+
+
+def main(argv: list[str] | None = None) -> list[Result]:
+    titles = ("SD1UNet vs diffusers UNet2DConditionModel", "SD1.5 UNet")
+    return run(argv, __doc__ or "", build_pair, measure, titles, SIZES)
 
 
 if __name__ == "__main__":
