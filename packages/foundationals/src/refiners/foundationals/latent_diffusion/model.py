@@ -16,9 +16,10 @@ The random draws (posterior sample of an init image, initial noise, stochastic s
 diffusers' pipelines', so the same seed gives the same draws on both sides.
 """
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import torch
 from torch import Tensor
@@ -37,8 +38,8 @@ __all__ = ["LatentDiffusionModel", "batch_conditioning"]
 UNetT = TypeVar("UNetT", bound=fl.Chain)
 TextEncoderT = TypeVar("TextEncoderT", bound=fl.Chain)
 
-# diffusers' img2img pipeline default: the share of the schedule an init image is denoised over.
-DEFAULT_STRENGTH = 0.8
+NEGATIVE = "negative_"
+"""The prefix of the per-latent conditioning of the negative half only (see `batch_conditioning`)."""
 
 
 def batch_conditioning(
@@ -53,11 +54,15 @@ def batch_conditioning(
             negative rows first, when guided, else `(prompts, ...)`. Each prompt serves `batch / prompts`
             consecutive latents: its rows are repeated, each half on its own, the negative rows staying first.
         latent_rows: Conditioning made per latent (SDXL's time ids): `(batch, ...)` or `(1, ...)` for all; both
-            halves get the same rows.
+            halves get the same rows, but where `negative_<name>` is given too: the negative half gets its rows (the
+            SDXL refiner's time ids hold a lower aesthetic score for the negative prompt).
         batch: The number of latents.
         guided: Whether the UNet runs the negative and the positive halves in one batch.
     """
     batched: dict[str, Tensor] = {}
+    negatives = {name.removeprefix(NEGATIVE): t for name, t in latent_rows.items() if name.startswith(NEGATIVE)}
+    if unpaired := sorted(set(negatives) - set(latent_rows)):
+        raise ValueError(f"negative_{unpaired[0]} is given without {unpaired[0]}: give both, or neither")
     for name, tensor in prompt_rows.items():
         prompts = tensor.shape[0] // (2 if guided else 1)
         if tensor.shape[0] % (2 if guided else 1) != 0 or prompts == 0 or batch % prompts != 0:
@@ -68,11 +73,18 @@ def batch_conditioning(
             )
         halves = tensor.chunk(2) if guided else (tensor,)
         batched[name] = torch.cat([half.repeat_interleave(batch // prompts, dim=0) for half in halves])
-    for name, tensor in latent_rows.items():
+
+    def rows_of(name: str, tensor: Tensor) -> Tensor:
         if tensor.shape[0] not in (1, batch):
             raise ValueError(f"{name} has {tensor.shape[0]} rows for {batch} latents: give one row per latent, or one")
-        rows = tensor.expand(batch, *tensor.shape[1:])
-        batched[name] = torch.cat([rows, rows]) if guided else rows
+        return tensor.expand(batch, *tensor.shape[1:])
+
+    for name, tensor in latent_rows.items():
+        if name.startswith(NEGATIVE):
+            continue
+        rows = rows_of(name, tensor)
+        negative_rows = rows_of(NEGATIVE + name, negatives[name]) if name in negatives else rows
+        batched[name] = torch.cat([negative_rows, rows]) if guided else rows
     return batched
 
 
@@ -100,6 +112,8 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT, TextEncoderT]):
     """`generate`'s default classifier-free guidance scale (diffusers' pipelines': 7.5 for SD1, 5.0 for SDXL)."""
     default_size: int
     """The side, in pixels, of the images `generate` draws when given no size (the UNet's native size)."""
+    default_strength: ClassVar[float] = 0.8
+    """Image-to-image's default share of the schedule (diffusers' img2img pipelines': 0.8; 0.3 for SDXL's refiner)."""
 
     def __init__(
         self,
@@ -176,14 +190,6 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT, TextEncoderT]):
         """For each component whose original layout names modules otherwise (the UNet's `input_blocks`...), its
         `ModuleRenaming` to and from diffusers' names."""
 
-    def _latent_conditioning(self, size: tuple[int, int]) -> dict[str, Tensor]:
-        """The conditioning made per latent that `generate` gives by default (SDXL's time ids); none here.
-
-        Args:
-            size: `(height, width)` of the images, in pixels.
-        """
-        return {}
-
     # -- schedule ----------------------------------------------------------------------------------------------
 
     def set_num_inference_steps(self, num_inference_steps: int) -> None:
@@ -243,7 +249,7 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT, TextEncoderT]):
             noise: The noise, `(batch, latent_channels, height / 8, width / 8)`; drawn when not given.
             strength: Image-to-image only: the share of the schedule to denoise the image over, in (0, 1], as
                 diffusers' `strength`: 1 runs every step from a (nearly) fully noised image, lower values keep more
-                of the image. Default 0.8.
+                of the image. Default: `default_strength`.
             batch_size: How many latents to draw when `noise` is not given (default 1).
             generator: The random generator of the draws (default: torch's global one, see `manual_seed`).
 
@@ -256,7 +262,9 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT, TextEncoderT]):
                 f"strength={strength} sets how much of an init image to keep, but no init_image was given: pass one "
                 "(image-to-image), or leave strength out (text-to-image)"
             )
-        first_step = 0 if init_image is None else self._first_step(DEFAULT_STRENGTH if strength is None else strength)
+        first_step = (
+            0 if init_image is None else self._first_step(self.default_strength if strength is None else strength)
+        )
         factor = self.lda.downscale_factor
         shape = (self.lda.latent_channels, height // factor, width // factor)
         if noise is not None and (tuple(noise.shape[1:]) != shape or (batch_size not in (None, noise.shape[0]))):
@@ -337,10 +345,16 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT, TextEncoderT]):
             clip_text_embedding: `compute_clip_text_embedding`'s `(2 * prompts, sequence, dim)`, negative rows
                 first. `batch` must be a multiple of `prompts`: each prompt serves `batch / prompts` consecutive
                 latents.
-            condition_scale: The guidance scale (diffusers' `guidance_scale`).
+            condition_scale: The guidance scale (diffusers' `guidance_scale`). A UNet that embeds it (LCM's) is given
+                it instead, and the text embedding has the prompts' rows only (`clip_text_encoder(prompts)`).
             generator: The random generator of stochastic solvers (default: torch's global one).
             **conditioning: The family's other conditioning (SDXL: `pooled_text_embedding`, `time_ids`).
         """
+        if getattr(self.unet, "guidance_embedding_dim", None) is not None:
+            # A guidance-distilled UNet (LCM) is given the scale, and runs the prompts' rows alone.
+            self.unet.set_guidance_scale(condition_scale)  # pyright: ignore[reportAttributeAccessIssue]
+            conditioning = {"clip_text_embedding": clip_text_embedding, **conditioning}
+            return self._denoise(x, step, conditioning, None, generator)
         rows, batch = clip_text_embedding.shape[0], x.shape[0]
         if clip_text_embedding.dim() != 3 or rows % 2 != 0 or batch % (rows // 2) != 0:
             raise ValueError(
@@ -392,13 +406,72 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT, TextEncoderT]):
         num_images_per_prompt: int = 1,
         progress: bool = True,
         latent_conditioning: Mapping[str, Tensor] | None = None,
+        *,
+        init_latents: Tensor | None = None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        **options: Any,
     ) -> "list[Image.Image]":
         """Generate images in one call, as diffusers' Stable Diffusion pipelines do (with the same seeds).
+
+        `generate_latents`, decoded: see it for the arguments.
+
+        Returns:
+            The images, `num_images_per_prompt` per prompt, in the prompts' order.
+        """
+        latents = self.generate_latents(
+            prompt,
+            negative_prompt,
+            num_inference_steps,
+            guidance_scale,
+            height,
+            width,
+            seed,
+            init_image,
+            strength,
+            mask,
+            num_images_per_prompt,
+            progress,
+            latent_conditioning,
+            init_latents=init_latents,
+            denoising_start=denoising_start,
+            denoising_end=denoising_end,
+            **options,
+        )
+        with torch.no_grad():
+            return self.lda.latents_to_images(latents.to(device=self.lda.device, dtype=self.lda.dtype))
+
+    def generate_latents(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int = 30,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        init_image: "Image.Image | None" = None,
+        strength: float | None = None,
+        mask: "Image.Image | None" = None,
+        num_images_per_prompt: int = 1,
+        progress: bool = True,
+        latent_conditioning: Mapping[str, Tensor] | None = None,
+        *,
+        init_latents: Tensor | None = None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        **options: Any,
+    ) -> Tensor:
+        """The latents `generate` decodes (diffusers' `output_type="latent"`), e.g. to hand them to a refiner.
 
         Text-to-image, or image-to-image with `init_image` (and `strength`). With `seed`, the random draws are those
         of diffusers' pipeline called with `generator=torch.Generator("cpu").manual_seed(seed)` (on the same
         solver, the images match); without, they come from torch's global generator (see `manual_seed`). The
         solver's type is kept; its number of steps is set to `num_inference_steps`.
+
+        The ensemble of experts (SDXL's base, then its refiner) splits one schedule between two models, as diffusers'
+        `denoising_end` and `denoising_start` do: the base stops at `denoising_end` and returns its latents, the
+        refiner starts from them (`init_latents`) at `denoising_start`, the same fraction (see `hand_off_step`).
 
         Args:
             prompt: A prompt, or a batch of prompts.
@@ -407,33 +480,46 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT, TextEncoderT]):
                 diffusers' `force_zeros_for_empty_prompt`).
             num_inference_steps: The number of steps of the schedule (image-to-image runs `strength` of them).
             guidance_scale: The classifier-free guidance scale (default: `default_guidance_scale`, diffusers'
-                pipeline's); at 1 or below, no guidance (one UNet batch instead of two), as in diffusers.
-            height: The images' height in pixels, a multiple of 8 (default: the init image's, else `default_size`:
-                512 for SD1.5).
-            width: The images' width in pixels, a multiple of 8 (default: the init image's, else `default_size`).
+                pipeline's); at 1 or below, no guidance (one UNet batch instead of two), as in diffusers. A UNet that
+                embeds the guidance scale (LCM's) is given it instead, and runs one batch.
+            height: The images' height in pixels, a multiple of 8 (default: the init image's or latents', else
+                `default_size`: 512 for SD1.5).
+            width: The images' width in pixels, a multiple of 8 (default: likewise).
             seed: Seed of a CPU `torch.Generator` for all the random draws.
             init_image: The image to start from; resized (Lanczos) to `height` x `width` if needed.
-            strength: Image-to-image: how much of the schedule the init image goes through, in (0, 1] (default 0.8;
-                1 for inpainting).
+            strength: Image-to-image: how much of the schedule the init image goes through, in (0, 1] (default:
+                `default_strength`; 1 for inpainting).
             mask: Inpainting only (`StableDiffusion_1_Inpainting`): white where to paint, the size of the init image.
             num_images_per_prompt: How many images to generate per prompt (consecutive in the result).
             progress: Show a progress bar.
-            latent_conditioning: The family's per-latent conditioning, instead of its defaults (SDXL's
-                `time_ids`, which `StableDiffusion_XL.generate` makes from its size arguments).
+            latent_conditioning: The family's per-latent conditioning, instead of what its `options` make (SDXL's
+                `time_ids`).
+            init_latents: Latents to continue denoising from `denoising_start` (another model's `generate_latents`
+                with `denoising_end`), not noised again.
+            denoising_start: With `init_latents`: the fraction of the schedule already run, in (0, 1).
+            denoising_end: Stop at this fraction of the schedule, in (0, 1) (the latents are then still noisy).
+            **options: The family's generation options, those of its `micro_conditioning` (SDXL: `original_size`,
+                `crops_coords_top_left`, `target_size`; its refiner: `aesthetic_score`, ...).
 
         Returns:
-            The images, `num_images_per_prompt` per prompt, in the prompts' order.
+            The final latents, `(prompts * num_images_per_prompt, latent_channels, height / 8, width / 8)`.
         """
         from tqdm import tqdm
 
         prompts = _prompt_list(prompt, "prompt")
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        embeds_guidance = getattr(self.unet, "guidance_embedding_dim", None) is not None
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
-        if negative_prompt is not None and guidance_scale <= 1.0:
+        if negative_prompt is not None and (guidance_scale <= 1.0 or embeds_guidance):
             raise ValueError(
-                f"negative_prompt only acts through classifier-free guidance, which guidance_scale={guidance_scale} "
-                "turns off: use a guidance_scale above 1, or drop the negative prompt"
+                "negative_prompt only acts through classifier-free guidance, which "
+                + (
+                    "this UNet does not run (it embeds the guidance scale: LCM)"
+                    if embeds_guidance
+                    else f"guidance_scale={guidance_scale} turns off: use a guidance_scale above 1"
+                )
+                + ": drop the negative prompt"
             )
         if strength is not None and init_image is None:
             raise ValueError(f"strength={strength} needs an init_image: pass the image to start from")
@@ -442,6 +528,10 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT, TextEncoderT]):
                 f"strength must be in (0, 1], got {strength}: 1 denoises over the whole schedule, lower values keep "
                 "more of the init image"
             )
+        self._check_hand_off(init_image, init_latents, denoising_start, denoising_end)
+        if init_latents is not None and height is None and width is None:
+            factor = self.lda.downscale_factor
+            height, width = init_latents.shape[-2] * factor, init_latents.shape[-1] * factor
         size = self._generation_size(height, width, init_image)
         self._check_generation_images(init_image, mask)
         # Resized, then converted, as diffusers' image processors do.
@@ -452,23 +542,106 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT, TextEncoderT]):
 
         generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         with torch.no_grad():
-            guided = guidance_scale > 1.0
+            guided = guidance_scale > 1.0 and not embeds_guidance
             negatives = None if negative_prompt is None else self._negative_prompts(prompts, negative_prompt)
             conditioning = self._prompt_conditioning(prompts, negatives, guided)
-            conditioning |= self._latent_conditioning(size) if latent_conditioning is None else latent_conditioning
+            conditioning |= self._generation_latent_conditioning(size, latent_conditioning, options)
             self.set_num_inference_steps(num_inference_steps)
-            x = self.init_latents(
-                size,
-                init_image,
-                strength=strength,
-                batch_size=len(prompts) * num_images_per_prompt,
-                generator=generator,
-            )
+            batch = len(prompts) * num_images_per_prompt
+            if init_latents is not None:
+                x = self._continued_latents(init_latents, size, batch, self.hand_off_step(denoising_start or 0.0))
+            else:
+                x = self.init_latents(size, init_image, strength=strength, batch_size=batch, generator=generator)
             self._set_generation_conditions(init_image, mask, generator)
-            condition_scale = guidance_scale if guidance_scale > 1.0 else None
-            for step in tqdm(self.steps, desc=type(self).__name__, disable=not progress):
+            if embeds_guidance:
+                self.unet.set_guidance_scale(guidance_scale)  # pyright: ignore[reportAttributeAccessIssue]
+            condition_scale = guidance_scale if guided else None
+            last = self.hand_off_step(denoising_end) if denoising_end is not None else self.solver.num_inference_steps
+            for step in tqdm([s for s in self.steps if s < last], desc=type(self).__name__, disable=not progress):
                 x = self._denoise(x, step, conditioning, condition_scale, generator)
-            return self.lda.latents_to_images(x.to(device=self.lda.device, dtype=self.lda.dtype))
+            return x
+
+    def hand_off_step(self, fraction: float) -> int:
+        """Where a schedule split at `fraction` changes hands: the first step whose timestep is below the cut.
+
+        The cut is diffusers' `discrete_timestep_cutoff`, `round((1 - fraction) * num_train_timesteps)`: a base
+        with `denoising_end=fraction` runs the steps before this one, a refiner with `denoising_start=fraction`
+        the steps from it (set the number of steps first).
+
+        Args:
+            fraction: The share of the schedule (of the train timesteps, from the noisiest) before the cut, in [0, 1).
+        """
+        num_train_timesteps = self.solver.params.num_train_timesteps
+        cutoff = round(num_train_timesteps - fraction * num_train_timesteps)
+        return int((self.solver.timesteps >= cutoff).sum().item())
+
+    def _check_hand_off(
+        self,
+        init_image: "Image.Image | None",
+        init_latents: Tensor | None,
+        denoising_start: float | None,
+        denoising_end: float | None,
+    ) -> None:
+        for name, value in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+            if value is not None and not 0.0 < value < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), a fraction of the schedule, got {value}")
+        if (init_latents is None) != (denoising_start is None):
+            raise ValueError(
+                "init_latents and denoising_start go together: pass the latents of a generate_latents(..., "
+                "denoising_end=f) call and denoising_start=f"
+            )
+        if init_latents is not None and init_image is not None:
+            raise ValueError("give init_latents or init_image, not both")
+        if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+            raise ValueError(
+                f"denoising_start={denoising_start} must be before denoising_end={denoising_end}: the model runs the "
+                "part of the schedule between them"
+            )
+
+    def _continued_latents(self, latents: Tensor, size: tuple[int, int], batch: int, first_step: int) -> Tensor:
+        """Latents handed over from another model, to denoise from `first_step` on (diffusers' `add_noise=False`)."""
+        factor = self.lda.downscale_factor
+        shape = (self.lda.latent_channels, size[0] // factor, size[1] // factor)
+        if latents.dim() != 4 or tuple(latents.shape[1:]) != shape or latents.shape[0] not in (1, batch):
+            raise ValueError(
+                f"init_latents must be ({batch}, {', '.join(map(str, shape))}) (or one row for all), got "
+                f"{tuple(latents.shape)}: pass what generate_latents returned for the same size and prompts"
+            )
+        if first_step >= self.solver.num_inference_steps:
+            raise ValueError(
+                f"no step of {self.solver.num_inference_steps} is left after the hand-off: use more steps or an "
+                "earlier denoising_start"
+            )
+        self.solver = self.solver.rebuild(first_inference_step=first_step)
+        return latents.to(device=self.device, dtype=self.dtype).expand(batch, *shape)
+
+    def _generation_latent_conditioning(
+        self, size: tuple[int, int], given: Mapping[str, Tensor] | None, options: dict[str, Any]
+    ) -> dict[str, Tensor]:
+        """`generate`'s per-latent conditioning: the given tensors, or the family's `micro_conditioning(**options)`."""
+        accepted = [
+            name
+            for name, parameter in inspect.signature(self.micro_conditioning).parameters.items()
+            if parameter.kind == inspect.Parameter.KEYWORD_ONLY
+        ]
+        if unknown := sorted(set(options) - set(accepted)):
+            raise TypeError(
+                f"{type(self).__name__}.generate got an unknown option {unknown[0]!r}: "
+                + (f"its options are {', '.join(accepted)}" if accepted else "it takes no family option")
+            )
+        if given is not None:
+            if options:
+                raise ValueError(f"give latent_conditioning or {', '.join(sorted(options))}, not both")
+            return dict(given)
+        return self.micro_conditioning(size, **options)
+
+    def micro_conditioning(self, size: tuple[int, int]) -> dict[str, Tensor]:
+        """The conditioning made per latent that `generate` gives (SDXL's time ids, from its keyword options); none.
+
+        Args:
+            size: `(height, width)` of the images, in pixels.
+        """
+        return {}
 
     def _generation_size(
         self, height: int | None, width: int | None, init_image: "Image.Image | None"

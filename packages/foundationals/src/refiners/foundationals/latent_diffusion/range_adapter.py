@@ -3,6 +3,9 @@
 `TimestepEncoder` reads the timestep from the context `TIMESTEP_CONTEXT`, embeds it (`RangeEncoder`: sinusoidal
 features, then an MLP) and leaves the embedding in the context `RANGE_ADAPTER_CONTEXT`; each `RangeAdapter2d` adds a
 projection of it to the output of the convolution it wraps, as diffusers' `ResnetBlock2D` adds `time_emb_proj(temb)`.
+
+Guidance-distilled UNets (LCM's) also embed the guidance scale: a `GuidanceEmbedding` in the `RangeEncoder` adds a
+projection of its sinusoidal features to the timestep's, before the MLP (diffusers' `time_cond_proj_dim`).
 """
 
 import math
@@ -17,8 +20,11 @@ __all__ = [
     "TIMESTEP_KEY",
     "RANGE_ADAPTER_CONTEXT",
     "TIMESTEP_EMBEDDING_KEY",
+    "GUIDANCE_SCALE_KEY",
     "compute_sinusoidal_embedding",
+    "compute_guidance_scale_embedding",
     "SinusoidalEmbedding",
+    "GuidanceEmbedding",
     "RangeEncoder",
     "TimestepEncoder",
     "RangeAdapter2d",
@@ -27,6 +33,10 @@ __all__ = [
 TIMESTEP_CONTEXT = "diffusion"
 TIMESTEP_KEY = "timestep"
 """`TIMESTEP_CONTEXT[TIMESTEP_KEY]`: the timestep of the current step, a scalar or one per batch element."""
+
+GUIDANCE_SCALE_KEY = "guidance_scale"
+"""`TIMESTEP_CONTEXT[GUIDANCE_SCALE_KEY]`: the guidance scale a `GuidanceEmbedding` embeds, a scalar or one per batch
+element."""
 
 RANGE_ADAPTER_CONTEXT = "range_adapter"
 TIMESTEP_EMBEDDING_KEY = "timestep_embedding"
@@ -61,6 +71,30 @@ def compute_sinusoidal_embedding(x: Tensor, embedding_dim: int, max_period: floa
     frequencies = torch.exp(exponent / half_dim)
     angles = x.reshape(-1, 1).float() * frequencies[None, :]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def compute_guidance_scale_embedding(guidance_scale: Tensor, embedding_dim: int) -> Tensor:
+    """Sinusoidal features of guidance scales, as LCM embeds them: `cat(sin(1000 w f), cos(1000 w f))`, `w = scale - 1`.
+
+    This is what diffusers' pipelines give a UNet with `time_cond_proj_dim` (`get_guidance_scale_embedding` of
+    `guidance_scale - 1`): sines first, and `half` frequencies `10000 ** (-i / (half - 1))`, unlike the timestep's.
+
+    Args:
+        guidance_scale: The classifier-free guidance scales the UNet was distilled to imitate: a scalar or `(batch,)`.
+        embedding_dim: Number of features (diffusers' `time_cond_proj_dim`, 256 for LCM).
+
+    Returns:
+        A `(batch, embedding_dim)` float32 tensor (batch 1 for a scalar).
+    """
+    half_dim = embedding_dim // 2
+    if half_dim < 2:
+        raise ValueError(f"the guidance scale embedding needs at least 4 features, got embedding_dim={embedding_dim}")
+    w = (guidance_scale.reshape(-1).float() - 1) * 1000.0
+    step = torch.log(torch.tensor(10_000.0)) / (half_dim - 1)  # diffusers' operations, for equal features
+    frequencies = torch.exp(torch.arange(half_dim, dtype=torch.float32) * -step).to(w.device)
+    angles = w[:, None] * frequencies[None, :]
+    features = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.nn.functional.pad(features, (0, embedding_dim % 2))
 
 
 class SinusoidalEmbedding(fl.Module):
@@ -110,6 +144,58 @@ class RangeEncoder(fl.Chain):
             fl.SiLU(),
             fl.Linear(embedding_dim, embedding_dim, device=device, dtype=dtype),
         )
+
+
+class GuidanceScaleFeatures(fl.Module):
+    """`compute_guidance_scale_embedding` as a layer.
+
+    Args:
+        embedding_dim: Number of features.
+    """
+
+    def __init__(self, embedding_dim: int) -> None:
+        super().__init__()
+        self.embedding_dim = embedding_dim
+
+    def forward(self, guidance_scale: Tensor) -> Tensor:
+        return compute_guidance_scale_embedding(guidance_scale, self.embedding_dim)
+
+
+class GuidanceEmbedding(fl.Sum):
+    """Add `Linear(guidance_scale_features)` to the timestep's sinusoidal features (diffusers' `cond_proj`).
+
+    Reads `TIMESTEP_CONTEXT[GUIDANCE_SCALE_KEY]` (see `UNet.set_guidance_scale`). A UNet distilled from classifier-free
+    guidance (LCM) takes the guidance scale as an input instead of running a negative batch.
+
+    Args:
+        guidance_embedding_dim: Number of guidance scale features (diffusers' `time_cond_proj_dim`).
+        sinusoidal_embedding_dim: Number of the timestep's sinusoidal features.
+        device: Where the weights live.
+        dtype: The weights' dtype.
+    """
+
+    def __init__(
+        self,
+        guidance_embedding_dim: int,
+        sinusoidal_embedding_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.guidance_embedding_dim = guidance_embedding_dim
+        super().__init__(
+            fl.Identity(),
+            fl.Chain(
+                fl.UseContext(TIMESTEP_CONTEXT, GUIDANCE_SCALE_KEY),
+                GuidanceScaleFeatures(guidance_embedding_dim),
+                fl.Converter(),
+                fl.Linear(guidance_embedding_dim, sinusoidal_embedding_dim, bias=False, device=device, dtype=dtype),
+            ),
+        )
+
+    @property
+    def projection(self) -> fl.Linear:
+        """The projection of the guidance scale features (diffusers' `time_embedding.cond_proj`)."""
+        return self.layer(("Chain", "Linear"), fl.Linear)
 
 
 class TimestepEncoder(fl.Passthrough):

@@ -17,11 +17,14 @@ import refiners.fluxion.layers as fl
 from refiners.fluxion.context import Contexts, lookup_key
 from refiners.foundationals.latent_diffusion.cross_attention import CROSS_ATTENTION_CONTEXT, CrossAttentionBlock2d
 from refiners.foundationals.latent_diffusion.range_adapter import (
+    GUIDANCE_SCALE_KEY,
     RANGE_ADAPTER_CONTEXT,
     TIMESTEP_CONTEXT,
     TIMESTEP_EMBEDDING_KEY,
     TIMESTEP_KEY,
+    GuidanceEmbedding,
     RangeAdapter2d,
+    RangeEncoder,
     TimestepEncoder,
 )
 
@@ -358,13 +361,22 @@ class UNet(fl.Chain):
         topology: The UNet's shape.
         device: Where the weights live.
         dtype: The weights' dtype.
+        guidance_embedding_dim: For a UNet distilled from classifier-free guidance (LCM), the number of features of
+            the guidance scale it takes as an input (diffusers' `time_cond_proj_dim`, see `set_guidance_scale`).
     """
 
     def __init__(
-        self, in_channels: int, topology: UNetTopology, device: Device = None, dtype: torch.dtype | None = None
+        self,
+        in_channels: int,
+        topology: UNetTopology,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+        *,
+        guidance_embedding_dim: int | None = None,
     ) -> None:
         self.in_channels = in_channels
         self.topology = topology
+        self.guidance_embedding_dim = guidance_embedding_dim
         self._num_skips = len(topology.skip_channels)
         first = topology.channels[0]
         timestep_embedding_dim = 4 * first
@@ -375,6 +387,9 @@ class UNet(fl.Chain):
             UpBlocks(topology, device=device, dtype=dtype),
             OutputBlock(first, 4, device=device, dtype=dtype),
         )
+        if guidance_embedding_dim is not None:
+            range_encoder = self.ensure_find(RangeEncoder)
+            range_encoder.insert(2, GuidanceEmbedding(guidance_embedding_dim, first, device=device, dtype=dtype))
         for residual_block in self.layers(ResidualBlock):
             chain = residual_block.layer("Chain", fl.Chain)
             RangeAdapter2d(
@@ -426,6 +441,22 @@ class UNet(fl.Chain):
                 f"{tuple(timestep.shape)}"
             )
         self.set_context(TIMESTEP_CONTEXT, {TIMESTEP_KEY: timestep})
+
+    def set_guidance_scale(self, guidance_scale: Tensor | float) -> None:
+        """Set the guidance scale of the next forwards, for a UNet that embeds it (LCM's, `guidance_embedding_dim`).
+
+        Args:
+            guidance_scale: The classifier-free guidance scale the UNet imitates (diffusers' `guidance_scale`: the
+                UNet sees `guidance_scale - 1`), a scalar or one per batch element.
+        """
+        if self.guidance_embedding_dim is None:
+            raise ValueError(
+                f"this {type(self).__name__} has no guidance embedding (only guidance-distilled UNets such as LCM's "
+                "take the guidance scale as an input): classifier-free guidance is the pipeline's condition_scale"
+            )
+        if not isinstance(guidance_scale, Tensor):
+            guidance_scale = torch.tensor([float(guidance_scale)])
+        self.set_context(TIMESTEP_CONTEXT, {GUIDANCE_SCALE_KEY: guidance_scale})
 
     def set_clip_text_embedding(self, clip_text_embedding: Tensor) -> None:
         """Set the text embedding the cross-attentions attend to in the next forwards.

@@ -26,7 +26,7 @@ from typing import TypeVar
 import refiners.fluxion.layers as fl
 from refiners.fluxion.adapters.lora import Lora
 from refiners.foundationals.latent_diffusion.cross_attention import CrossAttentionBlock2d
-from refiners.foundationals.latent_diffusion.range_adapter import RangeEncoder
+from refiners.foundationals.latent_diffusion.range_adapter import GuidanceEmbedding, RangeEncoder
 from refiners.foundationals.latent_diffusion.unet import (
     DownBlocks,
     MiddleBlock,
@@ -148,8 +148,15 @@ def diffusers_unet_modules(unet: UNet) -> dict[str, fl.WeightedModule]:
     """
     pairs: list[tuple[str, fl.WeightedModule]] = []
     range_encoder = unet.ensure_find(RangeEncoder)
-    linear_1, linear_2 = _the(_layers(range_encoder, fl.Linear), "Linears in the RangeEncoder", 2)
-    pairs += [("time_embedding.linear_1", linear_1), ("time_embedding.linear_2", linear_2)]
+    guidance = range_encoder.find(GuidanceEmbedding)
+    guidance_linears = [] if guidance is None else list(_layers(guidance, fl.Linear))
+    timestep_linears = [
+        linear for linear in _layers(range_encoder, fl.Linear) if all(linear is not g for g in guidance_linears)
+    ]
+    linear_1, linear_2 = _the(timestep_linears, "Linears in the RangeEncoder", 2)
+    pairs.append(("time_embedding.linear_1", linear_1))
+    pairs += [("time_embedding.cond_proj", linear) for linear in guidance_linears]  # LCM's guidance embedding
+    pairs.append(("time_embedding.linear_2", linear_2))
     pairs += unet.extra_diffusers_modules()
 
     down_blocks = unet.layer("DownBlocks", DownBlocks)

@@ -6,10 +6,13 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_xl.model import (
     SDXLAutoencoder,
     StableDiffusion_XL,
     StableDiffusion_XL_Inpainting,
+    StableDiffusion_XL_Refiner,
 )
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl.text_encoder import (
     ConcatenateEmbeddings,
     DoubleTextEncoder,
+    RefinerTextEncoder,
+    SDXLTextEncoder,
 )
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl.unet import (
     POOLED_TEXT_EMBEDDING_KEY,
@@ -26,8 +29,11 @@ __all__ = [
     "SDXL_SOLVER_PARAMS",
     "StableDiffusion_XL",
     "StableDiffusion_XL_Inpainting",
+    "StableDiffusion_XL_Refiner",
     "SDXLAutoencoder",
+    "SDXLTextEncoder",
     "DoubleTextEncoder",
+    "RefinerTextEncoder",
     "ConcatenateEmbeddings",
     "SDXLUNet",
     "SDXLRefinerUNet",

@@ -11,9 +11,9 @@ The step by step loop, as for SD1, with SDXL's two more side inputs, the pooled 
     image = sdxl.lda.decode_latents(x)
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Self
+from typing import ClassVar, Self
 
 import torch
 from torch import Tensor
@@ -41,12 +41,13 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_1.weights import (
     UNET_FILE,
     WeightsFile,
 )
-from refiners.foundationals.latent_diffusion.stable_diffusion_xl.text_encoder import DoubleTextEncoder
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl.text_encoder import (
+    DoubleTextEncoder,
+    RefinerTextEncoder,
+    SDXLTextEncoder,
+)
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl.unet import SDXLRefinerUNet, SDXLUNet
 from refiners.foundationals.latent_diffusion.unet_names import ModuleRenaming, diffusers_unet_modules, unet_renaming
-
-if TYPE_CHECKING:
-    from PIL import Image
 
 __all__ = [
     "SDXL_UNET_CLASSES",
@@ -57,6 +58,7 @@ __all__ = [
     "SDXLAutoencoder",
     "StableDiffusion_XL",
     "StableDiffusion_XL_Inpainting",
+    "StableDiffusion_XL_Refiner",
 ]
 
 Device = torch.device | str | None
@@ -94,11 +96,11 @@ class SDXLAutoencoder(LatentDiffusionAutoencoder):
 
 SDXL_UNET_CLASSES = (SDXLUNet, SDXLRefinerUNet)
 SDXL_AUTOENCODER_CLASSES = (LatentDiffusionAutoencoder, SD1Autoencoder, SDXLAutoencoder)
-SDXL_TEXT_ENCODER_CLASSES = (DoubleTextEncoder, CLIPTextEncoder, CLIPTextEncoderL, CLIPTextEncoderG)
+SDXL_TEXT_ENCODER_CLASSES = (DoubleTextEncoder, RefinerTextEncoder, CLIPTextEncoder, CLIPTextEncoderL, CLIPTextEncoderG)
 """The classes a converted SDXL file may record for each component (`ModelConfig.build` builds only these)."""
 
 
-class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet, DoubleTextEncoder]):  # noqa: N801 (the original's name)
+class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet, SDXLTextEncoder]):  # noqa: N801 (the original's name)
     """Stable Diffusion XL: `SDXLUNet`, `SDXLAutoencoder`, `DoubleTextEncoder` and a solver (DDIM, 30 steps).
 
     Components that are not given are built with SDXL base's sizes on `device` (`"meta"` to load weights into them
@@ -116,23 +118,31 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet, DoubleTextEncoder]):  # 
     """
 
     default_guidance_scale: ClassVar[float] = 5.0
-    latent_conditioning_names: ClassVar[frozenset[str]] = frozenset({"time_ids"})
+    latent_conditioning_names: ClassVar[frozenset[str]] = frozenset({"time_ids", "negative_time_ids"})
+    force_zeros_for_empty_prompt: ClassVar[bool] = True
+    """Whether a missing negative prompt means zero embeddings (diffusers' option of the same name), else ""."""
+    text_encoder_class: ClassVar[type[SDXLTextEncoder]] = DoubleTextEncoder
     unet_in_channels: int = 4
 
     def __init__(
         self,
         unet: SDXLUNet | None = None,
         lda: LatentDiffusionAutoencoder | None = None,
-        clip_text_encoder: DoubleTextEncoder | None = None,
+        clip_text_encoder: SDXLTextEncoder | None = None,
         solver: Solver | None = None,
         device: Device = None,
         dtype: torch.dtype | None = None,
         default_size: int = DEFAULT_SIZE,
     ) -> None:
-        unet = SDXLUNet(self.unet_in_channels, device=device, dtype=dtype) if unet is None else unet
+        unet = self.default_unet(device, dtype) if unet is None else unet
         lda = SDXLAutoencoder(device=device, dtype=dtype) if lda is None else lda
         if clip_text_encoder is None:
-            clip_text_encoder = DoubleTextEncoder(device=device, dtype=dtype)
+            clip_text_encoder = self.default_text_encoder(device, dtype)
+        if not isinstance(clip_text_encoder, self.text_encoder_class):
+            raise ValueError(
+                f"{type(self).__name__} conditions on a {self.text_encoder_class.__name__}, got a "
+                f"{type(clip_text_encoder).__name__}"
+            )
         solver = placed_solver(solver, device, lambda on: DDIM(30, params=SDXL_SOLVER_PARAMS, device=on))
         if unet.in_channels != self.unet_in_channels:
             raise ValueError(
@@ -142,7 +152,8 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet, DoubleTextEncoder]):  # 
         if unet.context_embedding_dim != clip_text_encoder.embedding_dim:
             raise ValueError(
                 f"the UNet attends to text embeddings of size {unet.context_embedding_dim} but the text encoders make "
-                f"them of size {clip_text_encoder.embedding_dim}: build them for the same model (2048 for SDXL)"
+                f"them of size {clip_text_encoder.embedding_dim}: build them for the same model (2048 for SDXL, 1280 "
+                "for its refiner)"
             )
         super().__init__(
             moved_component(unet, device, dtype),
@@ -151,6 +162,14 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet, DoubleTextEncoder]):  # 
             solver,
             default_size,
         )
+
+    def default_unet(self, device: Device, dtype: torch.dtype | None) -> SDXLUNet:
+        """The UNet built when none is given: SDXL base's."""
+        return SDXLUNet(self.unet_in_channels, device=device, dtype=dtype)
+
+    def default_text_encoder(self, device: Device, dtype: torch.dtype | None) -> SDXLTextEncoder:
+        """The text encoder built when none is given: CLIP-L and OpenCLIP-G."""
+        return DoubleTextEncoder(device=device, dtype=dtype)
 
     @classmethod
     def from_folder(
@@ -190,7 +209,11 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet, DoubleTextEncoder]):  # 
             built.append(config.build(classes, device="meta", dtype=dtype))
         unet, lda, encoder = built
         assert isinstance(unet, SDXLUNet) and isinstance(lda, LatentDiffusionAutoencoder)
-        assert isinstance(encoder, DoubleTextEncoder)
+        assert isinstance(encoder, SDXLTextEncoder)
+        if not isinstance(encoder, cls.text_encoder_class):
+            other = StableDiffusion_XL_Refiner if isinstance(encoder, RefinerTextEncoder) else StableDiffusion_XL
+            what = "an SDXL refiner (OpenCLIP-G alone)" if other is StableDiffusion_XL_Refiner else "an SDXL base model"
+            raise ValueError(f"{path} holds {what}: load it with {other.__name__}.from_folder")
         clip_metadata = files[CLIP_TEXT_FILE].metadata
         if any(key.startswith(TOKENIZER_METADATA_PREFIX) for key in clip_metadata):
             encoder.set_tokenizer(CLIPTokenizer.from_metadata(clip_metadata))
@@ -207,12 +230,8 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet, DoubleTextEncoder]):  # 
         return model if device is None else model.to(device=device)
 
     def diffusers_modules(self) -> dict[str, fl.WeightedModule]:
-        encoders = {
-            "text_encoder": self.clip_text_encoder.text_encoder_l,
-            "text_encoder_2": self.clip_text_encoder.text_encoder_g,
-        }
         modules = {f"unet.{name}": module for name, module in diffusers_unet_modules(self.unet).items()}
-        for component, encoder in encoders.items():
+        for component, encoder in self.clip_text_encoder.components().items():
             modules |= {f"{component}.{name}": m for name, m in transformers_clip_text_modules(encoder).items()}
         return modules
 
@@ -306,63 +325,31 @@ class StableDiffusion_XL(LatentDiffusionModel[SDXLUNet, DoubleTextEncoder]):  # 
         self, prompts: list[str], negative_prompts: list[str] | None, guided: bool
     ) -> dict[str, Tensor]:
         if guided:
-            embedding, pooled = self.compute_clip_text_embedding(prompts, negative_prompts)
+            negatives = negative_prompts
+            if negatives is None and not self.force_zeros_for_empty_prompt:
+                negatives = [""] * len(prompts)
+            embedding, pooled = self.compute_clip_text_embedding(prompts, negatives)
         else:
             embedding, pooled = self.clip_text_encoder(prompts)
         return {"clip_text_embedding": embedding, "pooled_text_embedding": pooled}
 
-    def _latent_conditioning(self, size: tuple[int, int]) -> dict[str, Tensor]:
-        return {"time_ids": self.default_time_ids(original_size=size, target_size=size)}
-
-    def generate(
+    def micro_conditioning(
         self,
-        prompt: str | Sequence[str],
-        negative_prompt: str | Sequence[str] | None = None,
-        num_inference_steps: int = 30,
-        guidance_scale: float | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        seed: int | None = None,
-        init_image: "Image.Image | None" = None,
-        strength: float | None = None,
-        mask: "Image.Image | None" = None,
-        num_images_per_prompt: int = 1,
-        progress: bool = True,
-        latent_conditioning: Mapping[str, Tensor] | None = None,
+        size: tuple[int, int],
         *,
         original_size: tuple[int, int] | None = None,
         crops_coords_top_left: tuple[int, int] = (0, 0),
         target_size: tuple[int, int] | None = None,
-    ) -> "list[Image.Image]":
-        """Generate images in one call, as diffusers' `StableDiffusionXLPipeline` does (with the same seeds).
-
-        See `LatentDiffusionModel.generate` for the common arguments (the default guidance scale is 5.0, and a
-        missing negative prompt means zero embeddings, as in diffusers). SDXL's micro-conditioning:
+    ) -> dict[str, Tensor]:
+        """The time ids `generate` conditions on; its keyword arguments are `generate`'s options of the same names.
 
         Args:
-            original_size: `(height, width)` for the time ids (default: the generated size).
-            crops_coords_top_left: `(top, left)` for the time ids.
-            target_size: `(height, width)` for the time ids (default: the generated size).
+            size: `(height, width)` of the generated images, in pixels.
+            original_size: `(height, width)` the image is said to come from (default: `size`).
+            crops_coords_top_left: `(top, left)` of the crop it is said to be.
+            target_size: `(height, width)` it is said to be made at (default: `size`).
         """
-        if latent_conditioning is None and (original_size or target_size or any(crops_coords_top_left)):
-            size = self._generation_size(height, width, init_image)
-            time_ids = self.default_time_ids(original_size or size, crops_coords_top_left, target_size or size)
-            latent_conditioning = {"time_ids": time_ids}
-        return super().generate(
-            prompt,
-            negative_prompt,
-            num_inference_steps,
-            guidance_scale,
-            height,
-            width,
-            seed,
-            init_image,
-            strength,
-            mask,
-            num_images_per_prompt,
-            progress,
-            latent_conditioning,
-        )
+        return {"time_ids": self.default_time_ids(original_size or size, crops_coords_top_left, target_size or size)}
 
 
 class StableDiffusion_XL_Inpainting(Inpainting, StableDiffusion_XL):  # noqa: N801
@@ -381,3 +368,100 @@ class StableDiffusion_XL_Inpainting(Inpainting, StableDiffusion_XL):  # noqa: N8
     """
 
     default_guidance_scale: ClassVar[float] = 7.5  # diffusers' StableDiffusionXLInpaintPipeline's
+
+
+class StableDiffusion_XL_Refiner(StableDiffusion_XL):  # noqa: N801
+    """The SDXL refiner: `SDXLRefinerUNet`, OpenCLIP-G alone (`RefinerTextEncoder`) and aesthetic-score time ids.
+
+    As diffusers' `StableDiffusionXLImg2ImgPipeline` with the refiner (`requires_aesthetics_score`): its time ids are
+    `[h, w, top, left, aesthetic_score]`, the negative prompt's with `negative_aesthetic_score` (see
+    `default_time_ids`), and a missing negative prompt is the empty prompt. It finishes what the base started, the
+    ensemble of experts:
+
+        latents = sdxl.generate_latents(prompt, num_inference_steps=40, denoising_end=0.8, seed=0)
+        images = refiner.generate(prompt, num_inference_steps=40, init_latents=latents, denoising_start=0.8)
+
+    or refines an image (`generate(prompt, init_image=image)`, strength 0.3 by default, as diffusers').
+
+    Args:
+        unet: The denoising UNet (default: `SDXLRefinerUNet()`).
+        lda: The autoencoder (default: `SDXLAutoencoder()`).
+        clip_text_encoder: OpenCLIP-G (default: `RefinerTextEncoder()`).
+        solver: The solver (default: DDIM, 30 steps, SDXL's schedule).
+        device: Where the components built here live; given components are moved there.
+        dtype: The weights' dtype of the components built here; given components are cast to it.
+        default_size: The side, in pixels, of the images `generate` draws when given no size (1024).
+    """
+
+    default_strength: ClassVar[float] = 0.3
+    force_zeros_for_empty_prompt: ClassVar[bool] = False
+    text_encoder_class: ClassVar[type[SDXLTextEncoder]] = RefinerTextEncoder
+
+    def default_unet(self, device: Device, dtype: torch.dtype | None) -> SDXLUNet:
+        """The UNet built when none is given: the refiner's."""
+        return SDXLRefinerUNet(self.unet_in_channels, device=device, dtype=dtype)
+
+    def default_text_encoder(self, device: Device, dtype: torch.dtype | None) -> SDXLTextEncoder:
+        """The text encoder built when none is given: OpenCLIP-G alone."""
+        return RefinerTextEncoder(device=device, dtype=dtype)
+
+    def default_time_ids(
+        self,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        *,
+        aesthetic_score: float = 6.0,
+    ) -> Tensor:
+        """The refiner's micro-conditioning, `(1, 5)`: `[original_h, original_w, crop_top, crop_left, aesthetic_score]`.
+
+        Args:
+            original_size: `(height, width)` the image is said to come from (default: `default_size` square).
+            crops_coords_top_left: `(top, left)` of the crop it is said to be.
+            target_size: Not a time id of the refiner: leave it out.
+            aesthetic_score: The score the image is said to have (diffusers' `aesthetic_score`, 6.0; its
+                `negative_aesthetic_score`, 2.5, goes with the negative prompt).
+        """
+        if target_size is not None:
+            raise ValueError(
+                "the refiner's time ids hold an aesthetic score instead of a target size: leave target_size out"
+            )
+        original = original_size or (self.default_size, self.default_size)
+        values = [*original, *crops_coords_top_left, aesthetic_score]
+        return torch.tensor([values], device=self.device, dtype=self.dtype)
+
+    def micro_conditioning(
+        self,
+        size: tuple[int, int],
+        *,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+    ) -> dict[str, Tensor]:
+        """The time ids of the prompts and of the negative prompts; the keywords are `generate`'s options.
+
+        Args:
+            size: `(height, width)` of the generated images, in pixels.
+            original_size: `(height, width)` the image is said to come from (default: `size`).
+            crops_coords_top_left: `(top, left)` of the crop it is said to be.
+            target_size: Not a time id of the refiner: leave it out.
+            aesthetic_score: The prompts' aesthetic score (6.0, diffusers' default).
+            negative_aesthetic_score: The negative prompts' (2.5).
+            negative_original_size: The negative prompts' original size (default: `original_size`).
+            negative_crops_coords_top_left: The negative prompts' crop.
+        """
+        original = original_size or size
+        return {
+            "time_ids": self.default_time_ids(
+                original, crops_coords_top_left, target_size, aesthetic_score=aesthetic_score
+            ),
+            "negative_time_ids": self.default_time_ids(
+                negative_original_size or original,
+                negative_crops_coords_top_left,
+                aesthetic_score=negative_aesthetic_score,
+            ),
+        }

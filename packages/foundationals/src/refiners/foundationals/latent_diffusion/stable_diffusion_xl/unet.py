@@ -130,6 +130,8 @@ class SDXLUNet(UNet):
         num_time_ids: Number of time ids (6; the refiner's 5).
         time_embedding_dim: Sinusoidal features per time id (`addition_time_embed_dim`).
         layers_per_block: Residual blocks per down block (`layers_per_block`).
+        guidance_embedding_dim: The LCM SDXL UNet's guidance scale features (`time_cond_proj_dim`, 256): it takes
+            the guidance scale as an input (`set_guidance_scale`) instead of running a negative batch.
         device: Where the weights live (`"meta"` builds it without allocating them, to load weights into it).
         dtype: The weights' dtype.
 
@@ -163,6 +165,7 @@ class SDXLUNet(UNet):
         num_time_ids: int = 6,
         time_embedding_dim: int = 256,
         layers_per_block: int = 2,
+        guidance_embedding_dim: int | None = None,
         device: Device = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -183,7 +186,9 @@ class SDXLUNet(UNet):
             layers_per_block=layers_per_block,
             use_linear_projection=True,
         )
-        super().__init__(in_channels, topology, device=device, dtype=dtype)
+        super().__init__(
+            in_channels, topology, device=device, dtype=dtype, guidance_embedding_dim=guidance_embedding_dim
+        )
         self.insert(
             1,
             TextTimeEmbedding(
