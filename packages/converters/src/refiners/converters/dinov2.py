@@ -1,0 +1,444 @@
+"""DINOv2 checkpoints to refiners weights: what `refiners-convert dinov2` runs.
+
+A source is one of:
+
+- facebook's original file (`dinov2_vits14_pretrain.pth`, `dinov2_vitg14_reg4_pretrain.pth`...), read with
+  `torch.load(weights_only=True)`, or the same tensors in a `.safetensors` file;
+- a transformers `Dinov2Model` / `Dinov2WithRegistersModel` folder (`config.json` and `model.safetensors`, sharded or
+  not, or `pytorch_model.bin`), or its weights file alone;
+- a Hugging Face Hub id such as `facebook/dinov2-small` (only the config and weights are downloaded).
+
+The layout is told by the keys (facebook's `blocks.N...` or transformers' `encoder.layer.N...`); the sizes by the
+config of a transformers folder, or else by the shapes of the tensors (DINOv2's attention heads are 64 wide, so a
+file without config gives `embedding_dim // 64` heads). The key map comes from the family's name maps
+(`refiners.foundationals.dinov2.weight_names`), derived from the target model's structure. Three tensors change
+shape on the way: the tokens lose their leading batch dimension, facebook's fused `attn.qkv` is split into the
+query, key and value projections, and the SwiGLU input projection has its halves swapped (see `SwiGLUFeedForward`).
+The `mask_token` is the only source tensor left out on purpose (a training input); any other key that nothing uses
+is an error that lists it. The file is written atomically, with the model's constructor call in its metadata: a
+released size is recorded as its class (`DINOv2_small`...), another as a `ViT` with its arguments, and
+`ViT.from_safetensors(path)` builds and loads it.
+"""
+
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from refiners.converters.engine import ConversionError, KeyMap, convert_state_dict
+from refiners.converters.sources import SourceError, TensorFile
+from refiners.fluxion.model_config import ModelConfig
+from refiners.fluxion.utils import save_to_safetensors
+from refiners.foundationals.dinov2 import DINOV2_CLASSES, ViT
+from refiners.foundationals.dinov2.vit import (
+    ClassToken,
+    PositionalEmbedding,
+    RegisterTokens,
+    SwiGLUFeedForward,
+    swiglu_hidden_dim,
+)
+from refiners.foundationals.dinov2.weight_names import (
+    MASK_TOKEN_NAMES,
+    Targets,
+    facebook_dinov2_names,
+    transformers_dinov2_names,
+)
+
+__all__ = [
+    "Layout",
+    "DINOV2_ARCHITECTURES",
+    "DINOv2Source",
+    "DINOv2Conversion",
+    "open_dinov2_source",
+    "dinov2_config",
+    "dinov2_key_map",
+    "convert_dinov2_weights",
+    "convert_dinov2",
+]
+
+Layout = Literal["facebook", "transformers"]
+
+DINOV2_ARCHITECTURES = ("Dinov2Model", "Dinov2WithRegistersModel")
+"""The transformers classes whose folders `refiners-convert dinov2` reads (their `config.json`'s `architectures`)."""
+
+HEAD_DIM = 64
+"""The width of an attention head in every released DINOv2 (6 heads for 384, ..., 24 for 1536)."""
+
+_NAMES: dict[Layout, Callable[[ViT], dict[str, Targets]]] = {
+    "facebook": facebook_dinov2_names,
+    "transformers": transformers_dinov2_names,
+}
+# Where each layout keeps what sizes the model: the class token, the patch projection, the positions, the registers,
+# the first layer's MLP (GeLU, or SwiGLU) and the layers' prefix.
+_SHAPE_KEYS: dict[Layout, dict[str, str]] = {
+    "facebook": {
+        "class": "cls_token",
+        "patch": "patch_embed.proj.weight",
+        "positions": "pos_embed",
+        "registers": "register_tokens",
+        "mlp": "blocks.0.mlp.fc1.weight",
+        "swiglu": "blocks.0.mlp.w12.weight",
+        "layers": r"blocks\.(\d+)\.",
+    },
+    "transformers": {
+        "class": "embeddings.cls_token",
+        "patch": "embeddings.patch_embeddings.projection.weight",
+        "positions": "embeddings.position_embeddings",
+        "registers": "embeddings.register_tokens",
+        "mlp": "encoder.layer.0.mlp.fc1.weight",
+        "swiglu": "encoder.layer.0.mlp.weights_in.weight",
+        "layers": r"encoder\.layer\.(\d+)\.",
+    },
+}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+@dataclass(frozen=True)
+class DINOv2Source:
+    """A DINOv2 checkpoint, opened.
+
+    Attributes:
+        tensors: Its tensors, read lazily.
+        layout: Whose names they have.
+        config: The transformers `config.json` next to them, if any.
+        origin: Where they come from, for messages.
+    """
+
+    tensors: TensorFile
+    layout: Layout
+    config: Mapping[str, Any] | None
+    origin: str
+
+
+@dataclass(frozen=True)
+class DINOv2Conversion:
+    """Converted weights, in memory.
+
+    Attributes:
+        tensors: The target model's state dict.
+        config: The target model's constructor call (recorded in the file's metadata).
+        layout: The source's layout.
+    """
+
+    tensors: dict[str, Tensor]
+    config: ModelConfig
+    layout: Layout
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SourceError(f"{path} is not a readable JSON file ({error})") from error
+    if not isinstance(data, dict):
+        raise SourceError(f"{path} holds a JSON {type(data).__name__}, expected an object")
+    return data  # pyright: ignore[reportUnknownVariableType]
+
+
+def _folder_weights(folder: Path) -> list[Path]:
+    if (single := folder / "model.safetensors").is_file():
+        return [single]
+    if (index := folder / "model.safetensors.index.json").is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise SourceError(f"{index} has no weight_map: it is not a sharded checkpoint index")
+        shards = [folder / str(name) for name in dict.fromkeys(weight_map.values())]  # pyright: ignore[reportUnknownArgumentType]
+        if missing := [shard.name for shard in shards if not shard.is_file()]:
+            raise SourceError(f"{index} lists shards that are missing: {', '.join(missing)}")
+        return shards
+    if (pickled := folder / "pytorch_model.bin").is_file():
+        return [pickled]
+    present = sorted(path.name for path in folder.iterdir())
+    raise SourceError(
+        f"{folder} has no weights: expected model.safetensors (or a sharded index, or pytorch_model.bin); found "
+        f"{', '.join(present) or 'nothing'}"
+    )
+
+
+def _folder_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise SourceError(
+            f"{folder} has no config.json: pass a transformers Dinov2Model folder, a checkpoint file or a Hub id"
+        )
+    config = _read_json(path)
+    architectures: Any = config.get("architectures") or []
+    if not set(architectures) & set(DINOV2_ARCHITECTURES):
+        raise SourceError(
+            f"{folder} holds a {' / '.join(map(str, architectures)) or 'model of unknown architecture'}, not a "
+            f"{' or '.join(DINOV2_ARCHITECTURES)}: pass the folder of a DINOv2 backbone"
+        )
+    return config
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
+    try:
+        folder = Path(str(snapshot_download(repo_id, allow_patterns=patterns)))
+        if not any((folder / name).is_file() for name in patterns[1:3]):
+            folder = Path(str(snapshot_download(repo_id, allow_patterns=["config.json", "pytorch_model.bin"])))
+    except (OSError, ValueError) as error:  # huggingface_hub's HTTP, offline and validation errors
+        raise SourceError(
+            f"{repo_id} is not a local file or folder, and downloading it from the Hugging Face Hub failed: {error}"
+        ) from error
+    return folder
+
+
+def _layout(tensors: TensorFile, origin: str) -> Layout:
+    keys = set(tensors)
+    found: list[Layout] = [layout for layout, shapes in _SHAPE_KEYS.items() if shapes["class"] in keys]
+    if len(found) != 1:
+        shown = ", ".join(sorted(keys)[:8])
+        raise SourceError(
+            f"{origin} is not a DINOv2 checkpoint: it has neither facebook's `cls_token` nor transformers' "
+            f"`embeddings.cls_token` (its keys start with {shown})"
+        )
+    return found[0]
+
+
+def open_dinov2_source(source: str | Path) -> DINOv2Source:
+    """Open a DINOv2 checkpoint: a file, a transformers folder or a Hub id (see the module's documentation).
+
+    Raises:
+        SourceError: It cannot be found or read, or it is not a DINOv2 checkpoint.
+    """
+    path = Path(source).expanduser()
+    config: dict[str, Any] | None = None
+    if path.is_dir():
+        config = _folder_config(path)
+        files = _folder_weights(path)
+    elif path.is_file():
+        if path.suffix not in _FILE_SUFFIXES:
+            raise SourceError(f"{path} is not a checkpoint file: expected one of {', '.join(_FILE_SUFFIXES)}")
+        files = [path]
+        if (path.parent / "config.json").is_file() and path.name in ("model.safetensors", "pytorch_model.bin"):
+            config = _folder_config(path.parent)
+    elif not path.exists() and _HUB_ID.fullmatch(str(source)):
+        path = _download(str(source))
+        config = _folder_config(path)
+        files = _folder_weights(path)
+    else:
+        raise SourceError(f"no such file or folder: {source} (nor a Hugging Face Hub id, `org/name`)")
+    tensors = TensorFile(files)
+    origin = tensors.describe()
+    return DINOv2Source(tensors=tensors, layout=_layout(tensors, origin), config=config, origin=origin)
+
+
+def _shape(source: DINOv2Source, role: str) -> tuple[int, ...] | None:
+    key = _SHAPE_KEYS[source.layout][role]
+    return source.tensors.shape(key) if key in source.tensors else None
+
+
+def _checked(config: Mapping[str, Any], name: str, expected: object, origin: str) -> None:
+    if name in config and config[name] != expected:
+        raise ConversionError(
+            f"{origin}'s config has {name}={config[name]!r}; DINOv2's ViT has {name}={expected!r} only"
+        )
+
+
+def dinov2_config(source: DINOv2Source) -> ModelConfig:
+    """The constructor call of the model `source` fits: a released size's class, or a `ViT` with its arguments.
+
+    Raises:
+        ConversionError: The source lacks a tensor that sizes the model, or its config asks for what a DINOv2 ViT
+            does not compute.
+    """
+    shapes = {role: _shape(source, role) for role in ("class", "patch", "positions", "registers", "mlp", "swiglu")}
+    if shapes["class"] is None or shapes["patch"] is None or shapes["positions"] is None:
+        raise ConversionError(f"{source.origin} lacks the class token, patch projection or position embeddings")
+    embedding_dim, patch_size = shapes["class"][-1], shapes["patch"][-1]
+    positions = shapes["positions"][-2] - 1
+    grid_size = round(positions**0.5)
+    if grid_size * grid_size != positions:
+        raise ConversionError(f"{source.origin}'s {positions} patch position embeddings are not a square grid")
+    pattern = re.compile(_SHAPE_KEYS[source.layout]["layers"])
+    layer_indices = {int(match.group(1)) for key in source.tensors if (match := pattern.match(key))}
+    swiglu = shapes["swiglu"] is not None
+    mlp = shapes["swiglu"] if swiglu else shapes["mlp"]
+    if mlp is None:
+        raise ConversionError(f"{source.origin} has no MLP in its first layer ({_SHAPE_KEYS[source.layout]['mlp']})")
+    feedforward_dim = mlp[0] // 2 if swiglu else mlp[0]
+    config = source.config or {}
+    for name, expected in (("hidden_act", "gelu"), ("qkv_bias", True), ("num_channels", 3)):
+        _checked(config, name, expected, source.origin)
+    if "hidden_size" in config and config["hidden_size"] != embedding_dim:
+        raise ConversionError(
+            f"{source.origin}'s config has hidden_size={config['hidden_size']}, its weights {embedding_dim}"
+        )
+    num_heads = config.get("num_attention_heads", embedding_dim // HEAD_DIM)
+    if not isinstance(num_heads, int) or num_heads < 1 or embedding_dim % num_heads:
+        raise ConversionError(
+            f"cannot tell the attention heads of {source.origin}: its width {embedding_dim} is not a multiple of "
+            f"DINOv2's {HEAD_DIM}-wide heads and it has no config"
+        )
+    num_registers = shapes["registers"][-2] if shapes["registers"] is not None else 0
+    mlp_ratio = config.get("mlp_ratio", 4)
+    arguments: dict[str, Any] = {
+        "embedding_dim": embedding_dim,
+        "patch_size": patch_size,
+        "image_size": grid_size * patch_size,
+        "num_layers": len(layer_indices),
+        "num_heads": num_heads,
+        "norm_eps": float(config.get("layer_norm_eps", 1e-6)),
+        "mlp_ratio": mlp_ratio,
+        "num_registers": num_registers,
+        "feedforward": "swiglu" if swiglu else "gelu",
+        "feedforward_dim": feedforward_dim,
+        # transformers' and facebook's models with registers resample their positions with antialiasing.
+        "interpolate_antialias": num_registers > 0,
+    }
+    expected_dim = swiglu_hidden_dim(embedding_dim, mlp_ratio) if swiglu else embedding_dim * mlp_ratio
+    if feedforward_dim == expected_dim:
+        del arguments["feedforward_dim"]
+    for preset in DINOV2_CLASSES[1:]:
+        if _arguments(preset(device="meta")) == _arguments(ViT(**arguments, device="meta")):
+            return ModelConfig.of(preset)
+    return ModelConfig.of(ViT, **arguments)
+
+
+def _arguments(model: ViT) -> tuple[object, ...]:
+    return (
+        model.embedding_dim,
+        model.patch_size,
+        model.image_size,
+        model.num_layers,
+        model.num_heads,
+        model.norm_eps,
+        model.feedforward,
+        model.feedforward_dim,
+        model.num_registers,
+        model.interpolate_antialias,
+    )
+
+
+def _fused_part(key: str, index: int, count: int) -> str:
+    return f"{key} (part {index + 1} of {count})"
+
+
+def _squeeze(tensor: Tensor) -> Tensor:
+    return tensor.squeeze(0)
+
+
+def _swap_halves(tensor: Tensor) -> Tensor:
+    # The references compute silu(x1) * x2 (gate first); fl.GLU computes a * silu(b) (value first).
+    gate, value = tensor.chunk(2)
+    return torch.cat((value, gate))
+
+
+def dinov2_key_map(model: ViT, layout: Layout) -> KeyMap:
+    """The key map from a `layout` checkpoint to `model`'s state dict.
+
+    A tensor that fills several weights (facebook's `attn.qkv`) is mapped as its parts, `KEY (part i of n)`, which
+    `split_fused` makes of the source; the mask token is ignored on purpose.
+
+    Args:
+        model: The target (its weights are not read: it may live on the "meta" device).
+        layout: The checkpoint's layout.
+    """
+    paths = {id(module): name for name, module in model.named_modules()}
+    key_map = KeyMap(ignored=[lambda key: key == MASK_TOKEN_NAMES[layout]])
+    swiglu_inputs = {id(mlp[0]) for mlp in model.layers(SwiGLUFeedForward)}
+    for source, targets in _NAMES[layout](model).items():
+        for index, (module, parameter) in enumerate(targets):
+            target = f"{paths[id(module)]}.{parameter}"
+            transform = None
+            if isinstance(module, ClassToken | PositionalEmbedding | RegisterTokens):
+                transform = _squeeze
+            elif id(module) in swiglu_inputs:
+                transform = _swap_halves
+            key = source if len(targets) == 1 else _fused_part(source, index, len(targets))
+            key_map.add(key, target, transform)
+    return key_map
+
+
+class _Unfused(Mapping[str, Tensor]):
+    """`source` with each fused tensor replaced by its parts (`KEY (part i of n)`), split along the first dimension."""
+
+    def __init__(self, source: Mapping[str, Tensor], fused: Mapping[str, int]) -> None:
+        self._source = source
+        self._parts: dict[str, tuple[str, int, int]] = {}
+        self._keys: list[str] = []
+        for key in source:
+            if (count := fused.get(key)) is None:
+                self._keys.append(key)
+                continue
+            for index in range(count):
+                self._parts[_fused_part(key, index, count)] = (key, index, count)
+        self._keys += self._parts
+        self._present = set(self._keys)
+
+    def __getitem__(self, key: str) -> Tensor:
+        if (part := self._parts.get(key)) is not None:
+            fused, index, count = part
+            return self._source[fused].chunk(count)[index]
+        if key not in self._present:
+            raise KeyError(key)
+        return self._source[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._present
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def split_fused(source: Mapping[str, Tensor], model: ViT, layout: Layout) -> Mapping[str, Tensor]:
+    """`source` with the tensors that fill several weights of `model` split into their parts (see `dinov2_key_map`)."""
+    fused = {key: len(targets) for key, targets in _NAMES[layout](model).items() if len(targets) > 1}
+    return _Unfused(source, fused)
+
+
+def convert_dinov2_weights(source: DINOv2Source, dtype: torch.dtype | None = None) -> DINOv2Conversion:
+    """Convert an opened checkpoint in memory (see `open_dinov2_source`).
+
+    Args:
+        source: The checkpoint.
+        dtype: Cast floating-point tensors to this dtype (default: keep the source's).
+
+    Raises:
+        ConversionError: The checkpoint does not fit a DINOv2 ViT; the message lists the keys and shapes.
+    """
+    config = dinov2_config(source)
+    model = config.build(DINOV2_CLASSES, device="meta")
+    tensors = convert_state_dict(
+        split_fused(source.tensors, model, source.layout),
+        dinov2_key_map(model, source.layout),
+        {key: tensor.shape for key, tensor in model.state_dict().items()},
+        what=f"{source.layout} DINOv2 checkpoint {source.origin}",
+        dtype=dtype,
+    )
+    return DINOv2Conversion({key: tensor.contiguous() for key, tensor in tensors.items()}, config, source.layout)
+
+
+def convert_dinov2(
+    source: str | Path, dest: str | Path, dtype: torch.dtype | None = None
+) -> tuple[Path, DINOv2Conversion]:
+    """Convert a DINOv2 checkpoint and write it, atomically, to a `.safetensors` file with its model's config.
+
+    Args:
+        source: A facebook `.pth`, a transformers folder or weights file, or a Hub id.
+        dest: The `.safetensors` file to write (its folder is created if needed).
+        dtype: Cast floating-point tensors to this dtype (default: keep the source's).
+
+    Raises:
+        SourceError: The source cannot be read, or `dest` is not a `.safetensors` path.
+        ConversionError: The checkpoint does not fit a DINOv2 ViT.
+    """
+    path = Path(dest).expanduser()
+    if path.suffix != ".safetensors" or path.is_dir():
+        raise SourceError(f"the destination must be a .safetensors file, got {dest}")
+    conversion = convert_dinov2_weights(open_dinov2_source(source), dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_to_safetensors(path, conversion.tensors, conversion.config.to_metadata())
+    return path, conversion
