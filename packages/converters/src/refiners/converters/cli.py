@@ -6,6 +6,7 @@
     refiners-convert autoencoder --from SOURCE --to autoencoder.safetensors
     refiners-convert unet --from SOURCE --to unet.safetensors
     refiners-convert lora --from FILE --to FILE.safetensors [--layout {refiners,peft,kohya}] [--lenient]
+    refiners-convert dinov2 --from SOURCE --to FILE.safetensors     # facebook's .pth, a transformers folder, a Hub id
 
 SOURCE is a diffusers folder (or one component's folder), a single checkpoint file (`.safetensors`, `.ckpt`; the
 original layout, or one component's weights), or a Hugging Face Hub id such as `runwayml/stable-diffusion-v1-5`.
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 from refiners.adapters.lora import UnmatchedLoraKeysError, UnmatchedLoraKeysWarning, convert_sd1_lora
+from refiners.converters.dinov2 import add_dinov2_command, run_dinov2_command
 from refiners.converters.reference_check import (
     Comparison,
     compare_autoencoder,
@@ -113,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     _add_lora_command(commands)
     _add_sdxl_command(commands)
+    add_dinov2_command(commands)
     return parser
 
 
@@ -153,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _convert_sdxl(args)
     if args.command == "lora":
         return _convert_lora(args)
+    if args.command == "dinov2":
+        return run_dinov2_command(args, _print_progress)
     dtype = _DTYPES[args.dtype] if args.dtype is not None else None
     if args.check and (missing := missing_reference_packages()):
         _print_progress(

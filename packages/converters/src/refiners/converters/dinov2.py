@@ -20,8 +20,10 @@ released size is recorded as its class (`DINOv2_small`...), another as a `ViT` w
 `ViT.from_safetensors(path)` builds and loads it.
 """
 
+import argparse
 import json
 import re
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +61,8 @@ __all__ = [
     "dinov2_key_map",
     "convert_dinov2_weights",
     "convert_dinov2",
+    "add_dinov2_command",
+    "run_dinov2_command",
 ]
 
 Layout = Literal["facebook", "transformers"]
@@ -399,6 +403,10 @@ def split_fused(source: Mapping[str, Tensor], model: ViT, layout: Layout) -> Map
     return _Unfused(source, fused)
 
 
+def _listed(keys: list[str], limit: int = 10) -> str:
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
 def convert_dinov2_weights(source: DINOv2Source, dtype: torch.dtype | None = None) -> DINOv2Conversion:
     """Convert an opened checkpoint in memory (see `open_dinov2_source`).
 
@@ -411,23 +419,35 @@ def convert_dinov2_weights(source: DINOv2Source, dtype: torch.dtype | None = Non
     """
     config = dinov2_config(source)
     model = config.build(DINOV2_CLASSES, device="meta")
-    tensors = convert_state_dict(
-        split_fused(source.tensors, model, source.layout),
-        dinov2_key_map(model, source.layout),
+    tensors = split_fused(source.tensors, model, source.layout)
+    key_map = dinov2_key_map(model, source.layout)
+    unused = [key for key in tensors if key not in key_map.mapping and not key_map.is_ignored(key)]
+    missing = [key for key in key_map.mapping if key not in tensors]
+    where = f"{source.origin} ({source.layout} layout)"
+    if unused:
+        raise ConversionError(
+            f"{where} has {len(unused)} tensors that {config} does not use: {_listed(unused)}. Pass a DINOv2 backbone "
+            "checkpoint (not a classifier's, nor a training checkpoint)"
+        )
+    if missing:
+        raise ConversionError(f"{where} lacks {len(missing)} tensors that {config} needs: {_listed(missing)}")
+    converted = convert_state_dict(
+        tensors,
+        key_map,
         {key: tensor.shape for key, tensor in model.state_dict().items()},
         what=f"{source.layout} DINOv2 checkpoint {source.origin}",
         dtype=dtype,
     )
-    return DINOv2Conversion({key: tensor.contiguous() for key, tensor in tensors.items()}, config, source.layout)
+    return DINOv2Conversion({key: tensor.contiguous() for key, tensor in converted.items()}, config, source.layout)
 
 
 def convert_dinov2(
-    source: str | Path, dest: str | Path, dtype: torch.dtype | None = None
+    source: "str | Path | DINOv2Source", dest: str | Path, dtype: torch.dtype | None = None
 ) -> tuple[Path, DINOv2Conversion]:
     """Convert a DINOv2 checkpoint and write it, atomically, to a `.safetensors` file with its model's config.
 
     Args:
-        source: A facebook `.pth`, a transformers folder or weights file, or a Hub id.
+        source: A facebook `.pth`, a transformers folder or weights file, a Hub id, or an opened source.
         dest: The `.safetensors` file to write (its folder is created if needed).
         dtype: Cast floating-point tensors to this dtype (default: keep the source's).
 
@@ -438,7 +458,55 @@ def convert_dinov2(
     path = Path(dest).expanduser()
     if path.suffix != ".safetensors" or path.is_dir():
         raise SourceError(f"the destination must be a .safetensors file, got {dest}")
-    conversion = convert_dinov2_weights(open_dinov2_source(source), dtype)
+    opened = source if isinstance(source, DINOv2Source) else open_dinov2_source(source)
+    conversion = convert_dinov2_weights(opened, dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_to_safetensors(path, conversion.tensors, conversion.config.to_metadata())
     return path, conversion
+
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def add_dinov2_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Add `refiners-convert dinov2 --from SOURCE --to FILE [--dtype DTYPE]` to `refiners-convert`'s commands."""
+    help = (
+        "a DINOv2 backbone (facebook's .pth, a transformers Dinov2Model folder, or a Hub id), for ViT.from_safetensors"
+    )
+    command = commands.add_parser("dinov2", help=help, description=help)
+    command.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="SOURCE",
+        help="facebook's original file (dinov2_vits14_pretrain.pth...), a transformers Dinov2Model or "
+        "Dinov2WithRegistersModel folder or weights file, or a Hub id such as facebook/dinov2-small",
+    )
+    command.add_argument("--to", dest="dest", required=True, metavar="FILE", help="the .safetensors file to write")
+    command.add_argument(
+        "--dtype", choices=list(_DTYPES), default=None, help="cast the weights (default: keep the source's)"
+    )
+
+
+def run_dinov2_command(args: argparse.Namespace, progress: Callable[[str], None]) -> int:
+    """Run `refiners-convert dinov2` (see `add_dinov2_command`); returns the exit status.
+
+    Args:
+        args: The parsed arguments.
+        progress: Receives the progress and error lines.
+    """
+    start = time.monotonic()
+    try:
+        source = open_dinov2_source(args.source)
+        progress(f"dinov2: reading {source.origin}, {source.layout} layout")
+        path, conversion = convert_dinov2(source, args.dest, _DTYPES[args.dtype] if args.dtype is not None else None)
+    except (ValueError, OSError) as error:
+        progress(f"refiners-convert: error: {error}")
+        return 1
+    size = sum(tensor.numel() * tensor.element_size() for tensor in conversion.tensors.values()) / 1e9
+    progress(
+        f"dinov2: wrote {len(conversion.tensors)} tensors ({size:.2f} GB) for {conversion.config} to {path} in "
+        f"{time.monotonic() - start:.1f} s; load it with ViT.from_safetensors({str(path)!r})"
+    )
+    print(path)
+    return 0
