@@ -1,0 +1,195 @@
+"""Meta's Segment Anything checkpoints (`sam_vit_b_01ec64.pth`, ...) to `SegmentAnything` weights.
+
+The checkpoint is a plain `Sam` state dict (`.pth`, read with `torch.load(weights_only=True)`, or `.safetensors`).
+Its sizes are read off the tensors' shapes (width and depth of the ViT, heads from the relative position tables,
+global layers from their table's length, decoder depth and widths, number of masks), so any size converts; the
+file records the model (`SegmentAnythingB` when the sizes are ViT-B's, else `SegmentAnything(...)` with its
+arguments) for `SegmentAnything.from_safetensors`. The key map is derived from the model's tree
+(`original_sam_parameters`); a key it does not use is an error, as is one it misses.
+"""
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import refiners.fluxion.layers as fl
+from refiners.converters.engine import ConversionError, KeyMap, convert_state_dict
+from refiners.converters.sources import SourceError, TensorFile
+from refiners.fluxion.utils import save_to_safetensors
+from refiners.foundationals.segment_anything import (
+    SegmentAnything,
+    SegmentAnythingB,
+    SegmentAnythingH,
+    SegmentAnythingL,
+)
+from refiners.foundationals.segment_anything.original_names import original_sam_parameters
+
+__all__ = [
+    "HQ_SAM_MARKER",
+    "SAMConversion",
+    "module_path",
+    "original_sam_arguments",
+    "original_sam_key_map",
+    "build_original_sam",
+    "convert_original_sam",
+    "read_checkpoint",
+    "write_converted",
+]
+
+HQ_SAM_MARKER = "mask_decoder.hf_token.weight"
+"""A key that only HQ-SAM checkpoints have."""
+
+_PRESETS: tuple[type[SegmentAnything], ...] = (SegmentAnythingB, SegmentAnythingL, SegmentAnythingH)
+_DECODER_HEADS = 8  # every SAM's; the checkpoint cannot tell (the heads share one projection)
+
+
+def module_path(root: fl.Chain, module: fl.Module) -> str:
+    """The state-dict prefix of `module` in `root` (e.g. `SAMViT.TransformerLayer_3.Residual_1.LayerNorm`)."""
+    parts: list[str] = []
+    while module is not root:
+        parent = module.parent
+        if parent is None:
+            raise ValueError(f"{type(module).__name__} is not inside {type(root).__name__}")
+        parts.append(parent.key_of(module))
+        module = parent
+    return ".".join(reversed(parts))
+
+
+def _shape(tensors: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
+    if key not in tensors:
+        raise ConversionError(f"the checkpoint has no {key}: it is not an original Segment Anything checkpoint")
+    shape = tensors.shape(key) if isinstance(tensors, TensorFile) else tuple(tensors[key].shape)
+    return tuple(shape)
+
+
+def _count(tensors: Mapping[str, Tensor], pattern: str) -> int:
+    indices = {int(match.group(1)) for key in tensors if (match := re.fullmatch(pattern, key))}
+    return max(indices) + 1 if indices else 0
+
+
+def original_sam_arguments(tensors: Mapping[str, Tensor]) -> dict[str, Any]:
+    """`SegmentAnything`'s constructor arguments, read off an original checkpoint's shapes."""
+    embedding_dim, _, patch_size, _ = _shape(tensors, "image_encoder.patch_embed.proj.weight")
+    grid_size = _shape(tensors, "image_encoder.pos_embed")[1]
+    num_layers = _count(tensors, r"image_encoder\.blocks\.(\d+)\..*")
+    table_sizes = [_shape(tensors, f"image_encoder.blocks.{index}.attn.rel_pos_h") for index in range(num_layers)]
+    window_sizes = {(rows + 1) // 2 for rows, _ in table_sizes if (rows + 1) // 2 != grid_size}
+    if len(window_sizes) > 1:
+        raise ConversionError(f"the checkpoint's windowed layers have several window sizes: {sorted(window_sizes)}")
+    head_dim = table_sizes[0][1]
+    return {
+        "embedding_dim": embedding_dim,
+        "num_layers": num_layers,
+        "num_heads": embedding_dim // head_dim,
+        "global_attention_indices": tuple(
+            index for index, (rows, _) in enumerate(table_sizes) if (rows + 1) // 2 == grid_size
+        ),
+        "window_size": window_sizes.pop() if window_sizes else 14,
+        "image_size": grid_size * patch_size,
+        "patch_size": patch_size,
+        "prompt_embedding_dim": _shape(tensors, "image_encoder.neck.0.weight")[0],
+        "mask_encoder_channels": _shape(tensors, "prompt_encoder.mask_downscaling.3.weight")[0],
+        "decoder_depth": _count(tensors, r"mask_decoder\.transformer\.layers\.(\d+)\..*"),
+        "decoder_num_heads": _DECODER_HEADS,
+        "decoder_feedforward_dim": _shape(tensors, "mask_decoder.transformer.layers.0.mlp.lin1.weight")[0],
+        "iou_hidden_dim": _shape(tensors, "mask_decoder.iou_prediction_head.layers.0.weight")[0],
+        "num_multimask_outputs": _shape(tensors, "mask_decoder.mask_tokens.weight")[0] - 1,
+    }
+
+
+def build_original_sam(
+    tensors: Mapping[str, Tensor], device: torch.device | str | None = "meta", dtype: torch.dtype | None = None
+) -> SegmentAnything:
+    """The `SegmentAnything` an original checkpoint fits: a preset when its sizes are one's, on the "meta" device."""
+    arguments = original_sam_arguments(tensors)
+    for preset in _PRESETS:
+        if preset(device="meta")._arguments() == arguments:
+            return preset(device=device, dtype=dtype)
+    return SegmentAnything(**arguments, device=device, dtype=dtype)
+
+
+def _squeeze_to(shape: torch.Size) -> Callable[[Tensor], Tensor]:
+    def transform(tensor: Tensor) -> Tensor:
+        # `pos_embed` is (1, h, w, dim) in the original: the batch dimension is added back by broadcasting here.
+        return tensor.squeeze(0) if tensor.dim() == len(shape) + 1 and tensor.shape[0] == 1 else tensor
+
+    return transform
+
+
+def original_sam_key_map(sam: SegmentAnything) -> KeyMap:
+    """The key map from an original `Sam` state dict to `sam`'s (its weights are not read: it may be on "meta")."""
+    key_map = KeyMap()
+    shapes = {key: tensor.shape for key, tensor in sam.state_dict().items()}
+    for source, (module, name) in original_sam_parameters(sam).items():
+        target = f"{module_path(sam, module)}.{name}"
+        transform = _squeeze_to(shapes[target]) if source == "image_encoder.pos_embed" else None
+        key_map.add(source, target, transform)
+    return key_map
+
+
+def convert_original_sam(
+    tensors: Mapping[str, Tensor], sam: SegmentAnything, dtype: torch.dtype | None = None, what: str = "checkpoint"
+) -> dict[str, Tensor]:
+    """Convert an original `Sam` state dict into `sam`'s.
+
+    Raises:
+        ConversionError: The checkpoint does not fit `sam`; the message lists the keys and shapes. An HQ-SAM
+            checkpoint is refused with what to run instead.
+    """
+    if HQ_SAM_MARKER in tensors:
+        raise ConversionError(
+            f"the {what} is an HQ-SAM checkpoint (it has {HQ_SAM_MARKER}): convert its HQ weights with "
+            "`refiners-convert hq-sam` (an adapter on SAM), and SAM itself from Meta's SAM checkpoint"
+        )
+    return convert_state_dict(
+        tensors,
+        original_sam_key_map(sam),
+        {key: tensor.shape for key, tensor in sam.state_dict().items()},
+        what=f"Segment Anything {what} (for {sam.config})",
+        dtype=dtype,
+    )
+
+
+def read_checkpoint(path: str | Path) -> TensorFile:
+    """The tensors of a checkpoint file (`.pth`/`.pt`/`.bin` with `torch.load(weights_only=True)`, `.safetensors`)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SourceError(f"no such checkpoint file: {path}")
+    return TensorFile([path])
+
+
+@dataclass(frozen=True)
+class SAMConversion:
+    """What a conversion wrote.
+
+    Attributes:
+        path: The `.safetensors` file.
+        description: What it holds, e.g. `SegmentAnythingB()`.
+    """
+
+    path: Path
+    description: str
+
+
+def write_converted(tensors: Mapping[str, Tensor], metadata: dict[str, str], dest: str | Path) -> Path:
+    """Write converted tensors atomically (the file is complete or absent) to `dest`, a `.safetensors` file."""
+    path = Path(dest).expanduser()
+    if path.suffix != ".safetensors":
+        raise SourceError(f"the destination must be a .safetensors file, got {dest}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_to_safetensors(path, {key: tensor.contiguous() for key, tensor in tensors.items()}, metadata)
+    return path
+
+
+def convert_sam_file(source: str | Path, dest: str | Path, dtype: torch.dtype | None = None) -> SAMConversion:
+    """`refiners-convert sam`: an original checkpoint file to a `.safetensors` file for `SegmentAnything`."""
+    tensors = read_checkpoint(source)
+    sam = build_original_sam(tensors)
+    converted = convert_original_sam(tensors, sam, dtype, what=f"checkpoint {source}")
+    path = write_converted(converted, sam.config.to_metadata(), dest)
+    return SAMConversion(path, str(sam.config))

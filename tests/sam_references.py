@@ -1,0 +1,125 @@
+"""Segment Anything references for the tests: `segment_anything`'s `Sam` (and `segment_anything_hq`'s) from their
+real builders' configs, with random weights, saved as Meta's `.pth` files are, converted with `refiners-convert`'s
+code.
+
+`TINY` is SAM's architecture at toy sizes (a 2-layer, 32-wide ViT on 128x128 inputs: an 8x8 grid with 6x6 windows,
+so the windows' padding runs; a 32-wide decoder); the reference is built at those sizes with the classes and the
+settings of `segment_anything.build_sam._build_sam`. Every weight is drawn at random, including those SAM
+initializes to zero or one (relative and absolute positions, norms), so that each one counts in the outputs.
+"""
+
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+from refiners.converters.segment_anything import convert_sam_file
+from refiners.fluxion.model_config import ModelConfig
+from refiners.foundationals.segment_anything import SegmentAnything
+
+__all__ = ["TINY", "build_reference", "randomize", "save_reference", "convert_reference"]
+
+TINY = ModelConfig.of(
+    SegmentAnything,
+    embedding_dim=32,
+    num_layers=2,
+    num_heads=2,
+    global_attention_indices=(1,),
+    window_size=6,
+    image_size=128,
+    prompt_embedding_dim=32,
+    decoder_feedforward_dim=64,
+    iou_hidden_dim=32,
+)
+"""SAM's architecture at toy sizes (see the module's documentation)."""
+
+
+def reference_modules(config: ModelConfig) -> dict[str, Any]:
+    """The keyword arguments of `Sam` for `config`, as `segment_anything.build_sam._build_sam` sets them."""
+    arguments = SegmentAnything(**config.arguments, device="meta")._arguments()
+    prompt_dim = arguments["prompt_embedding_dim"]
+    image_size = arguments["image_size"]
+    grid_size = image_size // arguments["patch_size"]
+    return {
+        "image_encoder": ImageEncoderViT(
+            depth=arguments["num_layers"],
+            embed_dim=arguments["embedding_dim"],
+            img_size=image_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),  # pyright: ignore[reportArgumentType] (as SAM builds it)
+            num_heads=arguments["num_heads"],
+            patch_size=arguments["patch_size"],
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=tuple(arguments["global_attention_indices"]),
+            window_size=arguments["window_size"],
+            out_chans=prompt_dim,
+        ),
+        "prompt_encoder": PromptEncoder(
+            embed_dim=prompt_dim,
+            image_embedding_size=(grid_size, grid_size),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=arguments["mask_encoder_channels"],
+        ),
+        "mask_decoder_arguments": {
+            "num_multimask_outputs": arguments["num_multimask_outputs"],
+            "transformer": TwoWayTransformer(
+                depth=arguments["decoder_depth"],
+                embedding_dim=prompt_dim,
+                mlp_dim=arguments["decoder_feedforward_dim"],
+                num_heads=arguments["decoder_num_heads"],
+            ),
+            "transformer_dim": prompt_dim,
+            "iou_head_depth": 3,
+            "iou_head_hidden_dim": arguments["iou_hidden_dim"],
+        },
+        "embedding_dim": arguments["embedding_dim"],
+    }
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, names: Callable[[str], bool] = lambda _: True) -> None:
+    """Draw every weight (whose name `names` accepts) at random: N(0, 0.5²), plus one for norms' weights. The
+    pixel statistics, buffers of `Sam`, are kept."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if not tensor.is_floating_point() or not names(name) or name in ("pixel_mean", "pixel_std"):
+                continue
+            noise = torch.randn(tensor.shape, generator=generator) * 0.5
+            is_norm_weight = name.endswith("weight") and tensor.dim() == 1 and "norm" in name
+            is_neck_norm = name.startswith("image_encoder.neck.") and name.split(".")[2] in ("1", "3")
+            is_upscaling_norm = ".output_upscaling.1." in name or ".mask_downscaling.1." in name
+            is_norm = is_norm_weight or (
+                name.endswith("weight") and (is_neck_norm or is_upscaling_norm or ".mask_downscaling.4." in name)
+            )
+            tensor.copy_(noise + 1.0 if is_norm else noise)
+
+
+def build_reference(config: ModelConfig = TINY, seed: int = 0) -> Sam:
+    """`segment_anything`'s `Sam` at `config`'s sizes, random weights, in eval mode."""
+    modules = reference_modules(config)
+    sam = Sam(
+        image_encoder=modules["image_encoder"],
+        prompt_encoder=modules["prompt_encoder"],
+        mask_decoder=MaskDecoder(**modules["mask_decoder_arguments"]),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    randomize(sam, seed)
+    return sam.eval()
+
+
+def save_reference(sam: torch.nn.Module, path: Path) -> Path:
+    """Save a reference's state dict as Meta's `.pth` files are (`torch.save` of the state dict)."""
+    torch.save(sam.state_dict(), path)
+    return path
+
+
+def convert_reference(sam: torch.nn.Module, folder: Path, name: str = "sam") -> tuple[Path, SegmentAnything]:
+    """Save `sam` as a `.pth`, convert it with `refiners-convert sam`'s code, load it: `(file, model)`."""
+    checkpoint = save_reference(sam, folder / f"{name}.pth")
+    converted = convert_sam_file(checkpoint, folder / f"{name}.safetensors")
+    return converted.path, SegmentAnything.from_safetensors(converted.path)
