@@ -2,6 +2,7 @@
 
 from refiners.foundationals.segment_anything.image_encoder import SAMViT
 from refiners.foundationals.segment_anything.mask_decoder import MASK_DECODER_CONTEXT, MaskDecoder
+from refiners.foundationals.segment_anything.mask_generation import AutomaticMaskGenerator, GeneratedMask, box_nms
 from refiners.foundationals.segment_anything.model import (
     PIXEL_MEAN,
     PIXEL_STD,
@@ -30,6 +31,9 @@ __all__ = [
     "NoMaskEmbedding",
     "MaskDecoder",
     "MASK_DECODER_CONTEXT",
+    "AutomaticMaskGenerator",
+    "GeneratedMask",
+    "box_nms",
     "Points",
     "PIXEL_MEAN",
     "PIXEL_STD",

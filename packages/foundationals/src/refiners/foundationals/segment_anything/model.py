@@ -217,7 +217,22 @@ class SegmentAnything(fl.Chain):
         return ModelConfig(type(self).__name__, {} if preset else self._arguments())
 
     def _arguments(self) -> dict[str, Any]:
-        names = ["embedding_dim", "num_layers", "num_heads", "global_attention_indices", "window_size", "image_size", "patch_size", "prompt_embedding_dim", "mask_encoder_channels", "decoder_depth", "decoder_num_heads", "decoder_feedforward_dim", "iou_hidden_dim", "num_multimask_outputs"]
+        names = [
+            "embedding_dim",
+            "num_layers",
+            "num_heads",
+            "global_attention_indices",
+            "window_size",
+            "image_size",
+            "patch_size",
+            "prompt_embedding_dim",
+            "mask_encoder_channels",
+            "decoder_depth",
+            "decoder_num_heads",
+            "decoder_feedforward_dim",
+            "iou_hidden_dim",
+            "num_multimask_outputs",
+        ]
         return {name: getattr(self, name) for name in names}
 
     @classmethod
