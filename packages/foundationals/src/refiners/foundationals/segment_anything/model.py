@@ -278,8 +278,12 @@ class SegmentAnything(fl.Chain):
         return pad(x, (0, self.image_size - width, 0, self.image_size - height)).to(self.dtype)
 
     def compute_image_embedding(self, image: "Image.Image") -> Tensor:
-        """The image embedding of `image`, `(1, prompt_embedding_dim, grid_size, grid_size)`, to `predict` with."""
-        return self.image_encoder(self.preprocess(image))
+        """The image embedding of `image`, `(1, prompt_embedding_dim, grid_size, grid_size)`, to `predict` with.
+
+        It is the output of the first child: the image encoder, or an adapter injected on it (which may change what
+        the embedding holds, e.g. HQ-SAM's).
+        """
+        return self.layer(0, fl.Module)(self.preprocess(image))
 
     def postprocess_masks(self, low_res_masks: Tensor, original_size: tuple[int, int]) -> Tensor:
         """Low-resolution logits `(batch, masks, 4h, 4w)` to logits at the original image's size, as SAM does:
