@@ -6,6 +6,8 @@
     refiners-convert autoencoder --from SOURCE --to autoencoder.safetensors
     refiners-convert unet --from SOURCE --to unet.safetensors
     refiners-convert lora --from FILE --to FILE.safetensors [--layout {refiners,peft,kohya}] [--lenient]
+    refiners-convert sam --from sam_vit_b_01ec64.pth --to FILE.safetensors   # Segment Anything (any size)
+    refiners-convert hq-sam --from sam_hq_vit_b.pth --to FILE.safetensors    # HQ-SAM's weights, for HQSAMAdapter
     refiners-convert dinov2 --from SOURCE --to FILE.safetensors     # facebook's .pth, a transformers folder, a Hub id
 
 SOURCE is a diffusers folder (or one component's folder), a single checkpoint file (`.safetensors`, `.ckpt`; the
@@ -41,6 +43,7 @@ from refiners.converters.reference_check import (
     compare_unet,
     missing_reference_packages,
 )
+from refiners.converters.segment_anything import add_sam_commands, run_sam_command
 from refiners.converters.sources import Source, SourceError, open_source
 from refiners.converters.stable_diffusion import (
     ConversionResult,
@@ -115,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     _add_lora_command(commands)
     _add_sdxl_command(commands)
+    add_sam_commands(commands)
     add_dinov2_command(commands)
     return parser
 
@@ -156,6 +160,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _convert_sdxl(args)
     if args.command == "lora":
         return _convert_lora(args)
+    if args.command in ("sam", "hq-sam"):
+        return run_sam_command(args, _print_progress)
     if args.command == "dinov2":
         return run_dinov2_command(args, _print_progress)
     dtype = _DTYPES[args.dtype] if args.dtype is not None else None

@@ -8,6 +8,7 @@ arguments) for `SegmentAnything.from_safetensors`. The key map is derived from t
 (`original_sam_parameters`); a key it does not use is an error, as is one it misses.
 """
 
+import argparse
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -39,6 +40,11 @@ __all__ = [
     "convert_original_sam",
     "read_checkpoint",
     "write_converted",
+    "convert_sam_file",
+    "convert_hq_sam_file",
+    "HQ_SAM_TARGET_METADATA",
+    "add_sam_commands",
+    "run_sam_command",
 ]
 
 HQ_SAM_MARKER = "mask_decoder.hf_token.weight"
@@ -193,3 +199,78 @@ def convert_sam_file(source: str | Path, dest: str | Path, dtype: torch.dtype | 
     converted = convert_original_sam(tensors, sam, dtype, what=f"checkpoint {source}")
     path = write_converted(converted, sam.config.to_metadata(), dest)
     return SAMConversion(path, str(sam.config))
+
+
+def _hq_sam_key_map(sam: SegmentAnything, adapter: Any) -> KeyMap:
+    from refiners.adapters.hq_sam import original_hq_sam_parameters
+
+    sam_keys = set(original_sam_parameters(sam))
+    # SAM's own weights, which HQ-SAM checkpoints repeat (frozen): they belong to `refiners-convert sam`'s file.
+    key_map = KeyMap(ignored=[sam_keys.__contains__])
+    for source, target in original_hq_sam_parameters(adapter).items():
+        key_map.add(source, target)
+    return key_map
+
+
+def convert_hq_sam_file(source: str | Path, dest: str | Path, dtype: torch.dtype | None = None) -> SAMConversion:
+    """`refiners-convert hq-sam`: an original HQ-SAM checkpoint to the weights of `HQSAMAdapter`.
+
+    The checkpoint holds SAM's weights too (HQ-SAM trains with SAM frozen): they are recognised as SAM's and left
+    to `refiners-convert sam` (convert Meta's SAM checkpoint of the same size); any other key is an error.
+    """
+    from refiners.adapters.hq_sam import HQSAMAdapter
+
+    tensors = read_checkpoint(source)
+    if HQ_SAM_MARKER not in tensors:
+        raise ConversionError(
+            f"{source} is not an HQ-SAM checkpoint (it has no {HQ_SAM_MARKER}): convert SAM checkpoints with "
+            "`refiners-convert sam`"
+        )
+    sam = build_original_sam(tensors)
+    adapter = HQSAMAdapter(target=sam)
+    converted = convert_state_dict(
+        tensors,
+        _hq_sam_key_map(sam, adapter),
+        {key: tensor.shape for key, tensor in adapter.state_dict().items()},
+        what=f"HQ-SAM checkpoint {source} (for HQSAMAdapter on {sam.config})",
+        dtype=dtype,
+    )
+    metadata = {HQ_SAM_TARGET_METADATA: str(sam.config)}
+    return SAMConversion(write_converted(converted, metadata, dest), f"HQSAMAdapter on {sam.config}")
+
+
+HQ_SAM_TARGET_METADATA = "refiners.hq_sam.target"
+"""The metadata entry of a converted HQ-SAM file that names the SAM it was trained on (e.g. `SegmentAnythingB()`)."""
+
+
+def add_sam_commands(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Add `sam` and `hq-sam` to `refiners-convert`."""
+    for name, help in (
+        ("sam", "an original Segment Anything checkpoint (sam_vit_b_01ec64.pth, ...), for SegmentAnything"),
+        ("hq-sam", "an original HQ-SAM checkpoint (sam_hq_vit_b.pth, ...), for HQSAMAdapter"),
+    ):
+        command = commands.add_parser(name, help=help, description=help)
+        command.add_argument("--from", dest="source", required=True, metavar="FILE", help="a .pth or .safetensors file")
+        command.add_argument("--to", dest="dest", required=True, metavar="FILE", help="the .safetensors file to write")
+        command.add_argument(
+            "--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="cast the weights"
+        )
+
+
+def run_sam_command(args: argparse.Namespace, progress: Callable[[str], None]) -> int:
+    """Run `refiners-convert sam` or `hq-sam`; returns the exit status."""
+    dtype = getattr(torch, args.dtype) if args.dtype is not None else None
+    convert = convert_sam_file if args.command == "sam" else convert_hq_sam_file
+    try:
+        result = convert(args.source, args.dest, dtype)
+    except (ValueError, OSError) as error:
+        progress(f"refiners-convert: error: {' '.join(str(error).split())}")
+        return 1
+    print(result.path)
+    load = (
+        f"SegmentAnything.from_safetensors({str(result.path)!r})"
+        if args.command == "sam"
+        else f"HQSAMAdapter(target=sam, weights={str(result.path)!r}).inject()"
+    )
+    progress(f"{args.command}: wrote {result.description} to {result.path}; load it with {load}")
+    return 0
