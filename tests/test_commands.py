@@ -41,6 +41,12 @@ COVERED_ELSEWHERE = {
     "uv run refiners-convert sdxl --from path/to/stable-diffusion-xl-base-1.0 --to sdxl/": (
         "tests/converters/test_sdxl_conversion.py::test_the_readme_sdxl_blocks_run runs it on a toy SDXL folder"
     ),
+    "uv run refiners-convert dinov2 --from facebook/dinov2-small --to dinov2_small.safetensors": (
+        "tests/converters/test_dinov2_conversion.py::test_the_readme_dinov2_commands_run runs it on a random DINOv2-small"
+    ),
+    "uv run refiners-convert dinov2 --from dinov2_vits14_pretrain.pth --to dinov2_small.safetensors": (
+        "tests/converters/test_dinov2_conversion.py::test_the_readme_dinov2_commands_run runs it on a random DINOv2-small"
+    ),
     "uv sync --locked --all-packages && uv run python examples/stable_diffusion_demo.py": (
         "tests/test_examples.py::test_example_runs runs the demo, tests/test_readme.py::test_commands_install_then_run "
         "checks the command"

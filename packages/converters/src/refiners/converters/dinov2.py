@@ -441,6 +441,13 @@ def convert_dinov2_weights(source: DINOv2Source, dtype: torch.dtype | None = Non
     return DINOv2Conversion({key: tensor.contiguous() for key, tensor in converted.items()}, config, source.layout)
 
 
+def _destination(dest: str | Path) -> Path:
+    path = Path(dest).expanduser()
+    if path.suffix != ".safetensors" or path.is_dir():
+        raise SourceError(f"the destination must be a .safetensors file, got {dest}")
+    return path
+
+
 def convert_dinov2(
     source: "str | Path | DINOv2Source", dest: str | Path, dtype: torch.dtype | None = None
 ) -> tuple[Path, DINOv2Conversion]:
@@ -455,9 +462,7 @@ def convert_dinov2(
         SourceError: The source cannot be read, or `dest` is not a `.safetensors` path.
         ConversionError: The checkpoint does not fit a DINOv2 ViT.
     """
-    path = Path(dest).expanduser()
-    if path.suffix != ".safetensors" or path.is_dir():
-        raise SourceError(f"the destination must be a .safetensors file, got {dest}")
+    path = _destination(dest)
     opened = source if isinstance(source, DINOv2Source) else open_dinov2_source(source)
     conversion = convert_dinov2_weights(opened, dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -497,6 +502,7 @@ def run_dinov2_command(args: argparse.Namespace, progress: Callable[[str], None]
     """
     start = time.monotonic()
     try:
+        _destination(args.dest)
         source = open_dinov2_source(args.source)
         progress(f"dinov2: reading {source.origin}, {source.layout} layout")
         path, conversion = convert_dinov2(source, args.dest, _DTYPES[args.dtype] if args.dtype is not None else None)
