@@ -20,7 +20,7 @@ from refiners.converters.segment_anything import convert_sam_file
 from refiners.fluxion.model_config import ModelConfig
 from refiners.foundationals.segment_anything import SegmentAnything
 
-__all__ = ["TINY", "build_reference", "randomize", "save_reference", "convert_reference"]
+__all__ = ["TINY", "build_reference", "build_hq_reference", "randomize", "save_reference", "convert_reference"]
 
 TINY = ModelConfig.of(
     SegmentAnything,
@@ -81,14 +81,17 @@ def reference_modules(config: ModelConfig) -> dict[str, Any]:
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, names: Callable[[str], bool] = lambda _: True) -> None:
-    """Draw every weight (whose name `names` accepts) at random: N(0, 0.5²), plus one for norms' weights. The
-    pixel statistics, buffers of `Sam`, are kept."""
+    """Draw every weight (whose name `names` accepts) at random: matrices and kernels N(0, 1 / fan_in) (at least
+    0.02² for the position tables, whose fan-in is their whole size), vectors N(0, 0.5²), plus one for norms'
+    weights. The pixel statistics, buffers of `Sam`, are kept."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
             if not tensor.is_floating_point() or not names(name) or name in ("pixel_mean", "pixel_std"):
                 continue
-            noise = torch.randn(tensor.shape, generator=generator) * 0.5
+            fan_in = tensor[0].numel() if tensor.dim() > 1 else 0
+            std = max(fan_in**-0.5, 0.02) if fan_in else 0.5
+            noise = torch.randn(tensor.shape, generator=generator) * std
             is_norm_weight = name.endswith("weight") and tensor.dim() == 1 and "norm" in name
             is_neck_norm = name.startswith("image_encoder.neck.") and name.split(".")[2] in ("1", "3")
             is_upscaling_norm = ".output_upscaling.1." in name or ".mask_downscaling.1." in name
@@ -123,3 +126,60 @@ def convert_reference(sam: torch.nn.Module, folder: Path, name: str = "sam") -> 
     checkpoint = save_reference(sam, folder / f"{name}.pth")
     converted = convert_sam_file(checkpoint, folder / f"{name}.safetensors")
     return converted.path, SegmentAnything.from_safetensors(converted.path)
+
+
+def build_hq_reference(sam: Sam, config: ModelConfig = TINY, seed: int = 1) -> torch.nn.Module:
+    """`segment_anything_hq`'s `Sam` (with `MaskDecoderHQ`) at `config`'s sizes, SAM's weights taken from `sam`
+    (HQ-SAM keeps them frozen) and HQ-SAM's own drawn at random: those HQ-SAM initializes to zero too, so that the
+    HQ mask moves the output."""
+    from segment_anything_hq.modeling import ImageEncoderViT as HQImageEncoderViT
+    from segment_anything_hq.modeling import MaskDecoderHQ
+    from segment_anything_hq.modeling import PromptEncoder as HQPromptEncoder
+    from segment_anything_hq.modeling import Sam as HQSam
+    from segment_anything_hq.modeling import TwoWayTransformer as HQTwoWayTransformer
+
+    arguments = SegmentAnything(**config.arguments, device="meta")._arguments()
+    prompt_dim, image_size = arguments["prompt_embedding_dim"], arguments["image_size"]
+    grid_size = image_size // arguments["patch_size"]
+    hq = HQSam(
+        image_encoder=HQImageEncoderViT(
+            depth=arguments["num_layers"],
+            embed_dim=arguments["embedding_dim"],
+            img_size=image_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),  # pyright: ignore[reportArgumentType] (as SAM builds it)
+            num_heads=arguments["num_heads"],
+            patch_size=arguments["patch_size"],
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=tuple(arguments["global_attention_indices"]),
+            window_size=arguments["window_size"],
+            out_chans=prompt_dim,
+        ),
+        prompt_encoder=HQPromptEncoder(
+            embed_dim=prompt_dim,
+            image_embedding_size=(grid_size, grid_size),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=arguments["mask_encoder_channels"],
+        ),
+        mask_decoder=MaskDecoderHQ(  # pyright: ignore[reportArgumentType] (segment_anything_hq's Sam takes it)
+            num_multimask_outputs=arguments["num_multimask_outputs"],
+            transformer=HQTwoWayTransformer(
+                depth=arguments["decoder_depth"],
+                embedding_dim=prompt_dim,
+                mlp_dim=arguments["decoder_feedforward_dim"],
+                num_heads=arguments["decoder_num_heads"],
+            ),
+            transformer_dim=prompt_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=arguments["iou_hidden_dim"],
+            vit_dim=arguments["embedding_dim"],
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    loaded = hq.load_state_dict(sam.state_dict(), strict=False)
+    assert not loaded.unexpected_keys, loaded.unexpected_keys
+    hq_only = set(loaded.missing_keys)
+    randomize(hq, seed, names=hq_only.__contains__)
+    return hq.eval()
