@@ -13,6 +13,9 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
+    StableDiffusionXLImg2ImgPipeline,
+)
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
 from toy_models import perturb_norms
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -25,8 +28,13 @@ from refiners.converters.unet import convert_diffusers_unet
 from refiners.fluxion.model_config import ModelConfig
 from refiners.foundationals.clip import CLIPTextEncoder, CLIPTokenizer
 from refiners.foundationals.latent_diffusion import LatentDiffusionAutoencoder
-from refiners.foundationals.latent_diffusion.stable_diffusion_xl import DoubleTextEncoder, SDXLUNet
-from refiners.foundationals.latent_diffusion.stable_diffusion_xl.presets import TINY
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl import (
+    DoubleTextEncoder,
+    RefinerTextEncoder,
+    SDXLUNet,
+    StableDiffusion_XL_Refiner,
+)
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl.presets import TINY, TINY_REFINER
 
 # The family's TINY preset, in diffusers' and transformers' words.
 _UNET = TINY.unet.arguments
@@ -153,3 +161,60 @@ class Twins:
 def build_twins(seed: int = 0, in_channels: int = 4) -> Twins:
     pipeline = build_pipeline(seed, in_channels)
     return Twins(pipeline, our_text_encoder(pipeline), our_unet(pipeline), our_autoencoder(pipeline))
+
+
+# -- the refiner ---------------------------------------------------------------------------------------------------
+
+_REFINER_UNET = TINY_REFINER.unet.arguments
+REFINER_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 8,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": list(_REFINER_UNET["channels"]),
+    "attention_head_dim": list(_REFINER_UNET["num_attention_heads"]),
+    "transformer_layers_per_block": list(_REFINER_UNET["transformer_depths"]),
+    "cross_attention_dim": _REFINER_UNET["context_embedding_dim"],
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": TIME_EMBEDDING_DIM,
+    "projection_class_embeddings_input_dim": POOLED_DIM + 5 * TIME_EMBEDDING_DIM,
+}
+
+
+def build_refiner_pipeline(base: StableDiffusionXLPipeline, seed: int = 1) -> StableDiffusionXLImg2ImgPipeline:
+    """diffusers' refiner pipeline at toy size: its own UNet (seeded), the base's autoencoder and OpenCLIP-G, as
+    diffusers' documentation sets up the ensemble of experts."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**REFINER_UNET_CONFIG).eval()
+        perturb_norms(unet)
+        with torch.no_grad():  # so that the time ids (the aesthetic scores) move the output well above rounding
+            add_embedding: Any = unet.add_embedding
+            add_embedding.linear_1.weight.mul_(30.0)
+    return StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae,
+        text_encoder=None,  # pyright: ignore[reportArgumentType]
+        text_encoder_2=base.text_encoder_2,
+        tokenizer=None,  # pyright: ignore[reportArgumentType]
+        tokenizer_2=base.tokenizer_2,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG),  # pyright: ignore[reportArgumentType]
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+
+
+def our_refiner(
+    refiner: StableDiffusionXLImg2ImgPipeline, lda: LatentDiffusionAutoencoder
+) -> StableDiffusion_XL_Refiner:
+    """The refiners twin of `build_refiner_pipeline`'s pipeline (its autoencoder given: the base's twin's)."""
+    encoder_g = _G.build((CLIPTextEncoder,), device="meta")
+    state_dict = {k: v for k, v in refiner.text_encoder_2.state_dict().items() if k != "text_projection.weight"}
+    encoder_g.load_state_dict(convert_transformers_clip_text(state_dict, encoder_g), strict=True, assign=True)
+    text_encoder = RefinerTextEncoder(encoder_g, projection_dim=POOLED_DIM)
+    with torch.no_grad():
+        text_encoder.projection.weight.copy_(refiner.text_encoder_2.text_projection.weight)
+    text_encoder.set_tokenizer(our_tokenizer())
+    unet = TINY_REFINER.unet.build((SDXLUNet,), device="meta")
+    unet.load_state_dict(convert_diffusers_unet(refiner.unet.state_dict(), unet), strict=True, assign=True)
+    return StableDiffusion_XL_Refiner(unet=unet, lda=lda, clip_text_encoder=text_encoder, default_size=64)

@@ -1,4 +1,5 @@
-"""Named sizes of the Stable Diffusion XL family: `SDXL_BASE`, and `TINY`, SDXL's architecture at toy sizes.
+"""Named sizes of the Stable Diffusion XL family: `SDXL_BASE`, `SDXL_REFINER`, and `TINY` and `TINY_REFINER`, their
+architectures at toy sizes.
 
 `TINY` keeps what makes SDXL SDXL (three resolutions without attention at the first, several transformer layers per
 block, linear projections, the text-time embedding, two text encoders of their own widths, 32 and 48, the second
@@ -29,10 +30,13 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_xl.model import (
     SDXL_UNET_CLASSES,
     SDXLAutoencoder,
 )
-from refiners.foundationals.latent_diffusion.stable_diffusion_xl.text_encoder import DoubleTextEncoder
-from refiners.foundationals.latent_diffusion.stable_diffusion_xl.unet import SDXLUNet
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl.text_encoder import (
+    DoubleTextEncoder,
+    RefinerTextEncoder,
+)
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl.unet import SDXLRefinerUNet, SDXLUNet
 
-__all__ = ["SDXLPreset", "SDXL_BASE", "TINY"]
+__all__ = ["SDXLPreset", "SDXL_BASE", "SDXL_REFINER", "TINY", "TINY_REFINER"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,13 @@ SDXL_BASE = SDXLPreset(
     clip_text_encoder=ModelConfig.of(DoubleTextEncoder),
 )
 """stabilityai/stable-diffusion-xl-base-1.0."""
+
+SDXL_REFINER = SDXLPreset(
+    unet=ModelConfig.of(SDXLRefinerUNet),
+    lda=ModelConfig.of(SDXLAutoencoder),
+    clip_text_encoder=ModelConfig.of(RefinerTextEncoder),
+)
+"""stabilityai/stable-diffusion-xl-refiner-1.0 (`StableDiffusion_XL_Refiner`)."""
 
 
 def _clip(width: int, feedforward: int, layers: int, gelu: str) -> ModelConfig:
@@ -99,3 +110,23 @@ TINY = SDXLPreset(
     ),
 )
 """SDXL's architecture at toy sizes (see the module's documentation)."""
+
+TINY_REFINER = SDXLPreset(
+    unet=ModelConfig.of(
+        SDXLUNet,
+        channels=(32, 64, 64, 64),
+        attention_levels=(False, True, True, False),
+        num_attention_heads=(1, 2, 4, 4),
+        transformer_depths=(2, 2, 2, 2),
+        context_embedding_dim=48,
+        pooled_embedding_dim=48,
+        num_time_ids=5,
+        time_embedding_dim=8,
+    ),
+    lda=TINY.lda,
+    clip_text_encoder=ModelConfig.of(
+        RefinerTextEncoder, text_encoder_g=TINY.clip_text_encoder.arguments["text_encoder_g"], projection_dim=48
+    ),
+)
+"""The refiner's architecture at toy sizes (four resolutions, attention at the middle two, OpenCLIP-G alone, five
+time ids), with `TINY`'s autoencoder and OpenCLIP-G: it takes `TINY`'s latents (`StableDiffusion_XL_Refiner`)."""
