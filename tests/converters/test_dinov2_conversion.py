@@ -6,6 +6,7 @@ the first tests prove that file right with an independent reader of facebook's l
 (`checkpoint_filter_fn`), which must compute transformers' tokens from it.
 """
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from dinov2_references import Reference, facebook_state_dict, random_reference, save_facebook, tokens
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-from transformers import Dinov2Config, Dinov2ForImageClassification
+from transformers import Dinov2Config, Dinov2ForImageClassification, Dinov2Model
 
 from refiners.converters.cli import main as refiners_convert
 from refiners.converters.dinov2 import convert_dinov2, convert_dinov2_weights, open_dinov2_source
@@ -143,6 +144,11 @@ def test_other_sources_are_refused_with_what_to_pass(tmp_path: Path, capsys: pyt
     assert (
         "holds a Dinov2ForImageClassification, not a Dinov2Model or Dinov2WithRegistersModel" in capsys.readouterr().err
     )
+    Dinov2Model(config).save_pretrained(tmp_path / "edited")
+    edited = json.loads((tmp_path / "edited" / "config.json").read_text()) | {"num_hidden_layers": 2}
+    (tmp_path / "edited" / "config.json").write_text(json.dumps(edited))
+    assert refiners_convert(["dinov2", "--from", str(tmp_path / "edited"), "--to", dest]) == 1
+    assert "config has num_hidden_layers=2 but its weights (or a DINOv2 ViT) have 1" in capsys.readouterr().err
     torch.save({"weight": torch.zeros(2)}, tmp_path / "other.pth")
     assert refiners_convert(["dinov2", "--from", str(tmp_path / "other.pth"), "--to", dest]) == 1
     assert "is not a DINOv2 checkpoint" in capsys.readouterr().err

@@ -244,7 +244,7 @@ def _shape(source: DINOv2Source, role: str) -> tuple[int, ...] | None:
 def _checked(config: Mapping[str, Any], name: str, expected: object, origin: str) -> None:
     if name in config and config[name] != expected:
         raise ConversionError(
-            f"{origin}'s config has {name}={config[name]!r}; DINOv2's ViT has {name}={expected!r} only"
+            f"{origin}'s config has {name}={config[name]!r} but its weights (or a DINOv2 ViT) have {expected!r}"
         )
 
 
@@ -270,12 +270,24 @@ def dinov2_config(source: DINOv2Source) -> ModelConfig:
     if mlp is None:
         raise ConversionError(f"{source.origin} has no MLP in its first layer ({_SHAPE_KEYS[source.layout]['mlp']})")
     feedforward_dim = mlp[0] // 2 if swiglu else mlp[0]
+    num_registers = shapes["registers"][-2] if shapes["registers"] is not None else 0
     config = source.config or {}
-    for name, expected in (("hidden_act", "gelu"), ("qkv_bias", True), ("num_channels", 3)):
+    # What the config says must be what the weights hold, or what a DINOv2 ViT computes.
+    for name, expected in (
+        ("hidden_size", embedding_dim),
+        ("patch_size", patch_size),
+        ("num_hidden_layers", len(layer_indices)),
+        ("num_register_tokens", num_registers),
+        ("use_swiglu_ffn", swiglu),
+        ("hidden_act", "gelu"),
+        ("qkv_bias", True),
+        ("num_channels", 3),
+    ):
         _checked(config, name, expected, source.origin)
-    if "hidden_size" in config and config["hidden_size"] != embedding_dim:
+    if isinstance(image_size := config.get("image_size"), int) and image_size // patch_size != grid_size:
         raise ConversionError(
-            f"{source.origin}'s config has hidden_size={config['hidden_size']}, its weights {embedding_dim}"
+            f"{source.origin}'s config has image_size={image_size}, but its position embeddings are a "
+            f"{grid_size} x {grid_size} grid of {patch_size}-pixel patches"
         )
     num_heads = config.get("num_attention_heads", embedding_dim // HEAD_DIM)
     if not isinstance(num_heads, int) or num_heads < 1 or embedding_dim % num_heads:
@@ -283,7 +295,6 @@ def dinov2_config(source: DINOv2Source) -> ModelConfig:
             f"cannot tell the attention heads of {source.origin}: its width {embedding_dim} is not a multiple of "
             f"DINOv2's {HEAD_DIM}-wide heads and it has no config"
         )
-    num_registers = shapes["registers"][-2] if shapes["registers"] is not None else 0
     mlp_ratio = config.get("mlp_ratio", 4)
     arguments: dict[str, Any] = {
         "embedding_dim": embedding_dim,
@@ -302,8 +313,9 @@ def dinov2_config(source: DINOv2Source) -> ModelConfig:
     expected_dim = swiglu_hidden_dim(embedding_dim, mlp_ratio) if swiglu else embedding_dim * mlp_ratio
     if feedforward_dim == expected_dim:
         del arguments["feedforward_dim"]
+    sizes = _arguments(ViT(**arguments, device="meta"))
     for preset in DINOV2_CLASSES[1:]:
-        if _arguments(preset(device="meta")) == _arguments(ViT(**arguments, device="meta")):
+        if _arguments(preset(device="meta")) == sizes:
             return ModelConfig.of(preset)
     return ModelConfig.of(ViT, **arguments)
 
