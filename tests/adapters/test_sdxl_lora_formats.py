@@ -227,7 +227,11 @@ def save(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None
 # -- LyCORIS ---------------------------------------------------------------------------------------------------
 
 
-LOCON_TARGETS: Targets = [UNET_TARGETS, *TEXT_TARGETS]
+# LyCORIS's `full` preset also trains the UNet's first and last convolutions and its time embedding (SGM names
+# `input_blocks.0.0`, `out.2`, `time_embed.*`); the text-time embedding (`label_emb.0.*`), which diffusers maps too,
+# is added here.
+EMBEDDINGS = re.compile(r"^(conv_in|conv_out|time_embedding\.linear_[12]|add_embedding\.linear_[12])$")
+LOCON_TARGETS: Targets = [("unet", (ATTENTION, RESNETS, EMBEDDINGS)), *TEXT_TARGETS]
 
 
 def test_a_locon_file_matches_diffusers(twins: Twins, tmp_path: Path, plain: Outputs) -> None:
@@ -255,6 +259,8 @@ def test_a_locon_file_matches_diffusers(twins: Twins, tmp_path: Path, plain: Out
         tensors[f"{key}.alpha"] = alpha
     path = save(tmp_path / "locon.safetensors", tensors, {"ss_network_module": "lycoris.kohya"})
     assert len(tucker) >= 5 and any(".lora_down.weight" in k and v.shape[2:] == (3, 3) for k, v in tensors.items())
+    for module in ("input_blocks_0_0", "out_2", "time_embed_0", "label_emb_0_2", "middle_block_1_proj_in"):
+        assert f"lora_unet_{module}.alpha" in tensors, module
 
     with pytest.raises(ValueError, match="have not been correctly renamed"):
         diffusers_loads(twins, path)
