@@ -5,17 +5,19 @@ The commands are read from the files, so a command added later is run too; one t
 the test until it is listed in `COVERED_ELSEWHERE` with the test that covers it. Each file's commands run in order
 in a fresh folder (`configs/` there is the repository's), where the placeholders they name are laid out
 (`PLACEHOLDERS`): a toy Stable Diffusion 1.x diffusers folder for `path/to/stable-diffusion-v1-5` and the Hub id
-`runwayml/stable-diffusion-v1-5` (a local folder is read before the Hub), a LoRA for `pokemon_lora.bin`, images for
-`path/to/images`. Later commands read what earlier ones wrote, as they would for the user: the folder `refiners-train`
+`runwayml/stable-diffusion-v1-5` (a local folder is read before the Hub), a toy SDXL one for
+`path/to/stable-diffusion-xl-base-1.0` and `stabilityai/stable-diffusion-xl-base-1.0`, a LoRA for `pokemon_lora.bin`,
+images for `path/to/images`. Later commands read what earlier ones wrote, as they would for the user: the folder `refiners-train`
 loads must be the one `refiners-convert sd1` wrote.
 
 - `refiners-convert`: run for real, with its console script's entry point, on the toy model.
-- `refiners-train`: SD1.5 cannot be trained here, so the config is parsed and instantiated with the real CLI class
-  (`LoraTrainingCLI(run=False)`), at the toy's sizes (`--model.base tiny`): the weights are loaded, and the images
-  found.
+- `refiners-train`: SD1.5 and SDXL cannot be trained here, so the config is parsed and instantiated with the real CLI
+  class (`LoraTrainingCLI(run=False)`), at the toy's sizes (`--model.base tiny`, or `tiny-sdxl` for an SDXL config):
+  the weights are loaded, and the images found.
 - `python`: run with this interpreter.
 """
 
+import itertools
 import re
 import shlex
 import subprocess
@@ -26,11 +28,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from toy_sdxl import build_pipeline
 
 import refiners.converters.sources as sources
 from refiners.converters.cli import main as refiners_convert
 from refiners.converters.toy import save_toy_stable_diffusion_1
-from refiners.training import make_image_folder
+from refiners.training import family_of, make_image_folder
 from refiners.training.cli import LoraTrainingCLI
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,9 +42,6 @@ DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "configs").glob("*.yaml"))]
 
 COVERED_ELSEWHERE = {
     "python3 -m pip install uv": "installs uv, which runs every other command: the set-up of the machine itself",
-    "uv run refiners-convert sdxl --from path/to/stable-diffusion-xl-base-1.0 --to sdxl/": (
-        "tests/converters/test_sdxl_conversion.py::test_the_readme_sdxl_blocks_run runs it on a toy SDXL folder"
-    ),
     "uv run refiners-convert dinov2 --from facebook/dinov2-small --to dinov2_small.safetensors": (
         "tests/converters/test_dinov2_conversion.py::test_the_readme_dinov2_commands_run runs it on a random DINOv2-small"
     ),
@@ -142,8 +143,10 @@ def toy_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("toy")
     _pokemon_lora(root / "pokemon_lora.bin")
     make_image_folder(root / "images", n=4, size=32)
+    build_pipeline().save_pretrained(root / "stable-diffusion-xl-base-1.0")
     return {
         "sd1": save_toy_stable_diffusion_1(root / "stable-diffusion-v1-5"),
+        "sdxl": root / "stable-diffusion-xl-base-1.0",
         "lora": root / "pokemon_lora.bin",
         "images": root / "images",
     }
@@ -152,6 +155,8 @@ def toy_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 PLACEHOLDERS = {
     "path/to/stable-diffusion-v1-5": "sd1",
     "runwayml/stable-diffusion-v1-5": "sd1",
+    "path/to/stable-diffusion-xl-base-1.0": "sdxl",
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
     "pokemon_lora.bin": "lora",
     "path/to/images": "images",
 }
@@ -179,7 +184,7 @@ def _run_train(command: Command, arguments: list[str], capsys: pytest.CaptureFix
     capsys.readouterr()
     status: object = 0
     try:
-        cli = LoraTrainingCLI(args=[*options, "--model.base", "tiny"], run=False)
+        cli = LoraTrainingCLI(args=[*options, "--model.base", _tiny_base(options)], run=False)
         cli.datamodule.setup("fit")  # finds the images and their captions
     except SystemExit as exit:  # `--print_config` prints, then exits with 0; a bad option exits with 2
         status = exit.code
@@ -189,6 +194,17 @@ def _run_train(command: Command, arguments: list[str], capsys: pytest.CaptureFix
     errors = [index for index, line in enumerate(lines) if "error:" in line]  # after jsonargparse's long usage
     error = "\n".join(lines[errors[0] : errors[0] + 5] if errors else lines[-5:])
     assert status == 0, f"{command.where} exited with {status}:\n{error}"
+
+
+def _tiny_base(options: list[str]) -> str:
+    """The toy of the family the command trains: its `--model.base`, else its config's."""
+    base = "sd15"
+    for flag, value in itertools.pairwise(options):
+        if flag == "--config":
+            base = yaml.safe_load(Path(value).read_text())["model"].get("base", base)
+        elif flag == "--model.base":
+            base = value
+    return family_of(base).tiny_base
 
 
 def _run_python(command: Command, arguments: list[str], folder: Path) -> None:

@@ -32,6 +32,7 @@ from refiners.training import (
     TrainingProgress,
     TrainingSetupError,
     build_components,
+    family_of,
 )
 from refiners.training.callbacks import METADATA_KEY
 from refiners.training.cli import LoraTrainingCLI, main, option_of, quiet_lightning
@@ -40,8 +41,12 @@ from refiners.training.sample_data import SampleImageFolder
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
-# The real SD1.5 weights are not at hand: the sd15 config is instantiated on the tiny architecture, all else as shipped.
-TINY_BASE = {"sd15-lora.yaml": ["--model.base", "tiny", "--model.weights", "null"]}
+# The real SD1.5 and SDXL weights are not at hand: their configs are instantiated on their family's tiny architecture,
+# all else as shipped.
+TINY_BASE = {
+    "sd15-lora.yaml": ["--model.base", "tiny", "--model.weights", "null"],
+    "sdxl-lora.yaml": ["--model.base", "tiny-sdxl", "--model.weights", "null"],
+}
 
 
 def _environment() -> dict[str, str]:
@@ -71,7 +76,7 @@ def refiners_train(*arguments: str | Path, cwd: Path) -> str:
 
 
 def test_configs_are_shipped() -> None:
-    assert {path.name for path in CONFIGS} >= {"sd15-lora.yaml", "tiny-lora.yaml"}
+    assert {path.name for path in CONFIGS} >= {"sd15-lora.yaml", "sdxl-lora.yaml", "tiny-lora.yaml"}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[path.name for path in CONFIGS])
@@ -102,6 +107,12 @@ def test_shipped_config_parses_and_instantiates(
         assert "lr" not in shipped["model"]["optimizer"]["init_args"]
         assert cli.model.rank == 16 and cli.model.min_snr_gamma == 5.0 and cli.model.lr_schedule == "cosine"
         assert cli.trainer.precision == "bf16-mixed" and cli.datamodule.resolution == 512
+    elif config.name == "sdxl-lora.yaml":
+        assert shipped["model"]["base"] == "sdxl" and shipped["model"]["weights"] == "weights/sdxl"
+        assert "lr" not in shipped["model"]["optimizer"]["init_args"]
+        assert cli.model.family.label == "Stable Diffusion XL" and cli.model.gradient_checkpointing
+        assert cli.trainer.precision == "bf16-mixed" and cli.datamodule.resolution == 1024
+        assert not cli.datamodule.center_crop and cli.datamodule.random_flip  # random crops, in the time ids
     else:
         assert EMAWeightAveraging not in callbacks and cli.model.gradient_checkpointing  # EMA: added below
 
@@ -472,17 +483,20 @@ def test_conversion_commands_written_anywhere_parse() -> None:
     commands = _convert_commands()
     assert {where for where, _ in commands} >= {
         "configs/sd15-lora.yaml",
+        "configs/sdxl-lora.yaml",
         "examples/stable_diffusion_demo.py",
-        "packages/training/src/refiners/training/module.py",
+        "packages/training/src/refiners/training/families.py",
     }
     for where, command in commands:
         arguments = refiners.converters.cli.build_parser().parse_args(shlex.split(command))
-        assert arguments.command == "sd1", (where, command)
-    # The config's comment converts into the folder the config loads.
-    (comment,) = [command for where, command in commands if where == "configs/sd15-lora.yaml"]
-    arguments = refiners.converters.cli.build_parser().parse_args(shlex.split(comment))
-    shipped = yaml.safe_load((ROOT / "configs" / "sd15-lora.yaml").read_text())
-    assert arguments.dest == shipped["model"]["weights"]
+        assert arguments.command in ("sd1", "sdxl"), (where, command)
+    # Each config's comment converts, with its family's command, into the folder the config loads.
+    for config, family in [("sd15-lora.yaml", "sd1"), ("sdxl-lora.yaml", "sdxl")]:
+        (comment,) = [command for where, command in commands if where == f"configs/{config}"]
+        arguments = refiners.converters.cli.build_parser().parse_args(shlex.split(comment))
+        shipped = yaml.safe_load((ROOT / "configs" / config).read_text())
+        assert arguments.command == family and arguments.dest == shipped["model"]["weights"]
+        assert family_of(shipped["model"]["base"]).convert_command.split()[1] == family
 
 
 def test_the_suggested_conversion_command_makes_the_weights_folder(tmp_path: Path) -> None:

@@ -299,6 +299,9 @@ def test_sampler_order_depends_on_seed_and_epoch() -> None:
 
 # -- the data module -------------------------------------------------------------------------------------------
 
+# Each image's original size and crop corner (SDXL's micro-conditioning), in every batch: see test_sdxl_training.py.
+GEOMETRY = ("original_sizes", "crop_top_lefts")
+
 
 def test_datamodule_batches(image_folder: SampleImageFolder) -> None:
     module = CaptionedImageDataModule(image_folder.path, resolution=16, batch_size=5, seed=3)
@@ -307,7 +310,7 @@ def test_datamodule_batches(image_folder: SampleImageFolder) -> None:
     batches: list[TrainingBatch] = list(loader)
     assert len(batches) == 5 and [len(_field(batch, "captions")) for batch in batches] == [5, 5, 5, 5, 4]
     for batch in batches:
-        assert set(batch) == {"images", "captions"}
+        assert set(batch) == {"images", "captions", *GEOMETRY}
         images = _field(batch, "images")
         assert images.shape == (len(_field(batch, "captions")), 3, 16, 16) and images.dtype == torch.float32
         assert images.min() >= -1 and images.max() <= 1
@@ -379,7 +382,7 @@ def test_caching_encodes_once_and_batches_carry_the_encodings(metadata_folder: S
         keys = list(loader.sampler)  # pyright: ignore[reportArgumentType]
         latents = torch.cat([_field(batch, "latents") for batch in batches])
         embeddings = torch.cat([_field(batch, "text_embeddings") for batch in batches])
-        assert all(set(batch) == {"latents", "text_embeddings"} for batch in batches)
+        assert all(set(batch) == {"latents", "text_embeddings", *GEOMETRY} for batch in batches)
         assert latents.shape == (IMAGES, 3, 2, 2) and embeddings.shape == (IMAGES, 3, 2)
         for row, key in enumerate(keys):
             assert isinstance(key, ItemKey)
@@ -396,7 +399,7 @@ def test_caching_one_side_only(metadata_folder: SampleImageFolder) -> None:
     )
     module.precompute(encode_texts=encoders.encode_texts)
     batch: TrainingBatch = next(iter(module.train_dataloader()))
-    assert set(batch) == {"images", "text_embeddings"} and _field(batch, "images").shape == (6, 3, 16, 16)
+    assert set(batch) == {"images", "text_embeddings", *GEOMETRY} and _field(batch, "images").shape == (6, 3, 16, 16)
     assert encoders.images == []
 
 

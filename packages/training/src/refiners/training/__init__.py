@@ -9,6 +9,7 @@ from refiners.training.data import (
 )
 from refiners.training.data_transforms import ImageTransform
 from refiners.training.errors import Setting, TrainingSetupError
+from refiners.training.families import FAMILIES, TrainingFamily, family_of, sdxl_time_ids
 from refiners.training.image_folder import ImageFolderError, find_captioned_images
 from refiners.training.module import (
     BaseModel,
@@ -45,6 +46,10 @@ __all__ = [
     "LrSchedule",
     "StableDiffusionComponents",
     "build_components",
+    "TrainingFamily",
+    "FAMILIES",
+    "family_of",
+    "sdxl_time_ids",
     "lora_target_layers",
     "GradientCheckpointing",
     # callbacks

@@ -135,7 +135,8 @@ def lora_metadata(trainer: Trainer, module: LoraFineTuning, averaged: bool) -> d
 
 
 def _without_text_model(name: str) -> str:
-    """A text encoder module's name as transformers 5 has it, without the `text_model` level."""
+    """A text encoder module's name as transformers 5 has it, without the `text_model` level (a `CLIPTextModel`'s:
+    SDXL's `text_encoder_2`, a `CLIPTextModelWithProjection`, keeps it in transformers 5 too)."""
     component, _, module = name.partition(".")
     return f"{component}.{module.removeprefix(_TEXT_MODEL)}" if component == "text_encoder" else name
 
@@ -240,7 +241,7 @@ class ExportLora(Callback):
                 case "peft":
                     tensors, header = peft_state_dict(peft_specs)
                 case "kohya":
-                    tensors, header = kohya_state_dict(specs, "sd_v1", title=self.filename)
+                    tensors, header = kohya_state_dict(specs, module.family.kohya_base_model, title=self.filename)
             # kohya's `ss_*` and `modelspec.*` keys are meaningful to kohya's tools only; the settings go into every
             # file. The training's keys win over the header's defaults.
             extra = metadata if format == "kohya" else {METADATA_KEY: metadata[METADATA_KEY]}
@@ -288,7 +289,8 @@ class SampleImages(Callback):
         num_inference_steps: The solver's steps.
         guidance_scale: The classifier-free guidance scale.
         negative_prompt: The negative prompt (default: the empty prompt).
-        size: The images' side in pixels (default: the data module's resolution, else 512).
+        size: The images' side in pixels (default: the data module's resolution, else the family's: 512 for SD1,
+            1024 for SDXL).
         dirpath: The folder of the grids (default: `samples` in the run's log folder).
     """
 
@@ -384,7 +386,8 @@ class SampleImages(Callback):
         with _full_loras(trainer):
             if not trainer.is_global_zero:
                 return None
-            size = self.size or getattr(getattr(trainer, "datamodule", None), "resolution", None) or 512
+            resolution = getattr(getattr(trainer, "datamodule", None), "resolution", None)
+            size = self.size or resolution or module.family.default_size
             grid = image_grid(self.images(module, size))
         folder = self._folder or _output_folder(trainer, self.dirpath, "samples")
         folder.mkdir(parents=True, exist_ok=True)

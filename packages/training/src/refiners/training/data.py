@@ -16,9 +16,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from refiners.fluxion.utils import load_from_safetensors, save_to_safetensors
-from refiners.training.data_transforms import ImageTransform, Interpolation, seeded_generator
+from refiners.training.data_transforms import Crop, ImageTransform, Interpolation, seeded_generator
 from refiners.training.errors import Setting, TrainingSetupError
-from refiners.training.image_folder import find_captioned_images, open_image, readable_images
+from refiners.training.image_folder import find_captioned_images, open_image, readable_images, upright_size
 
 __all__ = [
     "ItemKey",
@@ -46,11 +46,13 @@ class ItemKey:
 
 
 class CaptionedImage(TypedDict):
-    """An item of `CaptionedImageDataset`."""
+    """An item of `CaptionedImageDataset`: the image, its caption and file, and where the image was cut from."""
 
     image: Tensor  # 3 x resolution x resolution, float32 in [-1, 1]
     caption: str
     path: str
+    original_size: tuple[int, int]  # (height, width) before the resize
+    crop_top_left: tuple[int, int]  # (top, left), see `Crop.crop_top_left`
 
 
 class CaptionedImageDataset(Dataset[CaptionedImage]):
@@ -60,6 +62,10 @@ class CaptionedImageDataset(Dataset[CaptionedImage]):
     `resolution`, cropped to a square (center or random), maybe flipped, and scaled to [-1, 1]. The random choices
     of an item depend only on (`seed`, epoch, index): index the dataset with an `ItemKey(index, epoch)` (as
     `EpochSampler` does) for a new draw each epoch; a plain int index means epoch 0.
+
+    Each item also records the image's original size and the corner of its crop, as diffusers'
+    `train_text_to_image_lora_sdxl.py` does (`original_sizes`, `crop_top_lefts`): SDXL's time ids are made from
+    them (see `Crop`).
 
     Args:
         folder: The image folder.
@@ -85,6 +91,8 @@ class CaptionedImageDataset(Dataset[CaptionedImage]):
             dataset = CaptionedImageDataset(folder, resolution=32)
             item = dataset[0]
             assert item["image"].shape == (3, 32, 32) and item["caption"].endswith(" background")
+            landscape = dataset[1]  # 64 x 48, resized to 42 x 32 and cropped 5 pixels from the left
+            assert landscape["original_size"] == (48, 64) and landscape["crop_top_left"] == (0, 5)
         ```
     """
 
@@ -113,14 +121,31 @@ class CaptionedImageDataset(Dataset[CaptionedImage]):
 
     def __getitem__(self, key: int | ItemKey) -> CaptionedImage:
         index, epoch = (key.index, key.epoch) if isinstance(key, ItemKey) else (key, 0)
+        image, crop = self.image_with_crop(index, epoch)
         return CaptionedImage(
-            image=self.image(index, epoch), caption=self.caption(index, epoch), path=str(self.files[index].path)
+            image=image,
+            caption=self.caption(index, epoch),
+            path=str(self.files[index].path),
+            original_size=crop.original_size,
+            crop_top_left=crop.crop_top_left,
         )
 
     def image(self, index: int, epoch: int = 0) -> Tensor:
         """The transformed image of item `index` in `epoch`: `3 x resolution x resolution`, float32 in [-1, 1]."""
+        return self.image_with_crop(index, epoch)[0]
+
+    def image_with_crop(self, index: int, epoch: int = 0) -> tuple[Tensor, Crop]:
+        """The transformed image of item `index` in `epoch` and where it was cut from."""
         index = range(len(self))[index]
-        return self.transform(open_image(self.files[index].path), seeded_generator(self.seed, epoch, index, "image"))
+        generator = seeded_generator(self.seed, epoch, index, "image")
+        return self.transform.with_crop(open_image(self.files[index].path), generator)
+
+    def crop(self, index: int, epoch: int = 0) -> Crop:
+        """Where the image of item `index` in `epoch` is cut from, as `image` cuts it, from the file's header alone
+        (for cached latents: the image is not decoded)."""
+        index = range(len(self))[index]
+        generator = seeded_generator(self.seed, epoch, index, "image")
+        return self.transform.crop(*upright_size(self.files[index].path), generator)
 
     def caption(self, index: int, epoch: int = 0) -> str:
         """The caption of item `index` in `epoch`: "" when dropped out."""
@@ -174,22 +199,28 @@ class EpochSampler(Sampler[ItemKey]):
 
 
 class TrainingItem(TypedDict, total=False):
-    """An item as the data module serves it: `image` or cached `latents`, `caption` or cached `text_embeddings`."""
+    """An item as the data module serves it: `image` or cached `latents`, `caption` or cached `text_embeddings`, and
+    the image's `original_size` `(height, width)` and `crop_top_left` `(top, left)` (int64 tensors of 2)."""
 
     image: Tensor
     caption: str
     latents: Tensor
     text_embeddings: Tensor
+    original_size: Tensor
+    crop_top_left: Tensor
 
 
 class TrainingBatch(TypedDict, total=False):
     """A batch of `TrainingItem`s: `images` (B x 3 x H x W in [-1, 1]) or `latents`, `captions` (a list) or
-    `text_embeddings`, each stacked along a first batch dimension."""
+    `text_embeddings`, `original_sizes` and `crop_top_lefts` (B x 2, SDXL's micro-conditioning, which SD1 does not
+    read), each stacked along a first batch dimension."""
 
     images: Tensor
     captions: list[str]
     latents: Tensor
     text_embeddings: Tensor
+    original_sizes: Tensor
+    crop_top_lefts: Tensor
 
 
 class _ResumingBatches:
@@ -259,6 +290,10 @@ def collate_training_items(items: list[TrainingItem]) -> TrainingBatch:
         batch["latents"] = torch.stack(latents)
     if text_embeddings := [item["text_embeddings"] for item in items if "text_embeddings" in item]:
         batch["text_embeddings"] = torch.stack(text_embeddings)
+    if original_sizes := [item["original_size"] for item in items if "original_size" in item]:
+        batch["original_sizes"] = torch.stack(original_sizes)
+    if crop_top_lefts := [item["crop_top_left"] for item in items if "crop_top_left" in item]:
+        batch["crop_top_lefts"] = torch.stack(crop_top_lefts)
     if any("caption" in item for item in items):
         batch["captions"] = [item["caption"] for item in items if "caption" in item]
     return batch
@@ -302,9 +337,11 @@ class _TrainingItems(Dataset[TrainingItem]):
         index, epoch = (key.index, key.epoch) if isinstance(key, ItemKey) else (key, 0)
         item = TrainingItem()
         if self.latents is None:
-            item["image"] = self.dataset.image(index, epoch)
+            item["image"], crop = self.dataset.image_with_crop(index, epoch)
         else:
-            item["latents"] = self.latents[index]
+            item["latents"], crop = self.latents[index], self.dataset.crop(index, epoch)
+        item["original_size"] = torch.tensor(crop.original_size)
+        item["crop_top_left"] = torch.tensor(crop.crop_top_left)
         if self.text_embeddings is None:
             item["caption"] = self.dataset.caption(index, epoch)
         elif self.empty_text_embedding is not None and self.dataset.caption_dropped(index, epoch):
@@ -364,8 +401,8 @@ def _digest(*parts: bytes | str) -> str:
 class CaptionedImageDataModule(LightningDataModule):
     """The training data of a text-to-image fine-tuning: a `CaptionedImageDataset`, batched and shuffled by seed.
 
-    Batches are `TrainingBatch` dicts: `images` (B x 3 x resolution x resolution, float32 in [-1, 1]) and `captions`
-    (a list of B strings). The order of each epoch and every random crop, flip and caption dropout depend only on
+    Batches are `TrainingBatch` dicts: `images` (B x 3 x resolution x resolution, float32 in [-1, 1]), `captions`
+    (a list of B strings), and each image's `original_sizes` and `crop_top_lefts` (B x 2, for SDXL). The order of each epoch and every random crop, flip and caption dropout depend only on
     `seed` and the epoch, so that a run resumed from a checkpoint sees the data the uninterrupted run would have.
 
     Caching: with `cache_latents` (`cache_text_embeddings`), batches carry `latents` (`text_embeddings`) in place of

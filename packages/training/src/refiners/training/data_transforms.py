@@ -18,6 +18,7 @@ from refiners.training.errors import Setting, TrainingSetupError
 
 __all__ = [
     "Interpolation",
+    "Crop",
     "ImageTransform",
     "resized_size",
     "center_crop_offsets",
@@ -78,6 +79,39 @@ def seeded_generator(*keys: int | str) -> torch.Generator:
 
 
 @dataclass(frozen=True)
+class Crop:
+    """Where `ImageTransform` takes its square from an image: what SDXL's micro-conditioning (time ids) records.
+
+    Attributes:
+        original_size: `(height, width)` of the upright image, before the resize.
+        resized_size: `(height, width)` after the resize (the shorter side at the resolution).
+        top: The crop's top row in the resized image.
+        left: The crop's left column in the resized image, before any flip.
+        flipped: Whether the crop is flipped horizontally.
+    """
+
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    top: int
+    left: int
+    flipped: bool
+
+    @property
+    def crop_top_left(self) -> tuple[int, int]:
+        """`(top, left)` of the crop as diffusers' `train_text_to_image_lora_sdxl.py` records it (`crop_top_lefts`).
+
+        That script flips the resized image, then crops it, and records the corner in the flipped image; this
+        transform crops, then flips the crop (as SD1's `train_text_to_image.py` does, to the pixel). The same pixels
+        sit at `width - left - side` in the flipped image: that is the corner recorded for a flipped crop, so the time
+        ids say where the pixels the UNet sees come from.
+        """
+        if not self.flipped:
+            return self.top, self.left
+        side = min(self.resized_size)
+        return self.top, self.resized_size[1] - self.left - side
+
+
+@dataclass(frozen=True)
 class ImageTransform:
     """Resize the shorter side to `resolution`, crop a square, maybe flip, and scale the pixels to [-1, 1].
 
@@ -135,6 +169,43 @@ class ImageTransform:
         """A string that changes whenever the output of the transform would: a part of cache keys."""
         return json.dumps(asdict(self), sort_keys=True)
 
+    def crop(self, width: int, height: int, generator: torch.Generator) -> Crop:
+        """Where the square of an image of `width` x `height` is taken, drawn from `generator` as `__call__` draws.
+
+        Only the image's size is needed: the crop of an item is known without decoding it.
+
+        Args:
+            width: The upright image's width.
+            height: The upright image's height.
+            generator: The source of the random crop and flip (not drawn from when both are off).
+        """
+        resolution = self.resolution
+        resized_width, resized_height = resized_size(width, height, resolution)
+        if self.center_crop:
+            left, top = center_crop_offsets(resized_width, resized_height, resolution)
+        else:
+            top = int(torch.randint(0, resized_height - resolution + 1, (1,), generator=generator).item())
+            left = int(torch.randint(0, resized_width - resolution + 1, (1,), generator=generator).item())
+        flipped = self.random_flip and torch.rand(1, generator=generator).item() < 0.5
+        return Crop((height, width), (resized_height, resized_width), top, left, flipped)
+
+    def with_crop(self, image: Image.Image, generator: torch.Generator) -> tuple[Tensor, Crop]:
+        """The transformed image (see `__call__`) and where it was taken from (see `Crop`).
+
+        Args:
+            image: An RGB image.
+            generator: The source of the random crop and flip (not drawn from when both are off).
+        """
+        crop = self.crop(*image.size, generator)
+        resolution = self.resolution
+        size = (crop.resized_size[1], crop.resized_size[0])
+        if size != image.size:
+            image = image.resize(size, _FILTERS[self.interpolation])
+        image = image.crop((crop.left, crop.top, crop.left + resolution, crop.top + resolution))
+        # ToTensor then Normalize(0.5, 0.5): (x - 0.5) / 0.5 is exactly x * 2 - 1 in floating point.
+        tensor = image_to_tensor(image)[0] * 2 - 1
+        return (tensor.flip(-1) if crop.flipped else tensor), crop
+
     def __call__(self, image: Image.Image, generator: torch.Generator) -> Tensor:
         """The transformed image, a `3 x resolution x resolution` float32 tensor in [-1, 1].
 
@@ -142,19 +213,4 @@ class ImageTransform:
             image: An RGB image.
             generator: The source of the random crop and flip (not drawn from when both are off).
         """
-        resolution = self.resolution
-        size = resized_size(*image.size, resolution)
-        if size != image.size:
-            image = image.resize(size, _FILTERS[self.interpolation])
-        width, height = size
-        if self.center_crop:
-            left, top = center_crop_offsets(width, height, resolution)
-        else:
-            top = int(torch.randint(0, height - resolution + 1, (1,), generator=generator).item())
-            left = int(torch.randint(0, width - resolution + 1, (1,), generator=generator).item())
-        image = image.crop((left, top, left + resolution, top + resolution))
-        # ToTensor then Normalize(0.5, 0.5): (x - 0.5) / 0.5 is exactly x * 2 - 1 in floating point.
-        tensor = image_to_tensor(image)[0] * 2 - 1
-        if self.random_flip and torch.rand(1, generator=generator).item() < 0.5:
-            tensor = tensor.flip(-1)
-        return tensor
+        return self.with_crop(image, generator)[0]

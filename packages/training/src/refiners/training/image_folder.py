@@ -29,6 +29,7 @@ __all__ = [
     "CaptionedImageFile",
     "find_captioned_images",
     "open_image",
+    "upright_size",
     "readable_images",
 ]
 
@@ -204,6 +205,26 @@ def open_image(path: Path) -> Image.Image:
             Setting("skip_unreadable", True),
             " to leave unreadable images out (with a warning)",
         ) from error
+
+
+# EXIF orientations that turn the image a quarter (transpose, rotate 90, transverse, rotate 270): width and height swap.
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
+_ORIENTATION_TAG = 0x0112
+
+
+def upright_size(path: Path) -> tuple[int, int]:
+    """`(width, height)` of `open_image(path)`, read from the file's header (EXIF orientation applied), not decoded."""
+    try:
+        with Image.open(path) as file:
+            width, height = file.size
+            turned = file.getexif().get(_ORIENTATION_TAG) in _QUARTER_TURNS
+    except Exception as error:  # see `open_image`
+        raise ImageFolderError(
+            f"cannot read the image {path} ({type(error).__name__}: {error}): replace or remove the file, or pass ",
+            Setting("skip_unreadable", True),
+            " to leave unreadable images out (with a warning)",
+        ) from error
+    return (height, width) if turned else (width, height)
 
 
 def readable_images(files: list[CaptionedImageFile], root: Path, skip_unreadable: bool) -> list[CaptionedImageFile]:

@@ -1,13 +1,15 @@
-"""LoRA fine-tuning of Stable Diffusion 1.x as a `LightningModule`: the base frozen, only LoRAs train.
+"""LoRA fine-tuning of Stable Diffusion 1.x and XL as a `LightningModule`: the base frozen, only LoRAs train.
 
-`LoraFineTuning` builds (or loads) the UNet, the autoencoder and the CLIP text encoder, freezes them, and injects
-LoRAs into the layers a preset names (`LoraTargets`) with fluxion's LoRA API. The base is deliberately not a
+`LoraFineTuning` builds (or loads) the UNet, the autoencoder and the text encoder(s) of a model family (see
+`refiners.training.families`: what it needs of SD1 or SDXL, it asks the family), freezes them, and injects LoRAs into
+the layers a preset names (`LoraTargets`) with fluxion's LoRA API. The base is deliberately not a
 registered submodule: the module's parameters, `state_dict`, checkpoints, DDP's gradient buckets and the averaged
 copy of `WeightAveraging` (EMA) hold the LoRAs and nothing else, while the base still follows the module's device and
 dtype (see `_apply`). Under FSDP, only the LoRAs (and their optimizer state) are sharded: the frozen base is
 replicated on every device, as with DDP.
 
-The loss is diffusers' `train_text_to_image_lora.py`'s: noise-prediction MSE against the noise (epsilon) or the
+The loss is diffusers' `train_text_to_image_lora.py`'s (`train_text_to_image_lora_sdxl.py`'s for SDXL, whose UNet
+also reads the pooled text embedding and each image's time ids, made from its original size and crop): noise-prediction MSE against the noise (epsilon) or the
 velocity (v-prediction) at a timestep drawn per sample, optionally weighted by min-SNR-gamma (Hang et al., 2023,
 arXiv:2303.09556) and with offset noise. Caption dropout (for classifier-free guidance) belongs to the data: see
 `CaptionedImageDataModule(caption_dropout=...)`.
@@ -34,13 +36,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 import refiners.fluxion.layers as fl
-from refiners.adapters.lora import sd1_lora_targets
 from refiners.fluxion.adapters.lora import Lora, LoraAdapter, add_loras_to
 from refiners.foundationals.clip.common import TransformerLayer
-from refiners.foundationals.clip.text_encoder import CLIPTextEncoder, CLIPTextEncoderL
-from refiners.foundationals.clip.tokenizer import CLIPTokenizer, bytes_to_unicode
-from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder, SD1Autoencoder
+from refiners.foundationals.clip.text_encoder import CLIPTextEncoder
+from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
 from refiners.foundationals.latent_diffusion.cross_attention import CrossAttentionBlock2d
+from refiners.foundationals.latent_diffusion.model import LatentDiffusionModel
 from refiners.foundationals.latent_diffusion.solvers import (
     DDPM,
     DPMSolver,
@@ -48,13 +49,19 @@ from refiners.foundationals.latent_diffusion.solvers import (
     Solver,
     SolverParams,
 )
-from refiners.foundationals.latent_diffusion.stable_diffusion_1 import StableDiffusion_1
-from refiners.foundationals.latent_diffusion.stable_diffusion_1.presets import TINY
-from refiners.foundationals.latent_diffusion.stable_diffusion_1.unet import SD1UNet
-from refiners.foundationals.latent_diffusion.unet import DownBlocks, MiddleBlock, ResidualBlock, UpBlocks
+from refiners.foundationals.latent_diffusion.unet import DownBlocks, MiddleBlock, ResidualBlock, UNet, UpBlocks
 from refiners.training.data import TrainingBatch
 from refiners.training.data_transforms import seeded_generator
 from refiners.training.errors import Setting, TrainingSetupError
+from refiners.training.families import (
+    AUTOENCODER_FILE,
+    CLIP_TEXT_FILE,
+    FAMILIES,
+    UNET_FILE,
+    StableDiffusion1Training,
+    TrainingFamily,
+    family_of,
+)
 
 __all__ = [
     "CONVERT_COMMAND",
@@ -73,16 +80,13 @@ __all__ = [
     "LoraFineTuning",
 ]
 
-# The files `refiners-convert sd1` writes into its output folder (refiners.converters.stable_diffusion).
-CONVERT_COMMAND = "refiners-convert sd1 --from <source> --to <folder>"
-"""How to make a weights folder: `<source>` is a diffusers folder, a single checkpoint file or a Hub id."""
-UNET_FILE = "unet.safetensors"
-AUTOENCODER_FILE = "autoencoder.safetensors"
-CLIP_TEXT_FILE = "clip_text.safetensors"
+CONVERT_COMMAND = StableDiffusion1Training.convert_command
+"""How to make an SD1 weights folder: `<source>` is a diffusers folder, a single checkpoint file or a Hub id (SDXL's:
+`refiners.training.families.StableDiffusionXLTraining.convert_command`)."""
 
-BaseModel = Literal["sd15", "tiny"]
-"""The architecture: Stable Diffusion 1.5's, or the same at toy sizes (for tests and demos, random weights when no
-weights are given)."""
+BaseModel = Literal["sd15", "tiny", "sdxl", "tiny-sdxl"]
+"""The architecture: Stable Diffusion 1.5's, or the same at toy sizes (`tiny`: for tests and demos, random weights
+when no weights are given); Stable Diffusion XL base's, or its toy (`tiny-sdxl`). See `families.FAMILIES`."""
 
 LoraTargets = Literal["attention", "transformer", "all"]
 """Which layers get a LoRA (see `lora_target_layers`):
@@ -116,46 +120,33 @@ _SAMPLE_DIMENSIONS = (1, 2, 3)
 
 @dataclass(frozen=True)
 class StableDiffusionComponents:
-    """The frozen base of a fine-tuning: what a `StableDiffusion_1` pipeline is made of, minus the solver.
+    """The frozen base of a fine-tuning: what the family's pipeline is made of, minus the solver.
 
     Attributes:
-        unet: The denoising UNet.
+        unet: The denoising UNet (`SD1UNet`, `SDXLUNet`).
         lda: The autoencoder between images and latents.
-        clip_text_encoder: The text encoder, with its tokenizer.
+        clip_text_encoder: The text encoder, with its tokenizer (SDXL: the `DoubleTextEncoder`).
+        family: The model family they belong to.
     """
 
-    unet: SD1UNet
+    unet: UNet
     lda: LatentDiffusionAutoencoder
-    clip_text_encoder: CLIPTextEncoder
+    clip_text_encoder: fl.Chain
+    family: TrainingFamily = FAMILIES["sd15"]
 
     def items(self) -> Iterator[tuple[str, fl.Chain]]:
-        """Each component under its diffusers name (`unet`, `vae`, `text_encoder`)."""
+        """Each model under its diffusers name (`unet`, `vae`, `text_encoder`, and `text_encoder_2` for SDXL)."""
         yield "unet", self.unet
         yield "vae", self.lda
-        yield "text_encoder", self.clip_text_encoder
+        yield from self.text_encoders().items()
 
+    def text_encoders(self) -> dict[str, CLIPTextEncoder]:
+        """The text encoders by their diffusers name (SDXL: CLIP-L as `text_encoder`, OpenCLIP-G as `text_encoder_2`)."""
+        return self.family.text_encoders(self.clip_text_encoder)
 
-def _byte_level_tokenizer() -> CLIPTokenizer:
-    """A CLIP tokenizer without merges: one token per byte (a toy vocabulary of 514 ids, no file needed)."""
-    symbols = list(bytes_to_unicode().values())
-    tokens = [*symbols, *(symbol + "</w>" for symbol in symbols), "<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer.from_vocabulary({token: index for index, token in enumerate(tokens)}, merges=[])
-
-
-def _tiny_components(device: torch.device | str | None) -> StableDiffusionComponents:
-    # The family's TINY preset: the SD1 architecture at the smallest sizes it allows.
-    components = TINY.build(device=device)
-    if device is None or torch.device(device).type != "meta":
-        components["clip_text_encoder"].set_tokenizer(_byte_level_tokenizer())
-    return StableDiffusionComponents(**components)
-
-
-def _sd15_components(device: torch.device | str | None) -> StableDiffusionComponents:
-    return StableDiffusionComponents(
-        unet=SD1UNet(4, device=device),
-        lda=SD1Autoencoder(device=device),
-        clip_text_encoder=CLIPTextEncoderL(device=device),
-    )
+    def pipeline(self, solver: Solver) -> LatentDiffusionModel[Any, Any]:
+        """The family's pipeline (`StableDiffusion_1`, `StableDiffusion_XL`) over these models and `solver`."""
+        return self.family.pipeline(self.unet, self.lda, self.clip_text_encoder, solver)
 
 
 def build_components(
@@ -164,50 +155,36 @@ def build_components(
     """The UNet, autoencoder and text encoder of `base`, loaded from `weights` (or randomly initialized).
 
     Args:
-        base: The architecture.
-        weights: A folder written by `refiners-convert sd1` (`unet.safetensors`, `autoencoder.safetensors`,
-            `clip_text.safetensors`, the last one carrying the tokenizer). The models are built on the "meta" device
-            and the files' tensors assigned to them: nothing is initialized twice. Required for `sd15`.
+        base: The architecture (see `BaseModel`).
+        weights: A folder written by `refiners-convert sd1` (`sdxl` for the SDXL bases): `unet.safetensors`,
+            `autoencoder.safetensors`, `clip_text.safetensors`, the last one carrying the tokenizer. The models are
+            built on the "meta" device and the files' tensors assigned to them: nothing is initialized twice.
+            Required for `sd15` and `sdxl`.
         seed: The seed of the random initialization (without `weights`).
 
     Raises:
-        TrainingSetupError: `sd15` without weights, a folder that lacks a file, or a text encoder without tokenizer.
+        TrainingSetupError: An unknown base, a full-size base without weights, a folder that lacks a file, or a text
+            encoder without tokenizer.
     """
-    build = {"sd15": _sd15_components, "tiny": _tiny_components}[base]
+    family = family_of(base)
+    tiny = base == family.tiny_base
     if weights is None:
-        if base == "sd15":
+        if not tiny:
             raise TrainingSetupError(
-                Setting("base", "sd15"),
+                Setting("base", base),
                 " needs weights: pass ",
                 Setting("weights", "<folder>"),
-                f", a folder written by `{CONVERT_COMMAND}` (it holds {UNET_FILE}, {AUTOENCODER_FILE} and "
+                f", a folder written by `{family.convert_command}` (it holds {UNET_FILE}, {AUTOENCODER_FILE} and "
                 f"{CLIP_TEXT_FILE}), or ",
-                Setting("base", "tiny"),
+                Setting("base", family.tiny_base),
                 " for a toy model with random weights",
             )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return build("cpu")
+            return StableDiffusionComponents(**family.build(tiny, "cpu"), family=family)
     folder = Path(weights)
-    files = {UNET_FILE: None, AUTOENCODER_FILE: None, CLIP_TEXT_FILE: None}
-    if missing := [name for name in files if not (folder / name).is_file()]:
-        found = sorted(path.name for path in folder.glob("*.safetensors")) if folder.is_dir() else []
-        where = f"{folder} holds {found or 'no .safetensors file'}" if folder.is_dir() else f"{folder} is not a folder"
-        raise TrainingSetupError(
-            f"the weights folder lacks {', '.join(missing)} ({where}): convert the model with `{CONVERT_COMMAND}` "
-            "and pass that folder as ",
-            Setting("weights", "<folder>"),
-        )
-    components = build("meta")
-    components.unet.load_from_safetensors(folder / UNET_FILE)
-    components.lda.load_from_safetensors(folder / AUTOENCODER_FILE)
-    components.clip_text_encoder.load_from_safetensors(folder / CLIP_TEXT_FILE)
-    if components.clip_text_encoder.tokenizer is None:
-        raise TrainingSetupError(
-            f"{folder / CLIP_TEXT_FILE} carries no tokenizer in its metadata: convert it again with "
-            f"`{CONVERT_COMMAND}`, which stores the vocabulary with the weights"
-        )
-    return components
+    family.check_components(folder)
+    return StableDiffusionComponents(**family.load(folder, tiny), family=family)
 
 
 # -- where the LoRAs go ------------------------------------------------------------------------------------------
@@ -253,16 +230,16 @@ def lora_target_layers(model: fl.Chain, targets: LoraTargets) -> dict[str, fl.We
     the keys of the converted weights files: they name the LoRAs in checkpoints and refiners-layout exports.
 
     Args:
-        model: An `SD1UNet` or a `CLIPTextEncoder`.
+        model: A UNet of any family (`SD1UNet`, `SDXLUNet`) or a `CLIPTextEncoder` (each of SDXL's two).
         targets: The preset (see `LoraTargets`).
     """
     match model:
-        case SD1UNet():
+        case UNet():
             containers = _UNET_CONTAINERS[targets]
         case CLIPTextEncoder():
             containers = _TEXT_ENCODER_CONTAINERS[targets]
         case _:
-            raise TypeError(f"LoRA targets are defined for SD1UNet and CLIPTextEncoder, not {type(model).__name__}")
+            raise TypeError(f"LoRA targets are defined for UNets and CLIPTextEncoders, not {type(model).__name__}")
     return {
         _relative_path(layer, model): layer
         for layer, _ in model.walk(
@@ -276,12 +253,11 @@ def lora_target_layers(model: fl.Chain, targets: LoraTargets) -> dict[str, fl.We
     }
 
 
-def _diffusers_names(components: StableDiffusionComponents, loras: Mapping[str, Lora[Any]]) -> dict[str, str]:
+def _diffusers_names(pipeline: LatentDiffusionModel[Any, Any], loras: Mapping[str, Lora[Any]]) -> dict[str, str]:
     """The name of each LoRA's target in diffusers' pipeline (`unet.down_blocks.0...to_q`,
-    `text_encoder.text_model.encoder.layers.0.self_attn.q_proj`), by the LoRA's name: what LoRA files use, and what
-    `SD1LoraAdapter` reads (`sd1_lora_targets`)."""
-    modules = sd1_lora_targets(components.unet, components.clip_text_encoder)
-    by_layer = {id(layer): name for name, layer in modules.items()}
+    `text_encoder.text_model.encoder.layers.0.self_attn.q_proj`, `text_encoder_2...` for SDXL), by the LoRA's name:
+    what LoRA files use, as the family names them (`diffusers_modules`, which `SDLoraAdapter` reads too)."""
+    by_layer = {id(layer): name for name, layer in pipeline.diffusers_modules().items()}
     names: dict[str, str] = {}
     for name, lora in loras.items():
         adapter = lora.parent
@@ -349,7 +325,7 @@ class GradientCheckpointing(fl.Chain, fl.Adapter[fl.Chain]):
             return checkpoint(run, *args, use_reentrant=False)
 
 
-def _checkpointed_blocks(unet: SD1UNet) -> list[fl.Chain]:
+def _checkpointed_blocks(unet: UNet) -> list[fl.Chain]:
     down_blocks = unet.layer("DownBlocks", DownBlocks)
     up_blocks = unet.layer("UpBlocks", UpBlocks)
     return [*down_blocks.layers(fl.Chain), unet.layer("MiddleBlock", MiddleBlock), *up_blocks.layers(fl.Chain)]
@@ -359,23 +335,25 @@ def _checkpointed_blocks(unet: SD1UNet) -> list[fl.Chain]:
 
 
 class LoraFineTuning(LightningModule):
-    """LoRA fine-tuning of Stable Diffusion 1.x: the base frozen, LoRAs trained on noise-prediction MSE.
+    """LoRA fine-tuning of Stable Diffusion 1.x or XL: the base frozen, LoRAs trained on noise-prediction MSE.
 
     Batches are `TrainingBatch` dicts from `CaptionedImageDataModule`: images (or cached latents) and captions (or
-    cached text embeddings). The module provides `encode_images` and `encode_texts` for the data module's caching
-    (see `CachingEncoders`).
+    cached text embeddings), and for SDXL each image's original size and crop, of which its time ids are made as
+    diffusers' `train_text_to_image_lora_sdxl.py` makes them (`families.sdxl_time_ids`; the target size is the
+    training images'). The module provides `encode_images` and `encode_texts` for the data module's caching (see
+    `CachingEncoders`).
 
     Args:
-        base: The architecture: `sd15`, or `tiny` (toy sizes, for tests and demos).
-        weights: The folder of converted weights (`refiners-convert sd1`); required for `sd15`, random weights for
-            `tiny` without it.
+        base: The architecture: `sd15`, `sdxl`, or their toys `tiny`, `tiny-sdxl` (for tests and demos).
+        weights: The folder of converted weights (`refiners-convert sd1`, `refiners-convert sdxl`); required for
+            `sd15` and `sdxl`, random weights for the toys without it.
         targets: Which layers get LoRAs (see `LoraTargets`).
         rank: The LoRAs' rank.
         alpha: The LoRAs' alpha (their update is scaled by `alpha / rank`); defaults to the rank.
-        train_text_encoder: Also put LoRAs on the text encoder (attention, or attention and MLP for the
-            `transformer` and `all` presets).
+        train_text_encoder: Also put LoRAs on the text encoder, both of SDXL's (attention, or attention and MLP for
+            the `transformer` and `all` presets).
         learning_rate: The UNet LoRAs' learning rate.
-        text_encoder_learning_rate: The text encoder LoRAs' learning rate (default: `learning_rate`).
+        text_encoder_learning_rate: The text encoders' LoRAs' learning rate (default: `learning_rate`).
         optimizer: Builds the optimizer from the parameter groups and `learning_rate` (see `OptimizerFactory`;
             default: AdamW with its defaults).
         warmup_steps: Optimizer steps of linear warmup from 0 to the learning rate.
@@ -463,19 +441,22 @@ class LoraFineTuning(LightningModule):
             torch.manual_seed(seed)
             loras = _inject_loras("unet", components.unet, targets, rank, alpha)
             if train_text_encoder:
-                loras |= _inject_loras("text_encoder", components.clip_text_encoder, targets, rank, alpha)
+                for component, encoder in components.text_encoders().items():
+                    loras |= _inject_loras(component, encoder, targets, rank, alpha)
         # The trained parameters, registered under the LoRAs' names (`/` for `.`, which module names cannot hold).
         self.loras = torch.nn.ModuleDict({name.replace(".", "/"): lora for name, lora in loras.items()})
+        # Not submodules either: the schedule (SD1's and SDXL's: 1000 steps of betas scaled-linear from 0.00085 to
+        # 0.012) follows the module's device but stays in float32 (see `solver`); the family's pipeline over the
+        # components gives the UNet its side inputs (`set_unet_context`).
+        solver = DDPM(params=SolverParams(model_prediction_type=self._model_prediction_type))
+        object.__setattr__(self, "_solver", solver)
+        object.__setattr__(self, "_pipeline", components.pipeline(solver))
         # Read before the UNet's blocks are wrapped for checkpointing, which the naming of diffusers' modules does
         # not expect.
-        self.diffusers_names = _diffusers_names(components, loras)
+        self.diffusers_names = _diffusers_names(self.__dict__["_pipeline"], loras)
         if gradient_checkpointing:
             for block in _checkpointed_blocks(components.unet):
                 GradientCheckpointing(block).inject()
-        # Not a submodule either: the schedule follows the module's device but stays in float32 (see `solver`).
-        object.__setattr__(
-            self, "_solver", DDPM(params=SolverParams(model_prediction_type=self._model_prediction_type))
-        )
 
     # -- the frozen base -------------------------------------------------------------------------------------------
 
@@ -490,7 +471,12 @@ class LoraFineTuning(LightningModule):
         return self._components
 
     @property
-    def unet(self) -> SD1UNet:
+    def family(self) -> TrainingFamily:
+        """The model family of `base` (see `refiners.training.families`)."""
+        return family_of(self.base)
+
+    @property
+    def unet(self) -> UNet:
         return self.components.unet
 
     @property
@@ -498,8 +484,15 @@ class LoraFineTuning(LightningModule):
         return self.components.lda
 
     @property
-    def clip_text_encoder(self) -> CLIPTextEncoder:
+    def clip_text_encoder(self) -> fl.Chain:
+        """The text encoder (SDXL: the `DoubleTextEncoder` of both)."""
         return self.components.clip_text_encoder
+
+    @property
+    def pipeline(self) -> LatentDiffusionModel[Any, Any]:
+        """The family's pipeline over the models being trained, with the training schedule (`solver`)."""
+        _ = self.components  # a copy without the base raises, saying why (see `components`)
+        return self.__dict__["_pipeline"]
 
     @property
     def solver(self) -> Solver:
@@ -555,6 +548,7 @@ class LoraFineTuning(LightningModule):
                     if id(module) not in lora_modules:
                         memo[id(module)] = module  # e.g. a LoRA's parent adapter: referenced, not copied
             memo[id(self._components)] = None
+            memo[id(self.__dict__["_pipeline"])] = None
         # A factory from a config may hold what cannot be copied (LightningCLI's hold a lock); a copy can share it.
         memo[id(self.optimizer_factory)] = self.optimizer_factory
         clone = type(self).__new__(type(self))
@@ -574,14 +568,15 @@ class LoraFineTuning(LightningModule):
         return {self.diffusers_names[name]: lora for name, lora in self.named_loras().items()}
 
     def lora_parameter_groups(self) -> list[dict[str, Any]]:
-        """The optimizer's parameter groups: the UNet's LoRAs, and the text encoder's with their own learning rate."""
+        """The optimizer's parameter groups: the UNet's LoRAs, and the text encoders' (both of SDXL's) with their own
+        learning rate."""
         unet = [p for name, lora in self.named_loras().items() if name.startswith("unet.") for p in lora.parameters()]
         groups: list[dict[str, Any]] = [{"params": unet, "lr": self.learning_rate, "name": "unet"}]
         if self.train_text_encoder:
             text_encoder = [
                 p
                 for name, lora in self.named_loras().items()
-                if name.startswith("text_encoder.")
+                if not name.startswith("unet.")
                 for p in lora.parameters()
             ]
             groups.append({"params": text_encoder, "lr": self.text_encoder_learning_rate, "name": "text_encoder"})
@@ -595,7 +590,8 @@ class LoraFineTuning(LightningModule):
             return self.lda.encode(images.to(device=self.lda.device, dtype=self.lda.dtype))
 
     def encode_texts(self, captions: list[str]) -> Tensor:
-        """The text encoder's embeddings of captions; only cacheable while the text encoder does not train."""
+        """The text encoder's embeddings of captions; only cacheable while the text encoder does not train, and for
+        SD1 only (SDXL's conditioning is two tensors, the embedding and the pooled embedding)."""
         if self.train_text_encoder:
             raise TrainingSetupError(
                 Setting("train_text_encoder", True),
@@ -605,7 +601,16 @@ class LoraFineTuning(LightningModule):
                 Setting("train_text_encoder", False),
             )
         with torch.no_grad():
-            return self.clip_text_encoder(captions)
+            conditioning = self.family.encode_texts(self.clip_text_encoder, captions)
+        if conditioning.keys() != {"clip_text_embedding"}:
+            raise TrainingSetupError(
+                Setting("cache_text_embeddings", True),
+                f" caches one text embedding per caption, but {self.family.label} is also conditioned on "
+                f"{', '.join(sorted(conditioning.keys() - {'clip_text_embedding'}))}: set ",
+                Setting("cache_text_embeddings", False),
+                " in the data module (the latents can still be cached)",
+            )
+        return conditioning["clip_text_embedding"]
 
     # -- the loss --------------------------------------------------------------------------------------------------
 
@@ -629,7 +634,9 @@ class LoraFineTuning(LightningModule):
         steps = allowed[torch.randint(0, len(allowed), (batch,), generator=generator)]
         return noise, steps
 
-    def loss(self, latents: Tensor, text_embeddings: Tensor, noise: Tensor, steps: Tensor) -> Tensor:
+    def loss(
+        self, latents: Tensor, text_embeddings: Tensor, noise: Tensor, steps: Tensor, **conditioning: Tensor
+    ) -> Tensor:
         """The training loss of a batch, for given noise and solver steps (one per sample).
 
         Args:
@@ -637,6 +644,8 @@ class LoraFineTuning(LightningModule):
             text_embeddings: The text encoder's output, `(batch, sequence, dim)`.
             noise: The noise, shaped as `latents`.
             steps: Indices into the solver's `timesteps`, `(batch,)`.
+            **conditioning: The family's other side inputs, one row per sample, by the names of its pipeline's
+                `set_unet_context`: SDXL's `pooled_text_embedding` and `time_ids` (see `conditioning`).
         """
         solver = self.solver
         steps = steps.to(solver.device)
@@ -645,8 +654,11 @@ class LoraFineTuning(LightningModule):
         timesteps = solver.timesteps[steps]
         noisy = solver.add_noise(latents, noise, steps)
         unet = self.unet
-        unet.set_timestep(timesteps)
-        unet.set_clip_text_embedding(text_embeddings.to(device=unet.device))
+        self.pipeline.set_unet_context(
+            timestep=timesteps,
+            clip_text_embedding=text_embeddings.to(device=unet.device),
+            **{name: tensor.to(device=unet.device) for name, tensor in conditioning.items()},
+        )
         prediction = unet(noisy.to(unet.dtype)).float()
         if self.prediction_type == "epsilon":
             target = noise
@@ -667,12 +679,16 @@ class LoraFineTuning(LightningModule):
         """The generator of a step's draws: it depends on the seed, the step, the batch and the rank only."""
         return seeded_generator(self.seed, "step", self.global_step, batch_idx, self.global_rank)
 
-    def training_step(self, batch: TrainingBatch, batch_idx: int) -> Tensor:
-        latents, images = batch.get("latents"), batch.get("images")
-        if latents is None:
-            if images is None:
-                raise ValueError(f"a batch needs images or latents, got the keys {sorted(batch)}")
-            latents = self.encode_images(images)
+    def conditioning(self, batch: TrainingBatch, latents: Tensor) -> dict[str, Tensor]:
+        """The UNet's conditioning of a batch, by the names of the family's `set_unet_context`: `clip_text_embedding`
+        (cached, or encoded from the captions, with gradients when the text encoder trains), and the family's others
+        (SDXL: `pooled_text_embedding`, and `time_ids` made from each image's original size and crop, the target
+        size being the latents' in pixels).
+
+        Args:
+            batch: The batch.
+            latents: Its latents (their size is the training size).
+        """
         text_embeddings, captions = batch.get("text_embeddings"), batch.get("captions")
         if text_embeddings is not None:
             if self.train_text_encoder:
@@ -683,13 +699,25 @@ class LoraFineTuning(LightningModule):
                     Setting("cache_text_embeddings", False),
                     " in the data module",
                 )
+            conditioning = {"clip_text_embedding": text_embeddings}
         elif captions is None:
             raise ValueError(f"a batch needs captions or text embeddings, got the keys {sorted(batch)}")
         else:
             with torch.set_grad_enabled(self.train_text_encoder):
-                text_embeddings = self.clip_text_encoder(captions)
+                conditioning = self.family.encode_texts(self.clip_text_encoder, captions)
+        factor = self.lda.downscale_factor
+        size = (latents.shape[2] * factor, latents.shape[3] * factor)
+        return conditioning | self.family.image_conditioning(batch, size)
+
+    def training_step(self, batch: TrainingBatch, batch_idx: int) -> Tensor:
+        latents, images = batch.get("latents"), batch.get("images")
+        if latents is None:
+            if images is None:
+                raise ValueError(f"a batch needs images or latents, got the keys {sorted(batch)}")
+            latents = self.encode_images(images)
+        conditioning = self.conditioning(batch, latents)
         noise, steps = self.draw(latents, self.step_generator(batch_idx))
-        loss = self.loss(latents, text_embeddings, noise, steps)
+        loss = self.loss(latents, conditioning.pop("clip_text_embedding"), noise, steps, **conditioning)
         self.log("train/loss", loss, prog_bar=True, batch_size=latents.shape[0])
         return loss
 
@@ -711,19 +739,16 @@ class LoraFineTuning(LightningModule):
 
     # -- sampling --------------------------------------------------------------------------------------------------
 
-    def sampling_pipeline(self, num_inference_steps: int = 30) -> StableDiffusion_1:
-        """A `StableDiffusion_1` over the models being trained (LoRAs included), with a DPM-Solver++ of the same
-        prediction type.
+    def sampling_pipeline(self, num_inference_steps: int = 30) -> LatentDiffusionModel[Any, Any]:
+        """The family's pipeline (`StableDiffusion_1`, `StableDiffusion_XL`) over the models being trained (LoRAs
+        included), with a DPM-Solver++ of the same prediction type on the family's schedule.
 
         Args:
             num_inference_steps: The solver's number of steps.
         """
-        solver = DPMSolver(
-            num_inference_steps=num_inference_steps,
-            params=SolverParams(model_prediction_type=self._model_prediction_type),
-            device=self._base_device(),
-        )
-        return StableDiffusion_1(unet=self.unet, lda=self.lda, clip_text_encoder=self.clip_text_encoder, solver=solver)
+        params = self.family.solver_params(SolverParams(model_prediction_type=self._model_prediction_type))
+        solver = DPMSolver(num_inference_steps=num_inference_steps, params=params, device=self._base_device())
+        return self.components.pipeline(solver)
 
 
 def _lr_multiplier(schedule: LrSchedule, warmup_steps: int, total_steps: int | None) -> Callable[[int], float]:
@@ -757,7 +782,7 @@ def _check_arguments(
 ) -> None:
     """Fail before any model is built, saying what to change."""
     choices: Mapping[str, tuple[str, tuple[str, ...]]] = {
-        "base": (base, ("sd15", "tiny")),
+        "base": (base, tuple(FAMILIES)),
         "targets": (targets, tuple(_UNET_CONTAINERS)),
         "lr_schedule": (lr_schedule, ("constant", "linear", "cosine")),
         "prediction_type": (prediction_type, ("epsilon", "v_prediction")),
