@@ -138,8 +138,9 @@ def our_text_encoder(pipeline: StableDiffusionXLPipeline) -> DoubleTextEncoder:
 
 
 def our_unet(pipeline: StableDiffusionXLPipeline) -> SDXLUNet:
-    in_channels = pipeline.unet.config.in_channels  # pyright: ignore[reportAttributeAccessIssue]
-    unet = ModelConfig(TINY.unet.class_name, {**_UNET, "in_channels": in_channels}).build((SDXLUNet,), device="meta")
+    config: Any = pipeline.unet.config
+    arguments = {**_UNET, "in_channels": config.in_channels, "guidance_embedding_dim": config.time_cond_proj_dim}
+    unet = ModelConfig(TINY.unet.class_name, arguments).build((SDXLUNet,), device="meta")
     unet.load_state_dict(convert_diffusers_unet(pipeline.unet.state_dict(), unet), strict=True, assign=True)
     return unet
 
