@@ -407,7 +407,8 @@ def lcm_lora(model: StableDiffusion_XL, path: Path) -> Path:
     assert "lora_unet_down_blocks_1_attentions_0_proj_in.alpha" in tensors
     assert "lora_unet_down_blocks_0_downsamplers_0_conv.lora_down.weight" in tensors
     assert "lora_unet_up_blocks_0_resnets_0_time_emb_proj.lora_up.weight" in tensors
-    return save(path, tensors)
+    # Published in float16, as both files are.
+    return save(path, {key: value.half() for key, value in tensors.items()})
 
 
 def lightning_lora(model: StableDiffusion_XL, path: Path) -> Path:
@@ -428,7 +429,8 @@ def lightning_lora(model: StableDiffusion_XL, path: Path) -> Path:
         "lora_unet_output_blocks_8_0_out_layers_3.lora_up.weight",
     ]:
         assert key in tensors, key
-    return save(path, tensors, {"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"})
+    metadata = {"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"}
+    return save(path, {key: value.half() for key, value in tensors.items()}, metadata)
 
 
 @pytest.mark.parametrize("kind", ["lcm", "lightning"])
