@@ -76,7 +76,9 @@ def box_nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     width = (torch.minimum(x1[:, None], x1[None, :]) - torch.maximum(x0[:, None], x0[None, :])).clamp(min=0)
     height = (torch.minimum(y1[:, None], y1[None, :]) - torch.maximum(y0[:, None], y0[None, :])).clamp(min=0)
     intersection = width * height
-    overlaps = (intersection / (areas[:, None] + areas[None, :] - intersection) > iou_threshold).tolist()
+    # The IoU in the boxes' precision, compared with the threshold in double precision (as torchvision's kernel).
+    iou = intersection / (areas[:, None] + areas[None, :] - intersection)
+    overlaps = (iou.double() > iou_threshold).tolist()
     suppressed = [False] * len(overlaps)
     kept: list[int] = []
     for index, row in enumerate(overlaps):
