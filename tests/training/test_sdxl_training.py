@@ -8,7 +8,10 @@ queries and keys get no gradient).
 """
 
 import copy
+import inspect
 import json
+import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +36,11 @@ from refiners.training import (
     CaptionedImageDataModule,
     CaptionedImageDataset,
     ExportLora,
+    GradientCheckpointing,
     LoraFineTuning,
     SampleImages,
     TrainingSetupError,
+    families,
     sdxl_time_ids,
 )
 from refiners.training.callbacks import METADATA_KEY
@@ -256,6 +261,47 @@ def test_sampling_uses_sdxl(run: Run) -> None:
     (grid,) = run.samples.saved
     assert Image.open(grid).size == (RESOLUTION, RESOLUTION)
     assert type(run.module.sampling_pipeline(2)).__name__ == "StableDiffusion_XL"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    """The checkpointed blocks recompute with the text-time embedding they first saw."""
+    plain = LoraFineTuning(base="tiny-sdxl", targets="all", rank=2)
+    checkpointed = LoraFineTuning(base="tiny-sdxl", targets="all", rank=2, gradient_checkpointing=True)
+    assert len(list(checkpointed.unet.layers(GradientCheckpointing))) > 0
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    conditioning = {
+        "pooled_text_embedding": torch.randn(2, 48, generator=generator),
+        "time_ids": torch.tensor([[80.0, 60.0, 0.0, 4.0, 64.0, 64.0], [64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]),
+    }
+    text_embeddings = torch.randn(2, 77, 80, generator=generator)
+    noise, steps = plain.draw(latents, generator)
+    for module in (plain, checkpointed):
+        with torch.no_grad():  # a non-zero `up`, so that every LoRA weight gets a gradient
+            for parameter in module.parameters():
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(7)))
+        module.loss(latents, text_embeddings, noise, steps, **conditioning).backward()
+    for (name, expected), actual in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        assert expected.grad is not None and actual.grad is not None
+        torch.testing.assert_close(
+            actual.grad, expected.grad, atol=1e-6 * expected.grad.abs().max().item(), rtol=0, msg=name
+        )
+
+
+EXAMPLES = [
+    (name, block)
+    for name in families.__all__
+    for block in re.findall(r"```py\n(.*?)\s*```", inspect.getdoc(getattr(families, name)) or "", flags=re.DOTALL)
+]
+
+
+@pytest.mark.parametrize(("name", "code"), EXAMPLES, ids=[name for name, _ in EXAMPLES])
+def test_docstring_example(name: str, code: str) -> None:
+    exec(compile(textwrap.dedent(code), f"<example of {name}>", "exec"), {"__name__": "example"})
+
+
+def test_there_are_examples() -> None:
+    assert {name for name, _ in EXAMPLES} >= {"sdxl_time_ids", "StableDiffusionXLTraining"}
 
 
 # -- exact resume --------------------------------------------------------------------------------------------------

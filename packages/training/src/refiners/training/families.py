@@ -213,6 +213,26 @@ class StableDiffusionXLTraining(TrainingFamily):
 
     Both text encoders get LoRAs (`text_encoder`: CLIP-L, `text_encoder_2`: OpenCLIP-G, diffusers' names), and the
     UNet is conditioned on the pooled embedding and on each image's time ids (`sdxl_time_ids`).
+
+    Example:
+        ```py
+        import torch
+        from refiners.training import LoraFineTuning, TrainingBatch
+
+        module = LoraFineTuning(base="tiny-sdxl", rank=4, train_text_encoder=True)
+        assert {name.split(".")[0] for name in module.diffusers_loras()} == {"unet", "text_encoder", "text_encoder_2"}
+        latents = torch.randn(2, 4, 8, 8)  # 64 x 64 images
+        batch = TrainingBatch(
+            captions=["a red circle", ""],
+            original_sizes=torch.tensor([[600, 800], [64, 64]]),  # (height, width) before the resize
+            crop_top_lefts=torch.tensor([[0, 21], [0, 0]]),  # (top, left) of the crop
+        )
+        conditioning = module.conditioning(batch, latents)
+        assert conditioning["time_ids"][0].tolist() == [600.0, 800.0, 0.0, 21.0, 64.0, 64.0]
+        noise, steps = module.draw(latents, torch.Generator().manual_seed(0))
+        module.loss(latents, conditioning.pop("clip_text_embedding"), noise, steps, **conditioning).backward()
+        assert all(parameter.grad is not None for parameter in module.parameters())
+        ```
     """
 
     label = "Stable Diffusion XL"
