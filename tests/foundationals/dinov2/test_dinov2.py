@@ -193,3 +193,22 @@ def test_preprocess_at_another_size_crops_that_size() -> None:
     )
     expected = processor(images=image, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(preprocess(image, 448), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("name", ["large", "large_reg", "giant", "giant_reg"])
+def test_full_size_large_variants_equal_transformers(tmp_path: Path, name: str) -> None:
+    """The large and giant models at full size (giant: 1.1B parameters), one at a time: never two copies in memory."""
+    reference = random_reference(name)
+    reference.save_pretrained(tmp_path / "transformers")
+    images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    expected = tokens(reference, images)
+    del reference
+    path, _ = convert_dinov2(tmp_path / "transformers", tmp_path / "dinov2.safetensors")
+    ours = ViT.from_safetensors(path)
+    assert type(ours).__name__ == f"DINOv2_{name}"
+    with torch.no_grad():
+        actual = ours(images)
+    scale = expected.abs().max().item()
+    print(f"{name}: max abs difference {(actual - expected).abs().max().item():.3g}, scale {scale:.3g}")
+    torch.testing.assert_close(actual, expected, atol=1e-4 * scale, rtol=0)
