@@ -3,15 +3,17 @@
 Each file is laid out as the tool that makes it lays it out, with random factors that move every output:
 
 - LyCORIS LoCon (kohya names, SGM blocks, `lora_te1_`/`lora_te2_`): down/up pairs on attention, feed-forward,
-  3x3 and 1x1 convolutions and the resnets' time projections, and Tucker cores (`lora_mid`) on 3x3 convolutions;
+  3x3 and 1x1 convolutions, the resnets' time projections, `conv_in`, `conv_out` and the embeddings, and Tucker
+  cores (`lora_mid`) on 3x3 convolutions;
 - LyCORIS LoHa and LoKr (kohya names, SGM blocks, both text encoders);
 - DoRA: LyCORIS's `dora_scale` (kohya names) and PEFT's `lora_magnitude_vector` (diffusers' `save_lora_weights`);
-- LCM-LoRA SDXL (latent-consistency/lcm-lora-sdxl): kohya names after diffusers' modules (`lora_unet_down_blocks_1_
-  attentions_0_proj_in`), rank 64 and alpha 8 there, on attention, feed-forward, resnets (convolutions, shortcuts,
-  time projections), down- and upsamplers; no text encoder;
-- SDXL-Lightning (ByteDance's `sdxl_lightning_4step_lora.safetensors`, extracted with kohya's tools): kohya names
-  after the SGM UNet (`lora_unet_input_blocks_4_1_...`, `..._in_layers_2`, `..._emb_layers_1`, `..._op`), convolutions
-  included; no text encoder.
+- LCM-LoRA SDXL (latent-consistency/lcm-lora-sdxl's `pytorch_lora_weights.safetensors`, float16): kohya names after
+  diffusers' modules (`lora_unet_down_blocks_1_attentions_0_proj_in`), alpha / rank = 8 / 64 there, on the modules
+  diffusers' `train_lcm_distill_lora_sdxl.py` targets (attention, feed-forward, resnets' convolutions, shortcuts and
+  time projections, down- and upsamplers); no text encoder;
+- SDXL-Lightning (ByteDance's `sdxl_lightning_4step_lora.safetensors`, float16): kohya's layout after the SGM UNet
+  (`lora_unet_input_blocks_4_1_...`, `..._in_layers_2`, `..._emb_layers_1`, `..._op`), convolutions included; no text
+  encoder.
 
 The reference is diffusers' `StableDiffusionXLPipeline.load_lora_weights` wherever diffusers loads the file. It does
 not load LoHa, LoKr or Tucker cores on SDXL (it refuses the file: checked), and drops `dora_scale` (with a warning):
@@ -412,8 +414,8 @@ def lcm_lora(model: StableDiffusion_XL, path: Path) -> Path:
 
 
 def lightning_lora(model: StableDiffusion_XL, path: Path) -> Path:
-    """ByteDance/SDXL-Lightning's LoRA layout: kohya's extraction on its SGM UNet (Transformer2DModel, and with
-    `conv_dim` the ResnetBlock2D, Downsample2D, Upsample2D modules)."""
+    """ByteDance/SDXL-Lightning's LoRA layout: kohya's, on its SGM UNet (the modules of its Transformer2DModel,
+    ResnetBlock2D, Downsample2D and Upsample2D blocks, as kohya's `conv_dim` option takes them)."""
     generator = torch.Generator().manual_seed(7)
     tensors: dict[str, Tensor] = {}
     for name, layer in targets(model, [UNET_TARGETS]).items():
