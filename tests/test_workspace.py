@@ -29,7 +29,15 @@ ALLOWED_SIBLINGS: dict[str, set[str]] = {
 }
 # The references our tests compare with: never a runtime dependency (converters may import them lazily, for their
 # optional check against the reference).
-REFERENCE_LIBRARIES = {"diffusers", "transformers", "peft"}
+REFERENCE_LIBRARIES = {
+    "diffusers",
+    "transformers",
+    "peft",
+    "segment_anything",
+    "segment_anything_hq",
+    "torchvision",
+    "timm",
+}
 # numpy only because safetensors needs it to save tensors (`safetensors.torch.save_file` imports it).
 FLUXION_REQUIREMENTS = {"torch", "safetensors", "numpy"}
 
@@ -183,7 +191,7 @@ def test_no_reference_library_at_runtime(member: str) -> None:
         for path, name, eager in _member_imports(member)
         if name.split(".")[0] in REFERENCE_LIBRARIES and (eager or member != "converters")
     ]
-    assert wrong == [], "diffusers, transformers and peft are test references: only converters may import them, lazily"
+    assert wrong == [], f"{sorted(REFERENCE_LIBRARIES)} are test references: only converters may import them, lazily"
 
 
 def test_fluxion_imports_only_torch_and_safetensors_eagerly() -> None:
