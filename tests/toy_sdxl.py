@@ -26,6 +26,7 @@ from refiners.converters.clip_text import convert_transformers_clip_text
 from refiners.converters.toy import TOY_TEXT_ENCODER_CONFIG, TOY_VAE_CONFIG, write_byte_level_vocabulary
 from refiners.converters.unet import convert_diffusers_unet
 from refiners.fluxion.model_config import ModelConfig
+from refiners.fluxion.utils import save_to_safetensors
 from refiners.foundationals.clip import CLIPTextEncoder, CLIPTokenizer
 from refiners.foundationals.latent_diffusion import LatentDiffusionAutoencoder
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl import (
@@ -219,3 +220,66 @@ def our_refiner(
     unet = TINY_REFINER.unet.build((SDXLUNet,), device="meta")
     unet.load_state_dict(convert_diffusers_unet(refiner.unet.state_dict(), unet), strict=True, assign=True)
     return StableDiffusion_XL_Refiner(unet=unet, lda=lda, clip_text_encoder=text_encoder, default_size=64)
+
+
+def write_sgm_checkpoint(folder: Path, path: Path) -> None:
+    """Write a toy diffusers folder's model (`build_pipeline`'s, or `build_refiner_pipeline`'s) as an SGM single file,
+    as Stability's checkpoints lay it out: the refiner's has OpenCLIP-G alone, as its first embedder."""
+    from refiners.converters.single_file import (
+        SGM_PREFIXES,
+        SGM_REFINER_TEXT_ENCODER_2_PREFIX,
+        ldm_autoencoder_renaming,
+    )
+    from refiners.fluxion.utils import load_from_safetensors
+    from refiners.foundationals.latent_diffusion.unet_names import unet_renaming
+
+    refiner = not (folder / "text_encoder").exists()
+
+    def component(name: str, file: str) -> dict[str, torch.Tensor]:
+        return load_from_safetensors(folder / name / file)
+
+    tensors: dict[str, torch.Tensor] = {}
+    unet_renaming_ = unet_renaming((TINY_REFINER if refiner else TINY).unet.build((SDXLUNet,), device="meta"))
+    for key, tensor in component("unet", "diffusion_pytorch_model.safetensors").items():
+        original = unet_renaming_.to_original(key)
+        assert original is not None, key
+        tensors[SGM_PREFIXES["unet"] + original] = tensor
+    vae_renaming = ldm_autoencoder_renaming(4, 1)
+    for key, tensor in component("vae", "diffusion_pytorch_model.safetensors").items():
+        original = vae_renaming.to_original(key)
+        assert original is not None, key
+        module = key.rpartition(".")[0]
+        as_conv = module in vae_renaming.conv_as_linear and key.endswith(".weight")
+        tensors[SGM_PREFIXES["vae"] + original] = tensor[:, :, None, None] if as_conv else tensor
+    for key, tensor in {} if refiner else component("text_encoder", "model.safetensors").items():
+        # transformers 5 saves a CLIPTextModel without its `text_model.` wrapper; SGM files have it.
+        tensors[SGM_PREFIXES["text_encoder"] + "text_model." + key.removeprefix("text_model.")] = tensor
+    g = component("text_encoder_2", "model.safetensors")
+    prefix = SGM_REFINER_TEXT_ENCODER_2_PREFIX if refiner else SGM_PREFIXES["text_encoder_2"]
+    for key, tensor in g.items():
+        name = key.removeprefix("text_model.")
+        if name.startswith("encoder.layers."):
+            index, _, rest = name.removeprefix("encoder.layers.").partition(".")
+            block = f"{prefix}transformer.resblocks.{index}."
+            if rest.startswith("self_attn.q_proj."):
+                kind = rest.rpartition(".")[2]
+                parts = [g[f"text_model.encoder.layers.{index}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+                tensors[f"{block}attn.in_proj_{kind}"] = torch.cat(parts)
+            elif rest.startswith("self_attn.out_proj."):
+                tensors[f"{block}attn.out_proj.{rest.rpartition('.')[2]}"] = tensor
+            elif not rest.startswith("self_attn."):
+                names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+                module, _, parameter = rest.rpartition(".")
+                tensors[f"{block}{names[module]}.{parameter}"] = tensor
+        elif name == "embeddings.token_embedding.weight":
+            tensors[f"{prefix}token_embedding.weight"] = tensor
+        elif name == "embeddings.position_embedding.weight":
+            tensors[f"{prefix}positional_embedding"] = tensor
+        elif name.startswith("final_layer_norm."):
+            tensors[f"{prefix}ln_final.{name.rpartition('.')[2]}"] = tensor
+        elif name == "text_projection.weight":
+            tensors[f"{prefix}text_projection"] = tensor.t().contiguous()
+        else:
+            assert name == "embeddings.position_ids", name
+    tensors[f"{prefix}logit_scale"] = torch.tensor(4.6052)
+    save_to_safetensors(path, tensors)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
-from toy_sdxl import SCHEDULER_CONFIG, build_pipeline
+from toy_sdxl import SCHEDULER_CONFIG, build_pipeline, write_sgm_checkpoint
 
 from refiners.converters.cli import main
 from refiners.fluxion.model_config import ModelConfig
@@ -115,69 +115,11 @@ def test_the_readme_sdxl_blocks_run(
 # -- single files (SGM layout) ---------------------------------------------------------------------------------------
 
 
-def _sgm_checkpoint(folder: Path, path: Path) -> None:
-    """Write the diffusers folder's model as an SGM single file, as Stability's checkpoints lay it out."""
-    from refiners.converters.single_file import SGM_PREFIXES, ldm_autoencoder_renaming
-    from refiners.foundationals.latent_diffusion.stable_diffusion_xl.presets import TINY
-    from refiners.foundationals.latent_diffusion.stable_diffusion_xl.unet import SDXLUNet
-    from refiners.foundationals.latent_diffusion.unet_names import unet_renaming
-
-    def component(name: str, file: str) -> dict[str, torch.Tensor]:
-        from refiners.fluxion.utils import load_from_safetensors
-
-        return load_from_safetensors(folder / name / file)
-
-    tensors: dict[str, torch.Tensor] = {}
-    unet_renaming_ = unet_renaming(TINY.unet.build((SDXLUNet,), device="meta"))
-    for key, tensor in component("unet", "diffusion_pytorch_model.safetensors").items():
-        original = unet_renaming_.to_original(key)
-        assert original is not None, key
-        tensors[SGM_PREFIXES["unet"] + original] = tensor
-    vae_renaming = ldm_autoencoder_renaming(4, 1)
-    for key, tensor in component("vae", "diffusion_pytorch_model.safetensors").items():
-        original = vae_renaming.to_original(key)
-        assert original is not None, key
-        module = key.rpartition(".")[0]
-        as_conv = module in vae_renaming.conv_as_linear and key.endswith(".weight")
-        tensors[SGM_PREFIXES["vae"] + original] = tensor[:, :, None, None] if as_conv else tensor
-    for key, tensor in component("text_encoder", "model.safetensors").items():
-        # transformers 5 saves a CLIPTextModel without its `text_model.` wrapper; SGM files have it.
-        tensors[SGM_PREFIXES["text_encoder"] + "text_model." + key.removeprefix("text_model.")] = tensor
-    g, prefix = component("text_encoder_2", "model.safetensors"), SGM_PREFIXES["text_encoder_2"]
-    for key, tensor in g.items():
-        name = key.removeprefix("text_model.")
-        if name.startswith("encoder.layers."):
-            index, _, rest = name.removeprefix("encoder.layers.").partition(".")
-            block = f"{prefix}transformer.resblocks.{index}."
-            if rest.startswith("self_attn.q_proj."):
-                kind = rest.rpartition(".")[2]
-                parts = [g[f"text_model.encoder.layers.{index}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
-                tensors[f"{block}attn.in_proj_{kind}"] = torch.cat(parts)
-            elif rest.startswith("self_attn.out_proj."):
-                tensors[f"{block}attn.out_proj.{rest.rpartition('.')[2]}"] = tensor
-            elif not rest.startswith("self_attn."):
-                names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
-                module, _, parameter = rest.rpartition(".")
-                tensors[f"{block}{names[module]}.{parameter}"] = tensor
-        elif name == "embeddings.token_embedding.weight":
-            tensors[f"{prefix}token_embedding.weight"] = tensor
-        elif name == "embeddings.position_embedding.weight":
-            tensors[f"{prefix}positional_embedding"] = tensor
-        elif name.startswith("final_layer_norm."):
-            tensors[f"{prefix}ln_final.{name.rpartition('.')[2]}"] = tensor
-        elif name == "text_projection.weight":
-            tensors[f"{prefix}text_projection"] = tensor.t().contiguous()
-        else:
-            assert name == "embeddings.position_ids", name
-    tensors[f"{prefix}logit_scale"] = torch.tensor(4.6052)
-    save_to_safetensors(path, tensors)
-
-
 def test_a_single_file_converts_as_its_folder(sdxl_folder: Path, tmp_path: Path) -> None:
     from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
 
     path = tmp_path / "toy-sdxl.safetensors"
-    _sgm_checkpoint(sdxl_folder, path)
+    write_sgm_checkpoint(sdxl_folder, path)
     # The file is what diffusers' own reader reads as this model: its tensors come back.
     reference = StableDiffusionXLPipeline.from_pretrained(sdxl_folder)
     loaded = StableDiffusionXLPipeline.from_single_file(str(path), config=str(sdxl_folder), local_files_only=True)

@@ -303,7 +303,7 @@ def _add_sdxl_command(commands: "argparse._SubParsersAction[argparse.ArgumentPar
 
 
 def _convert_sdxl(args: argparse.Namespace) -> int:
-    from refiners.converters.stable_diffusion_xl import convert_stable_diffusion_xl
+    from refiners.converters.stable_diffusion_xl import convert_stable_diffusion_xl, is_refiner
 
     dtype = _DTYPES[args.dtype] if args.dtype is not None else None
     try:
@@ -329,7 +329,8 @@ def _convert_sdxl(args: argparse.Namespace) -> int:
         passed = [_report(name.replace("_", "-"), comparison, tolerance) for name, comparison in comparisons.items()]
         if not all(passed):
             return 1
-    _print_progress(f"load it with StableDiffusion_XL.from_folder({str(args.dest)!r})")
+    pipeline = "StableDiffusion_XL_Refiner" if is_refiner(written["clip_text"]) else "StableDiffusion_XL"
+    _print_progress(f"load it with {pipeline}.from_folder({str(args.dest)!r})")
     return 0
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "SD15_UNET_CONFIG",
     "compare_outputs",
     "SDXL_UNET_CONFIG",
+    "SDXL_REFINER_UNET_CONFIG",
     "SDXL_VAE_CONFIG",
     "SDXL_TEXT_ENCODER_2_CONFIG",
     "SD15_VAE_CONFIG",
@@ -78,6 +79,20 @@ SDXL_UNET_CONFIG: dict[str, Any] = {
     "projection_class_embeddings_input_dim": 2816,
 }
 """stabilityai/stable-diffusion-xl-base-1.0's `unet/config.json` (the entries that differ from diffusers' defaults)."""
+SDXL_REFINER_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 128,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [384, 768, 1536, 1536],
+    "attention_head_dim": [6, 12, 24, 24],
+    "transformer_layers_per_block": 4,
+    "cross_attention_dim": 1280,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2560,
+}
+"""stabilityai/stable-diffusion-xl-refiner-1.0's `unet/config.json` (the entries that differ from diffusers' defaults)."""
 
 SD15_VAE_CONFIG: dict[str, Any] = {
     "act_fn": "silu",

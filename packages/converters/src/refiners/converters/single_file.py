@@ -34,6 +34,7 @@ __all__ = [
     "original_key_map",
     "ldm_to_diffusers",
     "SGM_PREFIXES",
+    "SGM_REFINER_TEXT_ENCODER_2_PREFIX",
     "openclip_to_transformers",
 ]
 
@@ -236,6 +237,9 @@ SGM_PREFIXES = {
     "text_encoder_2": "conditioner.embedders.1.model.",
 }
 """Where each component's keys live in an SDXL single-file checkpoint (Stability's generative-models, "SGM")."""
+
+SGM_REFINER_TEXT_ENCODER_2_PREFIX = "conditioner.embedders.0.model."
+"""OpenCLIP-G's keys in the SDXL refiner's single file: its only text embedder (the base's has CLIP-L first)."""
 
 _OPENCLIP_LAYER = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 _OPENCLIP_IGNORED = ("logit_scale",)  # the contrastive loss's temperature: nothing a text encoder computes with

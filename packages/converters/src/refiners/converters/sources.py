@@ -288,9 +288,10 @@ class DiffusersFolder:
         return TensorFile(self.weight_files(component))
 
     def tokenizer_folder(self) -> Path | None:
-        """The `tokenizer/` folder of a model folder, if it holds a CLIP tokenizer (see `read_tokenizer`)."""
-        folder = self.root / "tokenizer"
-        return folder if _has_tokenizer(folder) else None
+        """The `tokenizer/` folder of a model folder (`tokenizer_2/` for SDXL's refiner, which has only that one), if
+        it holds a CLIP tokenizer (see `read_tokenizer`)."""
+        folders = [self.root / name for name in ("tokenizer", "tokenizer_2")]
+        return next((folder for folder in folders if _has_tokenizer(folder)), None)
 
     def describe(self) -> str:
         return f"diffusers folder {self.root}"

@@ -28,6 +28,7 @@ from refiners.converters.clip_text import transformers_clip_text_key_map
 from refiners.converters.engine import ConversionError, KeyMap, convert_state_dict
 from refiners.converters.reference_check import (
     SD15_TEXT_ENCODER_CONFIG,
+    SDXL_REFINER_UNET_CONFIG,
     SDXL_TEXT_ENCODER_2_CONFIG,
     SDXL_UNET_CONFIG,
     SDXL_VAE_CONFIG,
@@ -36,6 +37,7 @@ from refiners.converters.reference_check import (
 )
 from refiners.converters.single_file import (
     SGM_PREFIXES,
+    SGM_REFINER_TEXT_ENCODER_2_PREFIX,
     ldm_autoencoder_renaming,
     ldm_to_diffusers,
     openclip_to_transformers,
@@ -51,7 +53,7 @@ from refiners.converters.sources import (
 )
 from refiners.converters.unet import diffusers_unet_key_map
 from refiners.fluxion.model_config import ModelConfig
-from refiners.fluxion.utils import save_to_safetensors
+from refiners.fluxion.utils import load_metadata_from_safetensors, save_to_safetensors
 from refiners.foundationals.clip.text_encoder import CLIPTextEncoder
 from refiners.foundationals.latent_diffusion.stable_diffusion_1.weights import (
     AUTOENCODER_FILE,
@@ -62,7 +64,9 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_1.weights import (
 )
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl import (
     DoubleTextEncoder,
+    RefinerTextEncoder,
     SDXLAutoencoder,
+    SDXLTextEncoder,
     SDXLUNet,
 )
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl.model import (
@@ -79,6 +83,7 @@ __all__ = [
     "convert_stable_diffusion_xl_weights",
     "convert_stable_diffusion_xl",
     "compare_stable_diffusion_xl",
+    "is_refiner",
     "SDXL_TEXT_ENCODER_CLASSES",
     "SDXL_UNET_CLASSES",
     "SDXL_AUTOENCODER_CLASSES",
@@ -86,7 +91,7 @@ __all__ = [
 
 Progress = Callable[[str], None]
 
-_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer")
+_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 _GELU = {"quick_gelu": "quick", "gelu": "none"}
 
 
@@ -108,31 +113,35 @@ class SGMCheckpoint:
         self.config_folder = config
         self.tokenizer = tokenizer
         keys = list(file.tensors)
+        self.prefixes = dict(SGM_PREFIXES)
         if not any(key.startswith(SGM_PREFIXES["text_encoder_2"]) for key in keys):
-            raise ConversionError(
-                f"{file.describe()} is not an SDXL checkpoint: it has no {SGM_PREFIXES['text_encoder_2']}* "
-                "(OpenCLIP-G). For Stable Diffusion 1.x, use refiners-convert sd1."
-            )
-        if not any(key.startswith(SGM_PREFIXES["text_encoder"]) for key in keys):
-            raise ConversionError(
-                f"{file.describe()} has OpenCLIP-G but no CLIP-L ({SGM_PREFIXES['text_encoder']}*): an SDXL refiner, "
-                "which refiners-convert sdxl does not convert yet"
-            )
+            if not any(key.startswith(SGM_REFINER_TEXT_ENCODER_2_PREFIX) for key in keys):
+                raise ConversionError(
+                    f"{file.describe()} is not an SDXL checkpoint: it has no {SGM_PREFIXES['text_encoder_2']}* "
+                    "(OpenCLIP-G). For Stable Diffusion 1.x, use refiners-convert sd1."
+                )
+            # The refiner: OpenCLIP-G is its only text embedder.
+            del self.prefixes["text_encoder"]
+            self.prefixes["text_encoder_2"] = SGM_REFINER_TEXT_ENCODER_2_PREFIX
+
+    @property
+    def is_refiner(self) -> bool:
+        return "text_encoder" not in self.prefixes
 
     def has_component(self, component: str) -> bool:
-        return component in SGM_PREFIXES
+        return component in self.prefixes
 
     def config(self, component: str) -> dict[str, Any]:
         if self.config_folder is not None:
             return self.config_folder.config(component)
         if component == "unet":
             in_channels = self.file.tensors.shape(f"{SGM_PREFIXES['unet']}input_blocks.0.0.weight")[1]
-            return SDXL_UNET_CONFIG | {"in_channels": in_channels}
+            return (SDXL_REFINER_UNET_CONFIG if self.is_refiner else SDXL_UNET_CONFIG) | {"in_channels": in_channels}
         defaults = {"vae": SDXL_VAE_CONFIG, "text_encoder": SD15_TEXT_ENCODER_CONFIG}
         return dict(defaults.get(component, SDXL_TEXT_ENCODER_2_CONFIG))
 
     def tensors(self, component: str) -> Mapping[str, Tensor]:
-        checkpoint, prefix = self.file.tensors, SGM_PREFIXES[component]
+        checkpoint, prefix = self.file.tensors, self.prefixes[component]
         match component:
             case "unet":
                 unet = sdxl_unet_config(self).build(SDXL_UNET_CLASSES, device="meta")
@@ -178,11 +187,6 @@ def sdxl_unet_config(source: SDXLSource) -> ModelConfig:
             f"the UNet of {source.describe()} is not an SDXL UNet: its config has addition_embed_type="
             f"{config.get('addition_embed_type')!r} (SDXL: 'text_time'). For Stable Diffusion 1.x, use refiners-convert sd1."
         )
-    if config.get("time_cond_proj_dim") is not None:
-        raise ConversionError(
-            f"the UNet of {source.describe()} has a guidance embedding (time_cond_proj_dim="
-            f"{config['time_cond_proj_dim']}, an LCM UNet): refiners-convert sdxl does not convert LCM UNets yet"
-        )
     channels = tuple(config["block_out_channels"])
     levels = len(channels)
     attention = tuple(kind.startswith("CrossAttn") for kind in config["down_block_types"])
@@ -213,6 +217,7 @@ def sdxl_unet_config(source: SDXLSource) -> ModelConfig:
         num_time_ids=num_time_ids,
         time_embedding_dim=time_dim,
         layers_per_block=int(config.get("layers_per_block", 2)),
+        guidance_embedding_dim=config.get("time_cond_proj_dim"),  # LCM's guidance embedding
     )
 
 
@@ -231,16 +236,15 @@ def _clip_config(config: Mapping[str, Any]) -> ModelConfig:
 
 
 def sdxl_text_encoder_config(source: SDXLSource) -> ModelConfig:
-    """The constructor call of the `DoubleTextEncoder` that the folder's text encoders convert into.
-
-    The refiner has only `text_encoder_2`: its text conditioning is OpenCLIP-G's alone (not handled yet here).
-    """
-    if not source.has_component("text_encoder"):
-        raise ConversionError(
-            f"{source.describe()} has no text_encoder/ (CLIP-L): an SDXL refiner? refiners-convert sdxl converts "
-            "models with both text encoders only for now"
-        )
+    """The constructor call of the `DoubleTextEncoder` that the folder's text encoders convert into, or of the
+    `RefinerTextEncoder` of a refiner (which has only `text_encoder_2`: OpenCLIP-G alone)."""
     config_g = _config(source, "text_encoder_2")
+    if not source.has_component("text_encoder"):
+        return ModelConfig.of(
+            RefinerTextEncoder,
+            text_encoder_g=_clip_config(config_g),
+            projection_dim=int(config_g.get("projection_dim", config_g["hidden_size"])),
+        )
     return ModelConfig.of(
         DoubleTextEncoder,
         text_encoder_l=_clip_config(_config(source, "text_encoder")),
@@ -253,14 +257,10 @@ def _path(root: torch.nn.Module, module: torch.nn.Module) -> str:
     return next(name for name, candidate in root.named_modules() if candidate is module)
 
 
-def _text_encoder_key_map(encoder: DoubleTextEncoder, source: SDXLSource) -> KeyMap:
-    """transformers' two CLIP text models (keys prefixed by their component) to the `DoubleTextEncoder`'s."""
+def _text_encoder_key_map(encoder: SDXLTextEncoder, source: SDXLSource) -> KeyMap:
+    """transformers' CLIP text models (keys prefixed by their component) to the `SDXLTextEncoder`'s."""
     key_map = KeyMap()
-    num_layers_l = _config(source, "text_encoder")["num_hidden_layers"]
-    for component, sub_encoder in (
-        ("text_encoder", encoder.text_encoder_l),
-        ("text_encoder_2", encoder.text_encoder_g),
-    ):
+    for component, sub_encoder in encoder.components().items():
         prefix = "text_model." if any(k.startswith("text_model.") for k in source.tensors(component)) else ""
         sub_map = transformers_clip_text_key_map(sub_encoder, source_prefix=prefix).with_prefix(
             f"{component}.", f"{_path(encoder, sub_encoder)}."
@@ -269,6 +269,7 @@ def _text_encoder_key_map(encoder: DoubleTextEncoder, source: SDXLSource) -> Key
         key_map.ignored += sub_map.ignored
         if component == "text_encoder":
             # SDXL conditions on CLIP-L's penultimate hidden state: its last layer and final norm compute nothing used.
+            num_layers_l = _config(source, "text_encoder")["num_hidden_layers"]
             unused = (
                 f"{component}.{prefix}encoder.layers.{num_layers_l - 1}.",
                 f"{component}.{prefix}final_layer_norm.",
@@ -280,14 +281,15 @@ def _text_encoder_key_map(encoder: DoubleTextEncoder, source: SDXLSource) -> Key
 def _text_encoder(source: SDXLSource, dtype: torch.dtype | None, progress: Progress) -> ConvertedWeights:
     config = sdxl_text_encoder_config(source)
     encoder = config.build(SDXL_TEXT_ENCODER_CLASSES, device="meta")
-    assert isinstance(encoder, DoubleTextEncoder)
+    assert isinstance(encoder, SDXLTextEncoder)
     tensors: dict[str, Tensor] = {}
-    for component in ("text_encoder", "text_encoder_2"):
+    for component in encoder.components():
         files = source.tensors(component)
         tensors |= {f"{component}.{key}": files[key] for key in files}
     key_map = _text_encoder_key_map(encoder, source)
     skipped = [key for key in tensors if key_map.is_ignored(key) and key.startswith("text_encoder.")]
-    progress(f"clip-text: CLIP-L and OpenCLIP-G of {source.describe()} for {config}")
+    encoders = "OpenCLIP-G (a refiner)" if isinstance(encoder, RefinerTextEncoder) else "CLIP-L and OpenCLIP-G"
+    progress(f"clip-text: {encoders} of {source.describe()} for {config}")
     if skipped:
         progress(
             f"clip-text: left out CLIP-L's last layer and final norm ({len(skipped)} tensors): SDXL reads the penultimate"
@@ -350,6 +352,12 @@ def _open(
             "Stable Diffusion 1.x, use refiners-convert sd1."
         )
     return opened
+
+
+def is_refiner(clip_text_file: Path) -> bool:
+    """Whether a converted `clip_text.safetensors` holds a refiner's text encoder (OpenCLIP-G alone)."""
+    config = ModelConfig.from_metadata(load_metadata_from_safetensors(clip_text_file))
+    return config is not None and config.class_name == RefinerTextEncoder.__name__
 
 
 def convert_stable_diffusion_xl_weights(
@@ -442,36 +450,51 @@ def compare_stable_diffusion_xl(
         of random 8x8 latents with random conditioning, timestep 500).
     """
     from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
+        StableDiffusionXLImg2ImgPipeline,
+    )
 
     from refiners.foundationals.latent_diffusion.stable_diffusion_xl import (
         StableDiffusion_XL,
         StableDiffusion_XL_Inpainting,
+        StableDiffusion_XL_Refiner,
     )
 
     opened = _open(source, config)
+    refiner = not opened.has_component("text_encoder")
+    reference_class: Any = StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline
     if isinstance(opened, SGMCheckpoint):
-        reference: Any = StableDiffusionXLPipeline.from_single_file(
+        reference: Any = reference_class.from_single_file(
             str(opened.file.path), config=str(opened.config_folder.root) if opened.config_folder else None
         )
     else:
-        reference = StableDiffusionXLPipeline.from_pretrained(opened.root)
+        reference = reference_class.from_pretrained(opened.root)
     reference = reference.to(torch.float32)
     in_channels = reference.unet.config.in_channels
-    pipeline = StableDiffusion_XL_Inpainting if in_channels == 9 else StableDiffusion_XL
+    pipeline = (
+        StableDiffusion_XL_Refiner
+        if refiner
+        else StableDiffusion_XL_Inpainting
+        if in_channels == 9
+        else StableDiffusion_XL
+    )
     ours = pipeline.from_folder(converted, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed)
     encoder = ours.clip_text_encoder
-    ids = torch.randint(0, encoder.text_encoder_l.vocabulary_size, (1, 77), generator=generator)
-    ids[0, -1] = encoder.text_encoder_l.vocabulary_size - 1  # an end token, for the pooling to find
+    vocabulary_size = encoder.text_encoder_g.vocabulary_size
+    ids = torch.randint(0, vocabulary_size, (1, 77), generator=generator)
+    ids[0, -1] = vocabulary_size - 1  # an end token, for the pooling to find
     image = torch.rand(1, 3, 64, 64, generator=generator) * 2 - 1
     latents = torch.randn(1, in_channels, 8, 8, generator=generator)
     text = torch.randn(1, 77, ours.unet.context_embedding_dim, generator=generator)
     pooled = torch.randn(1, ours.unet.pooled_embedding_dim, generator=generator)
-    time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]])
+    time_ids = torch.tensor(
+        [[1024.0, 1024.0, 0.0, 0.0, 6.0] if refiner else [1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]]
+    )
     with torch.no_grad():
-        hidden_l = reference.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
         output_g = reference.text_encoder_2(ids, output_hidden_states=True)
-        expected_text = torch.cat([hidden_l, output_g.hidden_states[-2]], dim=-1)
+        hidden = [] if refiner else [reference.text_encoder(ids, output_hidden_states=True).hidden_states[-2]]
+        expected_text = torch.cat([*hidden, output_g.hidden_states[-2]], dim=-1)
         actual_text, actual_pooled = encoder(ids)  # the tokenizers pass token ids through
         expected_image = reference.vae(image, sample_posterior=False).sample
         conditions = {"text_embeds": pooled, "time_ids": time_ids}
