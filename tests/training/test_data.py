@@ -439,8 +439,11 @@ def test_disk_cache(metadata_folder: SampleImageFolder, tmp_path: Path) -> None:
     again.precompute(refuse, refuse, fingerprint="vae-1")
     assert first._latents is not None and again._latents is not None
     assert all(torch.equal(a, b) for a, b in zip(first._latents, again._latents, strict=True))
-    assert first._text_embeddings is not None and again._text_embeddings is not None
-    assert all(torch.equal(a, b) for a, b in zip(first._text_embeddings, again._text_embeddings, strict=True))
+    assert first._text_encodings is not None and again._text_encodings is not None
+    assert all(
+        torch.equal(a["text_embeddings"], b["text_embeddings"])
+        for a, b in zip(first._text_encodings, again._text_encodings, strict=True)
+    )
     # Other encoders or another transform miss the cache.
     other = _Encoders()
     _cached_module(metadata_folder.path, cache_dir=tmp_path / "cache").precompute(

@@ -473,11 +473,33 @@ def test_exported_lora_loads_in_diffusers_with_equal_outputs(
 # -- errors --------------------------------------------------------------------------------------------------------
 
 
-def test_cached_text_embeddings_are_refused_for_sdxl_naming_the_flag() -> None:
+def test_cached_text_embeddings_and_pooled_embeddings_are_the_computed_ones(images: SampleImageFolder) -> None:
+    """Caching encodes each caption once (and "" for dropped captions): both embeddings, as the encoders make them."""
     module = LoraFineTuning(base="tiny-sdxl")
-    with pytest.raises(TrainingSetupError, match="cache_text_embeddings") as refused:
-        module.encode_texts(["a red circle"])
-    assert "\n" not in str(refused.value) and "pooled_text_embedding" in str(refused.value)
+    options: dict[str, Any] = {"center_crop": True, "random_flip": False, "caption_dropout": 0.5, "batch_size": 8}
+    plain, cached = _data(images, **options), _data(images, cache_text_embeddings=True, **options)
+    cached.precompute(encode_texts=module.encode_texts)
+    dropped = 0
+    for computed, read in zip(plain.train_dataloader(), cached.train_dataloader(), strict=True):
+        assert "captions" not in read
+        dropped += computed.get("captions", []).count("")
+        latents = module.encode_images(_field(computed, "images"))
+        with torch.no_grad():
+            expected, actual = module.conditioning(computed, latents), module.conditioning(read, latents)
+        assert expected.keys() == actual.keys() == {"clip_text_embedding", "pooled_text_embedding", "time_ids"}
+        for name, tensor in expected.items():
+            torch.testing.assert_close(actual[name], tensor, atol=1e-6 * tensor.abs().max().item(), rtol=0, msg=name)
+    assert dropped > 0  # the embeddings of "" are served too
+
+
+def test_text_embeddings_cached_for_another_model_are_refused_naming_the_flag(images: SampleImageFolder) -> None:
+    sdxl, sd1 = LoraFineTuning(base="tiny-sdxl"), LoraFineTuning(base="tiny")
+    data = _data(images, center_crop=True, random_flip=False, cache_text_embeddings=True)
+    data.precompute(encode_texts=sd1.encode_texts)  # as a cache_dir shared with an SD1 run would give them
+    batch: TrainingBatch = next(iter(data.train_dataloader()))
+    with pytest.raises(TrainingSetupError, match="pooled_text_embeddings") as refused:
+        sdxl.conditioning(batch, torch.zeros(4, 4, 8, 8))
+    assert "\n" not in str(refused.value) and "cache_dir" in str(refused.value)
 
 
 def test_sdxl_without_weights_names_the_flag_and_the_command() -> None:

@@ -5,6 +5,7 @@ from refiners.training.data import (
     CachingEncoders,
     CaptionedImageDataModule,
     CaptionedImageDataset,
+    TextEncodings,
     TrainingBatch,
 )
 from refiners.training.data_transforms import ImageTransform
@@ -31,6 +32,7 @@ __all__ = [
     "CaptionedImageDataset",
     "CachingEncoders",
     "TrainingBatch",
+    "TextEncodings",
     "ImageTransform",
     "ImageFolderError",
     "find_captioned_images",

@@ -5,10 +5,10 @@ The folder conventions are in `refiners.training.image_folder`; the transform in
 
 import hashlib
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypedDict, runtime_checkable
+from typing import Any, Protocol, Required, TypedDict, cast, runtime_checkable
 
 import torch
 from lightning import LightningDataModule
@@ -28,6 +28,7 @@ __all__ = [
     "ResumableDataLoader",
     "TrainingItem",
     "TrainingBatch",
+    "TextEncodings",
     "collate_training_items",
     "CachingEncoders",
     "CaptionedImageDataModule",
@@ -199,13 +200,15 @@ class EpochSampler(Sampler[ItemKey]):
 
 
 class TrainingItem(TypedDict, total=False):
-    """An item as the data module serves it: `image` or cached `latents`, `caption` or cached `text_embeddings`, and
-    the image's `original_size` `(height, width)` and `crop_top_left` `(top, left)` (int64 tensors of 2)."""
+    """An item as the data module serves it: `image` or cached `latents`, `caption` or cached `text_embeddings` (and
+    `pooled_text_embeddings` for SDXL), and the image's `original_size` `(height, width)` and `crop_top_left`
+    `(top, left)` (int64 tensors of 2)."""
 
     image: Tensor
     caption: str
     latents: Tensor
     text_embeddings: Tensor
+    pooled_text_embeddings: Tensor
     original_size: Tensor
     crop_top_left: Tensor
 
@@ -219,8 +222,17 @@ class TrainingBatch(TypedDict, total=False):
     captions: list[str]
     latents: Tensor
     text_embeddings: Tensor
+    pooled_text_embeddings: Tensor
     original_sizes: Tensor
     crop_top_lefts: Tensor
+
+
+class TextEncodings(TypedDict, total=False):
+    """What a text encoder makes of captions, for caching: `text_embeddings` (and SDXL's `pooled_text_embeddings`),
+    each stacked along a first batch dimension. `CachingEncoders.encode_texts` returns it, or the bare embeddings."""
+
+    text_embeddings: Required[Tensor]
+    pooled_text_embeddings: Tensor
 
 
 class _ResumingBatches:
@@ -290,6 +302,8 @@ def collate_training_items(items: list[TrainingItem]) -> TrainingBatch:
         batch["latents"] = torch.stack(latents)
     if text_embeddings := [item["text_embeddings"] for item in items if "text_embeddings" in item]:
         batch["text_embeddings"] = torch.stack(text_embeddings)
+    if pooled := [item["pooled_text_embeddings"] for item in items if "pooled_text_embeddings" in item]:
+        batch["pooled_text_embeddings"] = torch.stack(pooled)
     if original_sizes := [item["original_size"] for item in items if "original_size" in item]:
         batch["original_sizes"] = torch.stack(original_sizes)
     if crop_top_lefts := [item["crop_top_left"] for item in items if "crop_top_left" in item]:
@@ -311,9 +325,23 @@ class CachingEncoders(Protocol):
         """Latents of `images` (B x 3 x H x W in [-1, 1], on CPU): B x ..."""
         ...
 
-    def encode_texts(self, captions: list[str]) -> Tensor:
-        """Embeddings of `captions`: B x ..."""
+    def encode_texts(self, captions: list[str]) -> Tensor | TextEncodings:
+        """Embeddings of `captions`: B x ..., or `TextEncodings` (SDXL's embeddings and pooled embeddings)."""
         ...
+
+
+def _text_encodings(encoded: Mapping[str, Tensor]) -> TextEncodings:
+    """`encoded` as `TextEncodings`, or an error naming what it holds instead."""
+    allowed = TextEncodings.__annotations__.keys()
+    if "text_embeddings" not in encoded or not encoded.keys() <= allowed:
+        raise ValueError(
+            f"encode_texts must return the text embeddings, or a dict of {', '.join(allowed)} (text_embeddings "
+            f"required); got {', '.join(sorted(encoded))}"
+        )
+    encodings = TextEncodings(text_embeddings=encoded["text_embeddings"])
+    if (pooled := encoded.get("pooled_text_embeddings")) is not None:
+        encodings["pooled_text_embeddings"] = pooled
+    return encodings
 
 
 class _TrainingItems(Dataset[TrainingItem]):
@@ -321,13 +349,13 @@ class _TrainingItems(Dataset[TrainingItem]):
         self,
         dataset: CaptionedImageDataset,
         latents: list[Tensor] | None,
-        text_embeddings: list[Tensor] | None,
-        empty_text_embedding: Tensor | None,
+        text_encodings: list[TextEncodings] | None,
+        empty_text_encodings: TextEncodings | None,
     ) -> None:
         self.dataset = dataset
         self.latents = latents
-        self.text_embeddings = text_embeddings
-        self.empty_text_embedding = empty_text_embedding
+        self.text_encodings = text_encodings
+        self.empty_text_encodings = empty_text_encodings
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -342,29 +370,34 @@ class _TrainingItems(Dataset[TrainingItem]):
             item["latents"], crop = self.latents[index], self.dataset.crop(index, epoch)
         item["original_size"] = torch.tensor(crop.original_size)
         item["crop_top_left"] = torch.tensor(crop.crop_top_left)
-        if self.text_embeddings is None:
+        if self.text_encodings is None:
             item["caption"] = self.dataset.caption(index, epoch)
-        elif self.empty_text_embedding is not None and self.dataset.caption_dropped(index, epoch):
-            item["text_embeddings"] = self.empty_text_embedding
+            return item
+        if self.empty_text_encodings is not None and self.dataset.caption_dropped(index, epoch):
+            encodings = self.empty_text_encodings
         else:
-            item["text_embeddings"] = self.text_embeddings[index]
+            encodings = self.text_encodings[index]
+        item["text_embeddings"] = encodings["text_embeddings"]
+        if (pooled := encodings.get("pooled_text_embeddings")) is not None:
+            item["pooled_text_embeddings"] = pooled
         return item
 
 
 def _encode_once(
     keys: list[str],
-    encode: Callable[[list[int]], Tensor],
+    encode: Callable[[list[int]], Tensor | Mapping[str, Tensor]],
     batch_size: int,
     what: str,
     folder: Path | None,
-) -> list[Tensor]:
-    """One tensor per key, encoded in batches of `batch_size`, each distinct key once (or read from `folder`)."""
-    found: dict[str, Tensor] = {}
+) -> list[dict[str, Tensor]]:
+    """The encodings of each key (`{what: tensor}`, or the tensors by name when `encode` returns a dict of them),
+    encoded in batches of `batch_size`, each distinct key once (or read from `folder`)."""
+    found: dict[str, dict[str, Tensor]] = {}
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         for key in dict.fromkeys(keys):
             if (path := folder / f"{key}.safetensors").is_file():
-                found[key] = load_from_safetensors(path)[what]
+                found[key] = load_from_safetensors(path)
     first: dict[str, int] = {}
     for position, key in enumerate(keys):
         if key not in found:
@@ -374,16 +407,18 @@ def _encode_once(
         chunk = pending[start : start + batch_size]
         with torch.no_grad():
             encoded = encode([position for _, position in chunk])
-        if not isinstance(encoded, Tensor) or encoded.shape[0] != len(chunk):  # pyright: ignore[reportUnnecessaryIsInstance]
-            got = f"shape {tuple(encoded.shape)}" if isinstance(encoded, Tensor) else type(encoded).__name__  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise ValueError(
-                f"the encoder of {what} must return one tensor per input, stacked on the first dimension: got "
-                f"{got} for {len(chunk)} inputs"
-            )
-        for (key, _), tensor in zip(chunk, encoded, strict=True):
-            found[key] = tensor.detach().cpu().contiguous()
+        named: dict[str, Any] = {what: encoded} if isinstance(encoded, Tensor) else dict(encoded)  # pyright: ignore[reportUnknownArgumentType]
+        for name, tensor in named.items():
+            if not isinstance(tensor, Tensor) or tensor.shape[0] != len(chunk):
+                got = f"shape {tuple(tensor.shape)}" if isinstance(tensor, Tensor) else type(tensor).__name__  # pyright: ignore[reportUnknownArgumentType]
+                raise ValueError(
+                    f"the encoder of {what} must return one tensor per input, stacked on the first dimension: got "
+                    f"{got} for {len(chunk)} inputs" + (f" (its {name})" if name != what else "")
+                )
+        for row, (key, _) in enumerate(chunk):
+            found[key] = {name: tensor[row].detach().cpu().contiguous() for name, tensor in named.items()}
             if folder is not None:
-                save_to_safetensors(folder / f"{key}.safetensors", {what: found[key]})
+                save_to_safetensors(folder / f"{key}.safetensors", found[key])
     return [found[key] for key in keys]
 
 
@@ -405,10 +440,11 @@ class CaptionedImageDataModule(LightningDataModule):
     (a list of B strings), and each image's `original_sizes` and `crop_top_lefts` (B x 2, for SDXL). The order of each epoch and every random crop, flip and caption dropout depend only on
     `seed` and the epoch, so that a run resumed from a checkpoint sees the data the uninterrupted run would have.
 
-    Caching: with `cache_latents` (`cache_text_embeddings`), batches carry `latents` (`text_embeddings`) in place of
-    `images` (`captions`), computed once before training by the LightningModule's `encode_images`
-    (`encode_texts`), see `CachingEncoders`, or by whatever `precompute` is given first. A cached latent is one
-    fixed view of an image: caching latents refuses random crops and flips rather than silently freezing one draw.
+    Caching: with `cache_latents` (`cache_text_embeddings`), batches carry `latents` (`text_embeddings`, and SDXL's
+    `pooled_text_embeddings`: see `TextEncodings`) in place of `images` (`captions`), computed once before training
+    by the LightningModule's `encode_images` (`encode_texts`), see `CachingEncoders`, or by whatever `precompute` is
+    given first. A cached latent is one fixed view of an image: caching latents refuses random crops and flips
+    rather than silently freezing one draw (the sizes and crops of SDXL's time ids are read from the files' headers).
     With caption dropout, the embedding of "" is cached too. With `cache_dir`, encodings are also stored there, one
     file each, keyed by the image file's content and the transform (or by the caption) and `precompute`'s
     `fingerprint`: use one `cache_dir` per set of encoder weights, or name them in `fingerprint`.
@@ -505,8 +541,8 @@ class CaptionedImageDataModule(LightningDataModule):
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.dataset: CaptionedImageDataset | None = None
         self._latents: list[Tensor] | None = None
-        self._text_embeddings: list[Tensor] | None = None
-        self._empty_text_embedding: Tensor | None = None
+        self._text_encodings: list[TextEncodings] | None = None
+        self._empty_text_encodings: TextEncodings | None = None
 
     def setup(self, stage: str) -> None:
         if self.dataset is None:
@@ -525,13 +561,13 @@ class CaptionedImageDataModule(LightningDataModule):
     def needs_encoders(self) -> bool:
         """Whether caching is on and the encodings are not computed yet."""
         return (self.cache_latents and self._latents is None) or (
-            self.cache_text_embeddings and self._text_embeddings is None
+            self.cache_text_embeddings and self._text_encodings is None
         )
 
     def precompute(
         self,
         encode_images: Callable[[Tensor], Tensor] | None = None,
-        encode_texts: Callable[[list[str]], Tensor] | None = None,
+        encode_texts: Callable[[list[str]], Tensor | TextEncodings] | None = None,
         fingerprint: str = "",
     ) -> None:
         """Compute (or read from `cache_dir`) the latents and text embeddings that caching asks for.
@@ -541,7 +577,8 @@ class CaptionedImageDataModule(LightningDataModule):
 
         Args:
             encode_images: Latents of a batch of images (needed with `cache_latents`).
-            encode_texts: Embeddings of a list of captions (needed with `cache_text_embeddings`).
+            encode_texts: Embeddings of a list of captions (needed with `cache_text_embeddings`), or
+                `TextEncodings` (SDXL: the embeddings and the pooled embeddings).
             fingerprint: Names the encoders in the `cache_dir` keys (e.g. their checkpoint's hash).
         """
         if self.dataset is None:
@@ -555,14 +592,17 @@ class CaptionedImageDataModule(LightningDataModule):
                 _digest("latents", file.path.read_bytes(), dataset.transform.fingerprint, fingerprint)
                 for file in dataset.files
             ]
-            self._latents = _encode_once(
-                keys,
-                lambda positions: encode_images(torch.stack([dataset.image(position) for position in positions])),
-                self.batch_size,
-                "latents",
-                self._cache_subfolder("latents"),
-            )
-        if self.cache_text_embeddings and self._text_embeddings is None:
+            self._latents = [
+                encoded["latents"]
+                for encoded in _encode_once(
+                    keys,
+                    lambda positions: encode_images(torch.stack([dataset.image(position) for position in positions])),
+                    self.batch_size,
+                    "latents",
+                    self._cache_subfolder("latents"),
+                )
+            ]
+        if self.cache_text_embeddings and self._text_encodings is None:
             if encode_texts is None:
                 raise ValueError(
                     "cache_text_embeddings=True: precompute needs encode_texts, a function captions -> embeddings"
@@ -572,15 +612,20 @@ class CaptionedImageDataModule(LightningDataModule):
             if dropout:
                 captions.append("")  # the embedding of a dropped-out caption, last
             keys = [_digest("text_embeddings", caption, fingerprint) for caption in captions]
-            embeddings = _encode_once(
-                keys,
-                lambda positions: encode_texts([captions[position] for position in positions]),
-                self.batch_size,
-                "text_embeddings",
-                self._cache_subfolder("text_embeddings"),
-            )
-            self._text_embeddings = embeddings[: len(dataset)]
-            self._empty_text_embedding = embeddings[-1] if dropout else None
+            encodings = [
+                _text_encodings(encoded)
+                for encoded in _encode_once(
+                    keys,
+                    lambda positions: cast(
+                        Tensor | Mapping[str, Tensor], encode_texts([captions[position] for position in positions])
+                    ),
+                    self.batch_size,
+                    "text_embeddings",
+                    self._cache_subfolder("text_embeddings"),
+                )
+            ]
+            self._text_encodings = encodings[: len(dataset)]
+            self._empty_text_encodings = encodings[-1] if dropout else None
 
     def _cache_subfolder(self, what: str) -> Path | None:
         return None if self.cache_dir is None else self.cache_dir / what
@@ -598,7 +643,7 @@ class CaptionedImageDataModule(LightningDataModule):
                     "CachingEncoders), or call datamodule.precompute(...) before training"
                 )
             self.precompute(module.encode_images, module.encode_texts)
-        items = _TrainingItems(self.dataset, self._latents, self._text_embeddings, self._empty_text_embedding)
+        items = _TrainingItems(self.dataset, self._latents, self._text_encodings, self._empty_text_encodings)
         sampler = EpochSampler(len(items), seed=self.seed)
         if self.trainer is not None:
             # Lightning starts the first iterator (and its workers' prefetching) before it calls `set_epoch`: when

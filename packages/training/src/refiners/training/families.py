@@ -70,6 +70,7 @@ class TrainingFamily(ABC):
 
     Attributes:
         label: The family's name in messages.
+        text_conditioning: What `encode_texts` makes, by the names `set_unet_context` takes.
         full_base: The `base` of the full-size model (weights required).
         tiny_base: The `base` of the family's `TINY` preset (random weights without a folder).
         convert_command: How to make a weights folder for this family.
@@ -78,6 +79,7 @@ class TrainingFamily(ABC):
     """
 
     label: ClassVar[str]
+    text_conditioning: ClassVar[frozenset[str]]
     full_base: ClassVar[str]
     tiny_base: ClassVar[str]
     convert_command: ClassVar[str]
@@ -145,6 +147,7 @@ class StableDiffusion1Training(TrainingFamily):
     """Stable Diffusion 1.x: `sd15` (SD1.5's sizes) and `tiny` (the family's `TINY`)."""
 
     label = "Stable Diffusion 1.x"
+    text_conditioning = frozenset({"clip_text_embedding"})
     full_base = "sd15"
     tiny_base = "tiny"
     convert_command = "refiners-convert sd1 --from <source> --to <folder>"
@@ -236,6 +239,7 @@ class StableDiffusionXLTraining(TrainingFamily):
     """
 
     label = "Stable Diffusion XL"
+    text_conditioning = frozenset({"clip_text_embedding", "pooled_text_embedding"})
     full_base = "sdxl"
     tiny_base = "tiny-sdxl"
     convert_command = "refiners-convert sdxl --from <source> --to <folder>"

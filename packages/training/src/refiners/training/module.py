@@ -50,7 +50,7 @@ from refiners.foundationals.latent_diffusion.solvers import (
     SolverParams,
 )
 from refiners.foundationals.latent_diffusion.unet import DownBlocks, MiddleBlock, ResidualBlock, UNet, UpBlocks
-from refiners.training.data import TrainingBatch
+from refiners.training.data import TextEncodings, TrainingBatch
 from refiners.training.data_transforms import seeded_generator
 from refiners.training.errors import Setting, TrainingSetupError
 from refiners.training.families import (
@@ -111,6 +111,11 @@ In a `LightningCLI` config: `optimizer: {class_path: torch.optim.AdamW, init_arg
 `init_args` has no `lr`: the learning rates are the module's (`learning_rate`, `text_encoder_learning_rate`)."""
 
 _LORA_NAME = "default"
+# The conditioning each cached text encoding stands for (`TextEncodings` names them as batches do).
+_CACHED_TEXT_CONDITIONING = {
+    "text_embeddings": "clip_text_embedding",
+    "pooled_text_embeddings": "pooled_text_embedding",
+}
 # The per-sample loss is a mean over (channels, height, width) of the latents.
 _SAMPLE_DIMENSIONS = (1, 2, 3)
 
@@ -589,9 +594,9 @@ class LoraFineTuning(LightningModule):
         with torch.no_grad():
             return self.lda.encode(images.to(device=self.lda.device, dtype=self.lda.dtype))
 
-    def encode_texts(self, captions: list[str]) -> Tensor:
-        """The text encoder's embeddings of captions; only cacheable while the text encoder does not train, and for
-        SD1 only (SDXL's conditioning is two tensors, the embedding and the pooled embedding)."""
+    def encode_texts(self, captions: list[str]) -> Tensor | TextEncodings:
+        """The text encoder's embeddings of captions (SDXL: `TextEncodings`, the embeddings and the pooled
+        embeddings); only cacheable while the text encoder does not train."""
         if self.train_text_encoder:
             raise TrainingSetupError(
                 Setting("train_text_encoder", True),
@@ -602,15 +607,12 @@ class LoraFineTuning(LightningModule):
             )
         with torch.no_grad():
             conditioning = self.family.encode_texts(self.clip_text_encoder, captions)
-        if conditioning.keys() != {"clip_text_embedding"}:
-            raise TrainingSetupError(
-                Setting("cache_text_embeddings", True),
-                f" caches one text embedding per caption, but {self.family.label} is also conditioned on "
-                f"{', '.join(sorted(conditioning.keys() - {'clip_text_embedding'}))}: set ",
-                Setting("cache_text_embeddings", False),
-                " in the data module (the latents can still be cached)",
-            )
-        return conditioning["clip_text_embedding"]
+        if conditioning.keys() == {"clip_text_embedding"}:
+            return conditioning["clip_text_embedding"]
+        encodings = TextEncodings(text_embeddings=conditioning["clip_text_embedding"])
+        if (pooled := conditioning.get("pooled_text_embedding")) is not None:
+            encodings["pooled_text_embeddings"] = pooled
+        return encodings
 
     # -- the loss --------------------------------------------------------------------------------------------------
 
@@ -699,7 +701,22 @@ class LoraFineTuning(LightningModule):
                     Setting("cache_text_embeddings", False),
                     " in the data module",
                 )
-            conditioning = {"clip_text_embedding": text_embeddings}
+            conditioning = {
+                name: tensor
+                for key, name in _CACHED_TEXT_CONDITIONING.items()
+                if (tensor := batch.get(key)) is not None and isinstance(tensor, Tensor)
+            }
+            if conditioning.keys() != self.family.text_conditioning:
+                have = ", ".join(key for key, name in _CACHED_TEXT_CONDITIONING.items() if name in conditioning)
+                need = ", ".join(
+                    k for k, name in _CACHED_TEXT_CONDITIONING.items() if name in self.family.text_conditioning
+                )
+                raise TrainingSetupError(
+                    f"the batch carries cached {have}, but {self.family.label} is conditioned on {need}: the cache "
+                    "was made for another model; pass another ",
+                    Setting("cache_dir", "<folder>"),
+                    " in the data module (one per model)",
+                )
         elif captions is None:
             raise ValueError(f"a batch needs captions or text embeddings, got the keys {sorted(batch)}")
         else:
