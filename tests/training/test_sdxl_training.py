@@ -30,7 +30,7 @@ from torchvision.transforms.functional import crop  # pyright: ignore[reportMiss
 from toy_sdxl import SCHEDULER_CONFIG, build_pipeline
 
 from refiners.converters.cli import main as refiners_convert
-from refiners.fluxion.utils import load_metadata_from_safetensors
+from refiners.fluxion.utils import load_from_safetensors, load_metadata_from_safetensors
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl import DoubleTextEncoder, SDXLUNet
 from refiners.training import (
     CaptionedImageDataModule,
@@ -455,6 +455,12 @@ def test_exported_lora_loads_in_diffusers_with_equal_outputs(
     path = run.export.paths(run.root / "loras")[layout]  # pyright: ignore[reportArgumentType]
     settings = json.loads(load_metadata_from_safetensors(path)[METADATA_KEY])
     assert settings["base"] == "tiny-sdxl" and settings["global_step"] == STEPS
+    prefixes = {
+        "kohya": ("lora_unet_", "lora_te1_", "lora_te2_"),
+        "peft": ("unet.", "text_encoder.", "text_encoder_2."),
+    }
+    keys = load_from_safetensors(path).keys()
+    assert {next(p for p in reversed(prefixes[layout]) if key.startswith(p)) for key in keys} == set(prefixes[layout])
     if layout == "kohya":
         assert load_metadata_from_safetensors(path)["ss_base_model_version"] == "sdxl_base_v1-0"
     base = _outputs(reference)
