@@ -104,3 +104,12 @@ def test_weights_that_do_not_fit_are_listed(
     tensors["HQTokenAdapter.HQToken.extra"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"unexpected \['HQTokenAdapter.HQToken.extra'\]"):
         HQSAMAdapter(target=sam, weights=tensors)
+
+
+def test_docstring_example_runs() -> None:
+    import inspect
+    import re
+    import textwrap
+
+    (example,) = re.findall(r"```py\n(.*?)```", inspect.getdoc(HQSAMAdapter) or "", flags=re.DOTALL)
+    exec(compile(textwrap.dedent(example), "HQSAMAdapter's example", "exec"), {"__name__": "example"})
