@@ -437,8 +437,9 @@ class CaptionedImageDataModule(LightningDataModule):
     """The training data of a text-to-image fine-tuning: a `CaptionedImageDataset`, batched and shuffled by seed.
 
     Batches are `TrainingBatch` dicts: `images` (B x 3 x resolution x resolution, float32 in [-1, 1]), `captions`
-    (a list of B strings), and each image's `original_sizes` and `crop_top_lefts` (B x 2, for SDXL). The order of each epoch and every random crop, flip and caption dropout depend only on
-    `seed` and the epoch, so that a run resumed from a checkpoint sees the data the uninterrupted run would have.
+    (a list of B strings), and each image's `original_sizes` and `crop_top_lefts` (B x 2, for SDXL). The order of
+    each epoch and every random crop, flip and caption dropout depend only on `seed` and the epoch, so that a run
+    resumed from a checkpoint sees the data the uninterrupted run would have.
 
     Caching: with `cache_latents` (`cache_text_embeddings`), batches carry `latents` (`text_embeddings`, and SDXL's
     `pooled_text_embeddings`: see `TextEncodings`) in place of `images` (`captions`), computed once before training

@@ -1,18 +1,18 @@
 """LoRA fine-tuning of Stable Diffusion 1.x and XL as a `LightningModule`: the base frozen, only LoRAs train.
 
 `LoraFineTuning` builds (or loads) the UNet, the autoencoder and the text encoder(s) of a model family (see
-`refiners.training.families`: what it needs of SD1 or SDXL, it asks the family), freezes them, and injects LoRAs into
-the layers a preset names (`LoraTargets`) with fluxion's LoRA API. The base is deliberately not a
-registered submodule: the module's parameters, `state_dict`, checkpoints, DDP's gradient buckets and the averaged
-copy of `WeightAveraging` (EMA) hold the LoRAs and nothing else, while the base still follows the module's device and
-dtype (see `_apply`). Under FSDP, only the LoRAs (and their optimizer state) are sharded: the frozen base is
-replicated on every device, as with DDP.
+`refiners.training.families`: what it needs of SD1 or SDXL, it asks the family), freezes them, and injects LoRAs
+into the layers a preset names (`LoraTargets`) with fluxion's LoRA API. The base is deliberately not a registered
+submodule: the module's parameters, `state_dict`, checkpoints, DDP's gradient buckets and the averaged copy of
+`WeightAveraging` (EMA) hold the LoRAs and nothing else, while the base still follows the module's device and dtype
+(see `_apply`). Under FSDP, only the LoRAs (and their optimizer state) are sharded: the frozen base is replicated on
+every device, as with DDP.
 
 The loss is diffusers' `train_text_to_image_lora.py`'s (`train_text_to_image_lora_sdxl.py`'s for SDXL, whose UNet
-also reads the pooled text embedding and each image's time ids, made from its original size and crop): noise-prediction MSE against the noise (epsilon) or the
-velocity (v-prediction) at a timestep drawn per sample, optionally weighted by min-SNR-gamma (Hang et al., 2023,
-arXiv:2303.09556) and with offset noise. Caption dropout (for classifier-free guidance) belongs to the data: see
-`CaptionedImageDataModule(caption_dropout=...)`.
+also reads the pooled text embedding and each image's time ids, made from its original size and crop):
+noise-prediction MSE against the noise (epsilon) or the velocity (v-prediction) at a timestep drawn per sample,
+optionally weighted by min-SNR-gamma (Hang et al., 2023, arXiv:2303.09556) and with offset noise. Caption dropout
+(for classifier-free guidance) belongs to the data: see `CaptionedImageDataModule(caption_dropout=...)`.
 
 Every random draw of a step (noise, timesteps) comes from a generator seeded by (`seed`, global step, batch index,
 rank), never from torch's global generator: a run resumed from a checkpoint draws what the uninterrupted run drew.
@@ -146,7 +146,7 @@ class StableDiffusionComponents:
         yield from self.text_encoders().items()
 
     def text_encoders(self) -> dict[str, CLIPTextEncoder]:
-        """The text encoders by their diffusers name (SDXL: CLIP-L as `text_encoder`, OpenCLIP-G as `text_encoder_2`)."""
+        """The text encoders by their diffusers name (SDXL: CLIP-L `text_encoder`, OpenCLIP-G `text_encoder_2`)."""
         return self.family.text_encoders(self.clip_text_encoder)
 
     def pipeline(self, solver: Solver) -> LatentDiffusionModel[Any, Any]:
