@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
-from toy_sdxl import SCHEDULER_CONFIG, build_pipeline, write_sgm_checkpoint
+from toy_sdxl import SCHEDULER_CONFIG, build_pipeline, build_refiner_pipeline, write_sgm_checkpoint
 
 from refiners.converters.cli import main
 from refiners.fluxion.model_config import ModelConfig
@@ -87,9 +87,11 @@ def test_from_folder_names_the_command_for_a_missing_file(tmp_path: Path) -> Non
 def test_the_readme_sdxl_blocks_run(
     sdxl_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The README's SDXL section word for word, on the toy: converted as `sdxl/`, a kohya LoRA as `sdxl_lora.safetensors`."""
+    """The README's SDXL section word for word, on the toy: converted as `sdxl/`, a kohya LoRA as `sdxl_lora.safetensors`,
+    the toy refiner as `sdxl-refiner/`."""
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme[readme.index("## Stable Diffusion XL") : readme.index("## Import paths")]
+    start = readme.index("## Stable Diffusion XL")
+    section = readme[start : readme.index("\n## ", start)]
     commands = re.findall(r"^uv run (refiners-convert sdxl .*?)\s+#", section, flags=re.MULTILINE)
     assert commands == ["refiners-convert sdxl --from path/to/stable-diffusion-xl-base-1.0 --to sdxl/"]
     (tmp_path / "path/to").mkdir(parents=True)
@@ -101,15 +103,19 @@ def test_the_readme_sdxl_blocks_run(
     lora = {f"{to_q}.lora_down.weight": torch.randn(4, 48, generator=generator)}
     lora[f"{to_q}.lora_up.weight"] = torch.randn(48, 4, generator=generator)
     save_to_safetensors(tmp_path / "sdxl_lora.safetensors", lora)
+    refiner = tmp_path / "toy-refiner"
+    build_refiner_pipeline(build_pipeline()).save_pretrained(refiner)
+    assert main(["sdxl", "--from", str(refiner), "--to", "sdxl-refiner/"]) == 0
     namespace: dict[str, Any] = {"__name__": "readme"}
     blocks = re.findall(r"^```py\n(.*?)^```$", section, flags=re.MULTILINE | re.DOTALL)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     for index, block in enumerate(blocks):
         exec(compile(block, f"README.md, SDXL block {index}", "exec"), namespace)
     from PIL import Image
 
     assert Image.open(tmp_path / "sdxl_cat.png").size == (64, 64)  # the toy's native size
     assert Image.open(tmp_path / "sdxl_cat_by_hand.png").size == (64, 64)
+    assert Image.open(tmp_path / "sdxl_lion.png").size == (64, 64)
 
 
 # -- single files (SGM layout) ---------------------------------------------------------------------------------------
