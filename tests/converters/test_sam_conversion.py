@@ -77,3 +77,41 @@ def test_real_sizes_are_read_as_their_presets() -> None:
     assert type(build_original_sam(vit_b.state_dict())) is SegmentAnythingB
     assert type(build_original_sam(vit_h.state_dict())) is SegmentAnythingH
     assert original_sam_arguments(vit_b.state_dict())["global_attention_indices"] == (2, 5, 8, 11)
+
+
+def test_transformers_sam_model_folder(tmp_path: Path) -> None:
+    """A transformers `SamModel` folder (save_pretrained) converts to a model that computes what SamModel computes."""
+    from sam_references import randomize
+    from transformers import SamConfig, SamMaskDecoderConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
+
+    config = SamConfig(
+        vision_config=SamVisionConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            global_attn_indexes=[1],
+            window_size=6,
+            image_size=128,
+            output_channels=32,
+            mlp_dim=128,
+            num_pos_feats=16,
+        ),
+        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=32, image_size=128, patch_size=16),
+        mask_decoder_config=SamMaskDecoderConfig(hidden_size=32, mlp_dim=64, iou_head_hidden_dim=32),
+    )
+    reference = SamModel(config).eval()
+    randomize(reference, seed=3)
+    reference.save_pretrained(tmp_path / "sam-hf")
+    assert main(["sam", "--from", str(tmp_path / "sam-hf"), "--to", str(tmp_path / "sam.safetensors")]) == 0
+    sam = SegmentAnything.from_safetensors(tmp_path / "sam.safetensors")
+    assert sam.num_layers == 2 and sam.global_attention_indices == (1,) and sam.window_size == 6
+    pixels = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    points = torch.tensor([[[[40.0, 30.0], [90.0, 60.0]]]])
+    with torch.no_grad():
+        expected = reference.get_image_embeddings(pixels)
+        actual = sam.image_encoder(pixels)
+        outputs = reference(image_embeddings=expected, input_points=points, input_labels=torch.tensor([[[1, 0]]]))
+        coordinates = torch.cat([points[0], torch.zeros(1, 1, 2)], dim=1)
+        masks, iou = sam.decode(expected, coordinates, torch.tensor([[1, 0, -1]]))
+    for ours, theirs in ((actual, expected), (masks, outputs.pred_masks[0]), (iou, outputs.iou_scores[0])):
+        torch.testing.assert_close(ours, theirs, atol=1e-4 * theirs.abs().max().item(), rtol=0)

@@ -1,6 +1,7 @@
 """Meta's Segment Anything checkpoints (`sam_vit_b_01ec64.pth`, ...) to `SegmentAnything` weights.
 
-The checkpoint is a plain `Sam` state dict (`.pth`, read with `torch.load(weights_only=True)`, or `.safetensors`).
+The checkpoint is a plain `Sam` state dict (`.pth`, read with `torch.load(weights_only=True)`, or `.safetensors`),
+or a transformers `SamModel` folder, whose names are turned into the original ones first (`TransformersSAMNames`).
 Its sizes are read off the tensors' shapes (width and depth of the ViT, heads from the relative position tables,
 global layers from their table's length, decoder depth and widths, number of masks), so any size converts; the
 file records the model (`SegmentAnythingB` when the sizes are ViT-B's, else `SegmentAnything(...)` with its
@@ -9,8 +10,9 @@ arguments) for `SegmentAnything.from_safetensors`. The key map is derived from t
 """
 
 import argparse
+import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ __all__ = [
     "build_original_sam",
     "convert_original_sam",
     "read_checkpoint",
+    "TransformersSAMNames",
     "write_converted",
     "convert_sam_file",
     "convert_hq_sam_file",
@@ -69,7 +72,7 @@ def module_path(root: fl.Chain, module: fl.Module) -> str:
 def _shape(tensors: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
     if key not in tensors:
         raise ConversionError(f"the checkpoint has no {key}: it is not an original Segment Anything checkpoint")
-    shape = tensors.shape(key) if isinstance(tensors, TensorFile) else tuple(tensors[key].shape)
+    shape = tensors.shape(key) if isinstance(tensors, TensorFile | TransformersSAMNames) else tuple(tensors[key].shape)
     return tuple(shape)
 
 
@@ -161,12 +164,116 @@ def convert_original_sam(
     )
 
 
-def read_checkpoint(path: str | Path) -> TensorFile:
-    """The tensors of a checkpoint file (`.pth`/`.pt`/`.bin` with `torch.load(weights_only=True)`, `.safetensors`)."""
+def read_checkpoint(path: str | Path) -> Mapping[str, Tensor]:
+    """The tensors of a checkpoint, under the original names: a file (`.pth`/`.pt`/`.bin` read with
+    `torch.load(weights_only=True)`, `.safetensors`), or a transformers `SamModel` folder (`config.json` and
+    `model.safetensors`, sharded or not, or `pytorch_model.bin`), whose names are turned into the original ones
+    (see `TransformersSAMNames`)."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise SourceError(f"no such checkpoint file: {path}")
-    return TensorFile([path])
+    if path.is_dir():
+        tensors = TensorFile(_transformers_weight_files(path))
+    elif path.is_file():
+        tensors = TensorFile([path])
+    else:
+        raise SourceError(f"no such checkpoint file or folder: {path}")
+    return TransformersSAMNames(tensors) if any(key.startswith("vision_encoder.") for key in tensors) else tensors
+
+
+def _transformers_weight_files(folder: Path) -> list[Path]:
+    config = folder / "config.json"
+    if not config.is_file() or "SamModel" not in config.read_text(encoding="utf-8"):
+        raise SourceError(f"{folder} is not a transformers SamModel folder (its config.json does not name SamModel)")
+    if (index := folder / "model.safetensors.index.json").is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        return [folder / name for name in dict.fromkeys(weight_map.values())]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return [folder / name]
+    raise SourceError(f"{folder} has no weights (model.safetensors, its sharded index, or pytorch_model.bin)")
+
+
+# transformers' names of the original `nn.Sequential` children, by their index there.
+_SEQUENTIALS = {
+    "vision_encoder.neck": ("image_encoder.neck", {"conv1": 0, "layer_norm1": 1, "conv2": 2, "layer_norm2": 3}),
+    "prompt_encoder.mask_embed": (
+        "prompt_encoder.mask_downscaling",
+        {"conv1": 0, "layer_norm1": 1, "conv2": 3, "layer_norm2": 4, "conv3": 6},
+    ),
+}
+_UPSCALING = {"upscale_conv1": 0, "upscale_layer_norm": 1, "upscale_conv2": 3}
+_RENAMES = (
+    (r"^vision_encoder\.patch_embed\.projection\.", "image_encoder.patch_embed.proj."),
+    (r"^vision_encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"image_encoder.blocks.\1.norm\2."),
+    (r"^vision_encoder\.layers\.", "image_encoder.blocks."),
+    (r"^vision_encoder\.pos_embed$", "image_encoder.pos_embed"),
+    (r"^shared_image_embedding\.positional_embedding$", "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"),
+    (r"^prompt_encoder\.point_embed\.", "prompt_encoder.point_embeddings."),
+    (r"^(mask_decoder\.transformer\.layers\.\d+)\.layer_norm(\d)\.", r"\1.norm\2."),
+    (r"^mask_decoder\.transformer\.layer_norm_final_attn\.", "mask_decoder.transformer.norm_final_attn."),
+)
+# The prompt encoder's copy of the shared position features: transformers ties it to `shared_image_embedding`.
+_TIED = "prompt_encoder.shared_embedding.positional_embedding"
+
+
+class TransformersSAMNames(Mapping[str, Tensor]):
+    """The tensors of a transformers `SamModel`, under the original checkpoint's names.
+
+    The renaming is a handful of rules (`vision_encoder.layers.N.layer_norm1` is `image_encoder.blocks.N.norm1`, ...),
+    the children of the original `Sequential`s by their index there, and transformers' MLPs (`proj_in`, `layers.i`,
+    `proj_out`) as the original's `layers.0..n-1`. `prompt_encoder.shared_embedding.positional_embedding`, tied to
+    `shared_image_embedding.positional_embedding`, is read once. A key no rule renames keeps its name (and is
+    reported as unused by the conversion).
+
+    Args:
+        tensors: The transformers checkpoint's tensors.
+    """
+
+    def __init__(self, tensors: Mapping[str, Tensor]) -> None:
+        self.tensors = tensors
+        keys = [
+            key for key in tensors if not (key == _TIED and "shared_image_embedding.positional_embedding" in tensors)
+        ]
+        mlps = {key.removesuffix(".proj_in.weight") for key in keys if key.endswith(".proj_in.weight")}
+        hidden = dict.fromkeys(mlps, 0)
+        for key in keys:
+            if (match := re.fullmatch(r"(.*)\.layers\.(\d+)\.\w+", key)) and match.group(1) in mlps:
+                hidden[match.group(1)] = max(hidden[match.group(1)], int(match.group(2)) + 1)
+        self._source = {self._original(key, hidden): key for key in keys}
+
+    @staticmethod
+    def _original(key: str, mlp_hidden_layers: dict[str, int]) -> str:
+        for prefix, (original, indices) in _SEQUENTIALS.items():
+            if (match := re.fullmatch(rf"{re.escape(prefix)}\.(\w+)\.(\w+)", key)) and match.group(1) in indices:
+                return f"{original}.{indices[match.group(1)]}.{match.group(2)}"
+        if (match := re.fullmatch(r"mask_decoder\.(\w+)\.(\w+)", key)) and match.group(1) in _UPSCALING:
+            return f"mask_decoder.output_upscaling.{_UPSCALING[match.group(1)]}.{match.group(2)}"
+        match = re.fullmatch(r"(.*)\.(proj_in|proj_out|layers\.(\d+))\.(\w+)", key)
+        if match and match.group(1) in mlp_hidden_layers:
+            mlp, part, hidden, name = match.groups()
+            last = mlp_hidden_layers[mlp] + 1
+            index = 0 if part == "proj_in" else last if part == "proj_out" else int(hidden) + 1
+            return f"{mlp}.layers.{index}.{name}"
+        for pattern, replacement in _RENAMES:
+            renamed, count = re.subn(pattern, replacement, key)
+            if count:
+                return renamed
+        return key
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self.tensors[self._source[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._source)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._source
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        source = self._source[key]
+        return self.tensors.shape(source) if isinstance(self.tensors, TensorFile) else tuple(self.tensors[source].shape)
 
 
 @dataclass(frozen=True)
@@ -246,11 +353,17 @@ HQ_SAM_TARGET_METADATA = "refiners.hq_sam.target"
 def add_sam_commands(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add `sam` and `hq-sam` to `refiners-convert`."""
     for name, help in (
-        ("sam", "an original Segment Anything checkpoint (sam_vit_b_01ec64.pth, ...), for SegmentAnything"),
+        (
+            "sam",
+            "an original Segment Anything checkpoint (sam_vit_b_01ec64.pth, ...) or a transformers SamModel folder, "
+            "for SegmentAnything",
+        ),
         ("hq-sam", "an original HQ-SAM checkpoint (sam_hq_vit_b.pth, ...), for HQSAMAdapter"),
     ):
         command = commands.add_parser(name, help=help, description=help)
-        command.add_argument("--from", dest="source", required=True, metavar="FILE", help="a .pth or .safetensors file")
+        command.add_argument(
+            "--from", dest="source", required=True, metavar="SOURCE", help="a .pth or .safetensors file (or a folder)"
+        )
         command.add_argument("--to", dest="dest", required=True, metavar="FILE", help="the .safetensors file to write")
         command.add_argument(
             "--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="cast the weights"
