@@ -15,6 +15,7 @@ from refiners.foundationals.dinov2.dinov2 import (
     DINOv2_small_reg,
     preprocess,
 )
+from refiners.foundationals.dinov2.linear_probe import LinearProbe
 from refiners.foundationals.dinov2.vit import ViT
 
 __all__ = [
@@ -32,4 +33,5 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "preprocess",
+    "LinearProbe",
 ]
