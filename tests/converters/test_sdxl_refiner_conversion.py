@@ -20,7 +20,7 @@ from toy_sdxl import SCHEDULER_CONFIG, UNET_CONFIG, build_pipeline, build_refine
 
 from refiners.converters.cli import main
 from refiners.fluxion.model_config import ModelConfig
-from refiners.fluxion.utils import load_from_safetensors, load_metadata_from_safetensors
+from refiners.fluxion.utils import load_from_safetensors, load_metadata_from_safetensors, save_to_safetensors
 from refiners.foundationals.latent_diffusion import DDIM, LCMSolver
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl import (
     SDXL_SOLVER_PARAMS,
@@ -102,22 +102,52 @@ def test_check_compares_the_refiners_components(
         assert match is not None and line.endswith(": ok") and float(match.group(1)) <= 1e-5, line
 
 
-def test_an_lcm_unet_converts_with_its_guidance_embedding(tmp_path: Path) -> None:
-    base = build_pipeline()
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("base") / "toy-sdxl"
+    build_pipeline().save_pretrained(folder)
+    return folder
+
+
+def test_an_lcm_unet_published_alone_converts_with_its_guidance_embedding(
+    base_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # latent-consistency/lcm-sdxl is a UNet folder: `--unet` puts it in place of the base's.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
         unet = UNet2DConditionModel(**UNET_CONFIG, time_cond_proj_dim=8).eval()
-    components: dict[str, Any] = {**base.components, "unet": unet}
-    pipeline = StableDiffusionXLPipeline(**components)
-    pipeline.scheduler = LCMScheduler.from_config(SCHEDULER_CONFIG)  # pyright: ignore[reportAttributeAccessIssue]
-    pipeline.save_pretrained(tmp_path / "lcm")
-    assert main(["sdxl", "--from", str(tmp_path / "lcm"), "--to", str(tmp_path / "out")]) == 0
-    config = ModelConfig.from_metadata(load_metadata_from_safetensors(tmp_path / "out" / "unet.safetensors"))
+    unet.save_pretrained(tmp_path / "lcm-unet")
+    out = tmp_path / "out"
+    command = ["sdxl", "--from", str(base_folder), "--unet", str(tmp_path / "lcm-unet"), "--to", str(out), "--check"]
+    assert main(command) == 0
+    checks = [line for line in capsys.readouterr().err.splitlines() if "max abs difference" in line]
+    assert len(checks) == 3 and all(line.endswith(": ok") for line in checks), checks
+    config = ModelConfig.from_metadata(load_metadata_from_safetensors(out / "unet.safetensors"))
     assert config is not None and config.arguments["guidance_embedding_dim"] == 8
-    model = StableDiffusion_XL.from_folder(tmp_path / "out", solver=LCMSolver(4))
+    model = StableDiffusion_XL.from_folder(out, solver=LCMSolver(4))
     kwargs: dict[str, Any] = {"num_inference_steps": 4, "guidance_scale": 8.0, "height": 64, "width": 48}
     latents = model.generate_latents("a cute cat", seed=2, progress=False, **kwargs)
+    components: dict[str, Any] = {**StableDiffusionXLPipeline.from_pretrained(base_folder).components, "unet": unet}
+    pipeline = StableDiffusionXLPipeline(**components)
+    pipeline.scheduler = LCMScheduler.from_config(SCHEDULER_CONFIG)  # pyright: ignore[reportAttributeAccessIssue]
     with torch.no_grad():
         output: Any = pipeline("a cute cat", generator=torch.Generator().manual_seed(2), output_type="latent", **kwargs)
     expected = output.images
     torch.testing.assert_close(latents, expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+
+
+def test_a_unet_file_published_alone_replaces_the_bases(base_folder: Path, tmp_path: Path) -> None:
+    # SDXL-Lightning's sdxl_lightning_4step_unet.safetensors: a UNet state dict in diffusers' keys, the base's config.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(8)
+        unet = UNet2DConditionModel(**UNET_CONFIG).eval()
+    save_to_safetensors(tmp_path / "unet.safetensors", unet.state_dict())
+    out = tmp_path / "out"
+    command = ["sdxl", "--from", str(base_folder), "--unet", str(tmp_path / "unet.safetensors"), "--to", str(out)]
+    assert main([*command, "--check"]) == 0
+    assert main(["sdxl", "--from", str(base_folder), "--to", str(tmp_path / "base")]) == 0
+    converted, base = (load_from_safetensors(folder / "unet.safetensors") for folder in (out, tmp_path / "base"))
+    assert converted.keys() == base.keys() and any(not torch.equal(converted[k], base[k]) for k in base)
+    for name in ("clip_text.safetensors", "autoencoder.safetensors"):
+        left, right = (load_from_safetensors(folder / name) for folder in (out, tmp_path / "base"))
+        assert all(torch.equal(left[k], right[k]) for k in right)

@@ -295,6 +295,13 @@ def _add_sdxl_command(commands: "argparse._SubParsersAction[argparse.ArgumentPar
         "openai/clip-vit-large-patch14)",
     )
     command.add_argument(
+        "--unet",
+        metavar="UNET",
+        default=None,
+        help="the UNet of a distilled model published alone, instead of SOURCE's: a diffusers UNet folder or Hub id "
+        "(latent-consistency/lcm-sdxl) or a UNet file (SDXL-Lightning's sdxl_lightning_4step_unet.safetensors)",
+    )
+    command.add_argument(
         "--check",
         action="store_true",
         help="compare each converted component with diffusers'/transformers' on random inputs and print the max abs "
@@ -308,7 +315,13 @@ def _convert_sdxl(args: argparse.Namespace) -> int:
     dtype = _DTYPES[args.dtype] if args.dtype is not None else None
     try:
         written = convert_stable_diffusion_xl(
-            args.source, args.dest, dtype, config=args.config, tokenizer=args.tokenizer, progress=_print_progress
+            args.source,
+            args.dest,
+            dtype,
+            config=args.config,
+            tokenizer=args.tokenizer,
+            unet=args.unet,
+            progress=_print_progress,
         )
     except (ValueError, OSError) as error:
         _print_progress(f"refiners-convert: error: {error}")
@@ -323,7 +336,7 @@ def _convert_sdxl(args: argparse.Namespace) -> int:
             return 1
         from refiners.converters.stable_diffusion_xl import compare_stable_diffusion_xl
 
-        comparisons = compare_stable_diffusion_xl(args.source, args.dest, config=args.config)
+        comparisons = compare_stable_diffusion_xl(args.source, args.dest, config=args.config, unet=args.unet)
         tolerance = CHECK_TOLERANCE if dtype in (None, torch.float32) else CHECK_TOLERANCE_AFTER_CAST
         # Every component is reported, even after a failure.
         passed = [_report(name.replace("_", "-"), comparison, tolerance) for name, comparison in comparisons.items()]

@@ -55,6 +55,7 @@ from refiners.converters.unet import diffusers_unet_key_map
 from refiners.fluxion.model_config import ModelConfig
 from refiners.fluxion.utils import load_metadata_from_safetensors, save_to_safetensors
 from refiners.foundationals.clip.text_encoder import CLIPTextEncoder
+from refiners.foundationals.latent_diffusion.range_adapter import compute_guidance_scale_embedding
 from refiners.foundationals.latent_diffusion.stable_diffusion_1.weights import (
     AUTOENCODER_FILE,
     CLIP_TEXT_FILE,
@@ -164,7 +165,47 @@ class SGMCheckpoint:
         return self.file.describe()
 
 
-SDXLSource = DiffusersFolder | SGMCheckpoint
+class UNetReplaced:
+    """An SDXL model whose UNet comes from another source (`refiners-convert sdxl --unet`): a distilled UNet published
+    alone, as LCM's folder (latent-consistency/lcm-sdxl, with its config) or SDXL-Lightning's file (diffusers' keys,
+    or SGM's `model.diffusion_model.*`; sized as the base's UNet).
+
+    Args:
+        base: The model the other components come from.
+        unet: The UNet's folder (or a model folder with `unet/`), or file.
+    """
+
+    def __init__(self, base: "DiffusersFolder | SGMCheckpoint", unet: DiffusersFolder | SingleFile) -> None:
+        self.base = base
+        self.unet = unet
+
+    def has_component(self, component: str) -> bool:
+        return self.base.has_component(component)
+
+    def config(self, component: str) -> dict[str, Any]:
+        if component == "unet" and isinstance(self.unet, DiffusersFolder):
+            return self.unet.config("unet")
+        return self.base.config(component)
+
+    def tensors(self, component: str) -> Mapping[str, Tensor]:
+        if component != "unet":
+            return self.base.tensors(component)
+        if isinstance(self.unet, DiffusersFolder):
+            return self.unet.tensors("unet")
+        checkpoint, prefix = self.unet.tensors, SGM_PREFIXES["unet"]
+        if any(key.startswith(prefix) for key in checkpoint):
+            unet = sdxl_unet_config(self).build(SDXL_UNET_CLASSES, device="meta")
+            return ldm_to_diffusers(checkpoint, unet_renaming(unet), prefix)
+        return checkpoint
+
+    def tokenizer_folder(self) -> Path | None:
+        return self.base.tokenizer_folder()
+
+    def describe(self) -> str:
+        return f"{self.base.describe()} (UNet: {self.unet.describe()})"
+
+
+SDXLSource = DiffusersFolder | SGMCheckpoint | UNetReplaced
 
 
 def _config(source: SDXLSource, component: str) -> dict[str, Any]:
@@ -321,6 +362,8 @@ def _converted(
 
 
 def _autoencoder(source: SDXLSource, dtype: torch.dtype | None, progress: Progress) -> ConvertedWeights:
+    if isinstance(source, UNetReplaced):
+        source = source.base
     if isinstance(source, SGMCheckpoint):
         # Sized by the config folder, else SDXL's (SD1's architecture, SDXL's scaling factor).
         folder = source.config_folder
@@ -338,8 +381,23 @@ def _unet(source: SDXLSource, dtype: torch.dtype | None, progress: Progress) -> 
 
 
 def _open(
-    source: str | Path | Source, config: str | Path | None = None, tokenizer: str | Path | None = None
+    source: str | Path | Source,
+    config: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    unet: str | Path | None = None,
 ) -> SDXLSource:
+    opened = _open_base(source, config, tokenizer)
+    if unet is None:
+        return opened
+    replacement = open_source(unet, components=("unet",))
+    if isinstance(replacement, DiffusersFolder) and not replacement.has_component("unet"):
+        raise SourceError(f"--unet {unet} is not a UNet: pass a diffusers UNet folder (config.json) or a model folder")
+    return UNetReplaced(opened, replacement)
+
+
+def _open_base(
+    source: str | Path | Source, config: str | Path | None = None, tokenizer: str | Path | None = None
+) -> DiffusersFolder | SGMCheckpoint:
     opened = open_source(source, components=_COMPONENTS)
     if isinstance(opened, SingleFile):
         folder = open_source(config, components=_COMPONENTS) if config is not None else None
@@ -366,6 +424,7 @@ def convert_stable_diffusion_xl_weights(
     *,
     config: str | Path | None = None,
     tokenizer: str | Path | None = None,
+    unet: str | Path | None = None,
     progress: Progress = _quiet,
 ) -> dict[str, ConvertedWeights]:
     """Convert an SDXL model in memory: the tensors and metadata `convert_stable_diffusion_xl` writes.
@@ -375,12 +434,13 @@ def convert_stable_diffusion_xl_weights(
         dtype: Cast the weights to this dtype (default: keep the source's).
         config: For a single file: the diffusers folder whose configs size the model (default: SDXL base's sizes).
         tokenizer: For a single file: where to read the CLIP tokenizer if `config` has none (a folder or a Hub id).
+        unet: The UNet of a distilled model published alone, instead of the source's (see `UNetReplaced`).
         progress: Receives a line per step.
 
     Returns:
         The converted weights by component: `"clip_text"`, `"autoencoder"`, `"unet"`.
     """
-    opened = _open(source, config, tokenizer)
+    opened = _open(source, config, tokenizer, unet)
     return {
         "clip_text": _text_encoder(opened, dtype, progress),
         "autoencoder": _autoencoder(opened, dtype, progress),
@@ -395,6 +455,7 @@ def convert_stable_diffusion_xl(
     *,
     config: str | Path | None = None,
     tokenizer: str | Path | None = None,
+    unet: str | Path | None = None,
     progress: Progress = _quiet,
 ) -> dict[str, Path]:
     """Convert an SDXL model into `CLIP_TEXT_FILE`, `AUTOENCODER_FILE` and `UNET_FILE` in a folder, which
@@ -406,12 +467,13 @@ def convert_stable_diffusion_xl(
         dtype: Cast the weights to this dtype (default: keep the source's).
         config: For a single file: the diffusers folder whose configs size the model (default: SDXL base's sizes).
         tokenizer: For a single file: where to read the CLIP tokenizer if `config` has none (a folder or a Hub id).
+        unet: The UNet of a distilled model published alone, instead of the source's (see `UNetReplaced`).
         progress: Receives a line per step.
 
     Returns:
         The written files by component.
     """
-    opened = _open(source, config, tokenizer)
+    opened = _open(source, config, tokenizer, unet)
     folder = Path(out_folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise SourceError(f"the destination {folder} is a file: pass a folder (created if needed)")
@@ -431,7 +493,12 @@ def convert_stable_diffusion_xl(
 
 
 def compare_stable_diffusion_xl(
-    source: str | Path | Source, converted: str | Path, *, config: str | Path | None = None, seed: int = 0
+    source: str | Path | Source,
+    converted: str | Path,
+    *,
+    config: str | Path | None = None,
+    unet: str | Path | None = None,
+    seed: int = 0,
 ) -> dict[str, Comparison]:
     """Compare each converted component with diffusers' and transformers' (the `reference` extra) on random inputs.
 
@@ -442,6 +509,7 @@ def compare_stable_diffusion_xl(
         source: What was converted: a diffusers folder, a Hub id, or an SGM single file.
         converted: The folder `convert_stable_diffusion_xl` wrote.
         config: For a single file: the diffusers folder it was converted with (default: SDXL base's sizes).
+        unet: The UNet it was converted with instead of the source's (`--unet`).
         seed: Seed of the random inputs.
 
     Returns:
@@ -449,6 +517,7 @@ def compare_stable_diffusion_xl(
         `"autoencoder"` (the reconstruction of a random 64x64 image, posterior mean) and `"unet"` (the noise prediction
         of random 8x8 latents with random conditioning, timestep 500).
     """
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
     from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
         StableDiffusionXLImg2ImgPipeline,
@@ -460,15 +529,20 @@ def compare_stable_diffusion_xl(
         StableDiffusion_XL_Refiner,
     )
 
-    opened = _open(source, config)
+    opened = _open(source, config, unet=unet)
+    base = opened.base if isinstance(opened, UNetReplaced) else opened
     refiner = not opened.has_component("text_encoder")
     reference_class: Any = StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline
-    if isinstance(opened, SGMCheckpoint):
+    if isinstance(base, SGMCheckpoint):
         reference: Any = reference_class.from_single_file(
-            str(opened.file.path), config=str(opened.config_folder.root) if opened.config_folder else None
+            str(base.file.path), config=str(base.config_folder.root) if base.config_folder else None
         )
     else:
-        reference = reference_class.from_pretrained(opened.root)
+        reference = reference_class.from_pretrained(base.root)
+    if isinstance(opened, UNetReplaced):
+        replaced: Any = UNet2DConditionModel.from_config(opened.config("unet"))
+        replaced.load_state_dict(dict(opened.tensors("unet")))
+        reference.unet = replaced
     reference = reference.to(torch.float32)
     in_channels = reference.unet.config.in_channels
     pipeline = (
@@ -498,7 +572,13 @@ def compare_stable_diffusion_xl(
         actual_text, actual_pooled = encoder(ids)  # the tokenizers pass token ids through
         expected_image = reference.vae(image, sample_posterior=False).sample
         conditions = {"text_embeds": pooled, "time_ids": time_ids}
-        expected_noise = reference.unet(latents, 500, encoder_hidden_states=text, added_cond_kwargs=conditions).sample
+        guidance = None  # LCM's guidance embedding, at guidance scale 8
+        if (guidance_dim := ours.unet.guidance_embedding_dim) is not None:
+            guidance = compute_guidance_scale_embedding(torch.tensor([8.0]), guidance_dim)
+            ours.unet.set_guidance_scale(8.0)
+        expected_noise = reference.unet(
+            latents, 500, encoder_hidden_states=text, timestep_cond=guidance, added_cond_kwargs=conditions
+        ).sample
         ours.set_unet_context(
             timestep=torch.tensor([500]), clip_text_embedding=text, pooled_text_embedding=pooled, time_ids=time_ids
         )
