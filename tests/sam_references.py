@@ -2,8 +2,7 @@
 real builders' configs, with random weights, saved as Meta's `.pth` files are, converted with `refiners-convert`'s
 code.
 
-`TINY` is SAM's architecture at toy sizes (a 2-layer, 32-wide ViT on 128x128 inputs: an 8x8 grid with 6x6 windows,
-so the windows' padding runs; a 32-wide decoder); the reference is built at those sizes with the classes and the
+The reference is built at the family's `TINY` sizes (or any `SegmentAnything` config) with the classes and the
 settings of `segment_anything.build_sam._build_sam`. Every weight is drawn at random, including those SAM
 initializes to zero or one (relative and absolute positions, norms), so that each one counts in the outputs.
 """
@@ -19,22 +18,9 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from refiners.converters.segment_anything import convert_sam_file
 from refiners.fluxion.model_config import ModelConfig
 from refiners.foundationals.segment_anything import SegmentAnything
+from refiners.foundationals.segment_anything.presets import TINY
 
 __all__ = ["TINY", "build_reference", "build_hq_reference", "randomize", "save_reference", "convert_reference"]
-
-TINY = ModelConfig.of(
-    SegmentAnything,
-    embedding_dim=32,
-    num_layers=2,
-    num_heads=2,
-    global_attention_indices=(1,),
-    window_size=6,
-    image_size=128,
-    prompt_embedding_dim=32,
-    decoder_feedforward_dim=64,
-    iou_hidden_dim=32,
-)
-"""SAM's architecture at toy sizes (see the module's documentation)."""
 
 
 def reference_modules(config: ModelConfig) -> dict[str, Any]:

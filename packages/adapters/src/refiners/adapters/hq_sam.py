@@ -320,10 +320,9 @@ class HQSAMAdapter:
         from PIL import Image
         from refiners.adapters.hq_sam import HQSAMAdapter
         from refiners.foundationals.segment_anything import SegmentAnything
+        from refiners.foundationals.segment_anything.presets import TINY
 
-        sam = SegmentAnything(embedding_dim=32, num_layers=2, num_heads=2, global_attention_indices=(1,),
-                              window_size=4, image_size=128, prompt_embedding_dim=32, decoder_feedforward_dim=64,
-                              iou_hidden_dim=32)
+        sam = TINY.build([SegmentAnything])  # toy sizes, random weights
         hq_sam = HQSAMAdapter(target=sam, hq_mask_only=True).inject()
         with torch.no_grad():
             masks, scores, _ = sam.predict(Image.new("RGB", (64, 64)), foreground_points=[(20, 30)])

@@ -103,10 +103,9 @@ class SegmentAnything(fl.Chain):
         import torch
         from PIL import Image
         from refiners.foundationals.segment_anything import SegmentAnything
+        from refiners.foundationals.segment_anything.presets import TINY
 
-        sam = SegmentAnything(embedding_dim=32, num_layers=2, num_heads=2, global_attention_indices=(1,),
-                              window_size=4, image_size=128, prompt_embedding_dim=32, decoder_feedforward_dim=64,
-                              iou_hidden_dim=32)
+        sam = TINY.build([SegmentAnything])  # toy sizes, random weights
         image = Image.new("RGB", (96, 64))
         with torch.no_grad():
             masks, scores, low_res_masks = sam.predict(image, foreground_points=[(40, 30)], box_points=[(10, 10), (80, 60)])
