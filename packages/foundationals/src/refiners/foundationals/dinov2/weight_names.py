@@ -27,6 +27,7 @@ Example:
 """
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -76,20 +77,36 @@ class _Layer:
         self.fc1, self.fc2 = _found(mlp, fl.Linear, "Linears per MLP", 2)
 
 
-def _parts(model: ViT) -> tuple[list[tuple[str, Targets]], list[_Layer]]:
-    """The embeddings' tensors (by role) and the layers of `model`."""
+@dataclass(frozen=True)
+class _Embeddings:
+    """The weights before the transformer layers, by role."""
+
+    class_token: ClassToken
+    positions: PositionalEmbedding
+    registers: RegisterTokens | None
+    projection: fl.Conv2d
+
+    def names(self, class_token: str, positions: str, registers: str, projection: str) -> dict[str, Targets]:
+        """Each weight under its layout's name."""
+        names: dict[str, Targets] = {
+            class_token: [(self.class_token, "weight")],
+            positions: [(self.positions, "weight")],
+        }
+        if self.registers is not None:
+            names[registers] = [(self.registers, "weight")]
+        names.update(_module(projection, self.projection))
+        return names
+
+
+def _parts(model: ViT) -> tuple[_Embeddings, list[_Layer]]:
+    """The embeddings and the layers of `model`."""
     (class_token,) = _found(model, ClassToken, "ClassToken", 1)
     (patch_encoder,) = _found(model, PatchEncoder, "PatchEncoder", 1)
     (positions,) = _found(model, PositionalEmbedding, "PositionalEmbedding", 1)
-    registers = [layer for layer, _ in model.walk(RegisterTokens)]
-    projection = patch_encoder.ensure_find(fl.Conv2d)
-    embeddings: list[tuple[str, Targets]] = [
-        ("class", [(class_token, "weight")]),
-        ("positions", [(positions, "weight")]),
-        *(("registers", [(register, "weight")]) for register in registers[:1]),
-        ("patch.weight", [(projection, "weight")]),
-        ("patch.bias", [(projection, "bias")]),
-    ]
+    registers = _found(model, RegisterTokens, "RegisterTokens", 1 if model.num_registers else 0)
+    embeddings = _Embeddings(
+        class_token, positions, registers[0] if registers else None, patch_encoder.ensure_find(fl.Conv2d)
+    )
     return embeddings, [_Layer(layer) for layer in model.layers(TransformerLayer)]
 
 
@@ -115,10 +132,7 @@ def facebook_dinov2_names(model: ViT) -> dict[str, Targets]:
         ValueError: The model is not laid out like a `ViT`.
     """
     embeddings, layers = _parts(model)
-    roles = {"class": "cls_token", "positions": "pos_embed", "registers": "register_tokens"}
-    names: dict[str, Targets] = {
-        roles.get(role, role.replace("patch", "patch_embed.proj")): targets for role, targets in embeddings
-    }
+    names = embeddings.names("cls_token", "pos_embed", "register_tokens", "patch_embed.proj")
     for index, layer in enumerate(layers):
         block = f"blocks.{index}"
         fc1, fc2 = ("w12", "w3") if layer.swiglu else ("fc1", "fc2")
@@ -151,15 +165,12 @@ def transformers_dinov2_names(model: ViT) -> dict[str, Targets]:
         ValueError: The model is not laid out like a `ViT`.
     """
     embeddings, layers = _parts(model)
-    roles = {
-        "class": "embeddings.cls_token",
-        "positions": "embeddings.position_embeddings",
-        "registers": "embeddings.register_tokens",
-    }
-    names: dict[str, Targets] = {
-        roles.get(role, role.replace("patch", "embeddings.patch_embeddings.projection")): targets
-        for role, targets in embeddings
-    }
+    names = embeddings.names(
+        "embeddings.cls_token",
+        "embeddings.position_embeddings",
+        "embeddings.register_tokens",
+        "embeddings.patch_embeddings.projection",
+    )
     for index, layer in enumerate(layers):
         block = f"encoder.layer.{index}"
         fc1, fc2 = ("weights_in", "weights_out") if layer.swiglu else ("fc1", "fc2")
