@@ -48,6 +48,11 @@ COVERED_ELSEWHERE = {
     "uv run refiners-convert dinov2 --from dinov2_vits14_pretrain.pth --to dinov2_small.safetensors": (
         "tests/converters/test_dinov2_conversion.py::test_the_readme_dinov2_commands_run runs it on a random DINOv2-small"
     ),
+    "uv run refiners-convert sdxl --from stabilityai/stable-diffusion-xl-base-1.0 --unet latent-consistency/lcm-sdxl "
+    "--to lcm-sdxl/": (
+        "tests/converters/test_sdxl_refiner_conversion.py::"
+        "test_an_lcm_unet_published_alone_converts_with_its_guidance_embedding runs it on a toy SDXL and LCM UNet"
+    ),
     "uv sync --locked --all-packages && uv run python examples/stable_diffusion_demo.py": (
         "tests/test_examples.py::test_example_runs runs the demo, tests/test_readme.py::test_commands_install_then_run "
         "checks the command"
