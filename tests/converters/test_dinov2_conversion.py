@@ -11,6 +11,7 @@ import re
 import shlex
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import timm
 import torch
@@ -21,6 +22,7 @@ from transformers import Dinov2Config, Dinov2ForImageClassification, Dinov2Model
 
 from refiners.converters.cli import main as refiners_convert
 from refiners.converters.dinov2 import convert_dinov2, convert_dinov2_weights, open_dinov2_source
+from refiners.fluxion.utils import save_to_safetensors
 from refiners.foundationals.dinov2 import DINOv2_small, ViT
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,6 +156,44 @@ def test_other_sources_are_refused_with_what_to_pass(tmp_path: Path, capsys: pyt
     assert "is not a DINOv2 checkpoint" in capsys.readouterr().err
     assert refiners_convert(["dinov2", "--from", str(tmp_path / "other.pth"), "--to", str(tmp_path / "x.pt")]) == 1
     assert "the destination must be a .safetensors file" in capsys.readouterr().err
+
+
+def test_a_converted_file_is_refused_and_a_file_without_record_does_not_load(
+    small_files: tuple[Reference, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, folder = small_files
+    converted = tmp_path / "dinov2_small.safetensors"
+    assert refiners_convert(["dinov2", "--from", str(folder / "dinov2-small"), "--to", str(converted)]) == 0
+    assert refiners_convert(["dinov2", "--from", str(converted), "--to", str(tmp_path / "again.safetensors")]) == 1
+    assert (
+        "already holds refiners weights (written by refiners-convert dinov2): load it with ViT.from_safetensors("
+        in (capsys.readouterr().err)
+    )
+    save_to_safetensors(tmp_path / "bare.safetensors", load_file(converted))
+    with pytest.raises(ValueError, match="records no model"):
+        ViT.from_safetensors(tmp_path / "bare.safetensors")
+
+
+def test_a_hub_id_downloads_the_config_and_weights_only(
+    small_files: tuple[Reference, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, folder = small_files
+    requests: list[tuple[str, list[str]]] = []
+
+    def snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
+        requests.append((repo_id, allow_patterns))
+        return str(folder / "dinov2-small")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)  # no local folder of that name
+    source = open_dinov2_source("facebook/dinov2-small")
+    assert source.layout == "transformers" and source.config is not None
+    assert requests == [
+        (
+            "facebook/dinov2-small",
+            ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"],
+        )
+    ]
 
 
 def _readme_dinov2_commands() -> list[str]:

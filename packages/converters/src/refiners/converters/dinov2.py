@@ -198,6 +198,11 @@ def _download(repo_id: str) -> Path:
 
 def _layout(tensors: TensorFile, origin: str) -> Layout:
     keys = set(tensors)
+    if any(key.startswith("Concatenate.ClassToken.") for key in keys):
+        raise SourceError(
+            f"{origin} already holds refiners weights (written by refiners-convert dinov2): load it with "
+            f"ViT.from_safetensors({origin!r}) instead of converting it again"
+        )
     found: list[Layout] = [layout for layout, shapes in _SHAPE_KEYS.items() if shapes["class"] in keys]
     if len(found) != 1:
         shown = ", ".join(sorted(keys)[:8])
