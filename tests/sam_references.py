@@ -7,6 +7,7 @@ settings of `segment_anything.build_sam._build_sam`. Every weight is drawn at ra
 initializes to zero or one (relative and absolute positions, norms), so that each one counts in the outputs.
 """
 
+import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -14,6 +15,13 @@ from typing import Any
 
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+with warnings.catch_warnings():
+    # segment_anything_hq imports timm's deprecated paths and registers its TinyViT under timm's names: notices that
+    # do not concern these tests.
+    warnings.filterwarnings("ignore", message="Overwriting tiny_vit", category=UserWarning)
+    warnings.filterwarnings("ignore", message="Importing from timm", category=FutureWarning)
+    import segment_anything_hq  # noqa: F401  # pyright: ignore[reportUnusedImport]
 
 from refiners.converters.segment_anything import convert_sam_file
 from refiners.fluxion.model_config import ModelConfig
