@@ -56,13 +56,6 @@ from refiners.fluxion.model_config import ModelConfig
 from refiners.fluxion.utils import load_metadata_from_safetensors, save_to_safetensors
 from refiners.foundationals.clip.text_encoder import CLIPTextEncoder
 from refiners.foundationals.latent_diffusion.range_adapter import compute_guidance_scale_embedding
-from refiners.foundationals.latent_diffusion.stable_diffusion_1.weights import (
-    AUTOENCODER_FILE,
-    CLIP_TEXT_FILE,
-    UNET_FILE,
-    ConvertedWeights,
-    unet_metadata,
-)
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl import (
     DoubleTextEncoder,
     RefinerTextEncoder,
@@ -76,6 +69,13 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_xl.model import (
     SDXL_UNET_CLASSES,
 )
 from refiners.foundationals.latent_diffusion.unet_names import unet_renaming
+from refiners.foundationals.latent_diffusion.weights import (
+    AUTOENCODER_FILE,
+    CLIP_TEXT_FILE,
+    UNET_FILE,
+    ConvertedWeights,
+    unet_metadata,
+)
 
 __all__ = [
     "SGMCheckpoint",

@@ -1,5 +1,8 @@
 """The converted weights of a Stable Diffusion 1.x model, and the components they build at their own sizes.
 
+The files and their records are the same for every family (`refiners.foundationals.latent_diffusion.weights`,
+re-exported here); what is SD1's is how a folder without records loads (SD1.5's sizes), and `SD1Weights`.
+
 `refiners-convert sd1` writes a folder of three files, `CLIP_TEXT_FILE`, `AUTOENCODER_FILE` and `UNET_FILE`. Each
 records in its metadata the constructor call of the model it holds (`refiners.fluxion.model_config`), so that it
 loads at its sizes, SD1.5's or any other; the text encoder's also carries its tokenizer
@@ -11,21 +14,27 @@ Files converted before sizes were recorded have no constructor call: they are re
 not fit says to convert it again.
 """
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import torch
-from safetensors import safe_open
-from torch import Tensor
 
 from refiners.fluxion.model_config import ModelConfig
-from refiners.fluxion.utils import load_metadata_from_safetensors, load_state_dict_from_safetensors
 from refiners.foundationals.clip.text_encoder import CLIPTextEncoder, CLIPTextEncoderL
 from refiners.foundationals.clip.tokenizer import METADATA_PREFIX, CLIPTokenizer
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder, SD1Autoencoder
 from refiners.foundationals.latent_diffusion.stable_diffusion_1.unet import SD1UNet
+from refiners.foundationals.latent_diffusion.weights import (
+    AUTOENCODER_FILE,
+    CLIP_TEXT_FILE,
+    SAMPLE_SIZE_KEY,
+    UNET_FILE,
+    ComponentWeights,
+    ConvertedWeights,
+    WeightsFile,
+    unet_metadata,
+)
 
 __all__ = [
     "CLIP_TEXT_FILE",
@@ -40,11 +49,6 @@ __all__ = [
     "unet_metadata",
 ]
 
-CLIP_TEXT_FILE = "clip_text.safetensors"
-AUTOENCODER_FILE = "autoencoder.safetensors"
-UNET_FILE = "unet.safetensors"
-
-SAMPLE_SIZE_KEY = "refiners.unet.sample_size"
 SD15_SAMPLE_SIZE = 64
 """The side of SD1.5's latents in training (diffusers' `sample_size`): 512x512 images."""
 
@@ -56,87 +60,6 @@ _CLIP_TEXT_CLASSES = (CLIPTextEncoder, CLIPTextEncoderL)
 
 def _convert_command(folder: Path | str) -> str:
     return f"refiners-convert sd1 --from SOURCE --to {folder}"
-
-
-def unet_metadata(config: ModelConfig, sample_size: int) -> dict[str, str]:
-    """The metadata of a converted UNet: its constructor call and its native sample size (in latent pixels)."""
-    return config.to_metadata() | {SAMPLE_SIZE_KEY: str(sample_size)}
-
-
-@dataclass(frozen=True)
-class ConvertedWeights:
-    """One component's converted weights in memory: the refiners tensors, and the metadata a file of them carries.
-
-    Attributes:
-        tensors: The refiners model's state dict, exactly (the conversion checked keys and shapes).
-        metadata: The model's constructor call (`ModelConfig.to_metadata`), and what the family adds: the tokenizer,
-            the sample size.
-    """
-
-    tensors: Mapping[str, Tensor]
-    metadata: Mapping[str, str]
-
-    def load_into(self, module: torch.nn.Module) -> None:
-        """Make the tensors the weights of `module` (built on the meta device), cast to its dtype: nothing is copied
-        when the dtypes agree."""
-        targets = module.state_dict()
-        wrong = sorted(set(targets) ^ set(self.tensors)) + [
-            key for key, target in targets.items() if key in self.tensors and self.tensors[key].shape != target.shape
-        ]
-        if wrong:
-            raise ValueError(
-                f"the converted tensors do not fit {type(module).__name__}: {', '.join(wrong[:10])} differ in keys or "
-                "shapes"
-            )
-        tensors = {key: self.tensors[key].to(dtype=target.dtype).contiguous() for key, target in targets.items()}
-        module.load_state_dict(tensors, strict=True, assign=True)
-
-
-@dataclass(frozen=True)
-class WeightsFile:
-    """One component's converted `.safetensors` file: its path, and its header (metadata and shapes, read when the
-    file is opened; the tensors are read by `load_into`).
-
-    Attributes:
-        path: The file.
-        metadata: Its header's metadata.
-        shapes: The shape of each of its tensors.
-    """
-
-    path: Path
-    metadata: Mapping[str, str]
-    shapes: Mapping[str, tuple[int, ...]]
-
-    @classmethod
-    def open(cls, path: Path, command: str | None = None) -> "WeightsFile":
-        """The file at `path`, its header read.
-
-        Args:
-            path: The file.
-            command: The command that writes it, for the error (default: `refiners-convert sd1`'s).
-
-        Raises:
-            FileNotFoundError: No file at `path`; the message says how to make it.
-        """
-        if not path.is_file():
-            command = command or _convert_command(path.parent)
-            raise FileNotFoundError(f"{path} is missing: create it (and the other files) with `{command}`")
-        metadata = load_metadata_from_safetensors(path)  # first: its errors say what is wrong with the file
-        with safe_open(str(path), framework="pt") as handle:
-            keys: list[str] = handle.keys()
-            shapes = {key: tuple[int, ...](handle.get_slice(key).get_shape()) for key in keys}
-        return cls(path, metadata, shapes)
-
-    def load_into(self, module: torch.nn.Module) -> None:
-        """Load the file into `module` (built on the meta device: the tensors are created on CPU).
-
-        Raises:
-            ValueError: The file does not fit the module; the message lists what differs.
-        """
-        load_state_dict_from_safetensors(module, self.path)
-
-
-ComponentWeights = ConvertedWeights | WeightsFile
 
 
 @dataclass(frozen=True)
@@ -168,9 +91,9 @@ class SD1Weights:
                 f"no such folder: {path}. Convert a Stable Diffusion 1.x model into it with `{_convert_command(path)}`"
             )
         return cls(
-            unet=WeightsFile.open(path / UNET_FILE),
-            lda=WeightsFile.open(path / AUTOENCODER_FILE),
-            clip_text_encoder=WeightsFile.open(path / CLIP_TEXT_FILE),
+            unet=WeightsFile.open(path / UNET_FILE, _convert_command(path)),
+            lda=WeightsFile.open(path / AUTOENCODER_FILE, _convert_command(path)),
+            clip_text_encoder=WeightsFile.open(path / CLIP_TEXT_FILE, _convert_command(path)),
         )
 
     @property

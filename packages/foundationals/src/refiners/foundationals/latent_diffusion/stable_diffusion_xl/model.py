@@ -34,13 +34,6 @@ from refiners.foundationals.latent_diffusion.model import (
 )
 from refiners.foundationals.latent_diffusion.solvers.ddim import DDIM
 from refiners.foundationals.latent_diffusion.solvers.solver import Solver, SolverParams, TimestepSpacing
-from refiners.foundationals.latent_diffusion.stable_diffusion_1.weights import (
-    AUTOENCODER_FILE,
-    CLIP_TEXT_FILE,
-    SAMPLE_SIZE_KEY,
-    UNET_FILE,
-    WeightsFile,
-)
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl.text_encoder import (
     DoubleTextEncoder,
     RefinerTextEncoder,
@@ -48,6 +41,13 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_xl.text_encoder im
 )
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl.unet import SDXLRefinerUNet, SDXLUNet
 from refiners.foundationals.latent_diffusion.unet_names import ModuleRenaming, diffusers_unet_modules, unet_renaming
+from refiners.foundationals.latent_diffusion.weights import (
+    AUTOENCODER_FILE,
+    CLIP_TEXT_FILE,
+    SAMPLE_SIZE_KEY,
+    UNET_FILE,
+    WeightsFile,
+)
 
 __all__ = [
     "SDXL_UNET_CLASSES",
