@@ -143,6 +143,20 @@ def test_mask_prompt_matches_sam_predictor(sam: SegmentAnything, predictor: SamP
     assert_close_to(ours_iou[0], torch.as_tensor(iou), "IoU predictions with a mask prompt")
 
 
+def test_mask_prompts_alone_batched(sam: SegmentAnything, predictor: SamPredictor, embedding: Tensor) -> None:
+    _, _, low_res = predictor.predict(point_coords=np.array([[40.0, 30.0]]), point_labels=np.array([1]))
+    masks = np.asarray(low_res)[:2, None]  # two mask prompts, no point
+    with torch.no_grad():
+        logits, iou, _ = sam.predict(
+            embedding, low_res_mask=torch.as_tensor(masks), binarize=False, original_size=IMAGE_SIZE
+        )
+    assert logits.shape == (2, 3, *IMAGE_SIZE)
+    for index in range(2):
+        expected, expected_iou, _ = predictor.predict(mask_input=masks[index], return_logits=True)
+        assert_close_to(logits[index], torch.as_tensor(expected), f"mask logits of mask prompt {index}")
+        assert_close_to(iou[index], torch.as_tensor(expected_iou), f"IoU predictions of mask prompt {index}")
+
+
 def test_batched_prompts_on_one_embedding(sam: SegmentAnything, predictor: SamPredictor, embedding: Tensor) -> None:
     points = torch.tensor([[[40.0, 30.0]], [[100.0, 60.0]], [[12.0, 80.0]]])
     boxes = torch.tensor([[[10.0, 10.0], [120.0, 70.0]], [[50.0, 20.0], [140.0, 85.0]], [[0.0, 0.0], [30.0, 40.0]]])

@@ -355,6 +355,8 @@ class SegmentAnything(fl.Chain):
             if low_res_mask is not None
             else self.no_mask_embedding()
         )
+        if sparse.shape[0] == 1 and dense.shape[0] > 1:  # mask prompts alone: one row of (no) points for each
+            sparse = sparse.expand(dense.shape[0], -1, -1)
         self.mask_decoder.set_context(
             MASK_DECODER_CONTEXT,
             {

@@ -28,7 +28,7 @@ class PointType(IntEnum):
     BOX_BOTTOM_RIGHT = 3
 
 
-class PointTypeEmbedding(fl.WeightedModule):
+class PointTypeEmbedding(fl.Module):
     """`(coordinates, types)` to the learned embedding of each point's type, `(batch, points, embedding_dim)`.
 
     The five embeddings are SAM's `not_a_point_embed` and `point_embeddings.{0,1,2,3}` (see `PointType`).
@@ -52,10 +52,6 @@ class PointTypeEmbedding(fl.WeightedModule):
         self.foreground = torch.nn.Parameter(torch.randn(1, embedding_dim, device=device, dtype=dtype))
         self.box_top_left = torch.nn.Parameter(torch.randn(1, embedding_dim, device=device, dtype=dtype))
         self.box_bottom_right = torch.nn.Parameter(torch.randn(1, embedding_dim, device=device, dtype=dtype))
-
-    @property
-    def weight(self) -> torch.nn.Parameter:  # pyright: ignore[reportIncompatibleVariableOverride]
-        return self.foreground
 
     def forward(self, coordinates: Tensor, types: Tensor) -> Tensor:
         # Rows in the order of `PointType`'s values, from -1: the type plus one is the row.
