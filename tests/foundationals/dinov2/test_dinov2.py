@@ -144,6 +144,8 @@ def test_presets_have_the_released_sizes(preset: Callable[..., ViT], sizes: tupl
 def test_tiny_preset_runs_at_any_size() -> None:
     model = TINY.build([ViT])
     assert model(torch.randn(2, 3, 70, 28)).shape == (2, 1 + 5 * 2, 32)
+    # Images in float32 (what `preprocess` gives) go to the weights' dtype.
+    assert TINY.build([ViT], dtype=torch.float64)(torch.randn(1, 3, 56, 56)).dtype == torch.float64
 
 
 def _images() -> list[Image.Image]:

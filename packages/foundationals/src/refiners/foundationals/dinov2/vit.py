@@ -428,6 +428,8 @@ class ViT(fl.Chain):
         self.feedforward_dim = feedforward_dim
         self.interpolate_antialias = interpolate_antialias
         super().__init__(
+            # Images come from `preprocess` in float32 on the CPU: move them to the weights' device and dtype.
+            fl.Converter(),
             fl.Concatenate(
                 ClassToken(embedding_dim, device=device, dtype=dtype),
                 PatchEncoder(3, embedding_dim, patch_size, device=device, dtype=dtype),
