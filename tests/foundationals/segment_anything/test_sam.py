@@ -208,3 +208,17 @@ def test_vit_b_image_encoder_at_real_widths(tmp_path: Path) -> None:
         ours_time = time.monotonic() - start
     print(f"ViT-B image encoder: reference {reference_time:.1f} s, ours {ours_time:.1f} s")
     assert_close_to(actual, expected, "ViT-B image embedding")
+
+
+@pytest.mark.gpu
+def test_predict_on_cuda_matches_cpu(sam: SegmentAnything, image_array: np.ndarray[Any, Any]) -> None:
+    on_gpu = SegmentAnything(**sam._arguments(), device="cuda")
+    on_gpu.load_state_dict(sam.state_dict())
+    image = Image.fromarray(image_array)
+    with torch.no_grad():
+        expected = sam.predict(image, **PROMPTS["point and box"], binarize=False)
+        actual = on_gpu.predict(image, **PROMPTS["point and box"], binarize=False)
+    for ours, theirs in zip(actual, expected, strict=True):
+        assert ours.device.type == "cuda"
+        # cuDNN's convolutions may use TF32: a looser tolerance than the CPU's.
+        torch.testing.assert_close(ours.cpu(), theirs, atol=1e-2 * theirs.abs().max().item(), rtol=0)
