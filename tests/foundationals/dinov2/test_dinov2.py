@@ -157,10 +157,11 @@ def _images() -> list[Image.Image]:
         Image.fromarray(noise).transpose(Image.Transpose.ROTATE_90),  # portrait
         Image.fromarray(gradient, mode="L"),  # grayscale
         Image.fromarray(noise[:256, :256]),  # already 256: no resize
+        Image.fromarray(torch.cat((torch.from_numpy(noise), torch.from_numpy(noise[..., :1])), dim=2).numpy()),  # RGBA
     ]
 
 
-@pytest.mark.parametrize("index", range(4), ids=["landscape", "portrait", "grayscale", "square-256"])
+@pytest.mark.parametrize("index", range(5), ids=["landscape", "portrait", "grayscale", "square-256", "transparent"])
 def test_preprocess_equals_transformers_image_processor(tmp_path: Path, index: int) -> None:
     image = _images()[index]
     # facebook/dinov2-small's preprocessor_config.json.

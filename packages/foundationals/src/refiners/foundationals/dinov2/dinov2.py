@@ -240,6 +240,17 @@ TINY = ModelConfig.of(ViT, embedding_dim=32, patch_size=14, image_size=56, num_l
 """DINOv2's architecture at toy size (32 wide, 2 layers, a 4 x 4 grid of learned positions), for tests and examples."""
 
 
+def _rgb(image: "Image.Image") -> "Image.Image":
+    """`image` in RGB, transparency composited onto white (transformers' `convert_to_rgb`, not Pillow's `convert`,
+    which keeps the colours under transparent pixels)."""
+    if "A" not in image.getbands() and image.info.get("transparency") is None:
+        return image.convert("RGB")
+    from PIL import Image
+
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
 def preprocess(image: "Image.Image", size: int = 224) -> Tensor:
     """An image as DINOv2 takes it: `(1, 3, size, size)`, as transformers' `AutoImageProcessor` for DINOv2 does.
 
@@ -248,12 +259,12 @@ def preprocess(image: "Image.Image", size: int = 224) -> Tensor:
     `size` x `size` square is cropped, then normalized with ImageNet's mean and standard deviation.
 
     Args:
-        image: Any PIL image (converted to RGB).
+        image: Any PIL image (converted to RGB, transparent pixels made white).
         size: The side of the square the model sees; a multiple of 14 keeps every pixel in a patch (224, 448, 518).
     """
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
-    pixels = (image_to_tensor(image.convert("RGB")) * 255).round().to(torch.uint8)
+    pixels = (image_to_tensor(_rgb(image)) * 255).round().to(torch.uint8)
     height, width = pixels.shape[-2:]
     short = size * 8 // 7
     # The longer side truncated, as transformers' `get_resize_output_image_size` (torchvision's Resize) computes it.
