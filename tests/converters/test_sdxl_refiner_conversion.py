@@ -151,3 +151,24 @@ def test_a_unet_file_published_alone_replaces_the_bases(base_folder: Path, tmp_p
     for name in ("clip_text.safetensors", "autoencoder.safetensors"):
         left, right = (load_from_safetensors(folder / name) for folder in (out, tmp_path / "base"))
         assert all(torch.equal(left[k], right[k]) for k in right)
+
+
+def test_the_fp16_fix_vae_takes_the_bases_place(base_folder: Path, tmp_path: Path) -> None:
+    # madebyollin/sdxl-vae-fp16-fix: SDXL's autoencoder architecture and scaling factor, other weights, no upcast.
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from toy_sdxl import VAE_CONFIG
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(9)
+        vae = AutoencoderKL(**{**VAE_CONFIG, "force_upcast": False}).eval()
+    vae.save_pretrained(tmp_path / "vae-fp16-fix")
+    out = tmp_path / "out"
+    command = ["sdxl", "--from", str(base_folder), "--vae", str(tmp_path / "vae-fp16-fix"), "--to", str(out)]
+    assert main([*command, "--check"]) == 0
+    sdxl = StableDiffusion_XL.from_folder(out)
+    assert type(sdxl.lda).__name__ == "LatentDiffusionAutoencoder" and sdxl.lda.encoder_scale == 0.13025
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = vae.decode(latents / 0.13025).sample
+        actual = sdxl.lda.decode(latents)
+    torch.testing.assert_close(actual, expected, atol=1e-4 * expected.abs().max().item(), rtol=0)

@@ -302,6 +302,13 @@ def _add_sdxl_command(commands: "argparse._SubParsersAction[argparse.ArgumentPar
         "(latent-consistency/lcm-sdxl) or a UNet file (SDXL-Lightning's sdxl_lightning_4step_unet.safetensors)",
     )
     command.add_argument(
+        "--vae",
+        metavar="VAE",
+        default=None,
+        help="another autoencoder of SDXL's architecture instead of SOURCE's: a diffusers folder or Hub id "
+        "(madebyollin/sdxl-vae-fp16-fix) or a file",
+    )
+    command.add_argument(
         "--check",
         action="store_true",
         help="compare each converted component with diffusers'/transformers' on random inputs and print the max abs "
@@ -321,6 +328,7 @@ def _convert_sdxl(args: argparse.Namespace) -> int:
             config=args.config,
             tokenizer=args.tokenizer,
             unet=args.unet,
+            vae=args.vae,
             progress=_print_progress,
         )
     except (ValueError, OSError) as error:
@@ -336,7 +344,9 @@ def _convert_sdxl(args: argparse.Namespace) -> int:
             return 1
         from refiners.converters.stable_diffusion_xl import compare_stable_diffusion_xl
 
-        comparisons = compare_stable_diffusion_xl(args.source, args.dest, config=args.config, unet=args.unet)
+        comparisons = compare_stable_diffusion_xl(
+            args.source, args.dest, config=args.config, unet=args.unet, vae=args.vae
+        )
         tolerance = CHECK_TOLERANCE if dtype in (None, torch.float32) else CHECK_TOLERANCE_AFTER_CAST
         # Every component is reported, even after a failure.
         passed = [_report(name.replace("_", "-"), comparison, tolerance) for name, comparison in comparisons.items()]

@@ -165,35 +165,39 @@ class SGMCheckpoint:
         return self.file.describe()
 
 
-class UNetReplaced:
-    """An SDXL model whose UNet comes from another source (`refiners-convert sdxl --unet`): a distilled UNet published
-    alone, as LCM's folder (latent-consistency/lcm-sdxl, with its config) or SDXL-Lightning's file (diffusers' keys,
-    or SGM's `model.diffusion_model.*`; sized as the base's UNet).
+class ReplacedComponents:
+    """An SDXL model with components from other sources (`refiners-convert sdxl --unet`, `--vae`): a distilled UNet
+    published alone, as LCM's folder (latent-consistency/lcm-sdxl, with its config) or SDXL-Lightning's file
+    (diffusers' keys, or SGM's `model.diffusion_model.*`; sized as the base's UNet), or another autoencoder
+    (madebyollin/sdxl-vae-fp16-fix: SDXL's architecture, other weights).
 
     Args:
         base: The model the other components come from.
-        unet: The UNet's folder (or a model folder with `unet/`), or file.
+        replacements: By component (`unet`, `vae`): its folder (or a model folder with that subfolder), or file.
     """
 
-    def __init__(self, base: "DiffusersFolder | SGMCheckpoint", unet: DiffusersFolder | SingleFile) -> None:
+    def __init__(
+        self, base: "DiffusersFolder | SGMCheckpoint", replacements: Mapping[str, DiffusersFolder | SingleFile]
+    ) -> None:
         self.base = base
-        self.unet = unet
+        self.replacements = dict(replacements)
 
     def has_component(self, component: str) -> bool:
         return self.base.has_component(component)
 
     def config(self, component: str) -> dict[str, Any]:
-        if component == "unet" and isinstance(self.unet, DiffusersFolder):
-            return self.unet.config("unet")
+        if isinstance(replacement := self.replacements.get(component), DiffusersFolder):
+            return replacement.config(component)
         return self.base.config(component)
 
     def tensors(self, component: str) -> Mapping[str, Tensor]:
-        if component != "unet":
+        replacement = self.replacements.get(component)
+        if replacement is None:
             return self.base.tensors(component)
-        if isinstance(self.unet, DiffusersFolder):
-            return self.unet.tensors("unet")
-        checkpoint, prefix = self.unet.tensors, SGM_PREFIXES["unet"]
-        if any(key.startswith(prefix) for key in checkpoint):
+        if isinstance(replacement, DiffusersFolder):
+            return replacement.tensors(component)
+        checkpoint, prefix = replacement.tensors, SGM_PREFIXES["unet"]
+        if component == "unet" and any(key.startswith(prefix) for key in checkpoint):
             unet = sdxl_unet_config(self).build(SDXL_UNET_CLASSES, device="meta")
             return ldm_to_diffusers(checkpoint, unet_renaming(unet), prefix)
         return checkpoint
@@ -202,10 +206,11 @@ class UNetReplaced:
         return self.base.tokenizer_folder()
 
     def describe(self) -> str:
-        return f"{self.base.describe()} (UNet: {self.unet.describe()})"
+        replaced = ", ".join(f"{name}: {source.describe()}" for name, source in self.replacements.items())
+        return f"{self.base.describe()} ({replaced})"
 
 
-SDXLSource = DiffusersFolder | SGMCheckpoint | UNetReplaced
+SDXLSource = DiffusersFolder | SGMCheckpoint | ReplacedComponents
 
 
 def _config(source: SDXLSource, component: str) -> dict[str, Any]:
@@ -362,14 +367,16 @@ def _converted(
 
 
 def _autoencoder(source: SDXLSource, dtype: torch.dtype | None, progress: Progress) -> ConvertedWeights:
-    if isinstance(source, UNetReplaced):
-        source = source.base
-    if isinstance(source, SGMCheckpoint):
+    base = source.base if isinstance(source, ReplacedComponents) else source
+    replacement = source.replacements.get("vae") if isinstance(source, ReplacedComponents) else None
+    if isinstance(replacement, DiffusersFolder):
+        config = autoencoder_config(replacement)
+    elif isinstance(base, SGMCheckpoint):
         # Sized by the config folder, else SDXL's (SD1's architecture, SDXL's scaling factor).
-        folder = source.config_folder
+        folder = base.config_folder
         config = autoencoder_config(folder) if folder is not None else ModelConfig.of(SDXLAutoencoder)
     else:
-        config = autoencoder_config(source)
+        config = autoencoder_config(base)
     key_map = diffusers_autoencoder_key_map
     return _converted(source, "vae", config, SDXL_AUTOENCODER_CLASSES, key_map, dtype, progress, config.to_metadata())
 
@@ -385,14 +392,21 @@ def _open(
     config: str | Path | None = None,
     tokenizer: str | Path | None = None,
     unet: str | Path | None = None,
+    vae: str | Path | None = None,
 ) -> SDXLSource:
     opened = _open_base(source, config, tokenizer)
-    if unet is None:
-        return opened
-    replacement = open_source(unet, components=("unet",))
-    if isinstance(replacement, DiffusersFolder) and not replacement.has_component("unet"):
-        raise SourceError(f"--unet {unet} is not a UNet: pass a diffusers UNet folder (config.json) or a model folder")
-    return UNetReplaced(opened, replacement)
+    replacements: dict[str, DiffusersFolder | SingleFile] = {}
+    for component, given in (("unet", unet), ("vae", vae)):
+        if given is None:
+            continue
+        replacement = open_source(given, components=(component,))
+        if isinstance(replacement, DiffusersFolder) and not replacement.has_component(component):
+            raise SourceError(
+                f"--{component} {given} has no {component}: pass a diffusers {component} folder (config.json) or a "
+                "model folder"
+            )
+        replacements[component] = replacement
+    return ReplacedComponents(opened, replacements) if replacements else opened
 
 
 def _open_base(
@@ -425,6 +439,7 @@ def convert_stable_diffusion_xl_weights(
     config: str | Path | None = None,
     tokenizer: str | Path | None = None,
     unet: str | Path | None = None,
+    vae: str | Path | None = None,
     progress: Progress = _quiet,
 ) -> dict[str, ConvertedWeights]:
     """Convert an SDXL model in memory: the tensors and metadata `convert_stable_diffusion_xl` writes.
@@ -434,13 +449,14 @@ def convert_stable_diffusion_xl_weights(
         dtype: Cast the weights to this dtype (default: keep the source's).
         config: For a single file: the diffusers folder whose configs size the model (default: SDXL base's sizes).
         tokenizer: For a single file: where to read the CLIP tokenizer if `config` has none (a folder or a Hub id).
-        unet: The UNet of a distilled model published alone, instead of the source's (see `UNetReplaced`).
+        unet: The UNet of a distilled model published alone, instead of the source's (see `ReplacedComponents`).
+        vae: Another autoencoder of SDXL's architecture (the fp16-fix VAE), instead of the source's.
         progress: Receives a line per step.
 
     Returns:
         The converted weights by component: `"clip_text"`, `"autoencoder"`, `"unet"`.
     """
-    opened = _open(source, config, tokenizer, unet)
+    opened = _open(source, config, tokenizer, unet, vae)
     return {
         "clip_text": _text_encoder(opened, dtype, progress),
         "autoencoder": _autoencoder(opened, dtype, progress),
@@ -456,6 +472,7 @@ def convert_stable_diffusion_xl(
     config: str | Path | None = None,
     tokenizer: str | Path | None = None,
     unet: str | Path | None = None,
+    vae: str | Path | None = None,
     progress: Progress = _quiet,
 ) -> dict[str, Path]:
     """Convert an SDXL model into `CLIP_TEXT_FILE`, `AUTOENCODER_FILE` and `UNET_FILE` in a folder, which
@@ -467,13 +484,14 @@ def convert_stable_diffusion_xl(
         dtype: Cast the weights to this dtype (default: keep the source's).
         config: For a single file: the diffusers folder whose configs size the model (default: SDXL base's sizes).
         tokenizer: For a single file: where to read the CLIP tokenizer if `config` has none (a folder or a Hub id).
-        unet: The UNet of a distilled model published alone, instead of the source's (see `UNetReplaced`).
+        unet: The UNet of a distilled model published alone, instead of the source's (see `ReplacedComponents`).
+        vae: Another autoencoder of SDXL's architecture (the fp16-fix VAE), instead of the source's.
         progress: Receives a line per step.
 
     Returns:
         The written files by component.
     """
-    opened = _open(source, config, tokenizer, unet)
+    opened = _open(source, config, tokenizer, unet, vae)
     folder = Path(out_folder).expanduser()
     if folder.exists() and not folder.is_dir():
         raise SourceError(f"the destination {folder} is a file: pass a folder (created if needed)")
@@ -498,6 +516,7 @@ def compare_stable_diffusion_xl(
     *,
     config: str | Path | None = None,
     unet: str | Path | None = None,
+    vae: str | Path | None = None,
     seed: int = 0,
 ) -> dict[str, Comparison]:
     """Compare each converted component with diffusers' and transformers' (the `reference` extra) on random inputs.
@@ -510,6 +529,7 @@ def compare_stable_diffusion_xl(
         converted: The folder `convert_stable_diffusion_xl` wrote.
         config: For a single file: the diffusers folder it was converted with (default: SDXL base's sizes).
         unet: The UNet it was converted with instead of the source's (`--unet`).
+        vae: The autoencoder it was converted with instead of the source's (`--vae`).
         seed: Seed of the random inputs.
 
     Returns:
@@ -517,6 +537,7 @@ def compare_stable_diffusion_xl(
         `"autoencoder"` (the reconstruction of a random 64x64 image, posterior mean) and `"unet"` (the noise prediction
         of random 8x8 latents with random conditioning, timestep 500).
     """
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
     from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import StableDiffusionXLPipeline
     from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
@@ -529,8 +550,8 @@ def compare_stable_diffusion_xl(
         StableDiffusion_XL_Refiner,
     )
 
-    opened = _open(source, config, unet=unet)
-    base = opened.base if isinstance(opened, UNetReplaced) else opened
+    opened = _open(source, config, unet=unet, vae=vae)
+    base = opened.base if isinstance(opened, ReplacedComponents) else opened
     refiner = not opened.has_component("text_encoder")
     reference_class: Any = StableDiffusionXLImg2ImgPipeline if refiner else StableDiffusionXLPipeline
     if isinstance(base, SGMCheckpoint):
@@ -539,10 +560,12 @@ def compare_stable_diffusion_xl(
         )
     else:
         reference = reference_class.from_pretrained(base.root)
-    if isinstance(opened, UNetReplaced):
-        replaced: Any = UNet2DConditionModel.from_config(opened.config("unet"))
-        replaced.load_state_dict(dict(opened.tensors("unet")))
-        reference.unet = replaced
+    if isinstance(opened, ReplacedComponents):
+        for component in opened.replacements:
+            model_class: Any = UNet2DConditionModel if component == "unet" else AutoencoderKL
+            replaced: Any = model_class.from_config(opened.config(component))
+            replaced.load_state_dict(dict(opened.tensors(component)))
+            setattr(reference, component, replaced)
     reference = reference.to(torch.float32)
     in_channels = reference.unet.config.in_channels
     pipeline = (
