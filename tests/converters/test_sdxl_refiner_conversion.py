@@ -160,7 +160,8 @@ def test_the_fp16_fix_vae_takes_the_bases_place(base_folder: Path, tmp_path: Pat
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(9)
-        vae = AutoencoderKL(**{**VAE_CONFIG, "force_upcast": False}).eval()
+        fp16_fix: dict[str, Any] = {**VAE_CONFIG, "force_upcast": False}
+        vae: Any = AutoencoderKL(**fp16_fix).eval()
     vae.save_pretrained(tmp_path / "vae-fp16-fix")
     out = tmp_path / "out"
     command = ["sdxl", "--from", str(base_folder), "--vae", str(tmp_path / "vae-fp16-fix"), "--to", str(out)]
