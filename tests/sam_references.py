@@ -11,10 +11,9 @@ import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling import Sam
 
 with warnings.catch_warnings():
     # segment_anything_hq imports timm's deprecated paths and registers its TinyViT under timm's names: notices that
@@ -24,54 +23,12 @@ with warnings.catch_warnings():
     import segment_anything_hq  # noqa: F401  # pyright: ignore[reportUnusedImport]
 
 from refiners.converters.segment_anything import convert_sam_file
+from refiners.converters.segment_anything_check import segment_anything_reference
 from refiners.fluxion.model_config import ModelConfig
 from refiners.foundationals.segment_anything import SegmentAnything
 from refiners.foundationals.segment_anything.presets import TINY
 
 __all__ = ["TINY", "build_reference", "build_hq_reference", "randomize", "save_reference", "convert_reference"]
-
-
-def reference_modules(config: ModelConfig) -> dict[str, Any]:
-    """The keyword arguments of `Sam` for `config`, as `segment_anything.build_sam._build_sam` sets them."""
-    arguments = SegmentAnything(**config.arguments, device="meta")._arguments()
-    prompt_dim = arguments["prompt_embedding_dim"]
-    image_size = arguments["image_size"]
-    grid_size = image_size // arguments["patch_size"]
-    return {
-        "image_encoder": ImageEncoderViT(
-            depth=arguments["num_layers"],
-            embed_dim=arguments["embedding_dim"],
-            img_size=image_size,
-            mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),  # pyright: ignore[reportArgumentType] (as SAM builds it)
-            num_heads=arguments["num_heads"],
-            patch_size=arguments["patch_size"],
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=tuple(arguments["global_attention_indices"]),
-            window_size=arguments["window_size"],
-            out_chans=prompt_dim,
-        ),
-        "prompt_encoder": PromptEncoder(
-            embed_dim=prompt_dim,
-            image_embedding_size=(grid_size, grid_size),
-            input_image_size=(image_size, image_size),
-            mask_in_chans=arguments["mask_encoder_channels"],
-        ),
-        "mask_decoder_arguments": {
-            "num_multimask_outputs": arguments["num_multimask_outputs"],
-            "transformer": TwoWayTransformer(
-                depth=arguments["decoder_depth"],
-                embedding_dim=prompt_dim,
-                mlp_dim=arguments["decoder_feedforward_dim"],
-                num_heads=arguments["decoder_num_heads"],
-            ),
-            "transformer_dim": prompt_dim,
-            "iou_head_depth": 3,
-            "iou_head_hidden_dim": arguments["iou_hidden_dim"],
-        },
-        "embedding_dim": arguments["embedding_dim"],
-    }
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, names: Callable[[str], bool] = lambda _: True) -> None:
@@ -96,15 +53,9 @@ def randomize(model: torch.nn.Module, seed: int = 0, names: Callable[[str], bool
 
 
 def build_reference(config: ModelConfig = TINY, seed: int = 0) -> Sam:
-    """`segment_anything`'s `Sam` at `config`'s sizes, random weights, in eval mode."""
-    modules = reference_modules(config)
-    sam = Sam(
-        image_encoder=modules["image_encoder"],
-        prompt_encoder=modules["prompt_encoder"],
-        mask_decoder=MaskDecoder(**modules["mask_decoder_arguments"]),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    )
+    """`segment_anything`'s `Sam` at `config`'s sizes (built as `refiners-convert sam --check` builds it, with the
+    settings of `segment_anything.build_sam._build_sam`), random weights, in eval mode."""
+    sam = segment_anything_reference(config.arguments)
     randomize(sam, seed)
     return sam.eval()
 

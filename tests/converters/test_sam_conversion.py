@@ -46,6 +46,16 @@ def test_sam_command_writes_the_model_it_records(
     assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
 
 
+def test_check_compares_with_segment_anything(
+    reference: Sam, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = save_reference(reference, tmp_path / "sam.pth")
+    assert main(["sam", "--from", str(checkpoint), "--to", str(tmp_path / "sam.safetensors"), "--check"]) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "max abs difference" in line]
+    assert [line.split(":")[1].strip() for line in lines] == ["image embedding", "masks"]
+    assert all(line.endswith(": ok") for line in lines)
+
+
 def test_unused_keys_are_a_one_line_error(reference: Sam, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     state = reference.state_dict() | {"mask_decoder.extra.weight": torch.zeros(2)}
     torch.save(state, tmp_path / "extra.pth")

@@ -368,6 +368,13 @@ def add_sam_commands(commands: "argparse._SubParsersAction[argparse.ArgumentPars
         command.add_argument(
             "--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="cast the weights"
         )
+        if name == "sam":
+            command.add_argument(
+                "--check",
+                action="store_true",
+                help="compare the converted model with segment_anything's Sam (installed apart) on a random image and "
+                "point, and print the max abs differences",
+            )
 
 
 def run_sam_command(args: argparse.Namespace, progress: Callable[[str], None]) -> int:
@@ -380,6 +387,8 @@ def run_sam_command(args: argparse.Namespace, progress: Callable[[str], None]) -
         progress(f"refiners-convert: error: {' '.join(str(error).split())}")
         return 1
     print(result.path)
+    if getattr(args, "check", False) and not _check_sam(args.source, result.path, dtype, progress):
+        return 1
     load = (
         f"SegmentAnything.from_safetensors({str(result.path)!r})"
         if args.command == "sam"
@@ -387,3 +396,31 @@ def run_sam_command(args: argparse.Namespace, progress: Callable[[str], None]) -
     )
     progress(f"{args.command}: wrote {result.description} to {result.path}; load it with {load}")
     return 0
+
+
+CHECK_TOLERANCE = 1e-4
+"""`--check` fails above this max abs difference, relative to the reference output's scale (5e-2 after a cast to
+float16 or bfloat16)."""
+
+
+def _check_sam(source: str | Path, converted: Path, dtype: torch.dtype | None, progress: Callable[[str], None]) -> bool:
+    from refiners.converters.segment_anything_check import compare_sam, missing_segment_anything
+
+    if missing_segment_anything():
+        progress(
+            "refiners-convert: error: --check needs segment_anything (pip install segment-anything torchvision), or "
+            "leave --check out."
+        )
+        return False
+    tolerance = CHECK_TOLERANCE if dtype in (None, torch.float32) else 5e-2
+    progress("sam: checking against segment_anything's Sam on a random image and point...")
+    passed = True
+    for what, comparison in compare_sam(source, converted).items():
+        ok = comparison.relative <= tolerance
+        passed &= ok
+        progress(
+            f"sam: {what}: max abs difference {comparison.max_abs_difference:.3g} ({comparison.relative:.3g} of the "
+            f"output's scale {comparison.scale:.3g}; tolerance {tolerance:g}): "
+            + ("ok" if ok else "FAILED, the converted model does not compute what the reference computes")
+        )
+    return passed
