@@ -33,10 +33,29 @@ from refiners.foundationals.latent_diffusion.unet_names import ModuleRenaming
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["LatentDiffusionModel", "batch_conditioning"]
+__all__ = [
+    "LatentDiffusionModel",
+    "batch_conditioning",
+    "DENOISING_CONTEXT",
+    "STEP_INDEX_KEY",
+    "NUM_STEPS_KEY",
+    "GUIDED_KEY",
+]
 
 UNetT = TypeVar("UNetT", bound=fl.Chain)
 TextEncoderT = TypeVar("TextEncoderT", bound=fl.Chain)
+
+DENOISING_CONTEXT = "denoising"
+"""The UNet's context where `LatentDiffusionModel` says which step of the run it denoises (for adapters that act on a
+part of the run, or on the guided half of the batch)."""
+STEP_INDEX_KEY = "step_index"
+"""`DENOISING_CONTEXT[STEP_INDEX_KEY]`: the position of the step among the steps the run denoises (0 first), diffusers'
+`i` in its pipelines' loops."""
+NUM_STEPS_KEY = "num_steps"
+"""`DENOISING_CONTEXT[NUM_STEPS_KEY]`: how many steps the run denoises, diffusers' `len(timesteps)`."""
+GUIDED_KEY = "guided"
+"""`DENOISING_CONTEXT[GUIDED_KEY]`: whether the UNet's batch is classifier-free guidance's negative half, then the
+positive half."""
 
 NEGATIVE = "negative_"
 """The prefix of the per-latent conditioning of the negative half only (see `batch_conditioning`)."""
@@ -383,6 +402,11 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT, TextEncoderT]):
         if guided:
             latents = torch.cat([latents, latents])
         self.set_unet_context(timestep=self.solver.timesteps[step], **batched)  # pyright: ignore[reportArgumentType]
+        first = self.solver.first_inference_step
+        self.unet.set_context(
+            DENOISING_CONTEXT,
+            {STEP_INDEX_KEY: step - first, NUM_STEPS_KEY: self.solver.num_inference_steps - first, GUIDED_KEY: guided},
+        )
         prediction = self.unet(self._unet_input(latents))
         if condition_scale is not None:
             unconditional, conditional = prediction.chunk(2)
