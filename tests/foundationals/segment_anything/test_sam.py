@@ -16,6 +16,7 @@ from segment_anything.modeling import Sam
 from torch import Tensor
 
 from refiners.converters.segment_anything import convert_sam_file
+from refiners.fluxion.model_config import ModelConfig
 from refiners.foundationals.segment_anything import SegmentAnything, SegmentAnythingB
 
 TOLERANCE = 1e-4  # of the reference output's scale
@@ -186,6 +187,22 @@ def test_model_is_the_papers_figure(sam: SegmentAnything) -> None:
     ]
     with pytest.raises(TypeError, match="compute_image_embedding"):
         sam(torch.zeros(1, 3, 128, 128))
+
+
+def test_real_prompt_encoder_and_decoder(image_array: np.ndarray[Any, Any], tmp_path: Path) -> None:
+    """SAM's prompt encoder and mask decoder at their real sizes (256 wide, 8 heads, 2048-wide MLPs, 1024 inputs, a
+    64x64 embedding), behind a small ViT."""
+    config = ModelConfig.of(SegmentAnything, embedding_dim=32, num_layers=2, num_heads=2, global_attention_indices=(1,))
+    reference = build_reference(config, seed=4)
+    _, sam = convert_reference(reference, tmp_path)
+    predictor = SamPredictor(reference)
+    predictor.set_image(image_array)
+    arguments = _reference_prompt(PROMPTS["point and box"])
+    logits, iou, _ = predictor.predict(**arguments, return_logits=True)
+    with torch.no_grad():
+        ours_logits, ours_iou, _ = sam.predict(Image.fromarray(image_array), **PROMPTS["point and box"], binarize=False)
+    assert_close_to(ours_logits[0], torch.as_tensor(logits), "mask logits")
+    assert_close_to(ours_iou[0], torch.as_tensor(iou), "IoU predictions")
 
 
 @pytest.mark.slow
