@@ -531,6 +531,31 @@ class MaskDecoder(fl.Chain):
             MaskSelection(),
         )
 
+    def set_inputs(
+        self,
+        image_embedding: Tensor,
+        dense_embedding: Tensor,
+        dense_positional_embedding: Tensor,
+        multimask_output: bool = True,
+    ) -> None:
+        """Give the decoder what it reads from the context besides the prompt tokens (see the module's documentation).
+
+        Args:
+            image_embedding: `(1, dim, h, w)`, the image encoder's output.
+            dense_embedding: `(batch or 1, dim, h or 1, w or 1)`: a mask prompt's embedding, or `NoMaskEmbedding`'s.
+            dense_positional_embedding: `(1, dim, h, w)`: the position features of the embedding's cells.
+            multimask_output: Output all masks but the first, or the first alone.
+        """
+        self.set_context(
+            MASK_DECODER_CONTEXT,
+            {
+                "image_embedding": image_embedding,
+                "dense_embedding": dense_embedding,
+                "dense_positional_embedding": dense_positional_embedding,
+                "multimask_output": multimask_output,
+            },
+        )
+
     def init_context(self) -> Contexts:
         return {
             MASK_DECODER_CONTEXT: {

@@ -20,7 +20,7 @@ import refiners.fluxion.layers as fl
 from refiners.fluxion.model_config import ModelConfig
 from refiners.fluxion.utils import load_metadata_from_safetensors
 from refiners.foundationals.segment_anything.image_encoder import SAMViT
-from refiners.foundationals.segment_anything.mask_decoder import MASK_DECODER_CONTEXT, MaskDecoder
+from refiners.foundationals.segment_anything.mask_decoder import MaskDecoder
 from refiners.foundationals.segment_anything.prompt_encoder import (
     MaskEncoder,
     NoMaskEmbedding,
@@ -357,16 +357,11 @@ class SegmentAnything(fl.Chain):
         )
         if sparse.shape[0] == 1 and dense.shape[0] > 1:  # mask prompts alone: one row of (no) points for each
             sparse = sparse.expand(dense.shape[0], -1, -1)
-        self.mask_decoder.set_context(
-            MASK_DECODER_CONTEXT,
-            {
-                "image_embedding": image_embedding,
-                "dense_embedding": dense,
-                "dense_positional_embedding": self.point_encoder.dense_positional_embedding(self.grid_size).to(
-                    self.dtype
-                ),
-                "multimask_output": multimask_output,
-            },
+        self.mask_decoder.set_inputs(
+            image_embedding,
+            dense,
+            self.point_encoder.dense_positional_embedding(self.grid_size).to(self.dtype),
+            multimask_output,
         )
         return self.mask_decoder(sparse)
 
