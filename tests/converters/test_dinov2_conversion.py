@@ -18,7 +18,7 @@ import torch
 from dinov2_references import Reference, facebook_state_dict, random_reference, save_facebook, tokens
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
-from transformers import Dinov2Config, Dinov2ForImageClassification, Dinov2Model
+from transformers import Dinov2Config, Dinov2Model
 
 from refiners.converters.cli import main as refiners_convert
 from refiners.converters.dinov2 import convert_dinov2, convert_dinov2_weights, open_dinov2_source
@@ -140,12 +140,12 @@ def test_an_unused_tensor_is_a_one_line_error(
 
 def test_other_sources_are_refused_with_what_to_pass(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = Dinov2Config(hidden_size=64, num_hidden_layers=1, num_attention_heads=1)
-    Dinov2ForImageClassification(config).save_pretrained(tmp_path / "classifier")
+    Dinov2Model(config).save_pretrained(tmp_path / "backbone")
+    other = json.loads((tmp_path / "backbone" / "config.json").read_text()) | {"architectures": ["Dinov2Backbone"]}
+    (tmp_path / "backbone" / "config.json").write_text(json.dumps(other))
     dest = str(tmp_path / "out.safetensors")
-    assert refiners_convert(["dinov2", "--from", str(tmp_path / "classifier"), "--to", dest]) == 1
-    assert (
-        "holds a Dinov2ForImageClassification, not a Dinov2Model or Dinov2WithRegistersModel" in capsys.readouterr().err
-    )
+    assert refiners_convert(["dinov2", "--from", str(tmp_path / "backbone"), "--to", dest]) == 1
+    assert "holds a Dinov2Backbone, not a Dinov2Model or Dinov2WithRegistersModel or" in capsys.readouterr().err
     Dinov2Model(config).save_pretrained(tmp_path / "edited")
     edited = json.loads((tmp_path / "edited" / "config.json").read_text()) | {"num_hidden_layers": 2}
     (tmp_path / "edited" / "config.json").write_text(json.dumps(edited))

@@ -1,6 +1,7 @@
 """`LinearProbe` equals transformers' `Dinov2ForImageClassification` / `Dinov2WithRegistersForImageClassification`
 (the class token and the mean of the patch tokens, registers left out, into one Linear), and trains as a linear
-probe: the head learns, the backbone stays bit for bit what it was."""
+probe: the head learns, the backbone stays bit for bit what it was. `refiners-convert dinov2` converts transformers'
+classifiers (the Hub's `facebook/dinov2-small-imagenet1k-1-layer`...) to a `LinearProbe` file."""
 
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from transformers import (
     Dinov2WithRegistersForImageClassification,
 )
 
-from refiners.converters.dinov2 import convert_dinov2
+from refiners.converters.cli import main as refiners_convert
 from refiners.foundationals.dinov2 import LinearProbe, ViT
 
 Classifier = Dinov2ForImageClassification | Dinov2WithRegistersForImageClassification
@@ -36,19 +37,23 @@ def _classifier(name: str) -> Classifier:
 
 
 @pytest.mark.parametrize("name", ["small", "small_reg"])
-def test_logits_equal_transformers_classifier(tmp_path: Path, name: str) -> None:
+def test_a_converted_classifier_equals_transformers(tmp_path: Path, name: str) -> None:
     classifier = _classifier(name)
-    backbone = (
-        classifier.dinov2 if isinstance(classifier, Dinov2ForImageClassification) else classifier.dinov2_with_registers
+    classifier.save_pretrained(tmp_path / "classifier")
+    assert (
+        refiners_convert(
+            ["dinov2", "--from", str(tmp_path / "classifier"), "--to", str(tmp_path / "probe.safetensors")]
+        )
+        == 0
     )
-    backbone.save_pretrained(tmp_path / "backbone")
-    path, _ = convert_dinov2(tmp_path / "backbone", tmp_path / "backbone.safetensors")
-    probe = LinearProbe(ViT.from_safetensors(path), num_classes=10)
-    probe.head.load_state_dict(classifier.classifier.state_dict())
+    probe = LinearProbe.from_safetensors(tmp_path / "probe.safetensors")
+    assert probe.num_classes == 10 and probe.backbone.num_registers == (4 if name == "small_reg" else 0)
     images = torch.randn(2, 3, 126, 98, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = classifier(pixel_values=images).logits
         torch.testing.assert_close(probe(images), expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+    with pytest.raises(ValueError, match="weights are for a LinearProbe"):
+        ViT.from_safetensors(tmp_path / "probe.safetensors")
 
 
 def test_a_linear_probe_trains_the_head_only() -> None:

@@ -6,7 +6,9 @@ A source is one of:
   `torch.load(weights_only=True)`, or the same tensors in a `.safetensors` file;
 - a transformers `Dinov2Model` / `Dinov2WithRegistersModel` folder (`config.json` and `model.safetensors`, sharded or
   not, or `pytorch_model.bin`), or its weights file alone;
-- a Hugging Face Hub id such as `facebook/dinov2-small` (only the config and weights are downloaded).
+- a Hugging Face Hub id such as `facebook/dinov2-small` (only the config and weights are downloaded);
+- a transformers image classifier (`Dinov2ForImageClassification`, `Dinov2WithRegistersForImageClassification`, e.g.
+  `facebook/dinov2-small-imagenet1k-1-layer`): its backbone and linear head become a `LinearProbe`.
 
 The layout is told by the keys (facebook's `blocks.N...` or transformers' `encoder.layer.N...`); the sizes by the
 config of a transformers folder, or else by the shapes of the tensors (DINOv2's attention heads are 64 wide, so a
@@ -16,8 +18,8 @@ shape on the way: the tokens lose their leading batch dimension, facebook's fuse
 query, key and value projections, and the SwiGLU input projection has its halves swapped (see `SwiGLUFeedForward`).
 The `mask_token` is the only source tensor left out on purpose (a training input); any other key that nothing uses
 is an error that lists it. The file is written atomically, with the model's constructor call in its metadata: a
-released size is recorded as its class (`DINOv2_small`...), another as a `ViT` with its arguments, and
-`ViT.from_safetensors(path)` builds and loads it.
+released size is recorded as its class (`DINOv2_small`...), another as a `ViT` with its arguments (a classifier as a
+`LinearProbe` of them), and `ViT.from_safetensors(path)` (`LinearProbe.from_safetensors`) builds and loads it.
 """
 
 import argparse
@@ -36,7 +38,7 @@ from refiners.converters.engine import ConversionError, KeyMap, convert_state_di
 from refiners.converters.sources import SourceError, TensorFile
 from refiners.fluxion.model_config import ModelConfig
 from refiners.fluxion.utils import save_to_safetensors
-from refiners.foundationals.dinov2 import DINOV2_CLASSES, ViT
+from refiners.foundationals.dinov2 import DINOV2_CLASSES, LinearProbe, ViT
 from refiners.foundationals.dinov2.vit import (
     ClassToken,
     PositionalEmbedding,
@@ -67,8 +69,17 @@ __all__ = [
 
 Layout = Literal["facebook", "transformers"]
 
-DINOV2_ARCHITECTURES = ("Dinov2Model", "Dinov2WithRegistersModel")
-"""The transformers classes whose folders `refiners-convert dinov2` reads (their `config.json`'s `architectures`)."""
+DINOV2_ARCHITECTURES = (
+    "Dinov2Model",
+    "Dinov2WithRegistersModel",
+    "Dinov2ForImageClassification",
+    "Dinov2WithRegistersForImageClassification",
+)
+"""The transformers classes whose folders `refiners-convert dinov2` reads (their `config.json`'s `architectures`): the
+backbones, and the image classifiers, converted to a `LinearProbe`."""
+
+CLASSIFIER_PREFIXES = ("dinov2.", "dinov2_with_registers.")
+"""Where transformers' image classifiers keep their backbone's tensors (the classifier's are `classifier.*`)."""
 
 HEAD_DIM = 64
 """The width of an attention head in every released DINOv2 (6 heads for 384, ..., 24 for 1536)."""
@@ -99,6 +110,8 @@ _SHAPE_KEYS: dict[Layout, dict[str, str]] = {
         "layers": r"encoder\.layer\.(\d+)\.",
     },
 }
+CLASSIFIER_WEIGHT = "classifier.weight"
+_REFINERS_KEY = re.compile(r"(?:\w+\.)?Concatenate\.ClassToken\.weight")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
@@ -112,12 +125,19 @@ class DINOv2Source:
         layout: Whose names they have.
         config: The transformers `config.json` next to them, if any.
         origin: Where they come from, for messages.
+        prefix: The prefix of the backbone's tensors (`dinov2.` in transformers' image classifiers), or "".
     """
 
     tensors: TensorFile
     layout: Layout
     config: Mapping[str, Any] | None
     origin: str
+    prefix: str = ""
+
+    @property
+    def classes(self) -> int | None:
+        """The number of classes of a classifier's linear head (`classifier.weight`), or None for a backbone."""
+        return self.tensors.shape(CLASSIFIER_WEIGHT)[0] if self.prefix and CLASSIFIER_WEIGHT in self.tensors else None
 
 
 @dataclass(frozen=True)
@@ -196,14 +216,20 @@ def _download(repo_id: str) -> Path:
     return folder
 
 
-def _layout(tensors: TensorFile, origin: str) -> Layout:
+def _layout(tensors: TensorFile, origin: str) -> tuple[Layout, str]:
     keys = set(tensors)
-    if any(key.startswith("Concatenate.ClassToken.") for key in keys):
+    if any(_REFINERS_KEY.fullmatch(key) for key in keys):
         raise SourceError(
             f"{origin} already holds refiners weights (written by refiners-convert dinov2): load it with "
-            f"ViT.from_safetensors({origin!r}) instead of converting it again"
+            f"ViT.from_safetensors({origin!r}) (LinearProbe.from_safetensors for a classifier) instead of converting "
+            "it again"
         )
-    found: list[Layout] = [layout for layout, shapes in _SHAPE_KEYS.items() if shapes["class"] in keys]
+    found: list[tuple[Layout, str]] = [
+        (layout, prefix)
+        for layout, shapes in _SHAPE_KEYS.items()
+        for prefix in ("", *(CLASSIFIER_PREFIXES if layout == "transformers" else ()))
+        if prefix + shapes["class"] in keys
+    ]
     if len(found) != 1:
         shown = ", ".join(sorted(keys)[:8])
         raise SourceError(
@@ -238,11 +264,12 @@ def open_dinov2_source(source: str | Path) -> DINOv2Source:
         raise SourceError(f"no such file or folder: {source} (nor a Hugging Face Hub id, `org/name`)")
     tensors = TensorFile(files)
     origin = tensors.describe()
-    return DINOv2Source(tensors=tensors, layout=_layout(tensors, origin), config=config, origin=origin)
+    layout, prefix = _layout(tensors, origin)
+    return DINOv2Source(tensors=tensors, layout=layout, config=config, origin=origin, prefix=prefix)
 
 
 def _shape(source: DINOv2Source, role: str) -> tuple[int, ...] | None:
-    key = _SHAPE_KEYS[source.layout][role]
+    key = source.prefix + _SHAPE_KEYS[source.layout][role]
     return source.tensors.shape(key) if key in source.tensors else None
 
 
@@ -269,7 +296,11 @@ def dinov2_config(source: DINOv2Source) -> ModelConfig:
     if grid_size * grid_size != positions:
         raise ConversionError(f"{source.origin}'s {positions} patch position embeddings are not a square grid")
     pattern = re.compile(_SHAPE_KEYS[source.layout]["layers"])
-    layer_indices = {int(match.group(1)) for key in source.tensors if (match := pattern.match(key))}
+    layer_indices = {
+        int(match.group(1))
+        for key in source.tensors
+        if key.startswith(source.prefix) and (match := pattern.match(key.removeprefix(source.prefix)))
+    }
     swiglu = shapes["swiglu"] is not None
     mlp = shapes["swiglu"] if swiglu else shapes["mlp"]
     if mlp is None:
@@ -431,20 +462,33 @@ def convert_dinov2_weights(source: DINOv2Source, dtype: torch.dtype | None = Non
         source: The checkpoint.
         dtype: Cast floating-point tensors to this dtype (default: keep the source's).
 
+    Returns:
+        The weights of a `ViT` (a released size's class for a released checkpoint), or of a `LinearProbe` for a
+        transformers image classifier.
+
     Raises:
         ConversionError: The checkpoint does not fit a DINOv2 ViT; the message lists the keys and shapes.
     """
-    config = dinov2_config(source)
-    model = config.build(DINOV2_CLASSES, device="meta")
-    tensors = split_fused(source.tensors, model, source.layout)
-    key_map = dinov2_key_map(model, source.layout)
+    config = backbone_config = dinov2_config(source)
+    backbone: ViT = backbone_config.build(DINOV2_CLASSES, device="meta")
+    model: ViT | LinearProbe = backbone
+    target_prefix = ""
+    if (classes := source.classes) is not None:
+        config = ModelConfig.of(LinearProbe, backbone=backbone_config, num_classes=classes)
+        model = LinearProbe(backbone, num_classes=classes, device="meta")
+        target_prefix = f"{model.key_of(backbone)}."
+    key_map = dinov2_key_map(backbone, source.layout).with_prefix(source.prefix, target_prefix)
+    if isinstance(model, LinearProbe):
+        for name in ("weight", "bias"):
+            key_map.add(f"classifier.{name}", f"{model.key_of(model.head)}.{name}")
+    tensors = split_fused(source.tensors, backbone, source.layout)
     unused = [key for key in tensors if key not in key_map.mapping and not key_map.is_ignored(key)]
     missing = [key for key in key_map.mapping if key not in tensors]
     where = f"{source.origin} ({source.layout} layout)"
     if unused:
         raise ConversionError(
             f"{where} has {len(unused)} tensors that {config} does not use: {_listed(unused)}. Pass a DINOv2 backbone "
-            "checkpoint (not a classifier's, nor a training checkpoint)"
+            "(or a transformers image classifier), not a training checkpoint nor a separate head"
         )
     if missing:
         raise ConversionError(f"{where} lacks {len(missing)} tensors that {config} needs: {_listed(missing)}")
@@ -493,7 +537,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 def add_dinov2_command(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add `refiners-convert dinov2 --from SOURCE --to FILE [--dtype DTYPE]` to `refiners-convert`'s commands."""
     help = (
-        "a DINOv2 backbone (facebook's .pth, a transformers Dinov2Model folder, or a Hub id), for ViT.from_safetensors"
+        "a DINOv2 backbone (facebook's .pth, a transformers Dinov2Model folder, or a Hub id), for ViT.from_safetensors; "
+        "a transformers Dinov2ForImageClassification, for LinearProbe.from_safetensors"
     )
     command = commands.add_parser("dinov2", help=help, description=help)
     command.add_argument(
@@ -529,7 +574,8 @@ def run_dinov2_command(args: argparse.Namespace, progress: Callable[[str], None]
     size = sum(tensor.numel() * tensor.element_size() for tensor in conversion.tensors.values()) / 1e9
     progress(
         f"dinov2: wrote {len(conversion.tensors)} tensors ({size:.2f} GB) for {conversion.config} to {path} in "
-        f"{time.monotonic() - start:.1f} s; load it with ViT.from_safetensors({str(path)!r})"
+        f"{time.monotonic() - start:.1f} s; load it with "
+        f"{'LinearProbe' if conversion.config.class_name == LinearProbe.__name__ else 'ViT'}.from_safetensors({str(path)!r})"
     )
     print(path)
     return 0

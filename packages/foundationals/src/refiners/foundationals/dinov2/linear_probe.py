@@ -19,11 +19,15 @@ Example:
 """
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 import refiners.fluxion.layers as fl
+from refiners.fluxion.model_config import ModelConfig
+from refiners.fluxion.utils import load_metadata_from_safetensors
+from refiners.foundationals.dinov2.dinov2 import DINOV2_CLASSES
 from refiners.foundationals.dinov2.vit import ViT
 
 __all__ = ["ClassAndPatchMean", "LinearProbe"]
@@ -76,6 +80,36 @@ class LinearProbe(fl.Chain):
                 dtype=dtype if dtype is not None else backbone.dtype,
             ),
         )
+
+    @classmethod
+    def from_safetensors(
+        cls,
+        path: str | Path,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> "LinearProbe":
+        """The probe a converted file records (`refiners-convert dinov2` of a transformers image classifier, e.g.
+        `facebook/dinov2-small-imagenet1k-1-layer`), built at its sizes on the "meta" device and loaded.
+
+        Args:
+            path: The `.safetensors` file.
+            device: Where the weights go (default: CPU).
+            dtype: The weights' dtype (default: float32).
+
+        Raises:
+            ValueError: The file records no model, or another model than a `LinearProbe`.
+        """
+        config = ModelConfig.from_metadata(load_metadata_from_safetensors(path))
+        if config is None or config.class_name != cls.__name__:
+            recorded = "no model" if config is None else f"a {config.class_name}"
+            raise ValueError(
+                f"{path} records {recorded}, not a {cls.__name__}: load a backbone with ViT.from_safetensors, and "
+                "convert an image classifier with `refiners-convert dinov2`"
+            )
+        probe = config.build((cls, *DINOV2_CLASSES), device="meta", dtype=dtype)
+        assert isinstance(probe, LinearProbe)
+        probe.load_from_safetensors(path)
+        return probe.to(device=device) if device is not None else probe
 
     @property
     def backbone(self) -> ViT:
