@@ -19,7 +19,7 @@ diffusers' pipelines', so the same seed gives the same draws on both sides.
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -40,6 +40,7 @@ __all__ = [
     "STEP_INDEX_KEY",
     "NUM_STEPS_KEY",
     "GUIDED_KEY",
+    "GuidanceTerm",
 ]
 
 UNetT = TypeVar("UNetT", bound=fl.Chain)
@@ -56,6 +57,27 @@ NUM_STEPS_KEY = "num_steps"
 GUIDED_KEY = "guided"
 """`DENOISING_CONTEXT[GUIDED_KEY]`: whether the UNet's batch is classifier-free guidance's negative half, then the
 positive half."""
+
+
+class GuidanceTerm(Protocol):
+    """A term added to each step's noise prediction, computed from the UNet's predictions (self-attention guidance).
+
+    `LatentDiffusionModel.guidance_terms` holds them: an adapter appends itself on `inject`, removes itself on
+    `eject`.
+    """
+
+    def __call__(self, x: Tensor, step: int, predictions: Tensor, conditioning: Mapping[str, Tensor]) -> Tensor:
+        """The term to add to the (guided) prediction of `x` at `step`.
+
+        Args:
+            x: The latents of the step, `(batch, latent_channels, height, width)`.
+            step: The index of the step in the solver's schedule.
+            predictions: The UNet's output: the negative half, then the positive half, when guided (`2 * batch`
+                rows), else `batch` rows.
+            conditioning: The UNet's conditioning, batched the same way (see `batch_conditioning`).
+        """
+        ...
+
 
 NEGATIVE = "negative_"
 """The prefix of the per-latent conditioning of the negative half only (see `batch_conditioning`)."""
@@ -153,6 +175,7 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT, TextEncoderT]):
         self.clip_text_encoder = clip_text_encoder
         self.solver = solver
         self.default_size = default_size
+        self.guidance_terms: list[GuidanceTerm] = []
 
     @property
     def device(self) -> torch.device:
@@ -407,10 +430,12 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT, TextEncoderT]):
             DENOISING_CONTEXT,
             {STEP_INDEX_KEY: step - first, NUM_STEPS_KEY: self.solver.num_inference_steps - first, GUIDED_KEY: guided},
         )
-        prediction = self.unet(self._unet_input(latents))
+        predictions = prediction = self.unet(self._unet_input(latents))
         if condition_scale is not None:
-            unconditional, conditional = prediction.chunk(2)
+            unconditional, conditional = predictions.chunk(2)
             prediction = unconditional + condition_scale * (conditional - unconditional)
+        for term in self.guidance_terms:
+            prediction = prediction + term(x, step, predictions, batched)
         return self.solver(x, predicted_noise=prediction, step=step, generator=generator)
 
     # -- one call ----------------------------------------------------------------------------------------------
