@@ -1,5 +1,12 @@
-"""CLIP: the tokenizer and text encoders that condition Stable Diffusion."""
+"""CLIP: the tokenizer and text encoders that condition Stable Diffusion, and the image encoders of IP-Adapter."""
 
+from refiners.foundationals.clip.image_encoder import (
+    CLIP_IMAGE_ENCODER_CLASSES,
+    CLIPImageEncoder,
+    CLIPImageEncoderG,
+    CLIPImageEncoderH,
+)
+from refiners.foundationals.clip.image_encoder import preprocess as preprocess_image
 from refiners.foundationals.clip.text_encoder import (
     CLIP_TEXT_POOLING_CONTEXT,
     CLIPTextEncoder,
@@ -18,4 +25,9 @@ __all__ = [
     "CLIPTextEncoderG",
     "TextEncoderWithPooling",
     "CLIP_TEXT_POOLING_CONTEXT",
+    "CLIPImageEncoder",
+    "CLIPImageEncoderH",
+    "CLIPImageEncoderG",
+    "CLIP_IMAGE_ENCODER_CLASSES",
+    "preprocess_image",
 ]
