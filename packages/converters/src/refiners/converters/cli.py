@@ -10,6 +10,7 @@
     refiners-convert hq-sam --from sam_hq_vit_b.pth --to FILE.safetensors    # HQ-SAM's weights, for HQSAMAdapter
     refiners-convert dinov2 --from SOURCE --to FILE.safetensors     # facebook's .pth, a transformers folder, a Hub id
     refiners-convert clip-image --from SOURCE --to FILE.safetensors # a transformers CLIPVisionModelWithProjection
+    refiners-convert controlnet --from SOURCE --to FILE.safetensors # diffusers' ControlNetModel, lllyasviel's files
 
 SOURCE is a diffusers folder (or one component's folder), a single checkpoint file (`.safetensors`, `.ckpt`; the
 original layout, or one component's weights), or a Hugging Face Hub id such as `runwayml/stable-diffusion-v1-5`.
@@ -37,6 +38,7 @@ import torch
 
 from refiners.adapters.lora import UnmatchedLoraKeysError, UnmatchedLoraKeysWarning, convert_sd1_lora
 from refiners.converters.clip_image import add_clip_image_command, run_clip_image_command
+from refiners.converters.controlnet import add_controlnet_command, run_controlnet_command
 from refiners.converters.dinov2 import add_dinov2_command, run_dinov2_command
 from refiners.converters.reference_check import (
     Comparison,
@@ -123,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sam_commands(commands)
     add_dinov2_command(commands)
     add_clip_image_command(commands)
+    add_controlnet_command(commands)
     return parser
 
 
@@ -169,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_dinov2_command(args, _print_progress)
     if args.command == "clip-image":
         return run_clip_image_command(args, _print_progress)
+    if args.command == "controlnet":
+        return run_controlnet_command(args, _print_progress)
     dtype = _DTYPES[args.dtype] if args.dtype is not None else None
     if args.check and (missing := missing_reference_packages()):
         _print_progress(

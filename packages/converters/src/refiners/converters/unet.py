@@ -18,7 +18,7 @@ from refiners.converters.engine import ConversionError, KeyMap, convert_state_di
 from refiners.foundationals.latent_diffusion.unet import UNet
 from refiners.foundationals.latent_diffusion.unet_names import diffusers_unet_modules
 
-__all__ = ["diffusers_unet_key_map", "convert_diffusers_unet"]
+__all__ = ["diffusers_unet_key_map", "convert_diffusers_unet", "module_key_map"]
 
 
 def _path(root: fl.Chain, module: fl.Module) -> str:
@@ -39,9 +39,20 @@ def diffusers_unet_key_map(unet: UNet) -> KeyMap:
     Args:
         unet: The target UNet (its weights are not read: it may live on the "meta" device).
     """
+    return module_key_map(unet, diffusers_unet_modules(unet))
+
+
+def module_key_map(root: fl.Chain, modules: Mapping[str, fl.WeightedModule]) -> KeyMap:
+    """The key map from a source whose modules are named `modules`' keys to `root`'s state dict: each module's
+    parameters map to those of the layer of `root` it names.
+
+    Args:
+        root: The target model.
+        modules: Source module names and the layers of `root` that play their roles.
+    """
     key_map = KeyMap()
-    for source, module in diffusers_unet_modules(unet).items():
-        target = _path(unet, module)
+    for source, module in modules.items():
+        target = _path(root, module)
         for name, _ in module.named_parameters(recurse=False):
             key_map.add(f"{source}.{name}", f"{target}.{name}")
     return key_map

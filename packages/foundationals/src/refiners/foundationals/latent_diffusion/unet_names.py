@@ -36,7 +36,13 @@ from refiners.foundationals.latent_diffusion.unet import (
     UpBlocks,
 )
 
-__all__ = ["diffusers_unet_modules", "ModuleRenaming", "ldm_unet_renaming", "unet_renaming"]
+__all__ = [
+    "diffusers_unet_modules",
+    "diffusers_encoder_modules",
+    "ModuleRenaming",
+    "ldm_unet_renaming",
+    "unet_renaming",
+]
 
 T = TypeVar("T", bound=fl.Module)
 
@@ -131,6 +137,51 @@ def _level_blocks(prefix: str, blocks: Iterable[fl.Chain]) -> list[tuple[str, fl
     return pairs
 
 
+def diffusers_encoder_modules(
+    model: fl.Chain, extra: Iterable[tuple[str, fl.WeightedModule]] = ()
+) -> list[tuple[str, fl.WeightedModule]]:
+    """The diffusers names of the layers of a UNet's encoder half: the timestep embedding, `extra` (e.g. SDXL's
+    text-time embedding), `conv_in` (the first convolution of the first down block), the down blocks and the middle
+    block. A UNet has them (see `diffusers_unet_modules`), and so has a ControlNet, a copy of them.
+
+    Args:
+        model: A Chain holding a `RangeEncoder`, `DownBlocks` and a `MiddleBlock` (its weights are not read).
+        extra: The `(diffusers name, layer)` pairs of the layers outside the common blocks, after the timestep's.
+
+    Raises:
+        ValueError: The model is not laid out like a UNet's encoder.
+    """
+    pairs: list[tuple[str, fl.WeightedModule]] = []
+    range_encoder = model.ensure_find(RangeEncoder)
+    guidance = range_encoder.find(GuidanceEmbedding)
+    guidance_linears = [] if guidance is None else list(_layers(guidance, fl.Linear))
+    timestep_linears = [
+        linear for linear in _layers(range_encoder, fl.Linear) if all(linear is not g for g in guidance_linears)
+    ]
+    linear_1, linear_2 = _the(timestep_linears, "Linears in the RangeEncoder", 2)
+    pairs.append(("time_embedding.linear_1", linear_1))
+    pairs += [("time_embedding.cond_proj", linear) for linear in guidance_linears]  # LCM's guidance embedding
+    pairs.append(("time_embedding.linear_2", linear_2))
+    pairs += extra
+
+    down_blocks = model.layer("DownBlocks", DownBlocks)
+    conv_in_block, *down = list(down_blocks.layers(fl.Chain))
+    conv_in = next(iter(_layers(conv_in_block, fl.Conv2d)), None)
+    if conv_in is None:
+        raise ValueError("expected a Conv2d in the first down block: is this a Stable Diffusion UNet?")
+    pairs.append(("conv_in", conv_in))
+    pairs += _level_blocks("down_blocks", down)
+
+    middle = model.layer("MiddleBlock", MiddleBlock)
+    resnet_0, resnet_1 = _the(middle.layers(ResidualBlock), "ResidualBlocks in the MiddleBlock", 2)
+    (attention,) = _the(middle.layers(CrossAttentionBlock2d), "CrossAttentionBlock2d in the MiddleBlock", 1)
+    pairs += _resnet("mid_block.resnets.0", resnet_0)
+    pairs += _transformer("mid_block.attentions.0", attention)
+    pairs += _resnet("mid_block.resnets.1", resnet_1)
+
+    return pairs
+
+
 def diffusers_unet_modules(unet: UNet) -> dict[str, fl.WeightedModule]:
     """Every layer with weights of a UNet (`SD1UNet`, `SDXLUNet`), by the name of the module of diffusers'
     `UNet2DConditionModel` that plays its role, in diffusers' order.
@@ -146,32 +197,7 @@ def diffusers_unet_modules(unet: UNet) -> dict[str, fl.WeightedModule]:
     Raises:
         ValueError: The model is not laid out like an `SD1UNet`.
     """
-    pairs: list[tuple[str, fl.WeightedModule]] = []
-    range_encoder = unet.ensure_find(RangeEncoder)
-    guidance = range_encoder.find(GuidanceEmbedding)
-    guidance_linears = [] if guidance is None else list(_layers(guidance, fl.Linear))
-    timestep_linears = [
-        linear for linear in _layers(range_encoder, fl.Linear) if all(linear is not g for g in guidance_linears)
-    ]
-    linear_1, linear_2 = _the(timestep_linears, "Linears in the RangeEncoder", 2)
-    pairs.append(("time_embedding.linear_1", linear_1))
-    pairs += [("time_embedding.cond_proj", linear) for linear in guidance_linears]  # LCM's guidance embedding
-    pairs.append(("time_embedding.linear_2", linear_2))
-    pairs += unet.extra_diffusers_modules()
-
-    down_blocks = unet.layer("DownBlocks", DownBlocks)
-    conv_in_block, *down = list(down_blocks.layers(fl.Chain))
-    (conv_in,) = _the(_layers(conv_in_block, fl.Conv2d), "Conv2d in the first down block", 1)
-    pairs.append(("conv_in", conv_in))
-    pairs += _level_blocks("down_blocks", down)
-
-    middle = unet.layer("MiddleBlock", MiddleBlock)
-    resnet_0, resnet_1 = _the(middle.layers(ResidualBlock), "ResidualBlocks in the MiddleBlock", 2)
-    (attention,) = _the(middle.layers(CrossAttentionBlock2d), "CrossAttentionBlock2d in the MiddleBlock", 1)
-    pairs += _resnet("mid_block.resnets.0", resnet_0)
-    pairs += _transformer("mid_block.attentions.0", attention)
-    pairs += _resnet("mid_block.resnets.1", resnet_1)
-
+    pairs = diffusers_encoder_modules(unet, unet.extra_diffusers_modules())
     pairs += _level_blocks("up_blocks", unet.layer("UpBlocks", UpBlocks).layers(fl.Chain))
 
     output = unet.layer("OutputBlock", OutputBlock)
