@@ -264,14 +264,22 @@ def convert_controlnet(
             else:
                 named[renamed] = tensors[key]
         if unused:
-            raise ConversionError(f"keys of no ControlNet module ({len(unused)}): {', '.join(sorted(unused)[:20])}")
+            raise ConversionError(
+                f"{len(unused)} keys of {source} are of no ControlNet module: {', '.join(sorted(unused)[:20])}"
+            )
     else:
         named = {key: tensors[key] for key in keys}
     model_config = controlnet_config(config if config is not None else _inferred_config(named))
     controlnet = model_config.build((SD1Controlnet, SDXLControlnet), device="meta")
+    key_map = module_key_map(controlnet, diffusers_controlnet_modules(controlnet))
+    if unknown := sorted(key for key in named if key not in key_map.mapping):
+        raise ConversionError(
+            f"{len(unknown)} keys of {source} are of no {model_config.class_name} module: {', '.join(unknown[:20])}"
+            + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
+        )
     converted = convert_state_dict(
         named,
-        module_key_map(controlnet, diffusers_controlnet_modules(controlnet)),
+        key_map,
         {key: tensor.shape for key, tensor in controlnet.state_dict().items()},
         what=f"ControlNet (for {model_config.class_name})",
         dtype=dtype,
