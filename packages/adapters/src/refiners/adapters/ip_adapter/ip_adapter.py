@@ -1,0 +1,530 @@
+"""IP-Adapter: an image prompt for Stable Diffusion, by decoupled cross-attention (Ye et al., 2023).
+
+Each cross-attention of the UNet gets a second attention, on image tokens, with its own key and value projections
+(`to_k_ip`, `to_v_ip`) and the text attention's queries; its output, times `scale`, is added to the text attention's
+before the output projection (the paper's equation 5; diffusers' `IPAdapterAttnProcessor2_0`). The image tokens come
+from a CLIP image embedding through the adapter's projection: `ImageProjection` for the base files, the
+`PerceiverResampler` over the penultimate hidden states for the plus files (`fine_grained=True`).
+
+The weights are the original files (h94 layout, `.bin` or `.safetensors`): `image_proj.*` and
+`ip_adapter.{N}.to_k_ip.weight` / `to_v_ip.weight`, where N numbers the UNet's attention processors as diffusers lists
+them (down blocks, up blocks, then the middle block; in each transformer layer the self-attention, then the
+cross-attention: the cross-attentions are the odd ones).
+"""
+
+import pickle
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+import torch
+from torch import Tensor
+
+import refiners.fluxion.layers as fl
+from refiners.adapters.ip_adapter.image_projection import ImageProjection, PerceiverLayer, PerceiverResampler
+from refiners.fluxion.utils import load_from_safetensors
+from refiners.foundationals.clip.image_encoder import CLIPImageEncoder, CLIPImageEncoderG, CLIPImageEncoderH
+from refiners.foundationals.clip.image_encoder import preprocess as clip_preprocess
+from refiners.foundationals.latent_diffusion.unet import UNet
+from refiners.foundationals.latent_diffusion.unet_names import diffusers_unet_modules
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+__all__ = [
+    "IP_ADAPTER_CONTEXT",
+    "IMAGE_TOKENS_KEY",
+    "ImageCrossAttention",
+    "DecoupledCrossAttention",
+    "IPAdapter",
+    "SD1IPAdapter",
+    "SDXLIPAdapter",
+    "read_ip_adapter_weights",
+]
+
+IP_ADAPTER_CONTEXT = "ip_adapter"
+"""The context holding the image tokens the decoupled cross-attentions attend to."""
+IMAGE_TOKENS_KEY = "image_tokens"
+"""`IP_ADAPTER_CONTEXT[IMAGE_TOKENS_KEY]`: `(batch, tokens, context_embedding_dim)`, set by `set_clip_image_embedding`."""
+
+
+class ImageCrossAttention(fl.Chain):
+    """The attention of the text attention's queries to the image tokens, times `scale`.
+
+    Takes the text attention's `(query, key, value)` (it uses the query only) and reads the image tokens from
+    `IP_ADAPTER_CONTEXT`.
+
+    Args:
+        context_embedding_dim: Size of the image tokens.
+        inner_dim: Size of the projected keys and values (the text attention's).
+        num_heads: Number of heads (the text attention's).
+        scale: The weight of the image prompt.
+        device: Where the weights live.
+        dtype: The weights' dtype.
+    """
+
+    def __init__(
+        self,
+        context_embedding_dim: int,
+        inner_dim: int,
+        num_heads: int,
+        scale: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            fl.Parallel(
+                fl.GetArg(0),
+                fl.Chain(
+                    fl.UseContext(IP_ADAPTER_CONTEXT, IMAGE_TOKENS_KEY),
+                    fl.Linear(context_embedding_dim, inner_dim, bias=False, device=device, dtype=dtype),
+                ),
+                fl.Chain(
+                    fl.UseContext(IP_ADAPTER_CONTEXT, IMAGE_TOKENS_KEY),
+                    fl.Linear(context_embedding_dim, inner_dim, bias=False, device=device, dtype=dtype),
+                ),
+            ),
+            fl.ScaledDotProductAttention(num_heads=num_heads),
+            fl.Multiply(scale),
+        )
+
+    @property
+    def to_k_ip(self) -> fl.Linear:
+        return self.layer("Parallel.Chain_1.Linear", fl.Linear)
+
+    @property
+    def to_v_ip(self) -> fl.Linear:
+        return self.layer("Parallel.Chain_2.Linear", fl.Linear)
+
+    @property
+    def scale(self) -> float:
+        return self.layer("Multiply", fl.Multiply).scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        self.layer("Multiply", fl.Multiply).scale = value
+
+
+class DecoupledCrossAttention(fl.Sum, fl.Adapter[fl.ScaledDotProductAttention]):
+    """The text attention plus an `ImageCrossAttention`, in place of a cross-attention's `ScaledDotProductAttention`.
+
+    Args:
+        target: The cross-attention's attention (inside an `fl.Attention`).
+        context_embedding_dim: Size of the image tokens.
+        inner_dim: Size of the attention's projected keys and values.
+        scale: The weight of the image prompt.
+        device: Where the weights live.
+        dtype: The weights' dtype.
+    """
+
+    def __init__(
+        self,
+        target: fl.ScaledDotProductAttention,
+        context_embedding_dim: int,
+        inner_dim: int,
+        scale: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        with self.setup_adapter(target):
+            super().__init__(
+                target,
+                ImageCrossAttention(
+                    context_embedding_dim, inner_dim, target.num_heads, scale=scale, device=device, dtype=dtype
+                ),
+            )
+
+    @property
+    def image_attention(self) -> ImageCrossAttention:
+        return self.layer("ImageCrossAttention", ImageCrossAttention)
+
+
+def _cross_attentions(unet: UNet) -> list[tuple[str, fl.Attention]]:
+    """The UNet's cross-attentions, by diffusers' name (`down_blocks.1.attentions.0.transformer_blocks.0.attn2`), in
+    the order of diffusers' `attn_processors`: down blocks, up blocks, then the middle block (`UNet2DConditionModel`
+    registers `up_blocks` before `mid_block`)."""
+    found: list[tuple[str, fl.Attention]] = []
+    for name, module in diffusers_unet_modules(unet).items():
+        if name.endswith(".attn2.to_k") and isinstance(parent := module.parent, fl.Distribute):
+            attention = parent.parent
+            assert isinstance(attention, fl.Attention)
+            found.append((name.removesuffix(".to_k"), attention))
+    group = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}
+
+    def order(item: tuple[str, fl.Attention]) -> tuple[int, ...]:
+        head, *rest = item[0].split(".")
+        return (group[head], *(int(part) for part in rest if part.isdigit()))
+
+    return sorted(found, key=order)
+
+
+def read_ip_adapter_weights(weights: str | Path | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """An IP-Adapter file's tensors, flat (`image_proj.proj.weight`, `ip_adapter.1.to_k_ip.weight`...).
+
+    Reads `.safetensors` (flat keys) and `.bin` (`{"image_proj": {...}, "ip_adapter": {...}}`, read with
+    `torch.load(weights_only=True)`), or a mapping of either form.
+    """
+    loaded: Any
+    if isinstance(weights, str | Path):
+        path = Path(weights)
+        if path.suffix == ".safetensors":
+            loaded = load_from_safetensors(path)
+        else:
+            try:
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as error:
+                raise ValueError(f"{path} cannot be loaded safely (it pickles more than tensors): {error}") from None
+    else:
+        loaded = weights
+    flat: dict[str, Tensor] = {}
+    for key, value in dict(loaded).items():
+        if isinstance(value, Mapping):
+            for inner, tensor in value.items():  # pyright: ignore[reportUnknownVariableType]
+                flat[f"{key}.{inner}"] = tensor
+        else:
+            flat[str(key)] = value
+    return flat
+
+
+class IPAdapter:
+    """An IP-Adapter on a UNet: `inject` adds the decoupled cross-attentions, `eject` removes them exactly.
+
+    Use a family's subclass (`SD1IPAdapter`, `SDXLIPAdapter`). It holds the CLIP image encoder (`clip_image_encoder`)
+    and the image projection (`image_proj`).
+
+    Args:
+        target: The UNet.
+        clip_image_encoder: The CLIP image encoder the weights were trained with.
+        weights: The original file (h94 layout), or its tensors.
+        scale: The weight of the image prompt.
+        fine_grained: IP-Adapter plus: the `PerceiverResampler` over the encoder's penultimate hidden states.
+        device: Where the adapter's weights live (default: the UNet's device).
+        dtype: The adapter's dtype (default: the UNet's).
+
+    Raises:
+        ValueError: The weights do not fit this UNet (another family's IP-Adapter) or this image encoder, or are of
+            the other kind (plus / base) than `fine_grained` says; the message names both sizes.
+    """
+
+    def __init__(
+        self,
+        target: UNet,
+        clip_image_encoder: CLIPImageEncoder,
+        weights: str | Path | Mapping[str, Tensor],
+        scale: float = 1.0,
+        fine_grained: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        device = device if device is not None else target.device
+        dtype = dtype if dtype is not None else target.dtype
+        self.target = target
+        self.fine_grained = fine_grained
+        tensors = read_ip_adapter_weights(weights)
+        cross_attentions = _cross_attentions(target)
+        context_dim = cross_attentions[0][1].key_embedding_dim
+        self._check(tensors, clip_image_encoder, context_dim, len(cross_attentions))
+        self._clip_image_encoder = [clip_image_encoder]
+        self._penultimate = [clip_image_encoder.with_penultimate_output()] if fine_grained else []
+        self._image_proj = [self._build_projection(tensors, clip_image_encoder, context_dim, device, dtype)]
+        self._names = [name for name, _ in cross_attentions]
+        self._adapters = [
+            DecoupledCrossAttention(
+                attention.ensure_find(fl.ScaledDotProductAttention),
+                context_dim,
+                attention.inner_dim,
+                scale=scale,
+                device=device,
+                dtype=dtype,
+            )
+            for _, attention in cross_attentions
+        ]
+        self._load(tensors)
+
+    @staticmethod
+    def _check(tensors: Mapping[str, Tensor], encoder: CLIPImageEncoder, context_dim: int, count: int) -> None:
+        k_keys = [key for key in tensors if key.startswith("ip_adapter.") and key.endswith(".to_k_ip.weight")]
+        if not k_keys or not any(key.startswith("image_proj.") for key in tensors):
+            raise ValueError(
+                f"not an IP-Adapter file: expected image_proj.* and ip_adapter.N.to_k_ip.weight keys, got "
+                f"{', '.join(sorted(tensors)[:6])}"
+            )
+        file_dim = tensors[k_keys[0]].shape[1]
+        if file_dim != context_dim or len(k_keys) != count:
+            raise ValueError(
+                f"this IP-Adapter is for a UNet whose cross-attentions take {file_dim}-wide context ({len(k_keys)} "
+                f"cross-attentions), but this UNet's take {context_dim} ({count} cross-attentions): use the "
+                "IP-Adapter file of this model's family (SD1IPAdapter for SD 1.5, SDXLIPAdapter for SDXL)"
+            )
+        plus = "image_proj.latents" in tensors
+        if "image_proj.proj.weight" in tensors:
+            wanted, have, what = tensors["image_proj.proj.weight"].shape[1], encoder.output_dim, "embedding"
+        elif plus:
+            wanted, have, what = tensors["image_proj.proj_in.weight"].shape[1], encoder.embedding_dim, "width"
+        else:
+            raise ValueError("unknown IP-Adapter kind: image_proj has neither proj.weight (base) nor latents (plus)")
+        if wanted != have:
+            raise ValueError(
+                f"this IP-Adapter takes a {wanted}-wide CLIP image {what} but the image encoder "
+                f"{type(encoder).__name__} gives {have}: pair it with the image encoder it was trained with "
+                "(CLIPImageEncoderH: output 1024, width 1280; CLIPImageEncoderG: output 1280, width 1664)"
+            )
+
+    def _build_projection(
+        self,
+        tensors: Mapping[str, Tensor],
+        encoder: CLIPImageEncoder,
+        context_dim: int,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> fl.Chain:
+        plus = "image_proj.latents" in tensors
+        if plus != self.fine_grained:
+            kind = "plus (a PerceiverResampler)" if plus else "base (a linear projection)"
+            raise ValueError(f"the weights are of an IP-Adapter {kind}: pass fine_grained={plus}")
+        if not plus:
+            weight = tensors["image_proj.proj.weight"]
+            return ImageProjection(
+                encoder.output_dim, context_dim, weight.shape[0] // context_dim, device=device, dtype=dtype
+            )
+        latents = tensors["image_proj.latents"]
+        num_layers = len({key.split(".")[2] for key in tensors if key.startswith("image_proj.layers.")})
+        return PerceiverResampler(
+            embedding_dim=latents.shape[-1],
+            input_dim=encoder.embedding_dim,
+            output_dim=tensors["image_proj.proj_out.weight"].shape[0],
+            num_layers=num_layers,
+            num_heads=tensors["image_proj.layers.0.0.to_q.weight"].shape[0] // 64,
+            num_tokens=latents.shape[-2],
+            device=device,
+            dtype=dtype,
+        )
+
+    def _projection_tensors(self) -> dict[str, tuple[Tensor, str]]:
+        """For each parameter of the projection, its key in the file (and, for the resampler's `to_kv`, which half)."""
+        pairs: dict[str, tuple[Tensor, str]] = {}
+
+        def add(prefix: str, module: fl.Module) -> None:
+            for name, parameter in module.named_parameters(recurse=False):
+                pairs[f"image_proj.{prefix}.{name}"] = (parameter, "")
+
+        proj = self.image_proj
+        if isinstance(proj, ImageProjection):
+            add("proj", proj.layer("Linear", fl.Linear))
+            add("norm", proj.layer("LayerNorm", fl.LayerNorm))
+            return pairs
+        pairs["image_proj.latents"] = (proj.layer("LatentTokens", fl.Parameter).weight, "latents")
+        add("proj_in", proj.layer("Linear_1", fl.Linear))
+        add("proj_out", proj.layer("Linear_2", fl.Linear))
+        add("norm_out", proj.layer("LayerNorm", fl.LayerNorm))
+        for index, layer in enumerate(proj.layers(PerceiverLayer)):
+            prefix = f"layers.{index}"
+            norm1, norm2, ff_norm = layer.layers(fl.LayerNorm)
+            to_q, to_k, to_v, to_out, ff1, ff2 = layer.layers(fl.Linear)
+            for name, module in [
+                ("0.norm1", norm1),  # the image features' norm
+                ("0.norm2", norm2),  # the latent tokens'
+                ("0.to_q", to_q),
+                ("0.to_out", to_out),
+                ("1.0", ff_norm),
+                ("1.1", ff1),
+                ("1.3", ff2),
+            ]:
+                add(f"{prefix}.{name}", module)
+            # One `to_kv` in the file: the keys' projection, then the values'.
+            pairs[f"image_proj.{prefix}.0.to_kv.weight#0"] = (to_k.weight, "first half")
+            pairs[f"image_proj.{prefix}.0.to_kv.weight#1"] = (to_v.weight, "second half")
+        return pairs
+
+    def _load(self, tensors: Mapping[str, Tensor]) -> None:
+        targets = self._projection_tensors()
+        for index, adapter in enumerate(self._adapters):
+            attention = adapter.image_attention
+            targets[f"ip_adapter.{2 * index + 1}.to_k_ip.weight"] = (attention.to_k_ip.weight, "")
+            targets[f"ip_adapter.{2 * index + 1}.to_v_ip.weight"] = (attention.to_v_ip.weight, "")
+        used = {key.split("#")[0] for key in targets}
+        if unused := sorted(set(tensors) - used):
+            raise ValueError(f"{len(unused)} tensors of the IP-Adapter file are not used: {', '.join(unused)}")
+        if missing := sorted(key for key in used if key not in tensors):
+            raise ValueError(f"the IP-Adapter file lacks {len(missing)} tensors: {', '.join(missing)}")
+        misshaped: list[str] = []
+        with torch.no_grad():
+            for key, (parameter, part) in targets.items():
+                source = tensors[key.split("#")[0]]
+                if part == "latents":
+                    source = source.reshape(source.shape[-2:])
+                elif part:
+                    source = source.chunk(2)[0 if part == "first half" else 1]
+                if source.shape != parameter.shape:
+                    misshaped.append(f"{key} {tuple(source.shape)} (expected {tuple(parameter.shape)})")
+                    continue
+                parameter.copy_(source)
+        if misshaped:
+            raise ValueError(f"IP-Adapter tensors of the wrong shape: {', '.join(misshaped)}")
+
+    @property
+    def clip_image_encoder(self) -> CLIPImageEncoder:
+        """The CLIP image encoder the adapter's weights were trained with."""
+        return self._clip_image_encoder[0]
+
+    @property
+    def image_proj(self) -> fl.Chain:
+        """The image projection: `ImageProjection` (base) or `PerceiverResampler` (plus)."""
+        return self._image_proj[0]
+
+    @property
+    def cross_attention_names(self) -> list[str]:
+        """diffusers' names of the adapted cross-attentions, in the file's order."""
+        return list(self._names)
+
+    @property
+    def scale(self) -> float:
+        """The weight of the image prompt (that of the first cross-attention when they differ)."""
+        return self._adapters[0].image_attention.scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        for adapter in self._adapters:
+            adapter.image_attention.scale = value
+
+    def set_block_scales(self, scales: Mapping[str, float | Mapping[str, float | Sequence[float]]]) -> None:
+        """Per-block scales, as diffusers' `set_ip_adapter_scale` takes a dict (InstantStyle).
+
+        `{"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}}`: a block's scale for all its
+        transformers, or one per transformer (`attentions.N`); `"mid"` a number. Blocks not listed get 0.
+
+        Raises:
+            ValueError: A block or transformer that the UNet does not have.
+        """
+        per_name: dict[str, float] = {}
+        for part, value in scales.items():
+            prefix = {"down": "down_blocks", "up": "up_blocks", "mid": "mid_block"}.get(part)
+            if prefix is None:
+                raise ValueError(f"unknown part {part!r}: use 'down', 'mid' and 'up'")
+            if isinstance(value, int | float):
+                per_name[prefix] = float(value)
+                continue
+            for block, block_scale in value.items():
+                name = f"{prefix}.{block.removeprefix('block_')}"
+                if not any(n.startswith(name + ".") for n in self._names):
+                    raise ValueError(f"the UNet has no cross-attention in {name} (from {part}.{block})")
+                if isinstance(block_scale, int | float):
+                    per_name[name] = float(block_scale)
+                else:
+                    for index, transformer_scale in enumerate(block_scale):
+                        per_name[f"{name}.attentions.{index}"] = float(transformer_scale)
+        for name, adapter in zip(self._names, self._adapters, strict=True):
+            matches = [prefix for prefix in per_name if name.startswith(prefix + ".")]
+            adapter.image_attention.scale = per_name[max(matches, key=len)] if matches else 0.0
+
+    @property
+    def is_injected(self) -> bool:
+        return self._adapters[0].parent is not None
+
+    def inject(self) -> Self:
+        """Add the decoupled cross-attentions to the UNet."""
+        if self.is_injected:
+            raise ValueError(f"{type(self).__name__} is already injected; eject it first")
+        for adapter in self._adapters:
+            adapter.inject()
+        return self
+
+    def eject(self) -> None:
+        """Remove them: the UNet is exactly as it was before `inject`."""
+        for adapter in reversed(self._adapters):
+            adapter.eject()
+
+    def preprocess_image(self, images: "Image.Image | Sequence[Image.Image]") -> Tensor:
+        """Images as the CLIP image encoder takes them (transformers' `CLIPImageProcessor`)."""
+        return clip_preprocess(images, size=self.clip_image_encoder.image_size)
+
+    def compute_clip_image_embedding(self, images: "Image.Image | Sequence[Image.Image] | Tensor") -> Tensor:
+        """The (negative, positive) CLIP embeddings of one image prompt (several images: their tokens side by side).
+
+        As diffusers' `prepare_ip_adapter_image_embeds` builds them: `(2, images, output_dim)` for the base
+        adapter, zeros for the negative; `(2, images, sequence, width)` for plus, the encoder's penultimate hidden
+        states of the images and of an all-zero (preprocessed) image for the negative.
+
+        Args:
+            images: PIL images, or a batch of preprocessed ones (see `preprocess_image`).
+        """
+        pixels = images if isinstance(images, Tensor) else self.preprocess_image(images)
+        if self.fine_grained:
+            encoder = self._penultimate[0]
+            positive, negative = encoder(pixels), encoder(torch.zeros_like(pixels))
+        else:
+            positive = self.clip_image_encoder(pixels)
+            negative = torch.zeros_like(positive)
+        return torch.stack([negative, positive])
+
+    def set_clip_image_embedding(self, embedding: Tensor) -> None:
+        """Project `embedding` (from `compute_clip_image_embedding`) to image tokens and give them to the UNet.
+
+        Args:
+            embedding: `(batch, images, ...)`, batched as the UNet runs (negative rows first when guided).
+        """
+        batch, images = embedding.shape[:2]
+        proj = self.image_proj
+        tokens = proj(embedding.reshape(batch * images, *embedding.shape[2:]).to(device=proj.device, dtype=proj.dtype))
+        self.target.set_context(IP_ADAPTER_CONTEXT, {IMAGE_TOKENS_KEY: tokens.reshape(batch, -1, tokens.shape[-1])})
+
+
+class SD1IPAdapter(IPAdapter):
+    """IP-Adapter for Stable Diffusion 1.5 (`ip-adapter_sd15.bin`, `ip-adapter-plus_sd15.bin`...).
+
+    Args:
+        target: The UNet (`sd.unet`).
+        weights: The original file, or its tensors.
+        scale: The weight of the image prompt.
+        fine_grained: IP-Adapter plus.
+        clip_image_encoder: The image encoder (default: a `CLIPImageEncoderH` on the UNet's device, to load).
+        device: Where the adapter's weights live (default: the UNet's device).
+        dtype: The adapter's dtype (default: the UNet's).
+    """
+
+    def __init__(
+        self,
+        target: UNet,
+        weights: str | Path | Mapping[str, Tensor],
+        scale: float = 1.0,
+        fine_grained: bool = False,
+        clip_image_encoder: CLIPImageEncoder | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        if clip_image_encoder is None:
+            clip_image_encoder = CLIPImageEncoderH(device=target.device, dtype=target.dtype)
+        super().__init__(target, clip_image_encoder, weights, scale, fine_grained, device, dtype)
+
+
+class SDXLIPAdapter(IPAdapter):
+    """IP-Adapter for SDXL (`ip-adapter_sdxl.bin` with ViT-bigG, `ip-adapter-plus_sdxl_vit-h.bin` with ViT-H...).
+
+    Args:
+        target: The UNet (`sdxl.unet`).
+        weights: The original file, or its tensors.
+        scale: The weight of the image prompt.
+        fine_grained: IP-Adapter plus.
+        clip_image_encoder: The image encoder (default: the one the file's sizes name, `CLIPImageEncoderG` or
+            `CLIPImageEncoderH`, on the UNet's device, to load).
+        device: Where the adapter's weights live (default: the UNet's device).
+        dtype: The adapter's dtype (default: the UNet's).
+    """
+
+    def __init__(
+        self,
+        target: UNet,
+        weights: str | Path | Mapping[str, Tensor],
+        scale: float = 1.0,
+        fine_grained: bool = False,
+        clip_image_encoder: CLIPImageEncoder | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        tensors = read_ip_adapter_weights(weights)
+        if clip_image_encoder is None:
+            base = tensors.get("image_proj.proj.weight")
+            wide = base.shape[1] == 1280 if base is not None else tensors["image_proj.proj_in.weight"].shape[1] == 1664
+            encoder_class = CLIPImageEncoderG if wide else CLIPImageEncoderH
+            clip_image_encoder = encoder_class(device=target.device, dtype=target.dtype)
+        super().__init__(target, clip_image_encoder, tensors, scale, fine_grained, device, dtype)

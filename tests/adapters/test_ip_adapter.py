@@ -1,0 +1,259 @@
+"""IP-Adapter (base and plus, SD1 and SDXL) equals diffusers' `load_ip_adapter` + `set_ip_adapter_scale` over a DDIM
+generation, on the toy pipelines, with h94-layout files written here from random weights."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+from PIL import Image
+from toy_sd1 import ours, reference, save_toy_sd1
+from toy_sdxl import SCHEDULER_CONFIG, build_twins
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from refiners.adapters.ip_adapter import IPAdapter, SD1IPAdapter, SDXLIPAdapter
+from refiners.converters.clip_image import convert_clip_image
+from refiners.fluxion.utils import save_to_safetensors
+from refiners.foundationals.clip import CLIPImageEncoder
+from refiners.foundationals.latent_diffusion import DDIM, LatentDiffusionModel
+from refiners.foundationals.latent_diffusion.stable_diffusion_xl import SDXL_SOLVER_PARAMS, StableDiffusion_XL
+
+PROMPT = "a cute cat"
+STEPS = 3
+SIZE = 64
+# ViT-H's config at toy width (OpenCLIP: exact GeLU), 16-pixel... no: 14-pixel patches of 224-pixel images.
+ENCODER_CONFIG: dict[str, Any] = {
+    "hidden_size": 48,
+    "intermediate_size": 96,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "patch_size": 14,
+    "projection_dim": 40,
+    "hidden_act": "gelu",
+    "image_size": 224,
+}
+# Four layers, as every released plus file (diffusers builds four); two heads of 64: wider inside than the tokens.
+PLUS_WIDTH, PLUS_HEADS, PLUS_TOKENS, PLUS_LAYERS = 64, 2, 8, 4
+
+
+def _random(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape) * 0.5
+
+
+def h94_weights(unet: Any, clip_dim: int, fine_grained: bool, seed: int = 0) -> dict[str, torch.Tensor]:
+    """An IP-Adapter file's tensors in the h94 layout, sized for the diffusers `unet`, from random weights.
+
+    The cross-attentions are numbered as diffusers lists its attention processors (the oracle of the numbering).
+    """
+    generator = torch.random.fork_rng(devices=[])
+    with generator:
+        torch.manual_seed(seed)
+        cross_dim = unet.config.cross_attention_dim
+        tensors: dict[str, torch.Tensor] = {}
+        if fine_grained:
+            inner = PLUS_HEADS * 64
+            tensors |= {
+                "image_proj.latents": _random(1, PLUS_TOKENS, PLUS_WIDTH),
+                "image_proj.proj_in.weight": _random(PLUS_WIDTH, clip_dim),
+                "image_proj.proj_in.bias": _random(PLUS_WIDTH),
+                "image_proj.proj_out.weight": _random(cross_dim, PLUS_WIDTH),
+                "image_proj.proj_out.bias": _random(cross_dim),
+                "image_proj.norm_out.weight": 1 + _random(cross_dim),
+                "image_proj.norm_out.bias": _random(cross_dim),
+            }
+            for index in range(PLUS_LAYERS):
+                prefix = f"image_proj.layers.{index}"
+                for norm in ("0.norm1", "0.norm2", "1.0"):
+                    tensors[f"{prefix}.{norm}.weight"] = 1 + _random(PLUS_WIDTH)
+                    tensors[f"{prefix}.{norm}.bias"] = _random(PLUS_WIDTH)
+                tensors |= {
+                    f"{prefix}.0.to_q.weight": _random(inner, PLUS_WIDTH) / 4,
+                    f"{prefix}.0.to_kv.weight": _random(2 * inner, PLUS_WIDTH) / 4,
+                    f"{prefix}.0.to_out.weight": _random(PLUS_WIDTH, inner) / 4,
+                    f"{prefix}.1.1.weight": _random(4 * PLUS_WIDTH, PLUS_WIDTH) / 4,
+                    f"{prefix}.1.3.weight": _random(PLUS_WIDTH, 4 * PLUS_WIDTH) / 8,
+                }
+        else:
+            tensors |= {
+                "image_proj.proj.weight": _random(4 * cross_dim, clip_dim),
+                "image_proj.proj.bias": _random(4 * cross_dim),
+                "image_proj.norm.weight": 1 + _random(cross_dim),
+                "image_proj.norm.bias": _random(cross_dim),
+            }
+        key_id = 1
+        for name in unet.attn_processors:
+            if name.endswith("attn2.processor"):
+                to_k = unet.get_submodule(name.removesuffix(".processor")).to_k
+                tensors[f"ip_adapter.{key_id}.to_k_ip.weight"] = _random(*to_k.weight.shape)
+                tensors[f"ip_adapter.{key_id}.to_v_ip.weight"] = _random(*to_k.weight.shape)
+                key_id += 2
+    return tensors
+
+
+def save_bin(tensors: dict[str, torch.Tensor], path: Path) -> Path:
+    nested: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
+    for key, tensor in tensors.items():
+        group, _, rest = key.partition(".")
+        nested[group][rest] = tensor
+    torch.save(nested, path)
+    return path
+
+
+@dataclass
+class Encoders:
+    reference: CLIPVisionModelWithProjection
+    ours: CLIPImageEncoder
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory: pytest.TempPathFactory) -> Encoders:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        reference = CLIPVisionModelWithProjection(CLIPVisionConfig(**ENCODER_CONFIG)).eval()
+    folder = tmp_path_factory.mktemp("ip_encoder")
+    reference.save_pretrained(folder / "image_encoder")
+    path, _, _ = convert_clip_image(folder / "image_encoder", folder / "clip_image.safetensors")
+    return Encoders(reference, CLIPImageEncoder.from_safetensors(path))
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory: pytest.TempPathFactory) -> tuple[StableDiffusionPipeline, LatentDiffusionModel[Any, Any]]:
+    diffusers_folder, converted = save_toy_sd1(tmp_path_factory.mktemp("ip_sd1"))
+    return reference(StableDiffusionPipeline, diffusers_folder), ours(converted)
+
+
+def image() -> Image.Image:
+    pixels = torch.randint(0, 256, (SIZE, 80, 3), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+def load_reference(pipeline: Any, encoders: Encoders, path: Path, scale: Any) -> None:
+    pipeline.register_modules(image_encoder=encoders.reference, feature_extractor=CLIPImageProcessor())
+    pipeline.load_ip_adapter(
+        str(path.parent), subfolder="", weight_name=path.name, image_encoder_folder=None, low_cpu_mem_usage=False
+    )
+    pipeline.set_ip_adapter_scale(scale)
+
+
+def reference_latents(pipeline: Any, **kwargs: Any) -> torch.Tensor:
+    with torch.no_grad():
+        output = pipeline(
+            PROMPT,
+            num_inference_steps=STEPS,
+            height=SIZE,
+            width=SIZE,
+            generator=torch.Generator().manual_seed(1),
+            output_type="latent",
+            **kwargs,
+        )
+    return output.images
+
+
+def our_latents(model: LatentDiffusionModel[Any, Any]) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate_latents(
+            PROMPT, num_inference_steps=STEPS, height=SIZE, width=SIZE, seed=1, progress=False
+        )
+
+
+def check(pipeline: Any, model: LatentDiffusionModel[Any, Any], adapter: IPAdapter, scale: Any) -> float:
+    """Our generation with `adapter` against diffusers' with the same file; returns the max difference."""
+    before = repr(model.unet)
+    plain = our_latents(model)
+    expected_embedding = pipeline.prepare_ip_adapter_image_embeds([image()], None, "cpu", 1, True)[0]
+    expected = reference_latents(pipeline, ip_adapter_image=image())
+    pipeline.unload_ip_adapter()
+    adapter.inject()
+    if isinstance(scale, dict):
+        adapter.set_block_scales(scale)  # pyright: ignore[reportUnknownArgumentType]
+    else:
+        adapter.scale = scale
+    with torch.no_grad():
+        embedding = adapter.compute_clip_image_embedding(image())
+        torch.testing.assert_close(embedding, expected_embedding, atol=1e-5 * expected_embedding.abs().max(), rtol=0)
+        adapter.set_clip_image_embedding(embedding)
+    actual = our_latents(model)
+    adapter.eject()
+    tolerance = 1e-4 * expected.abs().max().item()
+    difference = (actual - expected).abs().max().item()
+    assert difference <= tolerance, f"max abs difference {difference:.3g} (tolerance {tolerance:.3g})"
+    # The adapter moves the output well beyond the tolerance, and ejecting it gives the model back exactly.
+    assert (actual - plain).abs().max() > 100 * tolerance
+    assert repr(model.unet) == before
+    assert torch.equal(our_latents(model), plain)
+    print(f"max abs difference {difference:.3g}, {difference / expected.abs().max().item():.3g} of the scale")
+    return difference
+
+
+@pytest.mark.parametrize(
+    ("fine_grained", "scale", "suffix"),
+    [
+        (False, 1.0, ".safetensors"),
+        (True, 0.6, ".bin"),
+        (False, {"down": {"block_1": [0.0, 1.0]}, "up": {"block_2": [0.5, 1.0, 0.0]}}, ".bin"),
+    ],
+    ids=["base", "plus", "per_block"],
+)
+def test_sd1_matches_diffusers(
+    sd1: tuple[StableDiffusionPipeline, LatentDiffusionModel[Any, Any]],
+    encoders: Encoders,
+    tmp_path: Path,
+    fine_grained: bool,
+    scale: Any,
+    suffix: str,
+) -> None:
+    pipeline, model = sd1
+    clip_dim = ENCODER_CONFIG["hidden_size"] if fine_grained else ENCODER_CONFIG["projection_dim"]
+    tensors = h94_weights(pipeline.unet, clip_dim, fine_grained)
+    safetensors = tmp_path / "ip-adapter.safetensors"
+    save_to_safetensors(safetensors, tensors)
+    path = safetensors if suffix == ".safetensors" else save_bin(tensors, tmp_path / "ip-adapter.bin")
+    load_reference(pipeline, encoders, safetensors, scale)
+    adapter = SD1IPAdapter(target=model.unet, weights=path, fine_grained=fine_grained, clip_image_encoder=encoders.ours)
+    check(pipeline, model, adapter, scale)
+
+
+@pytest.mark.parametrize("fine_grained", [False, True], ids=["base", "plus"])
+def test_sdxl_matches_diffusers(encoders: Encoders, tmp_path: Path, fine_grained: bool) -> None:
+    twins = build_twins()
+    pipeline: Any = twins.pipeline
+    pipeline.scheduler = DDIMScheduler.from_config(SCHEDULER_CONFIG)
+    pipeline.set_progress_bar_config(disable=True)
+    model = StableDiffusion_XL(
+        unet=twins.unet,
+        lda=twins.lda,
+        clip_text_encoder=twins.text_encoder,
+        solver=DDIM(num_inference_steps=STEPS, params=SDXL_SOLVER_PARAMS),
+        default_size=SIZE,
+    )
+    clip_dim = ENCODER_CONFIG["hidden_size"] if fine_grained else ENCODER_CONFIG["projection_dim"]
+    path = tmp_path / "ip-adapter_sdxl.safetensors"
+    save_to_safetensors(path, h94_weights(pipeline.unet, clip_dim, fine_grained))
+    load_reference(pipeline, encoders, path, 0.8)
+    adapter = SDXLIPAdapter(
+        target=model.unet, weights=path, scale=0.8, fine_grained=fine_grained, clip_image_encoder=encoders.ours
+    )
+    check(pipeline, model, adapter, 0.8)
+
+
+def test_the_wrong_family_or_encoder_is_refused(
+    sd1: tuple[StableDiffusionPipeline, LatentDiffusionModel[Any, Any]], encoders: Encoders
+) -> None:
+    pipeline, model = sd1
+    sdxl_unet: Any = build_twins().pipeline.unet
+    sdxl_weights = h94_weights(sdxl_unet, ENCODER_CONFIG["projection_dim"], False)
+    with pytest.raises(ValueError, match=r"take 80-wide context .* this UNet's take 32") as error:
+        SD1IPAdapter(target=model.unet, weights=sdxl_weights, clip_image_encoder=encoders.ours)
+    assert "SDXLIPAdapter for SDXL" in str(error.value)
+    wrong_width = h94_weights(pipeline.unet, 1024, False)
+    with pytest.raises(ValueError, match=r"takes a 1024-wide CLIP image embedding but .* gives 40"):
+        SD1IPAdapter(target=model.unet, weights=wrong_width, clip_image_encoder=encoders.ours)
+    plus = h94_weights(pipeline.unet, ENCODER_CONFIG["hidden_size"], True)
+    with pytest.raises(ValueError, match=r"pass fine_grained=True"):
+        SD1IPAdapter(target=model.unet, weights=plus, clip_image_encoder=encoders.ours)
+    stray = h94_weights(pipeline.unet, ENCODER_CONFIG["projection_dim"], False) | {"image_proj.extra": torch.ones(1)}
+    with pytest.raises(ValueError, match=r"1 tensors of the IP-Adapter file are not used: image_proj.extra"):
+        SD1IPAdapter(target=model.unet, weights=stray, clip_image_encoder=encoders.ours)
