@@ -45,6 +45,10 @@ COVERED_ELSEWHERE = {
     "uv run refiners-convert dinov2 --from facebook/dinov2-small --to dinov2_small.safetensors": (
         "tests/converters/test_dinov2_conversion.py::test_the_readme_dinov2_commands_run runs it on a random DINOv2-small"
     ),
+    "uv run refiners-convert controlnet --from lllyasviel/control_v11p_sd15_canny --to canny.safetensors": (
+        "tests/adapters/test_controlnet.py::test_the_readme_controlnet_blocks_run runs it on a toy ControlNet saved "
+        "where the Hub id points"
+    ),
     "uv run refiners-convert dinov2 --from dinov2_vits14_pretrain.pth --to dinov2_small.safetensors": (
         "tests/converters/test_dinov2_conversion.py::test_the_readme_dinov2_commands_run runs it on a random DINOv2-small"
     ),

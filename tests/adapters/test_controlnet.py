@@ -8,6 +8,8 @@ convolutions randomised (else it would add zeros), saved with `save_pretrained` 
 final latents agree to 1e-4 of their scale.
 """
 
+import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,16 +18,20 @@ import pytest
 import torch
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.controlnets.controlnet import ControlNetModel
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.pipelines.controlnet.pipeline_controlnet import StableDiffusionControlNetPipeline
 from diffusers.pipelines.controlnet.pipeline_controlnet_sd_xl import StableDiffusionXLControlNetPipeline
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+from PIL import Image
 from torch import Tensor
 from toy_models import TEXT_WIDTH, build_reference, convert_reference, toy_sd
 from toy_sdxl import POOLED_DIM, build_twins
 
 from refiners.adapters.controlnet import SD1ControlnetAdapter, SDXLControlnetAdapter
+from refiners.converters.cli import main
 from refiners.converters.controlnet import convert_controlnet
-from refiners.converters.toy import TOY_VAE_CONFIG
+from refiners.converters.toy import TOY_VAE_CONFIG, save_toy_stable_diffusion_1
+from refiners.fluxion.utils import tensor_to_image
 from refiners.foundationals.latent_diffusion import DDIM, StableDiffusion_1
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl import StableDiffusion_XL
 
@@ -309,3 +315,30 @@ def test_sdxl_controlnet_matches_diffusers(tmp_path: Path) -> None:
             )
     adapter.eject()
     assert_matches(x, expected)
+
+
+# -- the README ----------------------------------------------------------------------------------------------------
+
+
+def test_the_readme_controlnet_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's ControlNet section word for word, on the toy SD1 model: its command converts a toy ControlNet
+    saved where the Hub id points (a local folder is read first), its block generates with it."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("## ControlNet")
+    section = readme[start : readme.index("\n## ", start)]
+    commands = re.findall(r"^uv run (refiners-convert controlnet .*)$", section, flags=re.MULTILINE)
+    assert commands == ["refiners-convert controlnet --from lllyasviel/control_v11p_sd15_canny --to canny.safetensors"]
+    monkeypatch.chdir(tmp_path)
+    save_toy_stable_diffusion_1(tmp_path / "toy")
+    assert main(["sd1", "--from", str(tmp_path / "toy"), "--to", "sd15/"]) == 0
+    unet: Any = UNet2DConditionModel.from_pretrained(tmp_path / "toy" / "unet")
+    controlnet = ControlNetModel.from_unet(unet)
+    randomise_zero_convolutions(controlnet, 21)
+    controlnet.save_pretrained(tmp_path / "lllyasviel" / "control_v11p_sd15_canny")
+    assert main(shlex.split(commands[0])[1:]) == 0
+    size = 8 * unet.config.sample_size
+    tensor_to_image(condition_image(22, size)).save("canny_edges.png")
+    blocks = re.findall(r"^```py\n(.*?)^```$", section, flags=re.MULTILINE | re.DOTALL)
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "README.md, ControlNet block", "exec"), {"__name__": "readme"})
+    assert Image.open("controlnet_cat.png").size == (size, size)
