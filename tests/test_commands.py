@@ -7,12 +7,13 @@ in a fresh folder (`configs/` there is the repository's), where the placeholders
 (`PLACEHOLDERS`): a toy Stable Diffusion 1.x diffusers folder for `path/to/stable-diffusion-v1-5` and the Hub id
 `runwayml/stable-diffusion-v1-5` (a local folder is read before the Hub), a toy SDXL one for
 `path/to/stable-diffusion-xl-base-1.0` and `stabilityai/stable-diffusion-xl-base-1.0`, a LoRA for `pokemon_lora.bin`,
-images for `path/to/images`. Later commands read what earlier ones wrote, as they would for the user: the folder `refiners-train`
+images for `path/to/images`, a toy SAM checkpoint for `sam_vit_b_01ec64.pth` and images with masks for
+`path/to/sam-dataset`. Later commands read what earlier ones wrote, as they would for the user: the folder `refiners-train`
 loads must be the one `refiners-convert sd1` wrote.
 
 - `refiners-convert`: run for real, with its console script's entry point, on the toy model.
 - `refiners-train`: SD1.5 and SDXL cannot be trained here, so the config is parsed and instantiated with the real CLI
-  class (`LoraTrainingCLI(run=False)`), at the toy's sizes (`--model.base tiny`, or `tiny-sdxl` for an SDXL config):
+  class (`LoraTrainingCLI(run=False)`), at the toy's sizes (`--model.base tiny`, or `tiny-sdxl` for an SDXL config; `tiny` for SAM's):
   the weights are loaded, and the images found.
 - `python`: run with this interpreter.
 """
@@ -29,13 +30,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from sam_references import build_reference, save_reference
 from toy_sdxl import build_pipeline
 
 import refiners.converters.sources as sources
 from refiners.converters.cli import main as refiners_convert
 from refiners.converters.toy import save_toy_stable_diffusion_1
 from refiners.training import family_of, make_image_folder
-from refiners.training.cli import LoraTrainingCLI
+from refiners.training.cli import LoraTrainingCLI, task_of
+from refiners.training.segment_anything import make_mask_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "configs").glob("*.yaml"))]
@@ -153,11 +156,14 @@ def toy_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _pokemon_lora(root / "pokemon_lora.bin")
     make_image_folder(root / "images", n=4, size=32)
     build_pipeline().save_pretrained(root / "stable-diffusion-xl-base-1.0")
+    make_mask_folder(root / "sam-dataset", n=2, size=32)
     return {
         "sd1": save_toy_stable_diffusion_1(root / "stable-diffusion-v1-5"),
         "sdxl": root / "stable-diffusion-xl-base-1.0",
         "lora": root / "pokemon_lora.bin",
         "images": root / "images",
+        "sam": save_reference(build_reference(), root / "sam_vit_b_01ec64.pth"),  # SAM's layout, at toy sizes
+        "sam-dataset": root / "sam-dataset",
     }
 
 
@@ -168,6 +174,8 @@ PLACEHOLDERS = {
     "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
     "pokemon_lora.bin": "lora",
     "path/to/images": "images",
+    "sam_vit_b_01ec64.pth": "sam",
+    "path/to/sam-dataset": "sam-dataset",
 }
 """The paths the documents name for the user's own files, and the toy file (of `toy_files`) laid out in their place."""
 
@@ -206,7 +214,9 @@ def _run_train(command: Command, arguments: list[str], capsys: pytest.CaptureFix
 
 
 def _tiny_base(options: list[str]) -> str:
-    """The toy of the family the command trains: its `--model.base`, else its config's."""
+    """The toy of the family the command trains: its `--model.base`, else its config's (SAM's: `tiny`)."""
+    if task_of(options) == "segment-anything":
+        return "tiny"
     base = "sd15"
     for flag, value in itertools.pairwise(options):
         if flag == "--config":

@@ -41,6 +41,8 @@ from refiners.training.sample_data import SampleImageFolder
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# The text-to-image configs; Segment Anything's (`task: segment-anything`) is tested in test_sam_training.py.
+TEXT_TO_IMAGE_CONFIGS = [path for path in CONFIGS if "task" not in yaml.safe_load(path.read_text())]
 # The real SD1.5 and SDXL weights are not at hand: their configs are instantiated on their family's tiny architecture,
 # all else as shipped.
 TINY_BASE = {
@@ -79,7 +81,7 @@ def test_configs_are_shipped() -> None:
     assert {path.name for path in CONFIGS} >= {"sd15-lora.yaml", "sdxl-lora.yaml", "tiny-lora.yaml"}
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[path.name for path in CONFIGS])
+@pytest.mark.parametrize("config", TEXT_TO_IMAGE_CONFIGS, ids=[path.name for path in TEXT_TO_IMAGE_CONFIGS])
 def test_shipped_config_parses_and_instantiates(
     config: Path,
     metadata_folder: SampleImageFolder,
@@ -489,7 +491,7 @@ def test_conversion_commands_written_anywhere_parse() -> None:
     }
     for where, command in commands:
         arguments = refiners.converters.cli.build_parser().parse_args(shlex.split(command))
-        assert arguments.command in ("sd1", "sdxl"), (where, command)
+        assert arguments.command in ("sd1", "sdxl", "sam"), (where, command)
     # Each config's comment converts, with its family's command, into the folder the config loads.
     for config, family in [("sd15-lora.yaml", "sd1"), ("sdxl-lora.yaml", "sdxl")]:
         (comment,) = [command for where, command in commands if where == f"configs/{config}"]

@@ -3,8 +3,10 @@
     refiners-train fit --config configs/sd15-lora.yaml
     refiners-train fit --config configs/sd15-lora.yaml --data.data_dir my_images --trainer.max_steps 2000
     refiners-train fit --config configs/sd15-lora.yaml --ckpt_path outputs/.../checkpoints/last.ckpt  # resume
+    refiners-train fit --config configs/sam-lora.yaml  # Segment Anything: the config says `task: segment-anything`
 
-It is Lightning's `LightningCLI` over `LoraFineTuning` and `CaptionedImageDataModule`: every argument of the module
+The config's top-level `task` (or `--task`) picks the classes (see `TASKS`): by default `text-to-image`, i.e.
+Lightning's `LightningCLI` over `LoraFineTuning` and `CaptionedImageDataModule`: every argument of the module
 (`model.*`), the data (`data.*`) and the `Trainer` (`trainer.*`: devices, strategy, precision, callbacks, loggers...)
 comes from the config or the command line, and `refiners-train fit --print_config` shows them all. An `ExportLora`
 callback is always there (configure it under `export`): the LoRA is written at every checkpoint and at the end. The
@@ -28,12 +30,14 @@ import shutil
 import sys
 import warnings
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
+import yaml
 from jsonargparse import Namespace
-from lightning import LightningDataModule, LightningModule, Trainer
+from lightning import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -41,9 +45,13 @@ from refiners.training.callbacks import ExportLora
 from refiners.training.data import CaptionedImageDataModule
 from refiners.training.errors import Setting, TrainingSetupError
 from refiners.training.module import LoraFineTuning
+from refiners.training.segment_anything import ExportSAMAdapter, MaskDataModule, SAMFineTuning
 
 __all__ = [
     "PROG",
+    "TASKS",
+    "Task",
+    "task_of",
     "LoraTrainingCLI",
     "TrainingArgumentParser",
     "main",
@@ -54,8 +62,26 @@ __all__ = [
 
 PROG = "refiners-train"
 
-# The classes behind the options of each group: `--model.rank` is `LoraFineTuning(rank=...)`.
-_GROUPS: Mapping[str, type] = {"model": LoraFineTuning, "data": CaptionedImageDataModule, "export": ExportLora}
+
+@dataclass(frozen=True)
+class Task:
+    """What `refiners-train` trains: the classes behind the groups of options `model`, `data` and `export`."""
+
+    model: type[LightningModule]
+    data: type[LightningDataModule]
+    export: type[Callback]
+
+
+TASKS: Mapping[str, Task] = {
+    "text-to-image": Task(LoraFineTuning, CaptionedImageDataModule, ExportLora),
+    "segment-anything": Task(SAMFineTuning, MaskDataModule, ExportSAMAdapter),
+}
+"""The tasks by the name a config gives as its top-level `task` (default: the first)."""
+DEFAULT_TASK = next(iter(TASKS))
+# The classes behind the options of each group: `--model.rank` is `LoraFineTuning(rank=...)` (or `SAMFineTuning`'s).
+_GROUPS: Mapping[str, tuple[type, ...]] = {
+    group: tuple(getattr(task, group) for task in TASKS.values()) for group in ("model", "data", "export")
+}
 # What a logger writes as it starts, before any step: a failed run's folder holding only these is removed.
 _LOGGER_START_FILES = ("hparams.yaml", "config.yaml", "metrics.csv", "events.out.tfevents.*")
 # Lightning's info lines that do not concern a refiners-train user (the device lines: the config names the device).
@@ -72,7 +98,11 @@ def option_of(setting: Setting) -> str:
     Args:
         setting: A setting named by an error.
     """
-    groups = [group for group, cls in _GROUPS.items() if setting.name in inspect.signature(cls).parameters]
+    groups = [
+        group
+        for group, classes in _GROUPS.items()
+        if any(setting.name in inspect.signature(cls).parameters for cls in classes)
+    ]
     return setting.command_line(f"--{groups[0]}.{setting.name}") if len(groups) == 1 else str(setting)
 
 
@@ -137,10 +167,8 @@ def usage_error(message: str, options: list[str]) -> str:
     ):
         key, option, class_path = match[1], match[2], match[3]
         if key == "model.optimizer" and option == "lr":
-            return (
-                f"{key}: {class_path} takes no lr here: the learning rates are model.learning_rate and "
-                "model.text_encoder_learning_rate"
-            )
+            rates = [o.removeprefix("--") for o in options if o.startswith("--model.") and o.endswith("learning_rate")]
+            return f"{key}: {class_path} takes no lr here: the learning rates are {' and '.join(rates)}"
         suggestion = _nearest(option, _init_parameters(class_path))
         return f"{key}: {class_path} has no argument {option}{_did_you_mean(suggestion)}"
     if match := re.search(r'Parser key "([^"]+)":\s+Expected a typing\.Literal\[(.*)\]\. Got value: (.*)', message):
@@ -222,8 +250,38 @@ def _remove_unused(folders: list[Path]) -> None:
             folder.rmdir()
 
 
+def task_of(args: ArgsType) -> str:
+    """The task a command line names: its last `--task`, else the top-level `task` of its last config file that
+    has one, else `text-to-image`. A name that is not a task is returned as it is (the parser then says so).
+
+    Args:
+        args: The command line arguments (default: `sys.argv[1:]`), or a dict of the config.
+    """
+    if isinstance(args, dict | Namespace):
+        return str(args.get("task", DEFAULT_TASK))  # pyright: ignore[reportUnknownMemberType, reportUnknownArgumentType]
+    tokens = [str(token) for token in (sys.argv[1:] if args is None else args)]  # pyright: ignore[reportUnknownVariableType, reportUnknownArgumentType]
+    task = DEFAULT_TASK
+    for index, token in enumerate(tokens):
+        flag, equals, value = token.partition("=")
+        if flag not in ("--config", "--task") or (not equals and index + 1 == len(tokens)):
+            continue
+        value = value if equals else tokens[index + 1]
+        if flag == "--task":
+            task = value
+            continue
+        try:
+            config = yaml.safe_load(Path(value).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue  # the parser reports it
+        if isinstance(config, dict) and "task" in config:
+            task = str(config["task"])  # pyright: ignore[reportUnknownArgumentType]
+    return task
+
+
 class LoraTrainingCLI(LightningCLI):
-    """`LightningCLI` for `LoraFineTuning` and `CaptionedImageDataModule`, with an `ExportLora` under `export`.
+    """`LightningCLI` for `LoraFineTuning` and `CaptionedImageDataModule`, with an `ExportLora` under `export`; for
+    `SAMFineTuning`, `MaskDataModule` and an `ExportSAMAdapter` when the config says `task: segment-anything` (see
+    `TASKS`, `task_of`).
 
     The optimizer is the module's `optimizer` argument (its parameter groups carry their own learning rates), not
     LightningCLI's `--optimizer`. The loggers' `save_dir` is `trainer.default_root_dir`. The data folder is read
@@ -236,9 +294,12 @@ class LoraTrainingCLI(LightningCLI):
     """
 
     def __init__(self, args: ArgsType = None, run: bool = True) -> None:
+        self.task = task_of(args)
+        task = TASKS.get(self.task, TASKS[DEFAULT_TASK])
+        self.export_class = task.export
         super().__init__(
-            LoraFineTuning,
-            CaptionedImageDataModule,
+            task.model,
+            task.data,
             seed_everything_default=0,
             parser_kwargs={"prog": PROG},
             parser_class=TrainingArgumentParser,
@@ -248,7 +309,13 @@ class LoraTrainingCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ExportLora, "export")
+        parser.add_argument(
+            "--task",
+            type=Literal[*TASKS],  # pyright: ignore[reportInvalidTypeForm]
+            default=DEFAULT_TASK,
+            help="What to train (it picks the classes of model, data and export): " + ", ".join(TASKS),
+        )
+        parser.add_lightning_class_args(self.export_class, "export")
         parser.link_arguments(
             ("trainer.default_root_dir", "trainer.logger"), "trainer.logger.init_args.save_dir", _logs_folder
         )

@@ -76,6 +76,8 @@ __all__ = [
     "StableDiffusionComponents",
     "build_components",
     "lora_target_layers",
+    "relative_path",
+    "lr_multiplier",
     "GradientCheckpointing",
     "LoraFineTuning",
 ]
@@ -216,7 +218,7 @@ def _inside(layer: fl.Module, containers: tuple[type[fl.Module], ...]) -> bool:
     return False
 
 
-def _relative_path(layer: fl.Module, root: fl.Chain) -> str:
+def relative_path(layer: fl.Module, root: fl.Chain) -> str:
     """The state-dict prefix of `layer` in `root`, e.g. `DownBlocks.Chain_2.CLIPLCrossAttention.Conv2d_1`."""
     parts: list[str] = []
     module: fl.Module = layer
@@ -246,7 +248,7 @@ def lora_target_layers(model: fl.Chain, targets: LoraTargets) -> dict[str, fl.We
         case _:
             raise TypeError(f"LoRA targets are defined for UNets and CLIPTextEncoders, not {type(model).__name__}")
     return {
-        _relative_path(layer, model): layer
+        relative_path(layer, model): layer
         for layer, _ in model.walk(
             lambda layer, _: (
                 isinstance(layer, fl.Linear | fl.Conv2d)
@@ -750,7 +752,7 @@ class LoraFineTuning(LightningModule):
                 "trainer.max_epochs, or use ",
                 Setting("lr_schedule", "constant"),
             )
-        schedule = _lr_multiplier(self.lr_schedule, self.warmup_steps, None if total is None else int(total))
+        schedule = lr_multiplier(self.lr_schedule, self.warmup_steps, None if total is None else int(total))
         scheduler = LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
@@ -768,7 +770,7 @@ class LoraFineTuning(LightningModule):
         return self.components.pipeline(solver)
 
 
-def _lr_multiplier(schedule: LrSchedule, warmup_steps: int, total_steps: int | None) -> Callable[[int], float]:
+def lr_multiplier(schedule: LrSchedule, warmup_steps: int, total_steps: int | None) -> Callable[[int], float]:
     """The factor of the learning rate at each optimizer step: linear warmup, then `schedule`."""
 
     def multiplier(step: int) -> float:
