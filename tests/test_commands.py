@@ -45,6 +45,10 @@ DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "configs").glob("*.yaml"))]
 
 COVERED_ELSEWHERE = {
     "python3 -m pip install uv": "installs uv, which runs every other command: the set-up of the machine itself",
+    "uv run refiners-convert clip-image --from h94/IP-Adapter/models/image_encoder --to clip_image_h.safetensors": (
+        "tests/adapters/test_ip_adapter.py::test_the_readme_ip_adapter_blocks_run runs it on a toy image encoder saved "
+        "where the Hub id points"
+    ),
     "uv run refiners-convert dinov2 --from facebook/dinov2-small --to dinov2_small.safetensors": (
         "tests/converters/test_dinov2_conversion.py::test_the_readme_dinov2_commands_run runs it on a random DINOv2-small"
     ),

@@ -1,6 +1,7 @@
 """IP-Adapter (base and plus, SD1 and SDXL) equals diffusers' `load_ip_adapter` + `set_ip_adapter_scale` over a DDIM
 generation, on the toy pipelines, with h94-layout files written here from random weights."""
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,3 +258,38 @@ def test_the_wrong_family_or_encoder_is_refused(
     stray = h94_weights(pipeline.unet, ENCODER_CONFIG["projection_dim"], False) | {"image_proj.extra": torch.ones(1)}
     with pytest.raises(ValueError, match=r"1 tensors of the IP-Adapter file are not used: image_proj.extra"):
         SD1IPAdapter(target=model.unet, weights=stray, clip_image_encoder=encoders.ours)
+
+
+def test_the_readme_ip_adapter_blocks_run(
+    encoders: Encoders, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's IP-Adapter section word for word, on the toy SD1 (as `sd15/`) with a toy image encoder saved where
+    the Hub id points, and an h94-layout `.bin` for it."""
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
+    import refiners.converters.clip_image as clip_image
+    from refiners.converters.cli import main
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("## IP-Adapter")
+    section = readme[start : readme.index("\n## ", start)]
+    commands = re.findall(r"^uv run (refiners-convert .*?)$", section, flags=re.MULTILINE)
+    assert commands == [
+        "refiners-convert clip-image --from h94/IP-Adapter/models/image_encoder --to clip_image_h.safetensors"
+    ]
+    encoder_folder = tmp_path / "hub" / "image_encoder"
+    encoders.reference.save_pretrained(encoder_folder)
+    monkeypatch.setattr(
+        clip_image, "_download", lambda hub_id: encoder_folder if hub_id.startswith("h94/") else Path(hub_id)
+    )
+    diffusers_folder, _ = save_toy_sd1(tmp_path / "toy")
+    monkeypatch.chdir(tmp_path)
+    assert main(commands[0].split()[1:]) == 0
+    assert main(["sd1", "--from", str(diffusers_folder), "--to", "sd15/"]) == 0
+    unet: Any = UNet2DConditionModel.from_pretrained(diffusers_folder / "unet")
+    save_bin(h94_weights(unet, ENCODER_CONFIG["projection_dim"], False), tmp_path / "ip-adapter_sd15.bin")
+    image().save(tmp_path / "cat.png")
+    blocks = re.findall(r"^```py\n(.*?)^```$", section, flags=re.MULTILINE | re.DOTALL)
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "README.md, IP-Adapter block", "exec"), {"__name__": "readme"})
+    assert Image.open(tmp_path / "ip_cat.png").size == (64, 64)  # the toy's native size
