@@ -3,8 +3,11 @@ random weights) and a generated dataset of shapes and their masks: the loss fall
 stays bit-identical, a resumed run equals the uninterrupted one, the exported adapter reloads onto a fresh SAM and
 gives the trained masks, and `refiners-train` runs the shipped config."""
 
+import inspect
 import json
+import re
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,10 +18,13 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import refiners.fluxion.layers as fl
+import refiners.training.segment_anything.data
+import refiners.training.segment_anything.module
 from refiners.fluxion.adapters.lora import Lora
 from refiners.fluxion.utils import load_metadata_from_safetensors
 from refiners.foundationals.segment_anything import SegmentAnything
 from refiners.training.cli import LoraTrainingCLI, main, task_of
+from refiners.training.errors import TrainingSetupError
 from refiners.training.segment_anything import (
     ExportSAMAdapter,
     MaskBatch,
@@ -36,6 +42,12 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "sam-lora.yaml"
 IMAGE_SIZE = 128  # TINY's input side
 STEPS = 30
+
+
+@pytest.fixture(autouse=True)
+def command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`refiners-train` is run in the process: LightningCLI warns when it also sees pytest's arguments."""
+    monkeypatch.setattr(sys, "argv", ["refiners-train"])
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +248,6 @@ def test_the_command_trains_from_the_shipped_config(
 ) -> None:
     assert task_of(["fit", "--config", str(CONFIG)]) == "segment-anything"
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["refiners-train"])
     toy = ["--model.base", "tiny", "--model.weights", "null", "--data.image_size", str(IMAGE_SIZE)]
     cpu = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true"]
     steps = ["--trainer.max_steps", "4", "--model.warmup_steps", "1"]
@@ -278,4 +289,49 @@ def test_a_missing_mask_is_a_one_line_error(tmp_path: Path, capsys: pytest.Captu
     assert "\n" not in error and str(folder / "images" / "001.png") in error
     assert error.endswith("or pass --data.skip_invalid true to leave such images out")
     assert not (tmp_path / "outputs").exists()  # nothing left behind
-    assert len(MaskDataset(folder, image_size=IMAGE_SIZE, skip_invalid=True)) == 2
+    with pytest.warns(UserWarning, match="001.png: left out"):
+        assert len(MaskDataset(folder, image_size=IMAGE_SIZE, skip_invalid=True)) == 2
+
+
+def test_a_model_and_data_of_different_sizes_is_a_one_line_error(
+    mask_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit:  # the shipped config prepares 1024-pixel images; the toy takes 128
+        main([
+            "fit", "--config", str(CONFIG), "--model.base", "tiny", "--model.weights", "null",
+            "--data.data_dir", str(mask_folder), "--data.num_workers", "0", "--trainer.accelerator", "cpu",
+            "--trainer.precision", "32-true", "--trainer.default_root_dir", str(tmp_path / "outputs"),
+        ])  # fmt: skip
+    assert exit.value.code == 1
+    error = capsys.readouterr().err.strip()
+    assert error == (
+        "refiners-train: error: the data module prepares 1024-pixel images but this SAM takes 128: set "
+        "--data.image_size 128 in the data module"
+    )
+    assert not (tmp_path / "outputs").exists()  # no step trained: the run folders are removed
+
+
+def test_an_unreadable_image_is_left_out_with_skip_invalid(tmp_path: Path) -> None:
+    folder = make_mask_folder(tmp_path / "data", n=3, size=32)
+    (folder / "images" / "002.png").write_bytes(b"not a png")
+    with pytest.raises(TrainingSetupError, match=r"cannot read the image .*002\.png .*skip_invalid=True"):
+        MaskDataset(folder)
+    with pytest.warns(UserWarning, match="002.png: left out"):
+        assert len(MaskDataset(folder, skip_invalid=True)) == 2
+
+
+EXAMPLES = [
+    (f"{module.__name__}.{name}", block)
+    for module in (refiners.training.segment_anything.data, refiners.training.segment_anything.module)
+    for name in module.__all__
+    for block in re.findall(r"```py\n(.*?)\s*```", inspect.getdoc(getattr(module, name)) or "", flags=re.DOTALL)
+]
+
+
+def test_there_are_examples() -> None:
+    assert {name.rsplit(".", 1)[-1] for name, _ in EXAMPLES} >= {"MaskDataModule", "SAMFineTuning"}
+
+
+@pytest.mark.parametrize(("name", "code"), EXAMPLES, ids=[name for name, _ in EXAMPLES])
+def test_docstring_example(name: str, code: str) -> None:
+    exec(compile(textwrap.dedent(code), f"<example of {name}>", "exec"), {"__name__": "example"})

@@ -129,8 +129,11 @@ def find_masked_images(folder: str | Path, skip_invalid: bool = False) -> list[M
             if mask is None:
                 raise _invalid(f"{image} has no mask: expected {masks_folder / image.stem}.png")
             pixels = read_mask(mask)
-            with Image.open(image) as file:
-                size = ImageOps.exif_transpose(file).size
+            try:
+                with Image.open(image) as file:
+                    size = ImageOps.exif_transpose(file).size
+            except Exception as error:  # see `read_mask`
+                raise _invalid(f"cannot read the image {image} ({type(error).__name__}: {error})") from error
             if (pixels.shape[1], pixels.shape[0]) != size:
                 raise _invalid(
                     f"the mask {mask} is {pixels.shape[1]}x{pixels.shape[0]} but its image {image} is "
@@ -143,8 +146,6 @@ def find_masked_images(folder: str | Path, skip_invalid: bool = False) -> list[M
                 raise
             warnings.warn(f"{image}: left out (skip_invalid=True)", stacklevel=2)
             continue
-        except OSError as error:
-            raise _invalid(f"cannot read the image {image} ({type(error).__name__}: {error})") from error
         found.append(MaskedImageFile(image, mask))
     if not found:
         raise TrainingSetupError(f"no image of {images_folder} has a usable mask in {masks_folder}")
