@@ -276,6 +276,16 @@ def test_usage_errors_name_the_nearest_option(
     assert message in capsys.readouterr().err.splitlines()[0]
 
 
+def test_a_misspelled_task_names_the_nearest(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit:
+        main(["fit", "--config", str(CONFIG), "--task", "segment-anythin"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "refiners-train: error: task: segment-anythin is not one of text-to-image, segment-anything: did you mean "
+        "segment-anything?"
+    )
+
+
 def test_a_missing_mask_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = make_mask_folder(tmp_path / "data", n=3, size=32)
     (folder / "masks" / "001.png").unlink()

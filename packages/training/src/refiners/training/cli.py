@@ -252,7 +252,7 @@ def _remove_unused(folders: list[Path]) -> None:
 
 def task_of(args: ArgsType) -> str:
     """The task a command line names: its last `--task`, else the top-level `task` of its last config file that
-    has one, else `text-to-image`. A name that is not a task is returned as it is (the parser then says so).
+    has one, else `text-to-image`. A name that is not a task is returned as it is (`LoraTrainingCLI` says so).
 
     Args:
         args: The command line arguments (default: `sys.argv[1:]`), or a dict of the config.
@@ -295,7 +295,13 @@ class LoraTrainingCLI(LightningCLI):
 
     def __init__(self, args: ArgsType = None, run: bool = True) -> None:
         self.task = task_of(args)
-        task = TASKS.get(self.task, TASKS[DEFAULT_TASK])
+        if self.task not in TASKS:  # before any parser: the options of which task to check the others against?
+            sys.stderr.write(
+                f"{PROG}: error: task: {self.task} is not one of {', '.join(TASKS)}"
+                f"{_did_you_mean(_nearest(self.task, TASKS))}\n"
+            )
+            raise SystemExit(2)
+        task = TASKS[self.task]
         self.export_class = task.export
         super().__init__(
             task.model,
