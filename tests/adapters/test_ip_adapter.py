@@ -139,7 +139,7 @@ def load_reference(pipeline: Any, encoders: Encoders, path: Path, scale: Any) ->
     pipeline.set_ip_adapter_scale(scale)
 
 
-def reference_latents(pipeline: Any, **kwargs: Any) -> torch.Tensor:
+def reference_latents(pipeline: Any, num_images_per_prompt: int = 1, **kwargs: Any) -> torch.Tensor:
     with torch.no_grad():
         output = pipeline(
             PROMPT,
@@ -148,24 +148,34 @@ def reference_latents(pipeline: Any, **kwargs: Any) -> torch.Tensor:
             width=SIZE,
             generator=torch.Generator().manual_seed(1),
             output_type="latent",
+            num_images_per_prompt=num_images_per_prompt,
             **kwargs,
         )
     return output.images
 
 
-def our_latents(model: LatentDiffusionModel[Any, Any]) -> torch.Tensor:
+def our_latents(model: LatentDiffusionModel[Any, Any], num_images_per_prompt: int = 1) -> torch.Tensor:
     with torch.no_grad():
         return model.generate_latents(
-            PROMPT, num_inference_steps=STEPS, height=SIZE, width=SIZE, seed=1, progress=False
+            PROMPT,
+            num_inference_steps=STEPS,
+            height=SIZE,
+            width=SIZE,
+            seed=1,
+            progress=False,
+            num_images_per_prompt=num_images_per_prompt,
         )
 
 
-def check(pipeline: Any, model: LatentDiffusionModel[Any, Any], adapter: IPAdapter, scale: Any) -> float:
-    """Our generation with `adapter` against diffusers' with the same file; returns the max difference."""
+def check(
+    pipeline: Any, model: LatentDiffusionModel[Any, Any], adapter: IPAdapter, scale: Any, images: int = 1
+) -> float:
+    """Our generation of `images` latents with `adapter` against diffusers' with the same file; returns the max
+    difference."""
     before = repr(model.unet)
-    plain = our_latents(model)
+    plain = our_latents(model, images)
     expected_embedding = pipeline.prepare_ip_adapter_image_embeds([image()], None, "cpu", 1, True)[0]
-    expected = reference_latents(pipeline, ip_adapter_image=image())
+    expected = reference_latents(pipeline, images, ip_adapter_image=image())
     pipeline.unload_ip_adapter()
     adapter.inject()
     if isinstance(scale, dict):
@@ -176,7 +186,7 @@ def check(pipeline: Any, model: LatentDiffusionModel[Any, Any], adapter: IPAdapt
         embedding = adapter.compute_clip_image_embedding(image())
         torch.testing.assert_close(embedding, expected_embedding, atol=1e-5 * expected_embedding.abs().max(), rtol=0)
         adapter.set_clip_image_embedding(embedding)
-    actual = our_latents(model)
+    actual = our_latents(model, images)
     adapter.eject()
     tolerance = 1e-4 * expected.abs().max().item()
     difference = (actual - expected).abs().max().item()
@@ -184,17 +194,17 @@ def check(pipeline: Any, model: LatentDiffusionModel[Any, Any], adapter: IPAdapt
     # The adapter moves the output well beyond the tolerance, and ejecting it gives the model back exactly.
     assert (actual - plain).abs().max() > 100 * tolerance
     assert repr(model.unet) == before
-    assert torch.equal(our_latents(model), plain)
+    assert torch.equal(our_latents(model, images), plain)
     print(f"max abs difference {difference:.3g}, {difference / expected.abs().max().item():.3g} of the scale")
     return difference
 
 
 @pytest.mark.parametrize(
-    ("fine_grained", "scale", "suffix"),
+    ("fine_grained", "scale", "suffix", "images"),
     [
-        (False, 1.0, ".safetensors"),
-        (True, 0.6, ".bin"),
-        (False, {"down": {"block_1": [0.0, 1.0]}, "up": {"block_2": [0.5, 1.0, 0.0]}}, ".bin"),
+        (False, 1.0, ".safetensors", 1),
+        (True, 0.6, ".bin", 2),  # two latents for the prompt: the image tokens serve both
+        (False, {"down": {"block_1": [0.0, 1.0]}, "up": {"block_2": [0.5, 1.0, 0.0]}}, ".bin", 1),
     ],
     ids=["base", "plus", "per_block"],
 )
@@ -205,6 +215,7 @@ def test_sd1_matches_diffusers(
     fine_grained: bool,
     scale: Any,
     suffix: str,
+    images: int,
 ) -> None:
     pipeline, model = sd1
     clip_dim = ENCODER_CONFIG["hidden_size"] if fine_grained else ENCODER_CONFIG["projection_dim"]
@@ -214,7 +225,7 @@ def test_sd1_matches_diffusers(
     path = safetensors if suffix == ".safetensors" else save_bin(tensors, tmp_path / "ip-adapter.bin")
     load_reference(pipeline, encoders, safetensors, scale)
     adapter = SD1IPAdapter(target=model.unet, weights=path, fine_grained=fine_grained, clip_image_encoder=encoders.ours)
-    check(pipeline, model, adapter, scale)
+    check(pipeline, model, adapter, scale, images)
 
 
 @pytest.mark.parametrize("fine_grained", [False, True], ids=["base", "plus"])

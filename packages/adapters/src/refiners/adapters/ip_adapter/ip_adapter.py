@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "IP_ADAPTER_CONTEXT",
     "IMAGE_TOKENS_KEY",
+    "ImageTokens",
     "ImageCrossAttention",
     "DecoupledCrossAttention",
     "IPAdapter",
@@ -48,11 +49,37 @@ IMAGE_TOKENS_KEY = "image_tokens"
 """`IP_ADAPTER_CONTEXT[IMAGE_TOKENS_KEY]`: `(batch, tokens, context_embedding_dim)`, set by `set_clip_image_embedding`."""
 
 
+class ImageTokens(fl.ContextModule):
+    """The image tokens of `IP_ADAPTER_CONTEXT`, one row per row of the query (the attention's first input).
+
+    Tokens set for `(negative, positive)` serve a batch of `2 * n` latents as `batch_conditioning` lays it out (the
+    negative rows first): each row is repeated `n` times, as diffusers repeats the embeddings per image.
+    """
+
+    def forward(self, query: Tensor, *_: Tensor) -> Tensor:
+        tokens = self.use_context(IP_ADAPTER_CONTEXT).get(IMAGE_TOKENS_KEY)
+        if tokens is None:
+            raise ValueError(
+                "the IP-Adapter has no image tokens: call `ip_adapter.set_clip_image_embedding(embedding)` (with "
+                "`embedding = ip_adapter.compute_clip_image_embedding(image)`) before running the UNet"
+            )
+        assert isinstance(tokens, Tensor)
+        batch = query.shape[0]
+        if tokens.shape[0] != batch:
+            if batch % tokens.shape[0] != 0:
+                raise ValueError(
+                    f"the image tokens have {tokens.shape[0]} rows but the UNet runs {batch} latents: set an "
+                    "embedding with one row per latent, or with rows that divide them (negative then positive)"
+                )
+            tokens = tokens.repeat_interleave(batch // tokens.shape[0], dim=0)
+        return tokens
+
+
 class ImageCrossAttention(fl.Chain):
     """The attention of the text attention's queries to the image tokens, times `scale`.
 
     Takes the text attention's `(query, key, value)` (it uses the query only) and reads the image tokens from
-    `IP_ADAPTER_CONTEXT`.
+    `IP_ADAPTER_CONTEXT` (see `ImageTokens`).
 
     Args:
         context_embedding_dim: Size of the image tokens.
@@ -76,11 +103,11 @@ class ImageCrossAttention(fl.Chain):
             fl.Parallel(
                 fl.GetArg(0),
                 fl.Chain(
-                    fl.UseContext(IP_ADAPTER_CONTEXT, IMAGE_TOKENS_KEY),
+                    ImageTokens(),
                     fl.Linear(context_embedding_dim, inner_dim, bias=False, device=device, dtype=dtype),
                 ),
                 fl.Chain(
-                    fl.UseContext(IP_ADAPTER_CONTEXT, IMAGE_TOKENS_KEY),
+                    ImageTokens(),
                     fl.Linear(context_embedding_dim, inner_dim, bias=False, device=device, dtype=dtype),
                 ),
             ),
@@ -225,7 +252,6 @@ class IPAdapter:
         context_dim = cross_attentions[0][1].key_embedding_dim
         self._check(tensors, clip_image_encoder, context_dim, len(cross_attentions))
         self._clip_image_encoder = [clip_image_encoder]
-        self._penultimate = [clip_image_encoder.with_penultimate_output()] if fine_grained else []
         self._image_proj = [self._build_projection(tensors, clip_image_encoder, context_dim, device, dtype)]
         self._names = [name for name, _ in cross_attentions]
         self._adapters = [
@@ -450,7 +476,8 @@ class IPAdapter:
         """
         pixels = images if isinstance(images, Tensor) else self.preprocess_image(images)
         if self.fine_grained:
-            encoder = self._penultimate[0]
+            # Cut here rather than once: the encoder's weights may have been loaded since the adapter was built.
+            encoder = self.clip_image_encoder.with_penultimate_output()
             positive, negative = encoder(pixels), encoder(torch.zeros_like(pixels))
         else:
             positive = self.clip_image_encoder(pixels)
