@@ -1,0 +1,30 @@
+"""The README's section on FreeU, self-attention guidance and MultiDiffusion, word for word, on the toy SD1 (converted
+as `sd15/`)."""
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from toy_sd1 import save_toy_sd1
+
+HEADING = "## Guidance without training: FreeU, self-attention guidance, MultiDiffusion"
+
+
+def test_the_readme_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index(HEADING)
+    section = readme[start : readme.index("\n## ", start)]
+    _, converted = save_toy_sd1(tmp_path)
+    (tmp_path / "sd15").symlink_to(converted, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {"__name__": "readme"}
+    blocks = re.findall(r"^```py\n(.*?)^```$", section, flags=re.MULTILINE | re.DOTALL)
+    assert len(blocks) == 4
+    for index, block in enumerate(blocks):
+        exec(compile(block, f"README.md, guidance block {index}", "exec"), namespace)
+    assert Image.open(tmp_path / "freeu_cat.png").size == (64, 64)  # the toy's native size
+    assert Image.open(tmp_path / "sag_cat.png").size == (64, 64)
+    assert Image.open(tmp_path / "panorama.png").size == (256, 64)  # four windows wide
+    assert Image.open(tmp_path / "lake.png").size == (64, 64)
