@@ -10,6 +10,7 @@ final latents agree to 1e-4 of their scale.
 
 import re
 import shlex
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from torch import Tensor
 from toy_models import TEXT_WIDTH, build_reference, convert_reference, toy_sd
 from toy_sdxl import POOLED_DIM, build_twins
 
+import refiners.adapters.controlnet as controlnet_package
 from refiners.adapters.controlnet import SD1ControlnetAdapter, SDXLControlnetAdapter
 from refiners.converters.cli import main
 from refiners.converters.controlnet import convert_controlnet
@@ -315,6 +317,12 @@ def test_sdxl_controlnet_matches_diffusers(tmp_path: Path) -> None:
             )
     adapter.eject()
     assert_matches(x, expected)
+
+
+def test_the_docstring_example_runs() -> None:
+    assert controlnet_package.__doc__ is not None
+    (example,) = re.findall(r"```py\n(.*?)```", controlnet_package.__doc__, flags=re.DOTALL)
+    exec(compile(textwrap.dedent(example), "refiners.adapters.controlnet's example", "exec"), {"__name__": "example"})
 
 
 # -- the README ----------------------------------------------------------------------------------------------------
