@@ -116,3 +116,34 @@ def test_docstring_example_runs() -> None:
 
     (example,) = re.findall(r"```py\n(.*?)```", inspect.getdoc(MultiDiffusion) or "", flags=re.DOTALL)
     exec(compile(textwrap.dedent(example), "MultiDiffusion's example", "exec"), {"__name__": "example"})
+
+
+def test_sdxl_windows_take_the_family_conditioning() -> None:
+    from toy_sdxl import build_twins
+
+    from refiners.foundationals.latent_diffusion import DDIM
+    from refiners.foundationals.latent_diffusion.stable_diffusion_xl import SDXL_SOLVER_PARAMS, StableDiffusion_XL
+
+    twins = build_twins()
+    sdxl = StableDiffusion_XL(
+        unet=twins.unet,
+        lda=twins.lda,
+        clip_text_encoder=twins.text_encoder,
+        solver=DDIM(num_inference_steps=STEPS, params=SDXL_SOLVER_PARAMS),
+        default_size=64,
+    )
+    multi_diffusion = MultiDiffusion(sdxl)
+    with torch.no_grad():
+        embedding, pooled = sdxl.compute_clip_text_embedding(PROMPT)
+        conditioning = {"clip_text_embedding": embedding, "pooled_text_embedding": pooled}
+        conditioning["time_ids"] = sdxl.default_time_ids()
+        whole = [DiffusionTarget(Window(0, 0, 8, 16), conditioning, condition_scale=5.0)]
+        halves = [DiffusionTarget(Window(0, left, 8, 8), conditioning, condition_scale=5.0) for left in (0, 4, 8)]
+        x = plain = wide = sdxl.init_latents((64, 128), generator=generator(1))
+        for step in sdxl.steps:
+            plain = sdxl(plain, step, condition_scale=5.0, **conditioning)
+            x = multi_diffusion(x, step, whole)
+            wide = multi_diffusion(wide, step, halves)
+    # One window over the whole latents is the plain step; overlapping windows move it.
+    assert torch.equal(x, plain)
+    assert (wide - plain).abs().max() > 1e-2 * plain.abs().max()
