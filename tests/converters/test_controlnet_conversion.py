@@ -9,6 +9,7 @@ conversion, tensor for tensor.
 
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 from diffusers.models.controlnets.controlnet import ControlNetModel
@@ -23,6 +24,7 @@ from refiners.fluxion.model_config import ModelConfig
 from refiners.fluxion.utils import load_from_safetensors, load_metadata_from_safetensors, save_to_safetensors
 from refiners.foundationals.latent_diffusion.stable_diffusion_1 import SD1UNet
 from refiners.foundationals.latent_diffusion.stable_diffusion_1.presets import TINY
+from refiners.foundationals.latent_diffusion.unet_names import diffusers_unet_modules
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +105,34 @@ def test_an_sdxl_controlnet_file_converts(tmp_path: Path) -> None:
     assert config is not None
     model = config.build((SDXLControlnet,), device="meta")
     assert model.state_dict().keys() == load_from_safetensors(tmp_path / "sdxl.safetensors").keys()
+
+
+def test_a_hub_id_downloads_the_folder(
+    sd1_controlnet: tuple[ControlNetModel, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Hub id that is not a local path is downloaded (config and weights only), then read as a folder."""
+    _, folder = sd1_controlnet
+    asked: list[tuple[str, list[str]]] = []
+
+    def snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
+        asked.append((repo_id, allow_patterns))
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.chdir(tmp_path)
+    command = ["controlnet", "--from", "lllyasviel/sd-controlnet-canny", "--to", "canny.safetensors"]
+    assert main(command) == 0
+    assert asked == [("lllyasviel/sd-controlnet-canny", ["config.json", "diffusion_pytorch_model.safetensors"])]
+    expected, _ = convert_controlnet(folder, tmp_path / "from-folder.safetensors")
+    actual, wanted = load_from_safetensors(tmp_path / "canny.safetensors"), load_from_safetensors(expected)
+    assert all(torch.equal(actual[key], wanted[key]) for key in wanted)
+
+
+def test_the_unet_keeps_its_diffusers_names_with_a_controlnet_injected() -> None:
+    """LoRA loaders and converters name the UNet's layers by structure: an injected ControlNet changes none of them."""
+    unet = TINY.unet.build((SD1UNet,), device="meta")
+    before = {name: id(module) for name, module in diffusers_unet_modules(unet).items()}
+    controlnet = SD1Controlnet(**{k: v for k, v in TINY.unet.arguments.items() if k != "in_channels"}, device="meta")
+    adapter = SD1ControlnetAdapter(unet, controlnet=controlnet).inject()
+    assert {name: id(module) for name, module in diffusers_unet_modules(unet).items()} == before
+    adapter.eject()
