@@ -184,3 +184,25 @@ def test_full_size_clip_image_encoder_h_equals_transformers(tmp_path: Path) -> N
         expected = reference(pixel_values=images, output_hidden_states=True)
         _assert_close(encoder(images), expected.image_embeds)
         _assert_close(encoder.with_penultimate_output()(images), expected.hidden_states[-2])
+
+
+def test_a_hub_id_with_a_subfolder_downloads_the_encoder_alone(
+    reduced_h: tuple[CLIPVisionModelWithProjection, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import huggingface_hub
+
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(reduced_h[1], snapshot / "models" / "image_encoder")
+    calls: list[tuple[str, list[str]]] = []
+
+    def snapshot_download(repo_id: str, allow_patterns: list[str]) -> str:
+        calls.append((repo_id, allow_patterns))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    path, config, _ = convert_clip_image("h94/IP-Adapter/models/image_encoder", tmp_path / "h.safetensors")
+    assert calls[0][0] == "h94/IP-Adapter" and "models/image_encoder/config.json" in calls[0][1]
+    assert all(pattern.startswith("models/image_encoder/") for _, patterns in calls for pattern in patterns)
+    assert config.arguments["embedding_dim"] == 64 and path.is_file()

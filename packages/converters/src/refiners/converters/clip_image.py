@@ -111,7 +111,8 @@ def _folder_config(folder: Path) -> dict[str, Any]:
 def _download(hub_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
-    repo_id, _, subfolder = "/".join(hub_id.split("/")[:2]), None, "/".join(hub_id.split("/")[2:])
+    parts = hub_id.split("/")
+    repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:])  # `org/name`, then a folder in the repository
     prefix = f"{subfolder}/" if subfolder else ""
     names = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
     try:
