@@ -304,3 +304,28 @@ def test_the_readme_ip_adapter_blocks_run(
     assert len(blocks) == 1
     exec(compile(blocks[0], "README.md, IP-Adapter block", "exec"), {"__name__": "readme"})
     assert Image.open(tmp_path / "ip_cat.png").size == (64, 64)  # the toy's native size
+
+
+@pytest.mark.parametrize(
+    ("fine_grained", "clip_dim", "encoder"),
+    [(False, 1280, "CLIPImageEncoderG"), (False, 1024, "CLIPImageEncoderH"), (True, 1664, "CLIPImageEncoderG")],
+)
+def test_sdxl_picks_the_image_encoder_its_file_was_trained_with(
+    fine_grained: bool, clip_dim: int, encoder: str
+) -> None:
+    """`ip-adapter_sdxl.bin` takes ViT-bigG's embedding, the `vit-h` files ViT-H's: with no encoder given, the file's
+    sizes choose it (built on the UNet's device: "meta" here, so nothing is allocated)."""
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from toy_sdxl import UNET_CONFIG
+
+    from refiners.foundationals.latent_diffusion.stable_diffusion_xl import SDXLUNet
+    from refiners.foundationals.latent_diffusion.stable_diffusion_xl.presets import TINY
+
+    with torch.device("meta"):
+        reference_unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet = TINY.unet.build((SDXLUNet,), device="meta")
+    adapter = SDXLIPAdapter(
+        target=unet, weights=h94_weights(reference_unet, clip_dim, fine_grained), fine_grained=fine_grained
+    )
+    assert type(adapter.clip_image_encoder).__name__ == encoder
+    assert adapter.clip_image_encoder.device.type == "meta"
