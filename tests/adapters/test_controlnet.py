@@ -221,6 +221,29 @@ def test_a_step_range_and_guess_mode_match_diffusers(sd1: SD1Twins) -> None:
         assert_matches(actual, expected)
 
 
+def test_one_condition_image_per_latent_matches_diffusers(sd1: SD1Twins) -> None:
+    """Two prompts, two latents, two condition images: each latent is steered by its own."""
+    images = torch.cat([condition_image(14), condition_image(15)])
+    generator = torch.Generator().manual_seed(16)
+    twins = SD1Twins(
+        pipeline=sd1.pipeline,
+        controlnets=sd1.controlnets,
+        files=sd1.files,
+        sd=sd1.sd,
+        noise=torch.randn(2, 4, SIZE // 8, SIZE // 8, generator=generator),
+        positive=torch.randn(2, 77, TEXT_WIDTH, generator=generator),
+        negative=torch.randn(2, 77, TEXT_WIDTH, generator=generator),
+    )
+    expected = diffusers_sd1(twins, sd1.controlnets[:1], [images])
+    adapter = SD1ControlnetAdapter(sd1.sd.unet, weights=sd1.files[0]).inject()
+    adapter.set_controlnet_condition(images)
+    try:
+        actual = ours_sd1(sd1.sd, twins)
+    finally:
+        adapter.eject()
+    assert_matches(actual, expected)
+
+
 def test_eject_gives_back_the_exact_model(sd1: SD1Twins) -> None:
     unet = sd1.sd.unet
     modules, state = list(unet.modules()), {k: v.clone() for k, v in unet.state_dict().items()}
@@ -265,7 +288,8 @@ def test_a_name_is_injected_once(sd1: SD1Twins) -> None:
 # -- SDXL ----------------------------------------------------------------------------------------------------------
 
 
-def test_sdxl_controlnet_matches_diffusers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("guess_mode", [False, True], ids=["plain", "guess-mode"])
+def test_sdxl_controlnet_matches_diffusers(tmp_path: Path, guess_mode: bool) -> None:
     twins = build_twins()
     controlnet, file = build_controlnet(twins.pipeline.unet, 11, tmp_path)
     components: dict[str, Any] = {**twins.pipeline.components, "controlnet": controlnet}
@@ -292,6 +316,7 @@ def test_sdxl_controlnet_matches_diffusers(tmp_path: Path) -> None:
             latents=noise.clone(),
             output_type="latent",
             controlnet_conditioning_scale=0.9,
+            guess_mode=guess_mode,
         )
     expected: Tensor = output.images
     sd = StableDiffusion_XL(
@@ -301,7 +326,7 @@ def test_sdxl_controlnet_matches_diffusers(tmp_path: Path) -> None:
         solver=DDIM(num_inference_steps=STEPS),
         default_size=SIZE,
     )
-    adapter = SDXLControlnetAdapter(sd.unet, name="canny", scale=0.9, weights=file).inject()
+    adapter = SDXLControlnetAdapter(sd.unet, name="canny", scale=0.9, weights=file, guess_mode=guess_mode).inject()
     adapter.set_controlnet_condition(image)
     time_ids = torch.tensor([[SIZE, SIZE, 0, 0, SIZE, SIZE]], dtype=torch.float32)
     x = sd.init_latents((SIZE, SIZE), noise=noise.clone())
