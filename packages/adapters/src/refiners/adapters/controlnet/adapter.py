@@ -221,6 +221,7 @@ class ControlnetAdapter(fl.Chain, fl.Adapter[fl.Conv2d], Generic[UNetT, Controln
 
     @property
     def branch(self) -> ControlnetBranch:
+        """The layer that runs the ControlNet (its scale, step range and guess mode are attributes of it)."""
         return self.layer("ControlnetBranch", ControlnetBranch)
 
     @property
