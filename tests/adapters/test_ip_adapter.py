@@ -329,3 +329,48 @@ def test_sdxl_picks_the_image_encoder_its_file_was_trained_with(
     )
     assert type(adapter.clip_image_encoder).__name__ == encoder
     assert adapter.clip_image_encoder.device.type == "meta"
+
+
+def test_two_ip_adapters_at_once_match_diffusers(
+    sd1: tuple[StableDiffusionPipeline, LatentDiffusionModel[Any, Any]], encoders: Encoders, tmp_path: Path
+) -> None:
+    """A base and a plus IP-Adapter on one UNet, each with its image and scale, as diffusers' lists of them."""
+    pipeline_: Any = sd1[0]
+    model = sd1[1]
+    base = tmp_path / "base.safetensors"
+    plus = tmp_path / "plus.safetensors"
+    save_to_safetensors(base, h94_weights(pipeline_.unet, ENCODER_CONFIG["projection_dim"], False, seed=1))
+    save_to_safetensors(plus, h94_weights(pipeline_.unet, ENCODER_CONFIG["hidden_size"], True, seed=2))
+    second_image = image().transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pipeline_.register_modules(image_encoder=encoders.reference, feature_extractor=CLIPImageProcessor())
+    pipeline_.load_ip_adapter(
+        [str(tmp_path)] * 2,
+        subfolder=["", ""],
+        weight_name=[base.name, plus.name],
+        image_encoder_folder=None,
+        low_cpu_mem_usage=False,
+    )
+    pipeline_.set_ip_adapter_scale([0.7, 0.5])
+    expected = reference_latents(pipeline_, ip_adapter_image=[image(), second_image])
+    pipeline_.unload_ip_adapter()
+    plain = our_latents(model)
+    adapters = [
+        SD1IPAdapter(model.unet, base, scale=0.7, clip_image_encoder=encoders.ours, name="base").inject(),
+        SD1IPAdapter(
+            model.unet, plus, scale=0.5, fine_grained=True, clip_image_encoder=encoders.ours, name="plus"
+        ).inject(),
+    ]
+    with pytest.raises(ValueError, match="already has an IP-Adapter named 'base'"):
+        SD1IPAdapter(model.unet, base, clip_image_encoder=encoders.ours, name="base").inject()
+    with torch.no_grad():
+        for adapter, prompt_image in zip(adapters, [image(), second_image], strict=True):
+            adapter.set_clip_image_embedding(adapter.compute_clip_image_embedding(prompt_image))
+    actual = our_latents(model)
+    adapters[0].eject()  # in any order
+    adapters[1].eject()
+    tolerance = 1e-4 * expected.abs().max().item()
+    difference = (actual - expected).abs().max().item()
+    assert difference <= tolerance, f"max abs difference {difference:.3g} (tolerance {tolerance:.3g})"
+    assert (actual - plain).abs().max() > 100 * tolerance
+    assert torch.equal(our_latents(model), plain)
+    print(f"max abs difference {difference:.3g}, {difference / expected.abs().max().item():.3g} of the scale")

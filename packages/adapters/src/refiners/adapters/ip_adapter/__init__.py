@@ -2,10 +2,10 @@
 
 from refiners.adapters.ip_adapter.image_projection import ImageProjection, PerceiverResampler
 from refiners.adapters.ip_adapter.ip_adapter import (
-    IMAGE_TOKENS_KEY,
     IP_ADAPTER_CONTEXT,
     DecoupledCrossAttention,
     ImageCrossAttention,
+    ImageTokens,
     IPAdapter,
     SD1IPAdapter,
     SDXLIPAdapter,
@@ -19,8 +19,8 @@ __all__ = [
     "ImageProjection",
     "PerceiverResampler",
     "ImageCrossAttention",
+    "ImageTokens",
     "DecoupledCrossAttention",
     "IP_ADAPTER_CONTEXT",
-    "IMAGE_TOKENS_KEY",
     "read_ip_adapter_weights",
 ]

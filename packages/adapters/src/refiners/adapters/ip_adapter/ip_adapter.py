@@ -16,6 +16,7 @@ import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IP_ADAPTER_CONTEXT",
-    "IMAGE_TOKENS_KEY",
     "ImageTokens",
     "ImageCrossAttention",
     "DecoupledCrossAttention",
@@ -44,23 +44,29 @@ __all__ = [
 ]
 
 IP_ADAPTER_CONTEXT = "ip_adapter"
-"""The context holding the image tokens the decoupled cross-attentions attend to."""
-IMAGE_TOKENS_KEY = "image_tokens"
-"""`IP_ADAPTER_CONTEXT[IMAGE_TOKENS_KEY]`: `(batch, tokens, context_embedding_dim)`, set by `set_clip_image_embedding`."""
+"""The context holding the image tokens the decoupled cross-attentions attend to: under each IP-Adapter's name,
+`(batch, tokens, context_embedding_dim)`, set by its `set_clip_image_embedding`."""
 
 
 class ImageTokens(fl.ContextModule):
-    """The image tokens of `IP_ADAPTER_CONTEXT`, one row per row of the query (the attention's first input).
+    """The image tokens of `IP_ADAPTER_CONTEXT[name]`, one row per row of the query (the attention's first input).
 
     Tokens set for `(negative, positive)` serve a batch of `2 * n` latents as `batch_conditioning` lays it out (the
     negative rows first): each row is repeated `n` times, as diffusers repeats the embeddings per image.
+
+    Args:
+        name: The IP-Adapter's name: its key in `IP_ADAPTER_CONTEXT`.
     """
 
+    def __init__(self, name: str = "default") -> None:
+        super().__init__()
+        self.name = name
+
     def forward(self, query: Tensor, *_: Tensor) -> Tensor:
-        tokens = self.use_context(IP_ADAPTER_CONTEXT).get(IMAGE_TOKENS_KEY)
+        tokens = self.use_context(IP_ADAPTER_CONTEXT).get(self.name)
         if tokens is None:
             raise ValueError(
-                "the IP-Adapter has no image tokens: call `ip_adapter.set_clip_image_embedding(embedding)` (with "
+                f"the IP-Adapter {self.name!r} has no image tokens: call `ip_adapter.set_clip_image_embedding(embedding)` (with "
                 "`embedding = ip_adapter.compute_clip_image_embedding(image)`) before running the UNet"
             )
         assert isinstance(tokens, Tensor)
@@ -88,6 +94,7 @@ class ImageCrossAttention(fl.Chain):
         scale: The weight of the image prompt.
         device: Where the weights live.
         dtype: The weights' dtype.
+        name: The IP-Adapter's name (see `ImageTokens`).
     """
 
     def __init__(
@@ -98,16 +105,18 @@ class ImageCrossAttention(fl.Chain):
         scale: float = 1.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        name: str = "default",
     ) -> None:
         super().__init__(
             fl.Parallel(
                 fl.GetArg(0),
                 fl.Chain(
-                    ImageTokens(),
+                    ImageTokens(name),
                     fl.Linear(context_embedding_dim, inner_dim, bias=False, device=device, dtype=dtype),
                 ),
                 fl.Chain(
-                    ImageTokens(),
+                    ImageTokens(name),
                     fl.Linear(context_embedding_dim, inner_dim, bias=False, device=device, dtype=dtype),
                 ),
             ),
@@ -142,6 +151,7 @@ class DecoupledCrossAttention(fl.Sum, fl.Adapter[fl.ScaledDotProductAttention]):
         scale: The weight of the image prompt.
         device: Where the weights live.
         dtype: The weights' dtype.
+        name: The IP-Adapter's name (see `ImageTokens`).
     """
 
     def __init__(
@@ -152,12 +162,20 @@ class DecoupledCrossAttention(fl.Sum, fl.Adapter[fl.ScaledDotProductAttention]):
         scale: float = 1.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        name: str = "default",
     ) -> None:
         with self.setup_adapter(target):
             super().__init__(
                 target,
                 ImageCrossAttention(
-                    context_embedding_dim, inner_dim, target.num_heads, scale=scale, device=device, dtype=dtype
+                    context_embedding_dim,
+                    inner_dim,
+                    target.num_heads,
+                    scale=scale,
+                    device=device,
+                    dtype=dtype,
+                    name=name,
                 ),
             )
 
@@ -166,10 +184,17 @@ class DecoupledCrossAttention(fl.Sum, fl.Adapter[fl.ScaledDotProductAttention]):
         return self.layer("ImageCrossAttention", ImageCrossAttention)
 
 
+_CROSS_ATTENTIONS: "WeakKeyDictionary[UNet, list[tuple[str, fl.Attention]]]" = WeakKeyDictionary()
+"""Each UNet's cross-attentions, found once: the names are derived from the blocks' layers, which the injected
+IP-Adapters add to (their attentions stay the same objects)."""
+
+
 def _cross_attentions(unet: UNet) -> list[tuple[str, fl.Attention]]:
     """The UNet's cross-attentions, by diffusers' name (`down_blocks.1.attentions.0.transformer_blocks.0.attn2`), in
     the order of diffusers' `attn_processors`: down blocks, up blocks, then the middle block (`UNet2DConditionModel`
     registers `up_blocks` before `mid_block`)."""
+    if (cached := _CROSS_ATTENTIONS.get(unet)) is not None:
+        return cached
     found: list[tuple[str, fl.Attention]] = []
     for name, module in diffusers_unet_modules(unet).items():
         if name.endswith(".attn2.to_k") and isinstance(parent := module.parent, fl.Distribute):
@@ -182,7 +207,8 @@ def _cross_attentions(unet: UNet) -> list[tuple[str, fl.Attention]]:
         head, *rest = item[0].split(".")
         return (group[head], *(int(part) for part in rest if part.isdigit()))
 
-    return sorted(found, key=order)
+    _CROSS_ATTENTIONS[unet] = sorted(found, key=order)
+    return _CROSS_ATTENTIONS[unet]
 
 
 def read_ip_adapter_weights(weights: str | Path | Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -227,6 +253,7 @@ class IPAdapter:
         fine_grained: IP-Adapter plus: the `PerceiverResampler` over the encoder's penultimate hidden states.
         device: Where the adapter's weights live (default: the UNet's device).
         dtype: The adapter's dtype (default: the UNet's).
+        name: Tells several IP-Adapters on one UNet apart (each image prompt is set under its adapter's name).
 
     Raises:
         ValueError: The weights do not fit this UNet (another family's IP-Adapter) or this image encoder, or are of
@@ -242,10 +269,13 @@ class IPAdapter:
         fine_grained: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        name: str = "default",
     ) -> None:
         device = device if device is not None else target.device
         dtype = dtype if dtype is not None else target.dtype
         self.target = target
+        self.name = name
         self.fine_grained = fine_grained
         tensors = read_ip_adapter_weights(weights)
         cross_attentions = _cross_attentions(target)
@@ -262,6 +292,7 @@ class IPAdapter:
                 scale=scale,
                 device=device,
                 dtype=dtype,
+                name=name,
             )
             for _, attention in cross_attentions
         ]
@@ -451,6 +482,11 @@ class IPAdapter:
         """Add the decoupled cross-attentions to the UNet."""
         if self.is_injected:
             raise ValueError(f"{type(self).__name__} is already injected; eject it first")
+        if any(isinstance(module, ImageTokens) and module.name == self.name for module in self.target.modules()):
+            raise ValueError(
+                f"the UNet already has an IP-Adapter named {self.name!r}: give each IP-Adapter its own name "
+                f"(`name=` when building it)"
+            )
         for adapter in self._adapters:
             adapter.inject()
         return self
@@ -493,7 +529,7 @@ class IPAdapter:
         batch, images = embedding.shape[:2]
         proj = self.image_proj
         tokens = proj(embedding.reshape(batch * images, *embedding.shape[2:]).to(device=proj.device, dtype=proj.dtype))
-        self.target.set_context(IP_ADAPTER_CONTEXT, {IMAGE_TOKENS_KEY: tokens.reshape(batch, -1, tokens.shape[-1])})
+        self.target.set_context(IP_ADAPTER_CONTEXT, {self.name: tokens.reshape(batch, -1, tokens.shape[-1])})
 
 
 class SD1IPAdapter(IPAdapter):
@@ -507,6 +543,7 @@ class SD1IPAdapter(IPAdapter):
         clip_image_encoder: The image encoder (default: a `CLIPImageEncoderH` on the UNet's device, to load).
         device: Where the adapter's weights live (default: the UNet's device).
         dtype: The adapter's dtype (default: the UNet's).
+        name: Tells several IP-Adapters on one UNet apart.
     """
 
     def __init__(
@@ -518,10 +555,12 @@ class SD1IPAdapter(IPAdapter):
         clip_image_encoder: CLIPImageEncoder | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        name: str = "default",
     ) -> None:
         if clip_image_encoder is None:
             clip_image_encoder = CLIPImageEncoderH(device=target.device, dtype=target.dtype)
-        super().__init__(target, clip_image_encoder, weights, scale, fine_grained, device, dtype)
+        super().__init__(target, clip_image_encoder, weights, scale, fine_grained, device, dtype, name=name)
 
 
 class SDXLIPAdapter(IPAdapter):
@@ -536,6 +575,7 @@ class SDXLIPAdapter(IPAdapter):
             `CLIPImageEncoderH`, on the UNet's device, to load).
         device: Where the adapter's weights live (default: the UNet's device).
         dtype: The adapter's dtype (default: the UNet's).
+        name: Tells several IP-Adapters on one UNet apart.
     """
 
     def __init__(
@@ -547,6 +587,8 @@ class SDXLIPAdapter(IPAdapter):
         clip_image_encoder: CLIPImageEncoder | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        name: str = "default",
     ) -> None:
         tensors = read_ip_adapter_weights(weights)
         if clip_image_encoder is None:
@@ -554,4 +596,4 @@ class SDXLIPAdapter(IPAdapter):
             wide = base.shape[1] == 1280 if base is not None else tensors["image_proj.proj_in.weight"].shape[1] == 1664
             encoder_class = CLIPImageEncoderG if wide else CLIPImageEncoderH
             clip_image_encoder = encoder_class(device=target.device, dtype=target.dtype)
-        super().__init__(target, clip_image_encoder, tensors, scale, fine_grained, device, dtype)
+        super().__init__(target, clip_image_encoder, tensors, scale, fine_grained, device, dtype, name=name)
