@@ -30,10 +30,14 @@ from refiners.training.segment_anything import (
     MaskBatch,
     MaskDataModule,
     MaskDataset,
+    MaskItem,
     SAMFineTuning,
     build_sam,
+    dice_loss,
+    focal_loss,
     load_sam_adapter,
     make_mask_folder,
+    mask_iou,
     sam_lora_target_layers,
 )
 from refiners.training.segment_anything.export import ADAPTER_KEY
@@ -77,7 +81,10 @@ def _trainer(root: Path, max_steps: int, *callbacks: Any) -> Trainer:
 def _all_items(folder: Path) -> MaskBatch:
     """Every image of the folder with its exact box, as one batch."""
     dataset = MaskDataset(folder, image_size=IMAGE_SIZE)
-    items = [dataset[index] for index in range(len(dataset))]
+    return _batch([dataset[index] for index in range(len(dataset))])
+
+
+def _batch(items: list[MaskItem]) -> MaskBatch:
     return MaskBatch(
         images=torch.stack([item["image"] for item in items]),
         masks=torch.stack([item["mask"] for item in items]),
@@ -226,6 +233,27 @@ def test_resume_from_a_mid_epoch_checkpoint_is_exact(mask_folder: Path, tmp_path
     assert expected.keys() == actual.keys()
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], atol=0, rtol=0)
+
+
+def test_multimask_output_trains_the_best_of_three_masks(mask_folder: Path) -> None:
+    module = SAMFineTuning(base="tiny", targets="mask_decoder", rank=2, multimask_output=True)
+    dataset = MaskDataset(mask_folder, image_size=IMAGE_SIZE, prompt="points", num_points=1)
+    items = [dataset[index] for index in range(4)]
+    batch = _batch(items)
+    with torch.no_grad():
+        logits, iou_predictions = module.predict_batch(batch)
+    assert logits.shape == (4, 3, IMAGE_SIZE, IMAGE_SIZE) and iou_predictions.shape == (4, 3)
+    # Each mask's loss by hand: 20 focal + dice against the same ground truth; the best one per prompt trains.
+    target = batch["masks"]
+    by_mask = torch.stack(
+        [20 * focal_loss(logits[:, [m]], target)[:, 0] + dice_loss(logits[:, [m]], target)[:, 0] for m in range(3)], 1
+    )
+    ious = torch.stack([mask_iou(logits[:, [m]], target)[:, 0] for m in range(3)], 1)
+    expected = by_mask.min(dim=1).values.mean() + ((iou_predictions - ious) ** 2).mean()
+    losses = module.losses(batch)
+    torch.testing.assert_close(losses["loss"], expected)
+    losses["loss"].backward()
+    assert all(parameter.grad is not None for parameter in module.parameters())
 
 
 def test_prompts_come_from_the_masks(mask_folder: Path) -> None:

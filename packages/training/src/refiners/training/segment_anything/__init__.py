@@ -5,6 +5,7 @@ from refiners.training.segment_anything.data import (
     MaskDataModule,
     MaskDataset,
     MaskedImageFile,
+    MaskItem,
     PromptKind,
     find_masked_images,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "MaskDataModule",
     "MaskDataset",
     "MaskedImageFile",
+    "MaskItem",
     "PromptKind",
     "find_masked_images",
     "make_mask_folder",

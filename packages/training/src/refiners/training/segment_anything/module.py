@@ -123,43 +123,44 @@ def _inside(layer: fl.Module, container: type[fl.Chain], root: fl.Chain) -> bool
 
 
 def focal_loss(logits: Tensor, target: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """The sigmoid focal loss (Lin et al., 2017) of each mask, averaged over its pixels: `(batch,)`.
+    """The sigmoid focal loss (Lin et al., 2017) of each mask, averaged over its pixels: `(batch, masks)`.
 
     Args:
-        logits: `(batch, 1, h, w)` mask logits.
-        target: `(batch, 1, h, w)`, 0 or 1.
+        logits: `(batch, masks, h, w)` mask logits.
+        target: `(batch, 1, h, w)`, 0 or 1 (the ground truth of every mask of a row).
         alpha: The weight of the positive pixels (1 - alpha for the negative ones).
         gamma: The focusing exponent.
     """
+    target = target.expand_as(logits)
     probability = logits.sigmoid()
     cross_entropy = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     p_t = probability * target + (1 - probability) * (1 - target)
     weight = alpha * target + (1 - alpha) * (1 - target)
-    return (weight * (1 - p_t) ** gamma * cross_entropy).flatten(1).mean(dim=1)
+    return (weight * (1 - p_t) ** gamma * cross_entropy).flatten(2).mean(dim=2)
 
 
 def dice_loss(logits: Tensor, target: Tensor) -> Tensor:
-    """The dice loss (Milletari et al., 2016) of each mask, with DETR's smoothing of 1: `(batch,)`.
+    """The dice loss (Milletari et al., 2016) of each mask, with DETR's smoothing of 1: `(batch, masks)`.
 
     Args:
-        logits: `(batch, 1, h, w)` mask logits.
+        logits: `(batch, masks, h, w)` mask logits.
         target: `(batch, 1, h, w)`, 0 or 1.
     """
-    probability, target = logits.sigmoid().flatten(1), target.flatten(1)
-    intersection = (probability * target).sum(dim=1)
-    return 1 - (2 * intersection + 1) / (probability.sum(dim=1) + target.sum(dim=1) + 1)
+    probability, target = logits.sigmoid().flatten(2), target.flatten(2)
+    intersection = (probability * target).sum(dim=2)
+    return 1 - (2 * intersection + 1) / (probability.sum(dim=2) + target.sum(dim=2) + 1)
 
 
 def mask_iou(logits: Tensor, target: Tensor) -> Tensor:
-    """The IoU of each predicted mask (logits above 0) with its target, `(batch,)`; 0 when both are empty.
+    """The IoU of each predicted mask (logits above 0) with its target, `(batch, masks)`; 0 when both are empty.
 
     Args:
-        logits: `(batch, 1, h, w)` mask logits.
+        logits: `(batch, masks, h, w)` mask logits.
         target: `(batch, 1, h, w)`, 0 or 1.
     """
-    predicted, actual = (logits > 0).flatten(1), (target > 0.5).flatten(1)
-    intersection = (predicted & actual).sum(dim=1).float()
-    union = (predicted | actual).sum(dim=1).float()
+    predicted, actual = (logits > 0).flatten(2), (target > 0.5).flatten(2)
+    intersection = (predicted & actual).sum(dim=2).float()
+    union = (predicted | actual).sum(dim=2).float()
     return intersection / union.clamp(min=1)
 
 
@@ -180,6 +181,9 @@ class SAMFineTuning(LightningModule):
         rank: The LoRAs' rank.
         alpha: The LoRAs' alpha (their update is scaled by `alpha / rank`); defaults to the rank.
         decoder_only: Train the whole mask decoder (no LoRA), the encoders frozen.
+        multimask_output: Decode SAM's three masks per prompt and train, for each prompt, the one of lowest loss,
+            as SAM's paper does for ambiguous prompts (a single point); the IoU head learns all three. Otherwise the
+            single-mask output trains (a box, or several points).
         learning_rate: The learning rate.
         optimizer: Builds the optimizer from the parameters and the learning rate (default: AdamW), as in
             `LoraFineTuning`; a config's `init_args` take no `lr`.
@@ -214,6 +218,7 @@ class SAMFineTuning(LightningModule):
         rank: int = 8,
         alpha: float | None = None,
         decoder_only: bool = False,
+        multimask_output: bool = False,
         learning_rate: float = 1e-4,
         optimizer: OptimizerFactory = torch.optim.AdamW,
         warmup_steps: int = 0,
@@ -235,6 +240,7 @@ class SAMFineTuning(LightningModule):
         self.rank = rank
         self.alpha = alpha
         self.decoder_only = decoder_only
+        self.multimask_output = multimask_output
         self.learning_rate = learning_rate
         self.optimizer_factory = optimizer
         self.warmup_steps = warmup_steps
@@ -296,15 +302,16 @@ class SAMFineTuning(LightningModule):
     # -- the loss ----------------------------------------------------------------------------------------------------
 
     def predict_batch(self, batch: MaskBatch) -> tuple[Tensor, Tensor]:
-        """The single-mask output for each image and prompt of a batch: `(logits, iou_predictions)`, the logits
-        `(batch, 1, S, S)` upscaled to the model's input frame (bilinear, as `postprocess_masks` first does)."""
+        """The masks of each image and prompt of a batch (see `multimask_output`): `(logits, iou_predictions)`, the
+        logits `(batch, masks, S, S)` upscaled to the model's input frame (bilinear, as `postprocess_masks` first
+        does)."""
         sam = self.sam
         images = batch["images"].to(device=sam.device, dtype=sam.dtype)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trains_image_encoder):
             # As `compute_image_embedding`: the first child, the image encoder or an adapter on it.
             embedding = sam.layer(0, fl.Module)(images)
         low_res, iou_predictions = sam.decode(
-            embedding, batch["coordinates"].float(), batch["types"], multimask_output=False
+            embedding, batch["coordinates"].float(), batch["types"], multimask_output=self.multimask_output
         )
         logits = F.interpolate(low_res.float(), (sam.image_size, sam.image_size), mode="bilinear", align_corners=False)
         return logits, iou_predictions.float()
@@ -313,16 +320,22 @@ class SAMFineTuning(LightningModule):
         """SAM's loss of a batch (`loss`), and its terms: `focal`, `dice` and `iou_mse`, each a batch mean."""
         logits, iou_predictions = self.predict_batch(batch)
         target = batch["masks"].to(device=logits.device, dtype=logits.dtype)
-        if target.shape != logits.shape:
+        if target.shape[2:] != logits.shape[2:]:
             raise TrainingSetupError(
-                f"the batch's masks are {tuple(target.shape)} but the model predicts {tuple(logits.shape)}: set ",
+                f"the batch's masks are {tuple(target.shape[2:])} but the model predicts {tuple(logits.shape[2:])}: set ",
                 Setting("image_size", self.sam.image_size),
                 " in the data module (the model's input side)",
             )
-        focal, dice = focal_loss(logits, target).mean(), dice_loss(logits, target).mean()
-        iou_mse = F.mse_loss(iou_predictions[:, 0], mask_iou(logits, target))
-        loss = self.focal_weight * focal + self.dice_weight * dice + self.iou_weight * iou_mse
-        return {"loss": loss, "focal": focal, "dice": dice, "iou_mse": iou_mse}
+        focal, dice = focal_loss(logits, target), dice_loss(logits, target)
+        mask_loss = self.focal_weight * focal + self.dice_weight * dice  # (batch, masks)
+        best = mask_loss.detach().argmin(dim=1, keepdim=True)  # the only mask, or the best of three
+
+        def chosen(per_mask: Tensor) -> Tensor:
+            return per_mask.gather(1, best).mean()
+
+        iou_mse = F.mse_loss(iou_predictions, mask_iou(logits, target))
+        loss = chosen(mask_loss) + self.iou_weight * iou_mse
+        return {"loss": loss, "focal": chosen(focal), "dice": chosen(dice), "iou_mse": iou_mse}
 
     def on_fit_start(self) -> None:
         image_size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
