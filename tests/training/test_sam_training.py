@@ -356,6 +356,11 @@ def test_an_unreadable_image_is_left_out_with_skip_invalid(tmp_path: Path) -> No
         MaskDataset(folder)
     with pytest.warns(UserWarning, match="002.png: left out"):
         assert len(MaskDataset(folder, skip_invalid=True)) == 2
+    # An image that breaks after the folder was read says which flag leaves it out.
+    dataset = MaskDataset(make_mask_folder(tmp_path / "later", n=2, size=32), image_size=64)
+    (tmp_path / "later" / "images" / "001.png").write_bytes(b"truncated")
+    with pytest.raises(TrainingSetupError, match=r"cannot read the image .*001\.png .*skip_invalid=True"):
+        dataset[1]
 
 
 EXAMPLES = [

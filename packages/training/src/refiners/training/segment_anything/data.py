@@ -30,7 +30,7 @@ from refiners.foundationals.segment_anything.model import resized_size
 from refiners.training.data import EpochSampler, ItemKey, ResumableDataLoader
 from refiners.training.data_transforms import seeded_generator
 from refiners.training.errors import Setting, TrainingSetupError
-from refiners.training.image_folder import IMAGE_EXTENSIONS, open_image
+from refiners.training.image_folder import IMAGE_EXTENSIONS, ImageFolderError, open_image
 
 __all__ = [
     "IMAGES_FOLDER",
@@ -221,7 +221,11 @@ class MaskDataset(Dataset[MaskItem]):
     def __getitem__(self, key: int | ItemKey) -> MaskItem:
         index, epoch = (key.index, key.epoch) if isinstance(key, ItemKey) else (key, 0)
         file = self.files[index]
-        image, mask = open_image(file.image), read_mask(file.mask)
+        try:
+            image = open_image(file.image)
+        except ImageFolderError as error:  # its message names `CaptionedImageDataModule`'s flag: name ours
+            raise _invalid(f"cannot read the image {file.image} ({error.__cause__})") from error
+        mask = read_mask(file.mask)
         height, width = mask.shape
         new_height, new_width = resized_size(height, width, self.image_size)
         generator = seeded_generator(self.seed, epoch, index, "prompt")
