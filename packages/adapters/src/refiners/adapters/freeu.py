@@ -9,7 +9,9 @@ connection's lowest frequencies (`s`: a Fourier filter), which sharpens details 
     backbone[:, :C/2] *= b_i
     skip = IFFT(FFT(skip) * mask_i)    mask_i = s_i on the centred 2x2 lowest frequencies, 1 elsewhere
 
-Here this is an adapter on each of these blocks' `ResidualConcatenator`, which reweighs `cat([backbone, skip])`.
+The backbone's scaling is the constant one, as diffusers has it (not the FreeU repository's later variant, which
+scales by the channel mean's min-max normalisation). Here this is an adapter on each of these blocks'
+`ResidualConcatenator`, which reweighs `cat([backbone, skip])`.
 """
 
 from collections.abc import Sequence
