@@ -119,12 +119,8 @@ def main() -> None:
 
     with _step(3, f"Generate: {PROMPT!r}, seed {SEED}, {INFERENCE_STEPS} steps"):
         components = build_components("tiny", weights=output / "refiners")  # the toy sizes of configs/tiny-lora.yaml
-        sd = StableDiffusion_1(
-            unet=components.unet,
-            lda=components.lda,
-            clip_text_encoder=components.clip_text_encoder,
-            solver=DPMSolver(num_inference_steps=INFERENCE_STEPS),
-        )
+        sd = components.pipeline(DPMSolver(num_inference_steps=INFERENCE_STEPS))
+        assert isinstance(sd, StableDiffusion_1)  # the `tiny` base is Stable Diffusion 1.x's
         before = generate(sd)
         before.save(output / "before.png")
         print(f"wrote {output / 'before.png'} ({before.width}x{before.height})")

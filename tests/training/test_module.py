@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from transformers import CLIPTextConfig, CLIPTextModel
 
+import refiners.fluxion.layers as fl
 import refiners.training.callbacks
 import refiners.training.cli
 import refiners.training.errors
@@ -141,6 +142,7 @@ def transformers_text_encoder(components: StableDiffusionComponents) -> CLIPText
     )
     encoder = CLIPTextModel(config)
     prefix = "text_model." if any(key.startswith("text_model.") for key in encoder.state_dict()) else ""
+    assert isinstance(components.clip_text_encoder, CLIPTextEncoder)
     key_map = transformers_clip_text_key_map(components.clip_text_encoder, source_prefix=prefix)
     encoder.load_state_dict(_from_refiners(key_map, components.clip_text_encoder.state_dict()))
     return encoder.eval()
@@ -188,7 +190,15 @@ def probe() -> Probe:
     )
 
 
-def _outputs(unet: SD1UNet, text_encoder: CLIPTextEncoder, probe: Probe) -> tuple[Tensor, Tensor]:
+def sd1(components: StableDiffusionComponents) -> StableDiffusion_1:
+    """The SD1 pipeline over the components (the tests' base is SD1's `tiny`)."""
+    unet, encoder = components.unet, components.clip_text_encoder
+    assert isinstance(unet, SD1UNet) and isinstance(encoder, CLIPTextEncoder)
+    return StableDiffusion_1(unet=unet, lda=components.lda, clip_text_encoder=encoder)
+
+
+def _outputs(unet: fl.Chain, text_encoder: fl.Chain, probe: Probe) -> tuple[Tensor, Tensor]:
+    assert isinstance(unet, SD1UNet)
     with torch.no_grad():
         unet.set_timestep(probe.timesteps)
         unet.set_clip_text_embedding(probe.text_embedding)
@@ -517,7 +527,7 @@ def test_exported_lora_loads_with_sd1_lora_adapter(
 ) -> None:
     path = run.export.paths(run.log_dir / "loras")["refiners"]
     components = build_components("tiny", seed=0)
-    sd = StableDiffusion_1(unet=components.unet, lda=components.lda, clip_text_encoder=components.clip_text_encoder)
+    sd = sd1(components)
     SD1LoraAdapter.from_safetensors(target=sd, checkpoint_path=path).inject()
     unet_output, text_output = _outputs(sd.unet, sd.clip_text_encoder, probe)
     expected_unet, expected_text = _outputs(run.module.unet, run.module.clip_text_encoder, probe)
@@ -567,9 +577,7 @@ def test_samples_are_saved_as_grids_and_logged(run: Run, fresh_components: Stabl
     grids = [Image.open(path).convert("RGB") for path in paths]
     assert all(grid.size == (2 * RESOLUTION, 2 * RESOLUTION) for grid in grids)
     # At step 0 the LoRAs are zero: the grid is the base model's images, at the same seeds.
-    base = StableDiffusion_1(
-        unet=fresh_components.unet, lda=fresh_components.lda, clip_text_encoder=fresh_components.clip_text_encoder
-    )
+    base = sd1(fresh_components)
     first = base.generate(
         PROMPTS[0], num_inference_steps=4, height=RESOLUTION, width=RESOLUTION, seed=0, progress=False
     )[0]
