@@ -270,17 +270,24 @@ class ControlnetAdapter(fl.Chain, fl.Adapter[fl.Conv2d], Generic[UNetT, Controln
         self.set_context(CONTROLNET_CONTEXT, {self.name: condition})
 
 
-def _load(path: Path | str, classes: tuple[type[ControlnetT], ...], unet: UNet) -> ControlnetT:
-    """A ControlNet built from the record in its converted file (`refiners-convert controlnet`), loaded."""
-    config = ModelConfig.from_metadata(load_metadata_from_safetensors(path))
+def _given(
+    weights: Path | str | None, controlnet: ControlnetT | None, classes: tuple[type[ControlnetT], ...], unet: UNet
+) -> ControlnetT:
+    """The ControlNet given, or built from the record in its converted file (`refiners-convert controlnet`), loaded."""
+    if (weights is None) == (controlnet is None):
+        raise ValueError("give the ControlNet's converted file (weights=...) or the ControlNet (controlnet=...)")
+    if controlnet is not None:
+        return controlnet
+    assert weights is not None
+    config = ModelConfig.from_metadata(load_metadata_from_safetensors(weights))
     if config is None:
         raise ValueError(
-            f"{path} does not record its model: convert the ControlNet with `refiners-convert controlnet --from SOURCE "
-            "--to FILE`"
+            f"{weights} does not record its model: convert the ControlNet with `refiners-convert controlnet --from "
+            "SOURCE --to FILE`"
         )
-    controlnet = config.build(classes, device="meta")
-    load_state_dict_from_safetensors(controlnet, path)
-    return controlnet.to(device=unet.device, dtype=unet.dtype)
+    loaded = config.build(classes, device="meta")
+    load_state_dict_from_safetensors(loaded, weights)
+    return loaded.to(device=unet.device, dtype=unet.dtype)
 
 
 class SD1ControlnetAdapter(ControlnetAdapter[SD1UNet, SD1Controlnet]):
@@ -309,11 +316,7 @@ class SD1ControlnetAdapter(ControlnetAdapter[SD1UNet, SD1Controlnet]):
         guidance_end: float = 1.0,
         guess_mode: bool = False,
     ) -> None:
-        if (weights is None) == (controlnet is None):
-            raise ValueError("give the ControlNet's converted file (weights=...) or the ControlNet (controlnet=...)")
-        if controlnet is None:
-            assert weights is not None
-            controlnet = _load(weights, (SD1Controlnet,), target)
+        controlnet = _given(weights, controlnet, (SD1Controlnet,), target)
         super().__init__(target, controlnet, name, scale, guidance_start, guidance_end, guess_mode)
 
 
@@ -343,9 +346,5 @@ class SDXLControlnetAdapter(ControlnetAdapter[SDXLUNet, SDXLControlnet]):
         guidance_end: float = 1.0,
         guess_mode: bool = False,
     ) -> None:
-        if (weights is None) == (controlnet is None):
-            raise ValueError("give the ControlNet's converted file (weights=...) or the ControlNet (controlnet=...)")
-        if controlnet is None:
-            assert weights is not None
-            controlnet = _load(weights, (SDXLControlnet,), target)
+        controlnet = _given(weights, controlnet, (SDXLControlnet,), target)
         super().__init__(target, controlnet, name, scale, guidance_start, guidance_end, guess_mode)
