@@ -17,7 +17,12 @@ from torch import Tensor
 
 from refiners.converters.segment_anything import convert_sam_file
 from refiners.fluxion.model_config import ModelConfig
-from refiners.foundationals.segment_anything import SegmentAnything, SegmentAnythingB
+from refiners.foundationals.segment_anything import (
+    SegmentAnything,
+    SegmentAnythingB,
+    SegmentAnythingH,
+    SegmentAnythingL,
+)
 
 TOLERANCE = 1e-4  # of the reference output's scale
 IMAGE_SIZE = (90, 150)  # height, width: not square, not the model's size, so resizing and padding run
@@ -225,6 +230,27 @@ def test_vit_b_image_encoder_at_real_widths(tmp_path: Path) -> None:
         ours_time = time.monotonic() - start
     print(f"ViT-B image encoder: reference {reference_time:.1f} s, ours {ours_time:.1f} s")
     assert_close_to(actual, expected, "ViT-B image embedding")
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize(("kind", "preset"), [("vit_l", SegmentAnythingL), ("vit_h", SegmentAnythingH)])
+def test_large_image_encoders_at_real_widths(tmp_path: Path, kind: str, preset: type[SegmentAnything]) -> None:
+    """ViT-L's and ViT-H's image encoders at their real widths (1024 input), against `sam_model_registry` (run once:
+    `uv run pytest --heavy -k large_image_encoders -s`)."""
+    torch.manual_seed(0)
+    reference = sam_model_registry[kind]()
+    randomize(reference, seed=2)
+    converted = convert_sam_file(save_reference(reference, tmp_path / f"sam_{kind}.pth"), tmp_path / "sam.safetensors")
+    sam = SegmentAnything.from_safetensors(converted.path)
+    assert type(sam) is preset
+    x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference.image_encoder(x)
+        del reference
+        actual = sam.image_encoder(x)
+    relative = ((actual - expected).abs().max() / expected.abs().max()).item()
+    print(f"{kind} image encoder: max abs difference {relative:.2e} of the output's scale")
+    assert_close_to(actual, expected, f"{kind} image embedding")
 
 
 @pytest.mark.gpu
