@@ -11,7 +11,6 @@ builds and loads it.
 """
 
 import argparse
-import json
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -24,7 +23,7 @@ from torch import Tensor
 
 import refiners.fluxion.layers as fl
 from refiners.converters.engine import ConversionError, KeyMap, convert_state_dict
-from refiners.converters.sources import SourceError, TensorFile
+from refiners.converters.sources import SourceError, TensorFile, read_json, transformers_weight_files
 from refiners.fluxion.model_config import ModelConfig
 from refiners.fluxion.utils import save_to_safetensors
 from refiners.foundationals.clip.common import FeedForward, TransformerLayer
@@ -65,40 +64,13 @@ class CLIPImageSource:
     origin: str
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SourceError(f"{path} is not a readable JSON file ({error})") from error
-    if not isinstance(data, dict):
-        raise SourceError(f"{path} holds a JSON {type(data).__name__}, expected an object")
-    return data  # pyright: ignore[reportUnknownVariableType]
-
-
-def _folder_weights(folder: Path) -> list[Path]:
-    if (single := folder / "model.safetensors").is_file():
-        return [single]
-    if (index := folder / "model.safetensors.index.json").is_file():
-        weight_map: Any = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise SourceError(f"{index} has no weight_map: it is not a sharded checkpoint index")
-        return [folder / str(name) for name in dict.fromkeys(weight_map.values())]  # pyright: ignore[reportUnknownArgumentType, reportUnknownVariableType]
-    if (pickled := folder / "pytorch_model.bin").is_file():
-        return [pickled]
-    present = sorted(path.name for path in folder.iterdir())
-    raise SourceError(
-        f"{folder} has no weights: expected model.safetensors (or a sharded index, or pytorch_model.bin); found "
-        f"{', '.join(present) or 'nothing'}"
-    )
-
-
 def _folder_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise SourceError(
             f"{folder} has no config.json: pass a CLIPVisionModelWithProjection folder, a file or a Hub id"
         )
-    config = _read_json(path)
+    config = read_json(path)
     architectures: Any = config.get("architectures") or []
     if "CLIPVisionModelWithProjection" not in architectures:
         raise SourceError(
@@ -136,7 +108,7 @@ def open_clip_image_source(source: str | Path) -> CLIPImageSource:
     path = Path(source).expanduser()
     config: dict[str, Any] | None = None
     if path.is_dir():
-        config, files = _folder_config(path), _folder_weights(path)
+        config, files = _folder_config(path), transformers_weight_files(path)
     elif path.is_file():
         if path.suffix not in _FILE_SUFFIXES:
             raise SourceError(f"{path} is not a checkpoint file: expected one of {', '.join(_FILE_SUFFIXES)}")
@@ -145,7 +117,7 @@ def open_clip_image_source(source: str | Path) -> CLIPImageSource:
             config = _folder_config(path.parent)
     elif not path.exists() and _HUB_ID.fullmatch(str(source)):
         path = _download(str(source))
-        config, files = _folder_config(path), _folder_weights(path)
+        config, files = _folder_config(path), transformers_weight_files(path)
     else:
         raise SourceError(f"no such file or folder: {source} (nor a Hugging Face Hub id, `org/name[/subfolder]`)")
     tensors = TensorFile(files)

@@ -23,7 +23,6 @@ released size is recorded as its class (`DINOv2_small`...), another as a `ViT` w
 """
 
 import argparse
-import json
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -35,7 +34,7 @@ import torch
 from torch import Tensor
 
 from refiners.converters.engine import ConversionError, KeyMap, convert_state_dict
-from refiners.converters.sources import SourceError, TensorFile
+from refiners.converters.sources import SourceError, TensorFile, read_json, transformers_weight_files
 from refiners.fluxion.model_config import ModelConfig
 from refiners.fluxion.utils import save_to_safetensors
 from refiners.foundationals.dinov2 import DINOV2_CLASSES, LinearProbe, ViT
@@ -155,43 +154,13 @@ class DINOv2Conversion:
     layout: Layout
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SourceError(f"{path} is not a readable JSON file ({error})") from error
-    if not isinstance(data, dict):
-        raise SourceError(f"{path} holds a JSON {type(data).__name__}, expected an object")
-    return data  # pyright: ignore[reportUnknownVariableType]
-
-
-def _folder_weights(folder: Path) -> list[Path]:
-    if (single := folder / "model.safetensors").is_file():
-        return [single]
-    if (index := folder / "model.safetensors.index.json").is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise SourceError(f"{index} has no weight_map: it is not a sharded checkpoint index")
-        shards = [folder / str(name) for name in dict.fromkeys(weight_map.values())]  # pyright: ignore[reportUnknownArgumentType]
-        if missing := [shard.name for shard in shards if not shard.is_file()]:
-            raise SourceError(f"{index} lists shards that are missing: {', '.join(missing)}")
-        return shards
-    if (pickled := folder / "pytorch_model.bin").is_file():
-        return [pickled]
-    present = sorted(path.name for path in folder.iterdir())
-    raise SourceError(
-        f"{folder} has no weights: expected model.safetensors (or a sharded index, or pytorch_model.bin); found "
-        f"{', '.join(present) or 'nothing'}"
-    )
-
-
 def _folder_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise SourceError(
             f"{folder} has no config.json: pass a transformers Dinov2Model folder, a checkpoint file or a Hub id"
         )
-    config = _read_json(path)
+    config = read_json(path)
     architectures: Any = config.get("architectures") or []
     if not set(architectures) & set(DINOV2_ARCHITECTURES):
         raise SourceError(
@@ -249,7 +218,7 @@ def open_dinov2_source(source: str | Path) -> DINOv2Source:
     config: dict[str, Any] | None = None
     if path.is_dir():
         config = _folder_config(path)
-        files = _folder_weights(path)
+        files = transformers_weight_files(path)
     elif path.is_file():
         if path.suffix not in _FILE_SUFFIXES:
             raise SourceError(f"{path} is not a checkpoint file: expected one of {', '.join(_FILE_SUFFIXES)}")
@@ -259,7 +228,7 @@ def open_dinov2_source(source: str | Path) -> DINOv2Source:
     elif not path.exists() and _HUB_ID.fullmatch(str(source)):
         path = _download(str(source))
         config = _folder_config(path)
-        files = _folder_weights(path)
+        files = transformers_weight_files(path)
     else:
         raise SourceError(f"no such file or folder: {source} (nor a Hugging Face Hub id, `org/name`)")
     tensors = TensorFile(files)

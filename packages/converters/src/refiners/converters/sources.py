@@ -206,7 +206,7 @@ class DiffusersFolder:
     def model_index(self) -> dict[str, Any] | None:
         """The parsed `model_index.json`, or None for a component's folder."""
         path = self.root / "model_index.json"
-        return _read_json(path) if path.is_file() else None
+        return read_json(path) if path.is_file() else None
 
     @property
     def pipeline_class(self) -> str | None:
@@ -219,7 +219,7 @@ class DiffusersFolder:
         if self.model_index is not None:
             return (self.root / component).is_dir()
         config = self.root / "config.json"
-        return config.is_file() and bool(set(_config_classes(_read_json(config))) & set(COMPONENT_CLASSES[component]))
+        return config.is_file() and bool(set(_config_classes(read_json(config))) & set(COMPONENT_CLASSES[component]))
 
     def component_folder(self, component: str) -> Path:
         """The folder of `component`'s config and weights.
@@ -246,7 +246,7 @@ class DiffusersFolder:
                 "config.json (a component's folder). Pass the folder of a diffusers model, a single checkpoint file "
                 "or a Hugging Face Hub id."
             )
-        classes = _config_classes(_read_json(config_path))
+        classes = _config_classes(read_json(config_path))
         if not set(classes) & set(COMPONENT_CLASSES[component]):
             raise SourceError(
                 f"{self.root} is the folder of {' / '.join(classes) or 'an unknown model'}, not of the {component} "
@@ -260,7 +260,7 @@ class DiffusersFolder:
         path = self.component_folder(component) / "config.json"
         if not path.is_file():
             raise SourceError(f"{path.parent} has no config.json: it is not a complete diffusers {component} folder")
-        return _read_json(path)
+        return read_json(path)
 
     def weight_files(self, component: str) -> list[Path]:
         """The files of the component's weights (several for a sharded checkpoint), by the preference order above.
@@ -275,7 +275,7 @@ class DiffusersFolder:
             if not first.is_file():
                 continue
             if first.name.endswith(".json"):
-                return _shards(first)
+                return shard_files(first)
             return [first]
         present = sorted(path.name for path in folder.iterdir())
         raise SourceError(
@@ -297,8 +297,9 @@ class DiffusersFolder:
         return f"diffusers folder {self.root}"
 
 
-def _shards(index: Path) -> list[Path]:
-    weight_map = _read_json(index).get("weight_map")
+def shard_files(index: Path) -> list[Path]:
+    """The files a sharded checkpoint's index (`*.safetensors.index.json`) lists, checked to be there."""
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise SourceError(f"{index} has no weight_map: it is not a sharded checkpoint index")
     files = [index.parent / name for name in dict.fromkeys(str(name) for name in weight_map.values())]
@@ -307,7 +308,8 @@ def _shards(index: Path) -> list[Path]:
     return files
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file, parsed; a `SourceError` that names the file otherwise."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -315,6 +317,25 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SourceError(f"{path} holds a JSON {type(data).__name__}, expected an object")
     return data
+
+
+def transformers_weight_files(folder: Path) -> list[Path]:
+    """The weights of a transformers model folder: `model.safetensors`, its shards, or `pytorch_model.bin`.
+
+    Raises:
+        SourceError: The folder has none of them; the message lists what it has.
+    """
+    if (single := folder / "model.safetensors").is_file():
+        return [single]
+    if (index := folder / "model.safetensors.index.json").is_file():
+        return shard_files(index)
+    if (pickled := folder / "pytorch_model.bin").is_file():
+        return [pickled]
+    present = sorted(path.name for path in folder.iterdir())
+    raise SourceError(
+        f"{folder} has no weights: expected model.safetensors (or a sharded index, or pytorch_model.bin); found "
+        f"{', '.join(present) or 'nothing'}"
+    )
 
 
 @dataclass(frozen=True)
