@@ -1,5 +1,6 @@
 """Textual inversion against diffusers' `load_textual_inversion`, on the prompt embedding (SD1 and SDXL toys)."""
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +117,17 @@ def test_bad_input(sd1_folders: tuple[Path, Path], tmp_path: Path) -> None:
     save_file({"emb_params": torch.randn(1, 4), "other": torch.randn(1)}, tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="unknown textual inversion keys"):
         TextualInversion.from_file(encoder, tmp_path / "x.safetensors", token=TOKEN)
+
+
+def test_the_readme_block_runs(sd1_folders: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's textual inversion block word for word (3 steps), on the toy SD1 converted as `sd15/`."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("## Textual inversion")
+    section = readme[start : readme.index("\n## ", start)]
+    (block,) = re.findall(r"^```py\n(.*?)^```$", section, flags=re.MULTILINE | re.DOTALL)
+    assert "num_inference_steps=30" in block
+    (tmp_path / "sd15").symlink_to(sd1_folders[1], target_is_directory=True)
+    torch.save({"string_to_param": {"*": torch.randn(2, 32)}}, tmp_path / "cat-toy.pt")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block.replace("num_inference_steps=30", "num_inference_steps=3"), "README.md", "exec"), {})
+    assert (tmp_path / "cat_toy.png").is_file()
