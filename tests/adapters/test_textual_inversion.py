@@ -117,6 +117,12 @@ def test_bad_input(sd1_folders: tuple[Path, Path], tmp_path: Path) -> None:
     save_file({"emb_params": torch.randn(1, 4), "other": torch.randn(1)}, tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="unknown textual inversion keys"):
         TextualInversion.from_file(encoder, tmp_path / "x.safetensors", token=TOKEN)
+    torch.save({"string_to_param": {"*": torch.randn(1, 4)}, "extra": 1}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match=r"unknown keys \['extra'\]"):
+        TextualInversion.from_file(encoder, tmp_path / "x.pt", token=TOKEN)
+    save_file({"clip_l": torch.randn(1, 4), "clip_g": torch.randn(1, 4)}, tmp_path / "xl.safetensors")
+    with pytest.raises(ValueError, match="needs SDXL's two text encoders"):
+        TextualInversion.from_file(encoder, tmp_path / "xl.safetensors", token=TOKEN)
 
 
 def test_the_readme_block_runs(sd1_folders: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
