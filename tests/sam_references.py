@@ -9,7 +9,6 @@ initializes to zero or one (relative and absolute positions, norms), so that eac
 
 import warnings
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -77,52 +76,7 @@ def build_hq_reference(sam: Sam, config: ModelConfig = TINY, seed: int = 1) -> t
     """`segment_anything_hq`'s `Sam` (with `MaskDecoderHQ`) at `config`'s sizes, SAM's weights taken from `sam`
     (HQ-SAM keeps them frozen) and HQ-SAM's own drawn at random: those HQ-SAM initializes to zero too, so that the
     HQ mask moves the output."""
-    from segment_anything_hq.modeling import ImageEncoderViT as HQImageEncoderViT
-    from segment_anything_hq.modeling import MaskDecoderHQ
-    from segment_anything_hq.modeling import PromptEncoder as HQPromptEncoder
-    from segment_anything_hq.modeling import Sam as HQSam
-    from segment_anything_hq.modeling import TwoWayTransformer as HQTwoWayTransformer
-
-    arguments = SegmentAnything(**config.arguments, device="meta")._arguments()
-    prompt_dim, image_size = arguments["prompt_embedding_dim"], arguments["image_size"]
-    grid_size = image_size // arguments["patch_size"]
-    hq = HQSam(
-        image_encoder=HQImageEncoderViT(
-            depth=arguments["num_layers"],
-            embed_dim=arguments["embedding_dim"],
-            img_size=image_size,
-            mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),  # pyright: ignore[reportArgumentType] (as SAM builds it)
-            num_heads=arguments["num_heads"],
-            patch_size=arguments["patch_size"],
-            qkv_bias=True,
-            use_rel_pos=True,
-            global_attn_indexes=tuple(arguments["global_attention_indices"]),
-            window_size=arguments["window_size"],
-            out_chans=prompt_dim,
-        ),
-        prompt_encoder=HQPromptEncoder(
-            embed_dim=prompt_dim,
-            image_embedding_size=(grid_size, grid_size),
-            input_image_size=(image_size, image_size),
-            mask_in_chans=arguments["mask_encoder_channels"],
-        ),
-        mask_decoder=MaskDecoderHQ(  # pyright: ignore[reportArgumentType] (segment_anything_hq's Sam takes it)
-            num_multimask_outputs=arguments["num_multimask_outputs"],
-            transformer=HQTwoWayTransformer(
-                depth=arguments["decoder_depth"],
-                embedding_dim=prompt_dim,
-                mlp_dim=arguments["decoder_feedforward_dim"],
-                num_heads=arguments["decoder_num_heads"],
-            ),
-            transformer_dim=prompt_dim,
-            iou_head_depth=3,
-            iou_head_hidden_dim=arguments["iou_hidden_dim"],
-            vit_dim=arguments["embedding_dim"],
-        ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    )
+    hq = segment_anything_reference(config.arguments, hq=True)
     loaded = hq.load_state_dict(sam.state_dict(), strict=False)
     assert not loaded.unexpected_keys, loaded.unexpected_keys
     hq_only = set(loaded.missing_keys)

@@ -29,21 +29,23 @@ def missing_segment_anything() -> bool:
     return importlib.util.find_spec("segment_anything") is None
 
 
-def segment_anything_reference(arguments: Mapping[str, Any]) -> "Sam":
+def segment_anything_reference(arguments: Mapping[str, Any], *, hq: bool = False) -> "Sam":
     """`segment_anything`'s `Sam` at `SegmentAnything`'s constructor `arguments`, as its builders set it up (random
-    weights, eval mode)."""
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    weights, eval mode); with `hq`, `segment_anything_hq`'s, whose mask decoder is `MaskDecoderHQ`."""
+    import importlib
 
+    modeling: Any = importlib.import_module("segment_anything_hq.modeling" if hq else "segment_anything.modeling")
     arguments = SegmentAnything(**arguments, device="meta")._arguments()
     prompt_dim, image_size = arguments["prompt_embedding_dim"], arguments["image_size"]
     grid_size = image_size // arguments["patch_size"]
-    sam = Sam(
-        image_encoder=ImageEncoderViT(
+    decoder = modeling.MaskDecoderHQ if hq else modeling.MaskDecoder
+    sam = modeling.Sam(
+        image_encoder=modeling.ImageEncoderViT(
             depth=arguments["num_layers"],
             embed_dim=arguments["embedding_dim"],
             img_size=image_size,
             mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),  # pyright: ignore[reportArgumentType] (as SAM builds it)
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
             num_heads=arguments["num_heads"],
             patch_size=arguments["patch_size"],
             qkv_bias=True,
@@ -52,15 +54,15 @@ def segment_anything_reference(arguments: Mapping[str, Any]) -> "Sam":
             window_size=arguments["window_size"],
             out_chans=prompt_dim,
         ),
-        prompt_encoder=PromptEncoder(
+        prompt_encoder=modeling.PromptEncoder(
             embed_dim=prompt_dim,
             image_embedding_size=(grid_size, grid_size),
             input_image_size=(image_size, image_size),
             mask_in_chans=arguments["mask_encoder_channels"],
         ),
-        mask_decoder=MaskDecoder(
+        mask_decoder=decoder(
             num_multimask_outputs=arguments["num_multimask_outputs"],
-            transformer=TwoWayTransformer(
+            transformer=modeling.TwoWayTransformer(
                 depth=arguments["decoder_depth"],
                 embedding_dim=prompt_dim,
                 mlp_dim=arguments["decoder_feedforward_dim"],
@@ -69,6 +71,7 @@ def segment_anything_reference(arguments: Mapping[str, Any]) -> "Sam":
             transformer_dim=prompt_dim,
             iou_head_depth=3,
             iou_head_hidden_dim=arguments["iou_hidden_dim"],
+            **({"vit_dim": arguments["embedding_dim"]} if hq else {}),
         ),
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
