@@ -472,6 +472,7 @@ def test_downsample_without_register_shape_leaves_no_shape() -> None:
         (fl.MaxPool1d(3, stride=2, padding=1), lambda x: F.max_pool1d(x, 3, stride=2, padding=1), (2, 3, 11)),
         (fl.MaxPool2d(2), lambda x: F.max_pool2d(x, 2), (2, 3, 8, 6)),
         (fl.MaxPool2d(3, stride=2, ceil_mode=True), lambda x: F.max_pool2d(x, 3, 2, ceil_mode=True), (2, 3, 8, 6)),
+        (fl.AvgPool2d(2, stride=2, ceil_mode=True), lambda x: F.avg_pool2d(x, 2, 2, ceil_mode=True), (2, 3, 7, 5)),
         (fl.ReflectionPad2d(2), lambda x: F.pad(x, (2, 2, 2, 2), mode="reflect"), (2, 3, 5, 6)),
         (fl.ReflectionPad2d((1, 0, 2, 3)), lambda x: F.pad(x, (1, 0, 2, 3), mode="reflect"), (2, 3, 5, 6)),
         (fl.PixelUnshuffle(2), lambda x: F.pixel_unshuffle(x, 2), (2, 3, 8, 6)),

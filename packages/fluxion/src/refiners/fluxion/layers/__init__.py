@@ -43,6 +43,7 @@ from refiners.fluxion.layers.linear import Linear, MultiLinear
 from refiners.fluxion.layers.module import ContextModule, Module, WeightedModule
 from refiners.fluxion.layers.norm import GroupNorm, InstanceNorm2d, LayerNorm, LayerNorm2d
 from refiners.fluxion.layers.sampling import (
+    AvgPool2d,
     Downsample,
     Interpolate,
     MaxPool1d,
@@ -113,6 +114,7 @@ __all__ = [
     "Upsample",
     "MaxPool1d",
     "MaxPool2d",
+    "AvgPool2d",
     "ReflectionPad2d",
     "PixelUnshuffle",
 ]

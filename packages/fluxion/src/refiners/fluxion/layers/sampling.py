@@ -15,6 +15,7 @@ from refiners.fluxion.layers.conv import Conv2d
 from refiners.fluxion.layers.module import ContextModule, Module
 
 __all__ = [
+    "AvgPool2d",
     "Interpolate",
     "Pad",
     "PushShape",
@@ -260,6 +261,26 @@ class MaxPool2d(torch.nn.MaxPool2d, Module):
             return_indices=return_indices,
             ceil_mode=ceil_mode,
         )
+
+
+class AvgPool2d(torch.nn.AvgPool2d, Module):
+    """`torch.nn.AvgPool2d`.
+
+    Args:
+        kernel_size: Size of the window.
+        stride: Step of the window (default: `kernel_size`).
+        padding: Implicit zero padding on both sides.
+        ceil_mode: Round the output size up instead of down (a last, partial window is averaged over what it holds).
+    """
+
+    def __init__(
+        self,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] | None = None,
+        padding: int | tuple[int, int] = 0,
+        ceil_mode: bool = False,
+    ) -> None:
+        super().__init__(kernel_size, stride=stride, padding=padding, ceil_mode=ceil_mode)
 
 
 class ReflectionPad2d(torch.nn.ReflectionPad2d, Module):
