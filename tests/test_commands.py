@@ -56,6 +56,10 @@ COVERED_ELSEWHERE = {
         "tests/adapters/test_controlnet.py::test_the_readme_controlnet_blocks_run runs it on a toy ControlNet saved "
         "where the Hub id points"
     ),
+    "uv run refiners-convert t2i-adapter --from TencentARC/t2iadapter_depth_sd15v2 --to depth.safetensors": (
+        "tests/adapters/test_t2i_adapter.py::test_the_readme_t2i_adapter_blocks_run runs it on a toy T2I-Adapter saved "
+        "where the Hub id points"
+    ),
     "uv run refiners-convert dinov2 --from dinov2_vits14_pretrain.pth --to dinov2_small.safetensors": (
         "tests/converters/test_dinov2_conversion.py::test_the_readme_dinov2_commands_run runs it on a random DINOv2-small"
     ),

@@ -56,6 +56,7 @@ from refiners.converters.stable_diffusion import (
     convert_stable_diffusion_1,
     convert_unet,
 )
+from refiners.converters.t2i_adapter import add_t2i_adapter_command, run_t2i_adapter_command
 
 __all__ = ["main", "build_parser", "CHECK_TOLERANCE", "CHECK_TOLERANCE_AFTER_CAST"]
 
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dinov2_command(commands)
     add_clip_image_command(commands)
     add_controlnet_command(commands)
+    add_t2i_adapter_command(commands)
     return parser
 
 
@@ -174,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_clip_image_command(args, _print_progress)
     if args.command == "controlnet":
         return run_controlnet_command(args, _print_progress)
+    if args.command == "t2i-adapter":
+        return run_t2i_adapter_command(args, _print_progress)
     dtype = _DTYPES[args.dtype] if args.dtype is not None else None
     if args.check and (missing := missing_reference_packages()):
         _print_progress(
