@@ -28,6 +28,12 @@ from refiners.adapters.controlnet.adapter import (
     SD1ControlnetAdapter,
     SDXLControlnetAdapter,
 )
+from refiners.adapters.controlnet.control_lora import (
+    CONTROL_LORA_MARKER,
+    condition_encoder_sizes,
+    control_lora_state_dict,
+    original_controlnet_modules,
+)
 from refiners.adapters.controlnet.model import (
     CONDITION_KEY,
     CONTROLNET_CONTEXT,
@@ -39,6 +45,10 @@ from refiners.adapters.controlnet.model import (
 )
 
 __all__ = [
+    "CONTROL_LORA_MARKER",
+    "condition_encoder_sizes",
+    "control_lora_state_dict",
+    "original_controlnet_modules",
     "CONDITION_KEY",
     "CONTROLNET_CONTEXT",
     "CONTROLNET_RESIDUALS_CONTEXT",

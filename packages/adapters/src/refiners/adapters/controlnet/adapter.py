@@ -8,6 +8,7 @@ and `mid_block_additional_residual`). Several ControlNets stack, each under its 
 residuals add up (diffusers' `MultiControlNetModel`). Ejected, the UNet is what it was.
 """
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Generic, Self, TypeVar
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 import refiners.fluxion.layers as fl
+from refiners.adapters.controlnet.control_lora import condition_encoder_sizes, control_lora_state_dict
 from refiners.adapters.controlnet.model import (
     CONDITION_KEY,
     CONTROLNET_CONTEXT,
@@ -24,7 +26,11 @@ from refiners.adapters.controlnet.model import (
 )
 from refiners.fluxion.context import Contexts, lookup_key
 from refiners.fluxion.model_config import ModelConfig
-from refiners.fluxion.utils import load_metadata_from_safetensors, load_state_dict_from_safetensors
+from refiners.fluxion.utils import (
+    load_from_safetensors,
+    load_metadata_from_safetensors,
+    load_state_dict_from_safetensors,
+)
 from refiners.foundationals.latent_diffusion.model import DENOISING_CONTEXT, GUIDED_KEY, NUM_STEPS_KEY, STEP_INDEX_KEY
 from refiners.foundationals.latent_diffusion.stable_diffusion_1.unet import SD1UNet
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl.unet import SDXLUNet
@@ -348,3 +354,51 @@ class SDXLControlnetAdapter(ControlnetAdapter[SDXLUNet, SDXLControlnet]):
     ) -> None:
         controlnet = _given(weights, controlnet, (SDXLControlnet,), target)
         super().__init__(target, controlnet, name, scale, guidance_start, guidance_end, guess_mode)
+
+    @classmethod
+    def from_control_lora(
+        cls,
+        target: SDXLUNet,
+        weights: Path | str | Mapping[str, Tensor],
+        name: str = "controlnet",
+        scale: float = 1.0,
+        *,
+        guidance_start: float = 0.0,
+        guidance_end: float = 1.0,
+        guess_mode: bool = False,
+    ) -> "SDXLControlnetAdapter":
+        """A ControlNet from a Control-LoRA file (Stability AI's `control-lora-canny-rank128.safetensors`...): its
+        encoder is the UNet's, plus the file's low-rank differences (see `refiners.adapters.controlnet.control_lora`).
+
+        Args:
+            target: The SDXL UNet the Control-LoRA was trained on (its weights are the ControlNet's base).
+            weights: The Control-LoRA file, or its tensors.
+            name: The ControlNet's name in the UNet.
+            scale: The residuals' scale (ComfyUI's strength, diffusers' `controlnet_conditioning_scale`).
+            guidance_start: diffusers' `control_guidance_start`.
+            guidance_end: diffusers' `control_guidance_end`.
+            guess_mode: diffusers' `guess_mode`.
+
+        Raises:
+            ValueError: The target is not an SDXL UNet, or the file is not a Control-LoRA of it (the message lists
+                its unknown and missing keys).
+        """
+        if not isinstance(target, SDXLUNet):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValueError(
+                f"Control-LoRAs are ControlNets of SDXL, got a {type(target).__name__}: load the file on an SDXL "
+                "model's UNet (e.g. StableDiffusion_XL's sdxl.unet)"
+            )
+        source = "the Control-LoRA tensors" if isinstance(weights, Mapping) else str(weights)
+        tensors = weights if isinstance(weights, Mapping) else load_from_safetensors(weights, device=target.device)
+        controlnet = SDXLControlnet.from_unet(target, *condition_encoder_sizes(tensors, source), device="meta")
+        state = control_lora_state_dict(controlnet, target, tensors, source)
+        controlnet.load_state_dict(state, strict=True, assign=True)
+        return cls(
+            target,
+            name,
+            scale,
+            controlnet=controlnet,
+            guidance_start=guidance_start,
+            guidance_end=guidance_end,
+            guess_mode=guess_mode,
+        )

@@ -31,6 +31,7 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_xl.unet import (
     POOLED_TEXT_EMBEDDING_KEY,
     TEXT_TIME_CONTEXT,
     TIME_IDS_KEY,
+    SDXLUNet,
     TextTimeEmbedding,
 )
 from refiners.foundationals.latent_diffusion.unet import (
@@ -329,6 +330,41 @@ class SDXLControlnet(Controlnet):
                 device=device,
                 dtype=dtype,
             ),
+        )
+
+    @classmethod
+    def from_unet(
+        cls,
+        unet: SDXLUNet,
+        condition_channels: int = 3,
+        condition_encoder_channels: tuple[int, ...] = (16, 32, 96, 256),
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> "SDXLControlnet":
+        """A ControlNet of `unet`'s sizes (diffusers' `ControlNetModel.from_unet`), its weights not copied.
+
+        Args:
+            unet: The UNet it will control.
+            condition_channels: Channels of the condition image.
+            condition_encoder_channels: Widths of the `ConditionEncoder`'s stages.
+            device: Where the weights live (`"meta"` builds it without allocating them).
+            dtype: The weights' dtype.
+        """
+        return cls(
+            unet.in_channels,
+            channels=unet.channels,
+            attention_levels=unet.attention_levels,
+            transformer_depths=unet.transformer_depths,
+            num_attention_heads=unet.num_attention_heads,
+            context_embedding_dim=unet.topology.context_embedding_dim,
+            pooled_embedding_dim=unet.pooled_embedding_dim,
+            num_time_ids=unet.num_time_ids,
+            time_embedding_dim=unet.time_embedding_dim,
+            layers_per_block=unet.layers_per_block,
+            condition_channels=condition_channels,
+            condition_encoder_channels=condition_encoder_channels,
+            device=device,
+            dtype=dtype,
         )
 
     def init_context(self) -> Contexts:
