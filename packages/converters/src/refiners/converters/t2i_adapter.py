@@ -22,7 +22,7 @@ from torch import Tensor
 
 from refiners.adapters.t2i_adapter import FullT2IEncoder, FullT2IEncoderXL, LightT2IEncoder, T2IEncoder
 from refiners.converters.engine import ConversionError, convert_state_dict
-from refiners.converters.reference_check import Comparison, compare_outputs
+from refiners.converters.reference_check import Comparison, compare_outputs, missing_reference_packages
 from refiners.converters.sources import SourceError, TensorFile
 from refiners.converters.unet import module_key_map
 from refiners.fluxion.model_config import ModelConfig
@@ -286,6 +286,12 @@ def run_t2i_adapter_command(args: argparse.Namespace, progress: Callable[[str], 
     """Run `refiners-convert t2i-adapter` (see `add_t2i_adapter_command`); returns the exit status."""
     from refiners.converters.cli import CHECK_TOLERANCE, CHECK_TOLERANCE_AFTER_CAST
 
+    if args.check and (missing := missing_reference_packages()):
+        progress(
+            f"refiners-convert: error: --check needs {' and '.join(missing)}: install the reference extra "
+            '(pip install "refiners-converters[reference]"), or leave --check out.'
+        )
+        return 1
     start = time.monotonic()
     try:
         config = None if args.config is None else json.loads(Path(args.config).read_text(encoding="utf-8"))
