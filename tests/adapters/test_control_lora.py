@@ -181,7 +181,6 @@ def test_control_lora_matches_diffusers(setup: Setup) -> None:
     expected = diffusers_run(setup, scale=0.9)
     actual = run_with(setup, setup.file, scale=0.9)
     tolerance = RELATIVE_ATOL * expected.abs().max().item()
-    print(f"max abs difference {(actual - expected).abs().max().item() / expected.abs().max().item():.2e} of the scale")
     torch.testing.assert_close(actual, expected, atol=tolerance, rtol=0)
     # The ControlNet acts, and its low-rank differences from the base UNet do.
     assert (our_run(setup) - expected).abs().max() > 10 * tolerance
@@ -204,6 +203,15 @@ def test_the_controlnet_is_the_base_plus_the_file(setup: Setup) -> None:
             torch.testing.assert_close(parameter.data, expected, atol=1e-6 * scale, rtol=0, msg=name)
     unet_storages = {p.data_ptr() for p in setup.sd.unet.parameters()}
     assert all(p.data_ptr() not in unet_storages for p in adapter.controlnet.parameters())
+    # A second one builds the same beside the first, injected (two Control-LoRAs on one UNet).
+    adapter.inject()
+    try:
+        second = SDXLControlnetAdapter.from_control_lora(setup.sd.unet, weights=setup.file, name="depth")
+    finally:
+        adapter.eject()
+    first_state, second_state = adapter.controlnet.state_dict(), second.controlnet.state_dict()
+    assert first_state.keys() == second_state.keys()
+    assert all(torch.equal(first_state[k], second_state[k]) for k in first_state)
 
 
 def test_eject_gives_back_the_exact_model(setup: Setup) -> None:
@@ -235,7 +243,9 @@ def test_eject_gives_back_the_exact_model(setup: Setup) -> None:
 
 def test_an_sd1_unet_is_refused(setup: Setup) -> None:
     unet: Any = SD1UNet(channels=(32, 32, 64, 64), context_embedding_dim=16, num_attention_heads=2, device="meta")
-    with pytest.raises(ValueError, match=r"^Control-LoRAs are ControlNets of SDXL, got a SD1UNet: load the file on"):
+    with pytest.raises(
+        ValueError, match=r"^SDXLControlnetAdapter.from_control_lora loads SDXL Control-LoRAs, got a SD1UNet: load"
+    ):
         SDXLControlnetAdapter.from_control_lora(unet, weights=setup.file)
 
 

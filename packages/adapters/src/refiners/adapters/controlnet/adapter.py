@@ -385,8 +385,8 @@ class SDXLControlnetAdapter(ControlnetAdapter[SDXLUNet, SDXLControlnet]):
         """
         if not isinstance(target, SDXLUNet):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValueError(
-                f"Control-LoRAs are ControlNets of SDXL, got a {type(target).__name__}: load the file on an SDXL "
-                "model's UNet (e.g. StableDiffusion_XL's sdxl.unet)"
+                f"SDXLControlnetAdapter.from_control_lora loads SDXL Control-LoRAs, got a {type(target).__name__}: "
+                "load the file on an SDXL model's UNet (e.g. StableDiffusion_XL's sdxl.unet)"
             )
         source = "the Control-LoRA tensors" if isinstance(weights, Mapping) else str(weights)
         tensors = weights if isinstance(weights, Mapping) else load_from_safetensors(weights, device=target.device)
