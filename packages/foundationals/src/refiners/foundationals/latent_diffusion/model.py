@@ -41,6 +41,7 @@ __all__ = [
     "NUM_STEPS_KEY",
     "GUIDED_KEY",
     "GuidanceTerm",
+    "StepPreparation",
 ]
 
 UNetT = TypeVar("UNetT", bound=fl.Chain)
@@ -75,6 +76,26 @@ class GuidanceTerm(Protocol):
             predictions: The UNet's output: the negative half, then the positive half, when guided (`2 * batch`
                 rows), else `batch` rows.
             conditioning: The UNet's conditioning, batched the same way (see `batch_conditioning`).
+        """
+        ...
+
+
+class StepPreparation(Protocol):
+    """Work done before each step's UNet pass, once the UNet's contexts are set (reference-only control runs the UNet
+    on the reference there).
+
+    `LatentDiffusionModel.step_preparations` holds them: an adapter appends itself on `inject`, removes itself on
+    `eject`.
+    """
+
+    def __call__(self, x: Tensor, step: int, generator: torch.Generator | None) -> None:
+        """Prepare the UNet's pass on `x` at `step`.
+
+        Args:
+            x: The latents of the step, `(batch, latent_channels, height, width)`.
+            step: The index of the step in the solver's schedule.
+            generator: The step's random generator (drawn from before the solver's own draws, as diffusers'
+                reference pipelines do), or None for torch's global one.
         """
         ...
 
@@ -176,6 +197,7 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT, TextEncoderT]):
         self.solver = solver
         self.default_size = default_size
         self.guidance_terms: list[GuidanceTerm] = []
+        self.step_preparations: list[StepPreparation] = []
 
     @property
     def device(self) -> torch.device:
@@ -430,6 +452,8 @@ class LatentDiffusionModel(fl.Module, ABC, Generic[UNetT, TextEncoderT]):
             DENOISING_CONTEXT,
             {STEP_INDEX_KEY: step - first, NUM_STEPS_KEY: self.solver.num_inference_steps - first, GUIDED_KEY: guided},
         )
+        for preparation in self.step_preparations:
+            preparation(x, step, generator)
         predictions = prediction = self.unet(self._unet_input(latents))
         if condition_scale is not None:
             unconditional, conditional = predictions.chunk(2)
