@@ -2,7 +2,8 @@
 
 `ImageProjection` is the base IP-Adapter's (one Linear from the projected CLIP embedding to `num_tokens` tokens, then a
 LayerNorm); `PerceiverResampler` is IP-Adapter plus' (learned query tokens that attend, layer after layer, to the
-penultimate hidden states of the CLIP image encoder and to themselves, as in Flamingo's Perceiver resampler).
+penultimate hidden states of the CLIP image encoder and to themselves, as in Flamingo's Perceiver resampler);
+`FaceIDImageProjection` is IP-Adapter FaceID's (a face recognition embedding, not a CLIP one, through a two-layer MLP).
 """
 
 import torch
@@ -13,6 +14,7 @@ from refiners.fluxion.context import Contexts
 __all__ = [
     "PERCEIVER_CONTEXT",
     "ImageProjection",
+    "FaceIDImageProjection",
     "LatentTokens",
     "PerceiverAttention",
     "PerceiverLayer",
@@ -49,6 +51,41 @@ class ImageProjection(fl.Chain):
         self.num_tokens = num_tokens
         super().__init__(
             fl.Linear(clip_image_embedding_dim, num_tokens * clip_text_embedding_dim, device=device, dtype=dtype),
+            fl.Reshape(num_tokens, clip_text_embedding_dim),
+            fl.LayerNorm(clip_text_embedding_dim, device=device, dtype=dtype),
+        )
+
+
+class FaceIDImageProjection(fl.Chain):
+    """`(batch, face_embedding_dim)` to `(batch, num_tokens, clip_text_embedding_dim)`: Linear, GeLU, Linear, then
+    LayerNorm (the original `MLPProjModel`; diffusers' `IPAdapterFaceIDImageProjection`).
+
+    Args:
+        face_embedding_dim: Size of the face embedding (512 for insightface's `normed_embedding`).
+        clip_text_embedding_dim: Size of the tokens (the UNet's cross-attention context).
+        num_tokens: Number of tokens per face.
+        hidden_dim: Width of the MLP (twice the face embedding in the released files).
+        device: Where the weights live.
+        dtype: The weights' dtype.
+    """
+
+    def __init__(
+        self,
+        face_embedding_dim: int,
+        clip_text_embedding_dim: int,
+        num_tokens: int = 4,
+        hidden_dim: int = 1024,
+        device: Device = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.face_embedding_dim = face_embedding_dim
+        self.clip_text_embedding_dim = clip_text_embedding_dim
+        self.num_tokens = num_tokens
+        self.hidden_dim = hidden_dim
+        super().__init__(
+            fl.Linear(face_embedding_dim, hidden_dim, device=device, dtype=dtype),
+            fl.GeLU(),
+            fl.Linear(hidden_dim, num_tokens * clip_text_embedding_dim, device=device, dtype=dtype),
             fl.Reshape(num_tokens, clip_text_embedding_dim),
             fl.LayerNorm(clip_text_embedding_dim, device=device, dtype=dtype),
         )

@@ -4,26 +4,28 @@ Each cross-attention of the UNet gets a second attention, on image tokens, with 
 (`to_k_ip`, `to_v_ip`) and the text attention's queries; its output, times `scale`, is added to the text attention's
 before the output projection (the paper's equation 5; diffusers' `IPAdapterAttnProcessor2_0`). The image tokens come
 from a CLIP image embedding through the adapter's projection: `ImageProjection` for the base files, the
-`PerceiverResampler` over the penultimate hidden states for the plus files (`fine_grained=True`).
+`PerceiverResampler` over the penultimate hidden states for the plus files (`fine_grained=True`); or, for the FaceID
+files, from a face recognition embedding through `FaceIDImageProjection`.
 
-The weights are the original files (h94 layout, `.bin` or `.safetensors`): `image_proj.*` and
-`ip_adapter.{N}.to_k_ip.weight` / `to_v_ip.weight`, where N numbers the UNet's attention processors as diffusers lists
-them (down blocks, up blocks, then the middle block; in each transformer layer the self-attention, then the
-cross-attention: the cross-attentions are the odd ones).
+The weights are the original files (h94 layout, `.bin` or `.safetensors`) or refiners' (see
+`refiners.adapters.ip_adapter.weights`).
 """
 
-import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Self
 from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor
 
 import refiners.fluxion.layers as fl
-from refiners.adapters.ip_adapter.image_projection import ImageProjection, PerceiverLayer, PerceiverResampler
-from refiners.fluxion.utils import load_from_safetensors
+from refiners.adapters.ip_adapter.weights import (
+    IPAdapterKind,
+    IPAdapterWeights,
+    load_ip_adapter_weights,
+    read_ip_adapter_weights,
+)
 from refiners.foundationals.clip.image_encoder import CLIPImageEncoder, CLIPImageEncoderG, CLIPImageEncoderH
 from refiners.foundationals.clip.image_encoder import preprocess as clip_preprocess
 from refiners.foundationals.latent_diffusion.unet import UNet
@@ -45,7 +47,7 @@ __all__ = [
 
 IP_ADAPTER_CONTEXT = "ip_adapter"
 """The context holding the image tokens the decoupled cross-attentions attend to: under each IP-Adapter's name,
-`(batch, tokens, context_embedding_dim)`, set by its `set_clip_image_embedding`."""
+`(batch, tokens, context_embedding_dim)`, set by its `set_clip_image_embedding` (`set_face_embedding` for FaceID)."""
 
 
 class ImageTokens(fl.ContextModule):
@@ -67,7 +69,8 @@ class ImageTokens(fl.ContextModule):
         if tokens is None:
             raise ValueError(
                 f"the IP-Adapter {self.name!r} has no image tokens: call `ip_adapter.set_clip_image_embedding(embedding)` (with "
-                "`embedding = ip_adapter.compute_clip_image_embedding(image)`) before running the UNet"
+                "`embedding = ip_adapter.compute_clip_image_embedding(image)`), or for FaceID "
+                "`ip_adapter.set_face_embedding(face)`, before running the UNet"
             )
         assert isinstance(tokens, Tensor)
         batch = query.shape[0]
@@ -197,10 +200,13 @@ def _cross_attentions(unet: UNet) -> list[tuple[str, fl.Attention]]:
         return cached
     found: list[tuple[str, fl.Attention]] = []
     for name, module in diffusers_unet_modules(unet).items():
-        if name.endswith(".attn2.to_k") and isinstance(parent := module.parent, fl.Distribute):
-            attention = parent.parent
-            assert isinstance(attention, fl.Attention)
-            found.append((name.removesuffix(".to_k"), attention))
+        if not name.endswith(".attn2.to_k"):
+            continue
+        attention = module.parent
+        while attention is not None and not isinstance(attention, fl.Attention):
+            attention = attention.parent  # through the Distribute, and a LoraAdapter if a LoRA is on `to_k`
+        assert attention is not None
+        found.append((name.removesuffix(".to_k"), attention))
     group = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}
 
     def order(item: tuple[str, fl.Attention]) -> tuple[int, ...]:
@@ -211,44 +217,21 @@ def _cross_attentions(unet: UNet) -> list[tuple[str, fl.Attention]]:
     return _CROSS_ATTENTIONS[unet]
 
 
-def read_ip_adapter_weights(weights: str | Path | Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """An IP-Adapter file's tensors, flat (`image_proj.proj.weight`, `ip_adapter.1.to_k_ip.weight`...).
-
-    Reads `.safetensors` (flat keys) and `.bin` (`{"image_proj": {...}, "ip_adapter": {...}}`, read with
-    `torch.load(weights_only=True)`), or a mapping of either form.
-    """
-    loaded: Any
-    if isinstance(weights, str | Path):
-        path = Path(weights)
-        if path.suffix == ".safetensors":
-            loaded = load_from_safetensors(path)
-        else:
-            try:
-                loaded = torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as error:
-                raise ValueError(f"{path} cannot be loaded safely (it pickles more than tensors): {error}") from None
-    else:
-        loaded = weights
-    flat: dict[str, Tensor] = {}
-    for key, value in dict(loaded).items():
-        if isinstance(value, Mapping):
-            for inner, tensor in value.items():  # pyright: ignore[reportUnknownVariableType]
-                flat[f"{key}.{inner}"] = tensor
-        else:
-            flat[str(key)] = value
-    return flat
-
-
 class IPAdapter:
     """An IP-Adapter on a UNet: `inject` adds the decoupled cross-attentions, `eject` removes them exactly.
 
     Use a family's subclass (`SD1IPAdapter`, `SDXLIPAdapter`). It holds the CLIP image encoder (`clip_image_encoder`)
     and the image projection (`image_proj`).
 
+    A FaceID file (`ip-adapter-faceid_sd15.bin`) takes a face recognition embedding instead of a CLIP one (see
+    `set_face_embedding`; no image encoder), and holds a LoRA of the UNet's attentions that it was trained with,
+    which diffusers' `load_ip_adapter` applies with it: add `lora` to the model as any LoRA
+    (`SDLoraManager(sd).add_loras("faceid", ip_adapter.lora)`).
+
     Args:
         target: The UNet.
-        clip_image_encoder: The CLIP image encoder the weights were trained with.
-        weights: The original file (h94 layout), or its tensors.
+        clip_image_encoder: The CLIP image encoder the weights were trained with (None for FaceID).
+        weights: The original file (h94 layout) or its tensors, or a file `refiners-convert ip-adapter` wrote.
         scale: The weight of the image prompt.
         fine_grained: IP-Adapter plus: the `PerceiverResampler` over the encoder's penultimate hidden states.
         device: Where the adapter's weights live (default: the UNet's device).
@@ -263,8 +246,8 @@ class IPAdapter:
     def __init__(
         self,
         target: UNet,
-        clip_image_encoder: CLIPImageEncoder,
-        weights: str | Path | Mapping[str, Tensor],
+        clip_image_encoder: CLIPImageEncoder | None,
+        weights: "str | Path | Mapping[str, Tensor] | IPAdapterWeights",
         scale: float = 1.0,
         fine_grained: bool = False,
         device: torch.device | str | None = None,
@@ -277,12 +260,14 @@ class IPAdapter:
         self.target = target
         self.name = name
         self.fine_grained = fine_grained
-        tensors = read_ip_adapter_weights(weights)
+        loaded = load_ip_adapter_weights(weights)
         cross_attentions = _cross_attentions(target)
         context_dim = cross_attentions[0][1].key_embedding_dim
-        self._check(tensors, clip_image_encoder, context_dim, len(cross_attentions))
+        self._check(loaded, clip_image_encoder, context_dim, len(cross_attentions))
+        self.kind: IPAdapterKind = loaded.kind
+        """`base`, `plus` or `faceid`: which image projection the weights have."""
         self._clip_image_encoder = [clip_image_encoder]
-        self._image_proj = [self._build_projection(tensors, clip_image_encoder, context_dim, device, dtype)]
+        self._image_proj = [loaded.build_projection(device=device, dtype=dtype)]
         self._names = [name for name, _ in cross_attentions]
         self._adapters = [
             DecoupledCrossAttention(
@@ -296,30 +281,40 @@ class IPAdapter:
             )
             for _, attention in cross_attentions
         ]
-        self._load(tensors)
+        with torch.no_grad():
+            for index, adapter in enumerate(self._adapters):
+                attention = adapter.image_attention
+                attention.to_k_ip.weight.copy_(loaded.tensors[f"cross_attention.{index}.to_k_ip.weight"])
+                attention.to_v_ip.weight.copy_(loaded.tensors[f"cross_attention.{index}.to_v_ip.weight"])
+        self._lora = self._lora_state_dict(loaded)
 
-    @staticmethod
-    def _check(tensors: Mapping[str, Tensor], encoder: CLIPImageEncoder, context_dim: int, count: int) -> None:
-        k_keys = [key for key in tensors if key.startswith("ip_adapter.") and key.endswith(".to_k_ip.weight")]
-        if not k_keys or not any(key.startswith("image_proj.") for key in tensors):
+    def _check(self, weights: IPAdapterWeights, encoder: CLIPImageEncoder | None, context_dim: int, count: int) -> None:
+        file_dim, file_count = weights.context_embedding_dim, weights.cross_attention_count
+        if file_dim != context_dim or file_count != count:
             raise ValueError(
-                f"not an IP-Adapter file: expected image_proj.* and ip_adapter.N.to_k_ip.weight keys, got "
-                f"{', '.join(sorted(tensors)[:6])}"
-            )
-        file_dim = tensors[k_keys[0]].shape[1]
-        if file_dim != context_dim or len(k_keys) != count:
-            raise ValueError(
-                f"this IP-Adapter is for a UNet whose cross-attentions take {file_dim}-wide context ({len(k_keys)} "
+                f"this IP-Adapter is for a UNet whose cross-attentions take {file_dim}-wide context ({file_count} "
                 f"cross-attentions), but this UNet's take {context_dim} ({count} cross-attentions): use the "
                 "IP-Adapter file of this model's family (SD1IPAdapter for SD 1.5, SDXLIPAdapter for SDXL)"
             )
-        plus = "image_proj.latents" in tensors
-        if "image_proj.proj.weight" in tensors:
-            wanted, have, what = tensors["image_proj.proj.weight"].shape[1], encoder.output_dim, "embedding"
-        elif plus:
-            wanted, have, what = tensors["image_proj.proj_in.weight"].shape[1], encoder.embedding_dim, "width"
+        if (weights.kind == "plus") != self.fine_grained:
+            kind = {"plus": "plus (a PerceiverResampler)", "base": "base (a linear projection)", "faceid": "FaceID"}
+            raise ValueError(
+                f"the weights are of an IP-Adapter {kind[weights.kind]}: pass fine_grained={weights.kind == 'plus'}"
+            )
+        arguments = weights.projection.arguments
+        if weights.kind == "faceid":
+            if encoder is not None:
+                raise ValueError(
+                    "a FaceID IP-Adapter takes a face embedding, not a CLIP image embedding: build it without "
+                    "clip_image_encoder"
+                )
+            return
+        if encoder is None:
+            raise ValueError(f"a {weights.kind} IP-Adapter needs the CLIP image encoder it was trained with")
+        if weights.kind == "base":
+            wanted, have, what = arguments["clip_image_embedding_dim"], encoder.output_dim, "embedding"
         else:
-            raise ValueError("unknown IP-Adapter kind: image_proj has neither proj.weight (base) nor latents (plus)")
+            wanted, have, what = arguments["input_dim"], encoder.embedding_dim, "width"
         if wanted != have:
             raise ValueError(
                 f"this IP-Adapter takes a {wanted}-wide CLIP image {what} but the image encoder "
@@ -327,106 +322,41 @@ class IPAdapter:
                 "(CLIPImageEncoderH: output 1024, width 1280; CLIPImageEncoderG: output 1280, width 1664)"
             )
 
-    def _build_projection(
-        self,
-        tensors: Mapping[str, Tensor],
-        encoder: CLIPImageEncoder,
-        context_dim: int,
-        device: torch.device | str | None,
-        dtype: torch.dtype | None,
-    ) -> fl.Chain:
-        plus = "image_proj.latents" in tensors
-        if plus != self.fine_grained:
-            kind = "plus (a PerceiverResampler)" if plus else "base (a linear projection)"
-            raise ValueError(f"the weights are of an IP-Adapter {kind}: pass fine_grained={plus}")
-        if not plus:
-            weight = tensors["image_proj.proj.weight"]
-            return ImageProjection(
-                encoder.output_dim, context_dim, weight.shape[0] // context_dim, device=device, dtype=dtype
-            )
-        latents = tensors["image_proj.latents"]
-        num_layers = len({key.split(".")[2] for key in tensors if key.startswith("image_proj.layers.")})
-        return PerceiverResampler(
-            embedding_dim=latents.shape[-1],
-            input_dim=encoder.embedding_dim,
-            output_dim=tensors["image_proj.proj_out.weight"].shape[0],
-            num_layers=num_layers,
-            num_heads=tensors["image_proj.layers.0.0.to_q.weight"].shape[0] // 64,
-            num_tokens=latents.shape[-2],
-            device=device,
-            dtype=dtype,
-        )
+    def _lora_state_dict(self, weights: IPAdapterWeights) -> dict[str, Tensor]:
+        """The FaceID LoRA as diffusers gives it to `load_lora_weights`: by attention processor, in its old layout.
 
-    def _projection_tensors(self) -> dict[str, tuple[Tensor, str]]:
-        """For each parameter of the projection, its key in the file (and, for the resampler's `to_kv`, which half)."""
-        pairs: dict[str, tuple[Tensor, str]] = {}
+        Processor N is the self-attention (even N) or the cross-attention (odd N) of the (N // 2)-th transformer
+        layer, in diffusers' order: that of the cross-attentions.
+        """
+        state: dict[str, Tensor] = {}
+        for (number, projection), (down, up) in weights.lora_tensors().items():
+            attention = self._names[number // 2].removesuffix("attn2") + ("attn1" if number % 2 == 0 else "attn2")
+            prefix = f"unet.{attention}.processor.{projection}_lora"
+            state[f"{prefix}.down.weight"], state[f"{prefix}.up.weight"] = down, up
+        return state
 
-        def add(prefix: str, module: fl.Module) -> None:
-            for name, parameter in module.named_parameters(recurse=False):
-                pairs[f"image_proj.{prefix}.{name}"] = (parameter, "")
+    @property
+    def lora(self) -> dict[str, Tensor]:
+        """The LoRA of the UNet's attentions that a FaceID file holds (empty for other files), as diffusers'
+        `load_ip_adapter` applies it: add it as any LoRA (`SDLoraManager(sd).add_loras("faceid", ip_adapter.lora)`).
 
-        proj = self.image_proj
-        if isinstance(proj, ImageProjection):
-            add("proj", proj.layer("Linear", fl.Linear))
-            add("norm", proj.layer("LayerNorm", fl.LayerNorm))
-            return pairs
-        pairs["image_proj.latents"] = (proj.layer("LatentTokens", fl.Parameter).weight, "latents")
-        add("proj_in", proj.layer("Linear_1", fl.Linear))
-        add("proj_out", proj.layer("Linear_2", fl.Linear))
-        add("norm_out", proj.layer("LayerNorm", fl.LayerNorm))
-        for index, layer in enumerate(proj.layers(PerceiverLayer)):
-            prefix = f"layers.{index}"
-            norm1, norm2, ff_norm = layer.layers(fl.LayerNorm)
-            to_q, to_k, to_v, to_out, ff1, ff2 = layer.layers(fl.Linear)
-            for name, module in [
-                ("0.norm1", norm1),  # the image features' norm
-                ("0.norm2", norm2),  # the latent tokens'
-                ("0.to_q", to_q),
-                ("0.to_out", to_out),
-                ("1.0", ff_norm),
-                ("1.1", ff1),
-                ("1.3", ff2),
-            ]:
-                add(f"{prefix}.{name}", module)
-            # One `to_kv` in the file: the keys' projection, then the values'.
-            pairs[f"image_proj.{prefix}.0.to_kv.weight#0"] = (to_k.weight, "first half")
-            pairs[f"image_proj.{prefix}.0.to_kv.weight#1"] = (to_v.weight, "second half")
-        return pairs
-
-    def _load(self, tensors: Mapping[str, Tensor]) -> None:
-        targets = self._projection_tensors()
-        for index, adapter in enumerate(self._adapters):
-            attention = adapter.image_attention
-            targets[f"ip_adapter.{2 * index + 1}.to_k_ip.weight"] = (attention.to_k_ip.weight, "")
-            targets[f"ip_adapter.{2 * index + 1}.to_v_ip.weight"] = (attention.to_v_ip.weight, "")
-        used = {key.split("#")[0] for key in targets}
-        if unused := sorted(set(tensors) - used):
-            raise ValueError(f"{len(unused)} tensors of the IP-Adapter file are not used: {', '.join(unused)}")
-        if missing := sorted(key for key in used if key not in tensors):
-            raise ValueError(f"the IP-Adapter file lacks {len(missing)} tensors: {', '.join(missing)}")
-        misshaped: list[str] = []
-        with torch.no_grad():
-            for key, (parameter, part) in targets.items():
-                source = tensors[key.split("#")[0]]
-                if part == "latents":
-                    source = source.reshape(source.shape[-2:])
-                elif part:
-                    source = source.chunk(2)[0 if part == "first half" else 1]
-                if source.shape != parameter.shape:
-                    misshaped.append(f"{key} {tuple(source.shape)} (expected {tuple(parameter.shape)})")
-                    continue
-                parameter.copy_(source)
-        if misshaped:
-            raise ValueError(f"IP-Adapter tensors of the wrong shape: {', '.join(misshaped)}")
+        Keys in diffusers' attention-processor layout (`unet.{attention}.processor.to_q_lora.down.weight`).
+        """
+        return dict(self._lora)
 
     @property
     def clip_image_encoder(self) -> CLIPImageEncoder:
         """The CLIP image encoder the adapter's weights were trained with."""
-        return self._clip_image_encoder[0]
+        encoder = self._clip_image_encoder[0]
+        if encoder is None:
+            raise ValueError(
+                "a FaceID IP-Adapter has no CLIP image encoder: give it a face embedding with `set_face_embedding`"
+            )
+        return encoder
 
     @property
     def image_proj(self) -> fl.Chain:
-        """The image projection: `ImageProjection` (base) or `PerceiverResampler` (plus)."""
+        """The image projection: `ImageProjection` (base), `PerceiverResampler` (plus) or `FaceIDImageProjection`."""
         return self._image_proj[0]
 
     @property
@@ -520,6 +450,28 @@ class IPAdapter:
             negative = torch.zeros_like(positive)
         return torch.stack([negative, positive])
 
+    def set_face_embedding(self, face: Tensor) -> None:
+        """Give a FaceID IP-Adapter its face prompt: a face recognition embedding (insightface's `normed_embedding`).
+
+        Args:
+            face: `(face_embedding_dim,)` for one face, `(faces, face_embedding_dim)` for several (their tokens side
+                by side; the negative, zeros, is added as diffusers' FaceID example builds it), or
+                `(batch, faces, face_embedding_dim)` as diffusers' `ip_adapter_image_embeds` entries, batched as the
+                UNet runs (negative rows first when guided).
+        """
+        if self.kind != "faceid":
+            raise ValueError(f"a {self.kind} IP-Adapter takes a CLIP image embedding: use `set_clip_image_embedding`")
+        width = self.image_proj.layer("Linear_1", fl.Linear).in_features
+        if face.shape[-1] != width or not 1 <= face.dim() <= 3:
+            raise ValueError(
+                f"expected face embeddings of shape ({width},), (faces, {width}) or (batch, faces, {width}), got "
+                f"{tuple(face.shape)}"
+            )
+        if face.dim() < 3:
+            faces = face.reshape(1, -1, width)
+            face = torch.cat([torch.zeros_like(faces), faces])
+        self.set_clip_image_embedding(face)
+
     def set_clip_image_embedding(self, embedding: Tensor) -> None:
         """Project `embedding` (from `compute_clip_image_embedding`) to image tokens and give them to the UNet.
 
@@ -533,14 +485,16 @@ class IPAdapter:
 
 
 class SD1IPAdapter(IPAdapter):
-    """IP-Adapter for Stable Diffusion 1.5 (`ip-adapter_sd15.bin`, `ip-adapter-plus_sd15.bin`...).
+    """IP-Adapter for Stable Diffusion 1.5 (`ip-adapter_sd15.bin`, `ip-adapter-plus_sd15.bin`,
+    `ip-adapter-faceid_sd15.bin`...).
 
     Args:
         target: The UNet (`sd.unet`).
-        weights: The original file, or its tensors.
+        weights: The original file or its tensors, or a file `refiners-convert ip-adapter` wrote.
         scale: The weight of the image prompt.
         fine_grained: IP-Adapter plus.
-        clip_image_encoder: The image encoder (default: a `CLIPImageEncoderH` on the UNet's device, to load).
+        clip_image_encoder: The image encoder (default: a `CLIPImageEncoderH` on the UNet's device, to load; none
+            for FaceID).
         device: Where the adapter's weights live (default: the UNet's device).
         dtype: The adapter's dtype (default: the UNet's).
         name: Tells several IP-Adapters on one UNet apart.
@@ -549,7 +503,7 @@ class SD1IPAdapter(IPAdapter):
     def __init__(
         self,
         target: UNet,
-        weights: str | Path | Mapping[str, Tensor],
+        weights: "str | Path | Mapping[str, Tensor] | IPAdapterWeights",
         scale: float = 1.0,
         fine_grained: bool = False,
         clip_image_encoder: CLIPImageEncoder | None = None,
@@ -558,21 +512,23 @@ class SD1IPAdapter(IPAdapter):
         *,
         name: str = "default",
     ) -> None:
-        if clip_image_encoder is None:
+        loaded = load_ip_adapter_weights(weights)
+        if clip_image_encoder is None and loaded.kind != "faceid":
             clip_image_encoder = CLIPImageEncoderH(device=target.device, dtype=target.dtype)
-        super().__init__(target, clip_image_encoder, weights, scale, fine_grained, device, dtype, name=name)
+        super().__init__(target, clip_image_encoder, loaded, scale, fine_grained, device, dtype, name=name)
 
 
 class SDXLIPAdapter(IPAdapter):
-    """IP-Adapter for SDXL (`ip-adapter_sdxl.bin` with ViT-bigG, `ip-adapter-plus_sdxl_vit-h.bin` with ViT-H...).
+    """IP-Adapter for SDXL (`ip-adapter_sdxl.bin` with ViT-bigG, `ip-adapter-plus_sdxl_vit-h.bin` with ViT-H,
+    `ip-adapter-faceid_sdxl.bin`...).
 
     Args:
         target: The UNet (`sdxl.unet`).
-        weights: The original file, or its tensors.
+        weights: The original file or its tensors, or a file `refiners-convert ip-adapter` wrote.
         scale: The weight of the image prompt.
         fine_grained: IP-Adapter plus.
         clip_image_encoder: The image encoder (default: the one the file's sizes name, `CLIPImageEncoderG` or
-            `CLIPImageEncoderH`, on the UNet's device, to load).
+            `CLIPImageEncoderH`, on the UNet's device, to load; none for FaceID).
         device: Where the adapter's weights live (default: the UNet's device).
         dtype: The adapter's dtype (default: the UNet's).
         name: Tells several IP-Adapters on one UNet apart.
@@ -581,7 +537,7 @@ class SDXLIPAdapter(IPAdapter):
     def __init__(
         self,
         target: UNet,
-        weights: str | Path | Mapping[str, Tensor],
+        weights: "str | Path | Mapping[str, Tensor] | IPAdapterWeights",
         scale: float = 1.0,
         fine_grained: bool = False,
         clip_image_encoder: CLIPImageEncoder | None = None,
@@ -590,10 +546,10 @@ class SDXLIPAdapter(IPAdapter):
         *,
         name: str = "default",
     ) -> None:
-        tensors = read_ip_adapter_weights(weights)
-        if clip_image_encoder is None:
-            base = tensors.get("image_proj.proj.weight")
-            wide = base.shape[1] == 1280 if base is not None else tensors["image_proj.proj_in.weight"].shape[1] == 1664
+        loaded = load_ip_adapter_weights(weights)
+        if clip_image_encoder is None and loaded.kind != "faceid":
+            arguments = loaded.projection.arguments
+            wide = arguments.get("clip_image_embedding_dim") == 1280 or arguments.get("input_dim") == 1664
             encoder_class = CLIPImageEncoderG if wide else CLIPImageEncoderH
             clip_image_encoder = encoder_class(device=target.device, dtype=target.dtype)
-        super().__init__(target, clip_image_encoder, tensors, scale, fine_grained, device, dtype, name=name)
+        super().__init__(target, clip_image_encoder, loaded, scale, fine_grained, device, dtype, name=name)

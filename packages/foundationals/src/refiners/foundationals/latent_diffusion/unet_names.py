@@ -52,9 +52,12 @@ _ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 
 def _layers(chain: fl.Chain, layer_type: type[T]) -> Iterator[T]:
     """The layers of `layer_type` in `chain`, depth first, but those of LoRAs: they update the model's layers (which
-    stay inside their `LoraAdapter`), they are not layers of the model."""
+    stay inside their `LoraAdapter`), they are not layers of the model; nor those of an adapter of a layer without
+    weights (an IP-Adapter's decoupled cross-attention, in the place of an attention's `ScaledDotProductAttention`)."""
     for child in chain:
         if isinstance(child, Lora):
+            continue
+        if isinstance(child, fl.Adapter) and next(child.target.parameters(), None) is None:
             continue
         if isinstance(child, layer_type):
             yield child
