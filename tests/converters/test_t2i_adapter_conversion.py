@@ -25,6 +25,7 @@ from refiners.fluxion.model_config import ModelConfig
 from refiners.fluxion.utils import load_from_safetensors, load_metadata_from_safetensors, save_to_safetensors
 from refiners.foundationals.latent_diffusion.stable_diffusion_1 import SD1UNet
 from refiners.foundationals.latent_diffusion.stable_diffusion_1.presets import TINY
+from refiners.foundationals.latent_diffusion.unet_names import diffusers_unet_modules
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "full": {"adapter_type": "full_adapter", "channels": list(UNET_CHANNELS), "num_res_blocks": 2},
@@ -147,3 +148,13 @@ def test_bad_sources_are_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFi
         assert main(["t2i-adapter", *arguments]) == 1
         error = capsys.readouterr().err.strip()
         assert "\n" not in error and message in error
+
+
+def test_the_unet_keeps_its_diffusers_names_with_a_t2i_adapter_injected() -> None:
+    """LoRA loaders and converters name the UNet's layers by structure: an injected T2I-Adapter changes none of them."""
+    unet = TINY.unet.build((SD1UNet,), device="meta")
+    before = {name: id(module) for name, module in diffusers_unet_modules(unet).items()}
+    adapters = [SD1T2IAdapter(unet, name=kind, kind=kind).inject() for kind in ("full_adapter", "light_adapter")]
+    assert {name: id(module) for name, module in diffusers_unet_modules(unet).items()} == before
+    for adapter in adapters:
+        adapter.eject()
