@@ -25,7 +25,7 @@ from toy_sdxl import POOLED_DIM, Twins, build_twins
 
 from refiners.adapters.controlnet import SDXLControlnet, SDXLControlnetAdapter
 from refiners.converters.cli import main
-from refiners.converters.controlnet import controlnet_config, original_controlnet_renaming
+from refiners.converters.controlnet import controlnet_config, convert_controlnet, original_controlnet_renaming
 from refiners.fluxion.utils import load_from_safetensors, save_to_safetensors, tensor_to_image
 from refiners.foundationals.latent_diffusion import DDIM, SD1UNet
 from refiners.foundationals.latent_diffusion.stable_diffusion_xl import StableDiffusion_XL
@@ -267,6 +267,15 @@ def test_unknown_and_missing_keys_are_listed(setup: Setup) -> None:
     assert "\n" not in message
     assert "1 unknown keys: input_blocks.1.0.extra.weight;" in message
     assert "2 missing keys: input_blocks.1.0.in_layers.2.up, zero_convs.0.0.bias" in message
+
+
+def test_refiners_convert_controlnet_points_to_from_control_lora(setup: Setup, tmp_path: Path) -> None:
+    expected = (
+        r"is a Control-LoRA \(it has 'lora_controlnet'\): it needs no conversion, load it with "
+        r"SDXLControlnetAdapter\.from_control_lora\(target=sdxl\.unet, weights='.*'\)$"
+    )
+    with pytest.raises(ValueError, match=expected):
+        convert_controlnet(setup.file, tmp_path / "out.safetensors")
 
 
 def test_a_control_lora_of_another_base_model_is_refused(setup: Setup) -> None:

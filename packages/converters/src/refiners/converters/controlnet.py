@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 import refiners.fluxion.layers as fl
-from refiners.adapters.controlnet import Controlnet, SD1Controlnet, SDXLControlnet
+from refiners.adapters.controlnet import CONTROL_LORA_MARKER, Controlnet, SD1Controlnet, SDXLControlnet
 from refiners.converters.engine import ConversionError, convert_state_dict
 from refiners.converters.sources import SourceError, TensorFile
 from refiners.converters.unet import module_key_map
@@ -248,6 +248,11 @@ def convert_controlnet(
     tensors, folder_config, _ = _read_source(source)
     config = folder_config if folder_config is not None else config
     keys = list(tensors)
+    if CONTROL_LORA_MARKER in keys:
+        raise ConversionError(
+            f"{source} is a Control-LoRA (it has {CONTROL_LORA_MARKER!r}): it needs no conversion, load it with "
+            f"SDXLControlnetAdapter.from_control_lora(target=sdxl.unet, weights={str(source)!r})"
+        )
     original = any(key.removeprefix(_ORIGINAL_PREFIX).startswith("input_hint_block.") for key in keys)
     named: dict[str, Tensor]
     if original:

@@ -1,5 +1,8 @@
 """ControlNet: a copy of the UNet's encoder that steers it with a condition image (edges, depth, pose...).
 
+Stability AI's Control-LoRAs (an SDXL ControlNet stored as low-rank differences from the base UNet, `control_lora`)
+load with `SDXLControlnetAdapter.from_control_lora`.
+
 Example:
     ```py
     import torch
