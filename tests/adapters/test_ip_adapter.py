@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+from ip_adapter_files import h94_weights, save_bin
 from PIL import Image
 from toy_sd1 import ours, reference, save_toy_sd1
 from toy_sdxl import SCHEDULER_CONFIG, build_twins
@@ -36,71 +37,6 @@ ENCODER_CONFIG: dict[str, Any] = {
     "hidden_act": "gelu",
     "image_size": 224,
 }
-# Four layers, as every released plus file (diffusers builds four); two heads of 64: wider inside than the tokens.
-PLUS_WIDTH, PLUS_HEADS, PLUS_TOKENS, PLUS_LAYERS = 64, 2, 8, 4
-
-
-def _random(*shape: int) -> torch.Tensor:
-    return torch.randn(*shape) * 0.5
-
-
-def h94_weights(unet: Any, clip_dim: int, fine_grained: bool, seed: int = 0) -> dict[str, torch.Tensor]:
-    """An IP-Adapter file's tensors in the h94 layout, sized for the diffusers `unet`, from random weights.
-
-    The cross-attentions are numbered as diffusers lists its attention processors (the oracle of the numbering).
-    """
-    generator = torch.random.fork_rng(devices=[])
-    with generator:
-        torch.manual_seed(seed)
-        cross_dim = unet.config.cross_attention_dim
-        tensors: dict[str, torch.Tensor] = {}
-        if fine_grained:
-            inner = PLUS_HEADS * 64
-            tensors |= {
-                "image_proj.latents": _random(1, PLUS_TOKENS, PLUS_WIDTH),
-                "image_proj.proj_in.weight": _random(PLUS_WIDTH, clip_dim),
-                "image_proj.proj_in.bias": _random(PLUS_WIDTH),
-                "image_proj.proj_out.weight": _random(cross_dim, PLUS_WIDTH),
-                "image_proj.proj_out.bias": _random(cross_dim),
-                "image_proj.norm_out.weight": 1 + _random(cross_dim),
-                "image_proj.norm_out.bias": _random(cross_dim),
-            }
-            for index in range(PLUS_LAYERS):
-                prefix = f"image_proj.layers.{index}"
-                for norm in ("0.norm1", "0.norm2", "1.0"):
-                    tensors[f"{prefix}.{norm}.weight"] = 1 + _random(PLUS_WIDTH)
-                    tensors[f"{prefix}.{norm}.bias"] = _random(PLUS_WIDTH)
-                tensors |= {
-                    f"{prefix}.0.to_q.weight": _random(inner, PLUS_WIDTH) / 4,
-                    f"{prefix}.0.to_kv.weight": _random(2 * inner, PLUS_WIDTH) / 4,
-                    f"{prefix}.0.to_out.weight": _random(PLUS_WIDTH, inner) / 4,
-                    f"{prefix}.1.1.weight": _random(4 * PLUS_WIDTH, PLUS_WIDTH) / 4,
-                    f"{prefix}.1.3.weight": _random(PLUS_WIDTH, 4 * PLUS_WIDTH) / 8,
-                }
-        else:
-            tensors |= {
-                "image_proj.proj.weight": _random(4 * cross_dim, clip_dim),
-                "image_proj.proj.bias": _random(4 * cross_dim),
-                "image_proj.norm.weight": 1 + _random(cross_dim),
-                "image_proj.norm.bias": _random(cross_dim),
-            }
-        key_id = 1
-        for name in unet.attn_processors:
-            if name.endswith("attn2.processor"):
-                to_k = unet.get_submodule(name.removesuffix(".processor")).to_k
-                tensors[f"ip_adapter.{key_id}.to_k_ip.weight"] = _random(*to_k.weight.shape)
-                tensors[f"ip_adapter.{key_id}.to_v_ip.weight"] = _random(*to_k.weight.shape)
-                key_id += 2
-    return tensors
-
-
-def save_bin(tensors: dict[str, torch.Tensor], path: Path) -> Path:
-    nested: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
-    for key, tensor in tensors.items():
-        group, _, rest = key.partition(".")
-        nested[group][rest] = tensor
-    torch.save(nested, path)
-    return path
 
 
 @dataclass

@@ -14,6 +14,7 @@ import pytest
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import StableDiffusionPipeline
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+from ip_adapter_files import FACE_DIM, PROJECTIONS, faceid_weights, save_bin
 from torch import Tensor
 from toy_sd1 import ours, reference, save_toy_sd1
 from toy_sdxl import SCHEDULER_CONFIG, build_twins
@@ -27,47 +28,6 @@ from refiners.foundationals.latent_diffusion.stable_diffusion_xl import SDXL_SOL
 
 PROMPT = "a photo of a woman"
 STEPS = 3
-FACE_DIM, HIDDEN, RANK = 512, 1024, 4  # insightface's embedding, the released files' MLP width; a small LoRA rank
-PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
-
-
-def faceid_weights(unet: Any, seed: int = 0) -> dict[str, Tensor]:
-    """A FaceID file's tensors in the h94 layout, sized for the diffusers `unet`, from random weights: the image
-    projection, the cross-attentions' `to_k_ip`/`to_v_ip` and a LoRA of every attention processor, numbered as
-    diffusers lists them."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        cross_dim = unet.config.cross_attention_dim
-        tensors = {
-            "image_proj.proj.0.weight": torch.randn(HIDDEN, FACE_DIM) * 0.5,
-            "image_proj.proj.0.bias": torch.randn(HIDDEN) * 0.1,
-            "image_proj.proj.2.weight": torch.randn(4 * cross_dim, HIDDEN) * 0.1,
-            "image_proj.proj.2.bias": torch.randn(4 * cross_dim) * 0.1,
-            "image_proj.norm.weight": 1 + torch.randn(cross_dim) * 0.5,
-            "image_proj.norm.bias": torch.randn(cross_dim) * 0.5,
-        }
-        for key_id, name in enumerate(unet.attn_processors):
-            attention = unet.get_submodule(name.removesuffix(".processor"))
-            if name.endswith("attn2.processor"):
-                tensors[f"ip_adapter.{key_id}.to_k_ip.weight"] = torch.randn_like(attention.to_k.weight) * 0.5
-                tensors[f"ip_adapter.{key_id}.to_v_ip.weight"] = torch.randn_like(attention.to_k.weight) * 0.5
-            for projection in PROJECTIONS:
-                linear = attention.to_out[0] if projection == "to_out" else getattr(attention, projection)
-                down = torch.randn(RANK, linear.in_features) * 0.15
-                tensors[f"ip_adapter.{key_id}.{projection}_lora.down.weight"] = down
-                tensors[f"ip_adapter.{key_id}.{projection}_lora.up.weight"] = (
-                    torch.randn(linear.out_features, RANK) * 0.15
-                )
-    return tensors
-
-
-def save_bin(tensors: dict[str, Tensor], path: Path) -> Path:
-    nested: dict[str, dict[str, Tensor]] = {"image_proj": {}, "ip_adapter": {}}
-    for key, tensor in tensors.items():
-        group, _, rest = key.partition(".")
-        nested[group][rest] = tensor
-    torch.save(nested, path)
-    return path
 
 
 def save_kohya_lora(unet: Any, tensors: dict[str, Tensor], path: Path) -> Path:

@@ -11,6 +11,7 @@
     refiners-convert dinov2 --from SOURCE --to FILE.safetensors     # facebook's .pth, a transformers folder, a Hub id
     refiners-convert clip-image --from SOURCE --to FILE.safetensors # a transformers CLIPVisionModelWithProjection
     refiners-convert controlnet --from SOURCE --to FILE.safetensors # diffusers' ControlNetModel, lllyasviel's files
+    refiners-convert ip-adapter --from FILE --to FILE.safetensors   # h94's IP-Adapter files (base, plus, FaceID)
 
 SOURCE is a diffusers folder (or one component's folder), a single checkpoint file (`.safetensors`, `.ckpt`; the
 original layout, or one component's weights), or a Hugging Face Hub id such as `runwayml/stable-diffusion-v1-5`.
@@ -40,6 +41,7 @@ from refiners.adapters.lora import UnmatchedLoraKeysError, UnmatchedLoraKeysWarn
 from refiners.converters.clip_image import add_clip_image_command, run_clip_image_command
 from refiners.converters.controlnet import add_controlnet_command, run_controlnet_command
 from refiners.converters.dinov2 import add_dinov2_command, run_dinov2_command
+from refiners.converters.ip_adapter import add_ip_adapter_command, run_ip_adapter_command
 from refiners.converters.reference_check import (
     Comparison,
     compare_autoencoder,
@@ -128,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_clip_image_command(commands)
     add_controlnet_command(commands)
     add_t2i_adapter_command(commands)
+    add_ip_adapter_command(commands)
     return parser
 
 
@@ -178,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_controlnet_command(args, _print_progress)
     if args.command == "t2i-adapter":
         return run_t2i_adapter_command(args, _print_progress)
+    if args.command == "ip-adapter":
+        return run_ip_adapter_command(args, _print_progress)
     dtype = _DTYPES[args.dtype] if args.dtype is not None else None
     if args.check and (missing := missing_reference_packages()):
         _print_progress(

@@ -12,6 +12,7 @@ from refiners.adapters.ip_adapter.ip_adapter import (
     SDXLIPAdapter,
 )
 from refiners.adapters.ip_adapter.weights import (
+    PROJECTION_CLASSES,
     IPAdapterKind,
     IPAdapterWeights,
     convert_h94_ip_adapter,
@@ -31,6 +32,7 @@ __all__ = [
     "DecoupledCrossAttention",
     "IP_ADAPTER_CONTEXT",
     "IPAdapterKind",
+    "PROJECTION_CLASSES",
     "IPAdapterWeights",
     "read_ip_adapter_weights",
     "convert_h94_ip_adapter",
