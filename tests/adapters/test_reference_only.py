@@ -13,7 +13,13 @@ import torch
 from torch import Tensor
 
 import refiners.fluxion.layers as fl
-from refiners.adapters.reference_only import ReferenceAttention, ReferenceOnlyAdapter
+from refiners.adapters.reference_only import (
+    REFERENCE_ONLY_CONTEXT,
+    WRITING_KEY,
+    ReferenceAdaIN,
+    ReferenceAttention,
+    ReferenceOnlyAdapter,
+)
 from refiners.adapters.style_aligned import transformer_layers
 from refiners.foundationals.latent_diffusion import LatentDiffusionModel, StableDiffusion_1
 from refiners.foundationals.latent_diffusion.stable_diffusion_1.presets import TINY as SD1_TINY
@@ -63,18 +69,13 @@ def test_generation_and_eject(toy: tuple[LatentDiffusionModel[Any, Any], dict[st
     x = torch.randn(BATCH, *LATENTS, generator=torch.Generator().manual_seed(5))
     plain, plain_step = generate(model, conditioning), one_step(model, conditioning, x)
     before, keys = repr(model.unet), list(model.unet.state_dict())
-    adapter = ReferenceOnlyAdapter(target=model, style_fidelity=0.5).inject()
+    adapter = ReferenceOnlyAdapter(target=model, style_fidelity=0.5, reference_adain=True).inject()
     adapter.set_reference(reference_latents())
     controlled = generate(model, conditioning)
     adapter.eject()
     assert (controlled - plain).abs().max() > 1e-2 * plain.abs().max()
     assert repr(model.unet) == before and list(model.unet.state_dict()) == keys and model.step_preparations == []
     assert torch.equal(one_step(model, conditioning, x), plain_step)
-    # No layer attends to the reference at weight 0: the reference's pass runs, and changes nothing.
-    adapter = ReferenceOnlyAdapter(target=model, attention_auto_machine_weight=0.0).inject()
-    adapter.set_reference(reference_latents())
-    assert adapter.attentions == [] and torch.equal(one_step(model, conditioning, x), plain_step)
-    adapter.eject()
 
 
 def one_step(
@@ -88,18 +89,20 @@ def one_step(
         )
 
 
+@pytest.mark.parametrize("reference_adain", [False, True], ids=["attention", "attention+adain"])
 def test_a_reference_identical_to_the_generation_changes_nothing(
-    toy: tuple[LatentDiffusionModel[Any, Any], dict[str, Tensor]],
+    toy: tuple[LatentDiffusionModel[Any, Any], dict[str, Tensor]], reference_adain: bool
 ) -> None:
     # The latents are the reference noised with the noise the adapter draws from the step's generator: each
-    # self-attention attends to its own tokens twice, which is attending to them once.
+    # self-attention attends to its own tokens twice, which is attending to them once, and each block's output has
+    # the statistics it is given.
     model, conditioning = toy
     model.set_num_inference_steps(STEPS)
     reference = reference_latents()
     noise = torch.randn(BATCH, *LATENTS, generator=torch.Generator().manual_seed(3))
     x = model.solver.add_noise(reference.expand(BATCH, *LATENTS), noise, model.steps[0])
     plain = one_step(model, conditioning, x)
-    adapter = ReferenceOnlyAdapter(target=model, style_fidelity=0.0).inject()
+    adapter = ReferenceOnlyAdapter(target=model, style_fidelity=0.0, reference_adain=reference_adain).inject()
     adapter.set_reference(reference)
     same = one_step(model, conditioning, x)
     other = one_step(model, conditioning, x, seed=4)  # other noise: the reference's latents differ
@@ -118,15 +121,18 @@ def predictions(model: LatentDiffusionModel[Any, Any], conditioning: dict[str, T
     return outputs[-1]  # the generation's pass comes after the reference's
 
 
+@pytest.mark.parametrize("reference_adain", [False, True], ids=["attention", "attention+adain"])
 def test_style_fidelity_weighs_the_negative_half_only(
-    toy: tuple[LatentDiffusionModel[Any, Any], dict[str, Tensor]],
+    toy: tuple[LatentDiffusionModel[Any, Any], dict[str, Tensor]], reference_adain: bool
 ) -> None:
     model, conditioning = toy
     x = torch.randn(BATCH, *LATENTS, generator=torch.Generator().manual_seed(5))
     plain = predictions(model, conditioning, x)
     by_fidelity: dict[float, Tensor] = {}
     for style_fidelity in (0.0, 1.0):
-        adapter = ReferenceOnlyAdapter(target=model, style_fidelity=style_fidelity).inject()
+        adapter = ReferenceOnlyAdapter(
+            target=model, style_fidelity=style_fidelity, reference_adain=reference_adain
+        ).inject()
         adapter.set_reference(reference_latents())
         by_fidelity[style_fidelity] = predictions(model, conditioning, x)
         adapter.eject()
@@ -184,6 +190,46 @@ def test_attention_auto_machine_weight_takes_the_widest_layers() -> None:
     )
 
 
+def test_adain_gives_the_reference_statistics() -> None:
+    block = fl.Chain(fl.Identity())
+    model = fl.Chain(block)
+    adapter = ReferenceAdaIN(block, style_fidelity=0.0).inject()
+    generator = torch.Generator().manual_seed(0)
+    reference, x = torch.randn(2, 3, 4, 5, generator=generator) * 3 + 2, torch.randn(2, 3, 4, 5, generator=generator)
+    model.set_context(REFERENCE_ONLY_CONTEXT, {WRITING_KEY: True})
+    assert torch.equal(model(reference), reference)
+    model.set_context(REFERENCE_ONLY_CONTEXT, {WRITING_KEY: False})
+    output = model(x)
+    torch.testing.assert_close(output.mean(dim=(2, 3)), reference.mean(dim=(2, 3)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(output.std(dim=(2, 3)), reference.std(dim=(2, 3)), atol=1e-5, rtol=0)
+    # Each channel keeps its pattern: the output is an affine function of the input, per channel.
+    normalised = (x - x.mean(dim=(2, 3), keepdim=True)) / x.std(dim=(2, 3), keepdim=True)
+    expected = normalised * reference.std(dim=(2, 3), keepdim=True) + reference.mean(dim=(2, 3), keepdim=True)
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=0)
+    adapter.eject()
+
+
+def test_adain_blocks_follow_diffusers_weights() -> None:
+    # SD1's weights (4 levels): down blocks 2, 1.5, 1, 0.5; up blocks 0, 0.5, 1, 1.5; the middle block 0. At 1, the
+    # down blocks of the two lowest resolutions (2 residual blocks each), the up blocks of the three lowest (3 each)
+    # and the middle block.
+    model, _ = build("sd1")
+    unet = model.unet
+    adapter = ReferenceOnlyAdapter(target=model, reference_adain=True, gn_auto_machine_weight=1.0)
+    down_blocks = [block for block in list(unet.layer("DownBlocks", fl.Chain))[1:] if isinstance(block, fl.Chain)]
+    resnets = [block for block in down_blocks if block.find(fl.Downsample) is None]
+    up_blocks = list(unet.layer("UpBlocks", fl.Chain))
+    expected = [*resnets[4:], *up_blocks[:9], unet.layer("MiddleBlock", fl.Chain)]
+    adapted = [a.target for a in adapter.adains]
+    assert len(adapted) == 14
+    for target, block in zip(adapted, expected, strict=True):
+        assert target is block or target.parent is block
+    assert len(ReferenceOnlyAdapter(target=model, reference_adain=True, gn_auto_machine_weight=0.0).adains) == 4
+    assert (
+        len(ReferenceOnlyAdapter(target=model, reference_adain=True, gn_auto_machine_weight=2.0).adains) == 8 + 12 + 1
+    )
+
+
 def test_errors() -> None:
     model, conditioning = build("sd1")
     adapter = ReferenceOnlyAdapter(target=model)
@@ -201,6 +247,8 @@ def test_errors() -> None:
     adapter.eject()
     with pytest.raises(ValueError, match="style_fidelity"):
         ReferenceOnlyAdapter(target=model, style_fidelity=2.0)
+    with pytest.raises(ValueError, match="nothing looks at the reference"):
+        ReferenceOnlyAdapter(target=model, attention_auto_machine_weight=0.0)
 
 
 def test_docstring_example_runs() -> None:

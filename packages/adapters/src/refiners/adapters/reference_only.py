@@ -14,7 +14,16 @@ so that `style_fidelity = 1` leaves the negative prediction plain and guidance p
 more important"), and `style_fidelity = 0` looks at it in both halves ("prompt more important"). Diffusers' pipeline
 sorts the transformer layers from the widest (a stable sort of the order of its modules: down blocks, up blocks, then
 the middle block), and `attention_auto_machine_weight = w` reads in the first `i < w * count` of them: all at 1, none
-at 0. Its `reference_adain` (AdaIN of the blocks' outputs) is not implemented here.
+at 0.
+
+With `reference_adain` (A1111's `reference_adain+attn`), the outputs of the blocks' residual blocks (and their
+transformers), and of the middle block, also take the reference's per-channel statistics, blended the same way:
+
+    adain(x) = (x - mean(x)) / std(x) * std(x_r) + mean(x_r)     over the positions, std = sqrt(max(var, 1e-6))
+
+in the blocks whose weight is at most `gn_auto_machine_weight`: 0 for the middle block, `2 (1 - level / levels)` for
+the down blocks and `2 level / levels` for the up blocks (levels counted from the highest resolution down, and from
+the lowest up, as diffusers' `down_blocks` and `up_blocks`).
 """
 
 from typing import Any, Self
@@ -25,16 +34,42 @@ from torch import Tensor
 import refiners.fluxion.layers as fl
 from refiners.adapters.style_aligned import transformer_layers
 from refiners.fluxion.context import Contexts
+from refiners.foundationals.latent_diffusion.cross_attention import CrossAttentionBlock2d
 from refiners.foundationals.latent_diffusion.model import DENOISING_CONTEXT, GUIDED_KEY, LatentDiffusionModel
-from refiners.foundationals.latent_diffusion.unet import UNet
+from refiners.foundationals.latent_diffusion.unet import DownBlocks, MiddleBlock, ResidualBlock, UNet, UpBlocks
 
-__all__ = ["REFERENCE_ONLY_CONTEXT", "WRITING_KEY", "ReferenceAttention", "ReferenceOnlyAdapter"]
+__all__ = ["REFERENCE_ONLY_CONTEXT", "WRITING_KEY", "ReferenceAttention", "ReferenceAdaIN", "ReferenceOnlyAdapter"]
 
 REFERENCE_ONLY_CONTEXT = "reference_only"
 """The UNet's context where `ReferenceOnlyAdapter` says which pass runs."""
 WRITING_KEY = "writing"
 """`REFERENCE_ONLY_CONTEXT[WRITING_KEY]`: whether the UNet runs on the reference (its self-attentions keep their
 inputs), or on the generation (they attend to the kept inputs too)."""
+
+
+def _writing(module: fl.ContextModule) -> bool:
+    return bool(module.use_context(REFERENCE_ONLY_CONTEXT)[WRITING_KEY])
+
+
+def _guided(module: fl.ContextModule) -> bool:
+    return bool(module.use_context(DENOISING_CONTEXT).get(GUIDED_KEY, False))
+
+
+def _with_negative_half(controlled: Tensor, plain_negative: Tensor, style_fidelity: float) -> Tensor:
+    """`controlled`, its negative half (the first) blended with `plain_negative`: `style_fidelity` of the plain."""
+    half = controlled.shape[0] // 2
+    blended = style_fidelity * plain_negative + (1 - style_fidelity) * controlled[:half]
+    return torch.cat([blended, controlled[half:]])
+
+
+def _check_kept(module: fl.Module, kept: Tensor | None, x: Tensor) -> Tensor:
+    if kept is None or kept.shape[0] != x.shape[0]:
+        rows = "no" if kept is None else f"{kept.shape[0]} rows of"
+        raise ValueError(
+            f"{module.get_path()} has {rows} reference features for {x.shape[0]} rows: the reference's pass must run "
+            "before each of the UNet's (through the model's steps, once the reference is set)"
+        )
+    return kept
 
 
 class ReferenceAttention(fl.Chain, fl.Adapter[fl.SelfAttention]):
@@ -57,22 +92,14 @@ class ReferenceAttention(fl.Chain, fl.Adapter[fl.SelfAttention]):
 
     def forward(self, *args: Tensor) -> Tensor:
         (x,) = args
-        if self.use_context(REFERENCE_ONLY_CONTEXT)[WRITING_KEY]:
+        if _writing(self):
             self.reference = x.detach()
             return super().forward(x)
-        if self.reference is None or self.reference.shape[0] != x.shape[0]:
-            rows = "no" if self.reference is None else f"{self.reference.shape[0]} rows of"
-            raise ValueError(
-                f"{self.get_path()} has {rows} reference tokens for {x.shape[0]} rows: the reference's pass must run "
-                "before each of the UNet's (through the model's steps, once the reference is set)"
-            )
-        shared = torch.cat([x, self.reference], dim=1)
+        reference = _check_kept(self, self.reference, x)
+        shared = torch.cat([x, reference], dim=1)
         output = self._attend(x, shared)
-        if self.style_fidelity > 0 and bool(self.use_context(DENOISING_CONTEXT).get(GUIDED_KEY, False)):
-            negative = slice(0, x.shape[0] // 2)
-            plain = super().forward(x[negative])
-            blended = self.style_fidelity * plain + (1 - self.style_fidelity) * output[negative]
-            output = torch.cat([blended, output[x.shape[0] // 2 :]])
+        if self.style_fidelity > 0 and _guided(self):
+            output = _with_negative_half(output, super().forward(x[: x.shape[0] // 2]), self.style_fidelity)
         return output
 
     def _attend(self, query: Tensor, key_value: Tensor) -> Tensor:
@@ -81,6 +108,61 @@ class ReferenceAttention(fl.Chain, fl.Adapter[fl.SelfAttention]):
         for layer in list(self.target)[1:]:  # after its Parallel, which repeats its input
             result = layer(*result) if isinstance(result, tuple) else layer(result)
         return result
+
+
+class ReferenceAdaIN(fl.Chain, fl.Adapter[fl.Chain]):
+    """A block whose output keeps its per-channel statistics on the reference's pass, and takes them on the
+    generation's (see the module's docstring).
+
+    Args:
+        target: A residual block, a transformer, or the middle block.
+        style_fidelity: The share of the plain output in the negative half of a guided batch.
+    """
+
+    def __init__(self, target: fl.Chain, style_fidelity: float = 0.5) -> None:
+        self.style_fidelity = style_fidelity
+        self.reference: Tensor | None = None  # the reference's per-channel means, then variances: (batch, 2 C, 1, 1)
+        with self.setup_adapter(target):
+            super().__init__(target)
+
+    def init_context(self) -> Contexts:
+        return {REFERENCE_ONLY_CONTEXT: {WRITING_KEY: False}, DENOISING_CONTEXT: {GUIDED_KEY: False}}
+
+    def forward(self, *args: Tensor) -> Tensor:
+        x: Tensor = super().forward(*args)
+        variance, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
+        if _writing(self):
+            self.reference = torch.cat([mean, variance], dim=1).detach()
+            return x
+        reference_mean, reference_variance = _check_kept(self, self.reference, x).chunk(2, dim=1)
+        std, reference_std = variance.clamp(min=1e-6).sqrt(), reference_variance.clamp(min=1e-6).sqrt()
+        output = (x - mean) / std * reference_std + reference_mean
+        if self.style_fidelity > 0 and _guided(self):
+            output = _with_negative_half(output, x[: x.shape[0] // 2], self.style_fidelity)
+        return output
+
+
+def _adain_blocks(unet: UNet, gn_auto_machine_weight: float) -> list[fl.Chain]:
+    """The blocks whose outputs take the reference's statistics (see the module's docstring), each residual block's
+    transformer or, without one, the residual block itself."""
+    levels = len(unet.topology.channels)
+
+    def output_layer(block: fl.Chain) -> fl.Chain:
+        transformer = block.find(CrossAttentionBlock2d)
+        return transformer if transformer is not None else block.ensure_find(ResidualBlock)
+
+    chosen: list[fl.Chain] = []
+    # After the input convolution's, each Chain of the down blocks is a residual block (and transformer), or a
+    # downsampling.
+    down_blocks = list(unet.layer("DownBlocks", DownBlocks).layers(fl.Chain))[1:]
+    down = [block for block in down_blocks if block.find(fl.Downsample) is None]
+    for index, block in enumerate(down):
+        if gn_auto_machine_weight >= 2 * (1 - index // unet.topology.layers_per_block / levels):
+            chosen.append(output_layer(block))
+    for index, block in enumerate(unet.layer("UpBlocks", UpBlocks).layers(fl.Chain)):
+        if gn_auto_machine_weight >= 2 * (index // (unet.topology.layers_per_block + 1)) / levels:
+            chosen.append(output_layer(block))
+    return [*chosen, unet.layer("MiddleBlock", MiddleBlock)]  # of weight 0: always
 
 
 class ReferenceOnlyAdapter:
@@ -108,7 +190,9 @@ class ReferenceOnlyAdapter:
         target: The model.
         style_fidelity: The share of the plain attention in the negative half (see the module's docstring), in [0, 1].
         attention_auto_machine_weight: The share of the transformer layers, from the widest, that attend to the
-            reference, in [0, 1].
+            reference, in [0, 1] (0: none, diffusers' `reference_attn=False`).
+        reference_adain: Also give the blocks' outputs the reference's statistics (diffusers' `reference_adain`).
+        gn_auto_machine_weight: With `reference_adain`, the largest weight of the blocks that do, in [0, 2].
     """
 
     def __init__(
@@ -116,6 +200,8 @@ class ReferenceOnlyAdapter:
         target: LatentDiffusionModel[Any, Any],
         style_fidelity: float = 0.5,
         attention_auto_machine_weight: float = 1.0,
+        reference_adain: bool = False,
+        gn_auto_machine_weight: float = 1.0,
     ) -> None:
         if not isinstance(target.unet, UNet) or target.unet.in_channels != target.lda.latent_channels:
             raise ValueError(
@@ -127,6 +213,8 @@ class ReferenceOnlyAdapter:
                 f"style_fidelity and attention_auto_machine_weight are shares in [0, 1], got {style_fidelity} and "
                 f"{attention_auto_machine_weight}"
             )
+        if not 0.0 <= gn_auto_machine_weight <= 2.0:
+            raise ValueError(f"gn_auto_machine_weight is in [0, 2], got {gn_auto_machine_weight}")
         self.target = target
         self.style_fidelity = style_fidelity
         self.attention_auto_machine_weight = attention_auto_machine_weight
@@ -136,6 +224,16 @@ class ReferenceOnlyAdapter:
             for index, layer in enumerate(layers)
             if attention_auto_machine_weight > index / len(layers)
         ]
+        self.adains = (
+            [ReferenceAdaIN(block, style_fidelity) for block in _adain_blocks(target.unet, gn_auto_machine_weight)]
+            if reference_adain
+            else []
+        )
+        if not self.attentions and not self.adains:
+            raise ValueError(
+                "with attention_auto_machine_weight=0 and no reference_adain, nothing looks at the reference: raise "
+                "the weight, or set reference_adain=True"
+            )
         self.reference: Tensor | None = None
 
     @property
@@ -155,11 +253,11 @@ class ReferenceOnlyAdapter:
         self.reference = latents.to(device=self.target.device, dtype=self.target.dtype)
 
     def inject(self) -> Self:
-        """Run the reference's pass before each step's, and let the self-attentions attend to it."""
+        """Run the reference's pass before each step's, and let the self-attentions (and blocks) look at it."""
         if self in self.target.step_preparations:
             raise ValueError("this ReferenceOnlyAdapter is already injected; eject it first")
-        for attention in self.attentions:
-            attention.inject()
+        for adapter in [*self.attentions, *self.adains]:
+            adapter.inject()
         self.target.step_preparations.append(self)
         return self
 
@@ -168,9 +266,9 @@ class ReferenceOnlyAdapter:
         if self not in self.target.step_preparations:
             raise ValueError("this ReferenceOnlyAdapter is not injected: nothing to eject")
         self.target.step_preparations.remove(self)
-        for attention in self.attentions:
-            attention.eject()
-            attention.reference = None
+        for adapter in [*self.adains[::-1], *self.attentions[::-1]]:
+            adapter.eject()
+            adapter.reference = None
 
     def __call__(self, x: Tensor, step: int, generator: torch.Generator | None) -> None:
         """The reference's pass at `step`: its latents noised with fresh noise (diffusers' `ref_xt`), through the UNet
