@@ -69,6 +69,40 @@ def test_sd1_matches_diffusers(sd1_folders: tuple[Path, Path], tmp_path: Path, f
     assert torch.equal(after, before) and list(encoder.state_dict()) == keys and list(encoder.modules()) == modules
 
 
+def test_two_at_once_match_diffusers(sd1_folders: tuple[Path, Path], tmp_path: Path) -> None:
+    """Two files, two words (one of three vectors) in one prompt, as diffusers' `load_textual_inversion` takes a
+    list; ejecting the first leaves what diffusers computes with the second alone; either order restores exactly."""
+    diffusers_folder, converted = sd1_folders
+    encoder = ours(converted).clip_text_encoder
+    assert isinstance(encoder, CLIPTextEncoder)
+    paths = [tmp_path / "cat" / "learned_embeds.bin", tmp_path / "dog" / "learned_embeds.bin"]
+    for path, token, vectors in zip(paths, [TOKEN, "<dog-toy>"], [3, 1], strict=True):
+        path.parent.mkdir()
+        torch.save({token: torch.randn(vectors, encoder.embedding_dim)}, path)
+    prompt = f"a photo of {TOKEN} and <dog-toy> on a table, <dog-toy>"
+    both: Any = reference(StableDiffusionPipeline, diffusers_folder)
+    both.load_textual_inversion([str(path) for path in paths])
+    second: Any = reference(StableDiffusionPipeline, diffusers_folder)
+    second.load_textual_inversion(str(paths[1]))
+    with torch.no_grad():
+        expected, _ = both.encode_prompt(prompt, torch.device("cpu"), 1, False)
+        expected_second, _ = second.encode_prompt(prompt, torch.device("cpu"), 1, False)
+        keys, modules, before = list(encoder.state_dict()), list(encoder.modules()), encoder(prompt)
+        inversions = [TextualInversion.from_file(encoder, path) for path in paths]
+        for order in ([0, 1], [1, 0]):
+            for inversion in inversions:
+                inversion.inject()
+            actual = encoder(prompt)
+            assert_equal_within_scale(actual, expected)
+            assert (actual - before).abs().max() > 1e-2
+            inversions[order[0]].eject()
+            if order[0] == 0:
+                assert_equal_within_scale(encoder(prompt), expected_second)
+            inversions[order[1]].eject()
+            assert torch.equal(encoder(prompt), before)
+            assert list(encoder.state_dict()) == keys and list(encoder.modules()) == modules
+
+
 def test_sdxl_matches_diffusers(tmp_path: Path) -> None:
     pipeline: Any = build_pipeline()
     encoder = our_text_encoder(pipeline)
@@ -112,8 +146,8 @@ def test_bad_input(sd1_folders: tuple[Path, Path], tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="wide but the text encoders are"):
         TextualInversion(encoder, {TOKEN: torch.randn(1, encoder.embedding_dim + 1)}, token=TOKEN)
     TextualInversion(encoder, {TOKEN: torch.randn(1, encoder.embedding_dim)}, token=TOKEN).inject()
-    with pytest.raises(ValueError, match="already holds a textual inversion"):
-        TextualInversion(encoder, {"<other>": torch.randn(1, encoder.embedding_dim)}, token="<other>")
+    with pytest.raises(ValueError, match="already has a textual inversion for '<cat-toy>'"):
+        TextualInversion(encoder, {TOKEN: torch.randn(1, encoder.embedding_dim)}, token=TOKEN)
     save_file({"emb_params": torch.randn(1, 4), "other": torch.randn(1)}, tmp_path / "x.safetensors")
     with pytest.raises(ValueError, match="unknown textual inversion keys"):
         TextualInversion.from_file(encoder, tmp_path / "x.safetensors", token=TOKEN)

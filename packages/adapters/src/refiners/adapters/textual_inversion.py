@@ -3,6 +3,10 @@
 A file holds one embedding: A1111's `.pt` (`string_to_param`) or `.safetensors` (`emb_params`), diffusers'
 `learned_embeds` (`{token: tensor}`), or SDXL's (`clip_l` and `clip_g`, one per encoder). A multi-vector embedding
 of `n` rows is read, as diffusers expands it, as the tokens `tok tok_1 ... tok_{n-1}` wherever `tok` is written.
+
+Several textual inversions share one tokenizer adapter and one token embedding adapter per encoder, which hold every
+added word in the order the inversions were injected (their ids follow one another, as diffusers numbers a list of
+them); ejecting one, in any order, renumbers the others, and ejecting the last removes the adapters.
 """
 
 import re
@@ -52,6 +56,18 @@ class TokenEncoderWithAddedTokens(fl.Chain, Adapter[TokenEncoder]):
             )
 
     @property
+    def embeddings(self) -> Tensor:
+        """The added rows, `(number_of_tokens, embedding_dim)`."""
+        return self.layer(1, AddedEmbeddings).weight
+
+    def set_embeddings(self, embeddings: Tensor) -> None:
+        """Replace the added rows (the ids from `first_added_id` on read them)."""
+        weight = self.target.weight
+        self.layer(1, AddedEmbeddings).weight = torch.nn.Parameter(
+            embeddings.to(device=weight.device, dtype=weight.dtype, copy=True)
+        )
+
+    @property
     def first_added_id(self) -> int:
         """The id of the first added token: the table's size."""
         return self.target.num_embeddings
@@ -74,12 +90,16 @@ class TokenizerWithAddedTokens(fl.Chain, Adapter[CLIPTokenizer]):
     """
 
     def __init__(self, target: CLIPTokenizer, added_tokens: Mapping[str, list[int]]) -> None:
+        self.set_added_tokens(added_tokens)
+        with self.setup_adapter(target):
+            super().__init__(target)
+
+    def set_added_tokens(self, added_tokens: Mapping[str, list[int]]) -> None:
+        """Replace the added tokens and their ids."""
         self.added_tokens = dict(added_tokens)
         # Longest first: a token that begins another does not cut it.
         alternatives = sorted(self.added_tokens, key=len, reverse=True)
         self._pattern = re.compile(f"({'|'.join(map(re.escape, alternatives))})")
-        with self.setup_adapter(target):
-            super().__init__(target)
 
     def encode(self, text: str) -> list[int]:
         """The ids of a prompt, start and end tokens included, neither truncated nor padded."""
@@ -138,12 +158,58 @@ def read_embeddings(path: str | Path) -> dict[str, Tensor]:
     return {name: tensor.reshape(-1, tensor.shape[-1]) for name, tensor in embeddings.items()}
 
 
+def _base_tokenizer(encoder: CLIPTextEncoder) -> CLIPTokenizer | None:
+    """The encoder's own tokenizer, inside the added tokens' adapter if there is one."""
+    first = next(iter(encoder), None)
+    return first.target if isinstance(first, TokenizerWithAddedTokens) else encoder.tokenizer
+
+
+def _words(encoder: CLIPTextEncoder) -> dict[str, Tensor]:
+    """The words the encoder's textual inversions added, in their order, with their embeddings."""
+    tokenizer = next(iter(encoder), None)
+    if not isinstance(tokenizer, TokenizerWithAddedTokens):
+        return {}
+    token_encoder = encoder.ensure_find(TokenEncoderWithAddedTokens)
+    first = token_encoder.first_added_id
+    return {
+        token: token_encoder.embeddings[ids[0] - first : ids[-1] + 1 - first].detach()
+        for token, ids in tokenizer.added_tokens.items()
+    }
+
+
+def _set_words(encoder: CLIPTextEncoder, words: Mapping[str, Tensor]) -> None:
+    """Give the encoder exactly `words` (in their order, ids from the vocabulary's size on), adding the adapters for
+    the first and removing them with the last."""
+    tokenizer = next(iter(encoder), None)
+    if not words:
+        if isinstance(tokenizer, TokenizerWithAddedTokens):
+            tokenizer.eject()
+            encoder.ensure_find(TokenEncoderWithAddedTokens).eject()
+        return
+    token_encoder = encoder.ensure_find(TokenEncoder)
+    first = token_encoder.num_embeddings
+    added: dict[str, list[int]] = {}
+    for token, embedding in words.items():
+        # diffusers adds `tok_1 ... tok_{n-1}` and writes them after `tok` in prompts: the ids follow one another.
+        start = first + sum(len(ids) for ids in added.values())
+        added[token] = list(range(start, start + embedding.shape[0]))
+    embeddings = torch.cat(list(words.values()))
+    if isinstance(tokenizer, TokenizerWithAddedTokens):
+        tokenizer.set_added_tokens(added)
+        encoder.ensure_find(TokenEncoderWithAddedTokens).set_embeddings(embeddings)
+        return
+    base_tokenizer = encoder.tokenizer
+    assert base_tokenizer is not None
+    TokenizerWithAddedTokens(base_tokenizer, added).inject()
+    TokenEncoderWithAddedTokens(token_encoder, embeddings).inject()
+
+
 class TextualInversion:
-    """A textual inversion on a text encoder: one tokenizer and one token embedding adapter per encoder it extends.
+    """A textual inversion on a text encoder: a word, and its embedding in each encoder it extends.
 
     `TextualInversion.from_file(sd.clip_text_encoder, path, token="<cat-toy>").inject()` adds the word to an SD1
-    model; for SDXL give `sdxl.clip_text_encoder`: `clip_l` goes to CLIP-L, `clip_g` to OpenCLIP-G. One textual
-    inversion at a time per encoder.
+    model; for SDXL give `sdxl.clip_text_encoder`: `clip_l` goes to CLIP-L, `clip_g` to OpenCLIP-G. Several act at
+    once (each with its own word), as diffusers' `load_textual_inversion` takes a list; eject them in any order.
 
     Args:
         target: The text encoder (SD1's `CLIPTextEncoder`, SDXL's `DoubleTextEncoder`), with its tokenizer(s).
@@ -154,29 +220,29 @@ class TextualInversion:
 
     def __init__(self, target: CLIPTextEncoder | SDXLTextEncoder, embeddings: Mapping[str, Tensor], token: str) -> None:
         encoders = {"clip": target} if isinstance(target, CLIPTextEncoder) else dict(target.components())
-        by_encoder = self._assign(encoders, embeddings)
         self.token = token
-        self.adapters: list[TokenizerWithAddedTokens | TokenEncoderWithAddedTokens] = []
-        for encoder, embedding in by_encoder:
-            if isinstance(next(iter(encoder), None), TokenizerWithAddedTokens):
-                raise ValueError(
-                    f"{encoder.get_path()} already holds a textual inversion: eject it first (one at a time)"
-                )
-            tokenizer = encoder.tokenizer
+        self._pairs = self._assign(encoders, embeddings)
+        self._injected = False
+        for encoder, _ in self._pairs:
+            tokenizer = _base_tokenizer(encoder)
             if tokenizer is None:
                 raise ValueError(f"{encoder.get_path()} has no tokenizer: give it one before adding tokens")
             if len(tokenizer.encode(token)) == 3:
                 raise ValueError(f"the token {token!r} is already in the vocabulary: choose another word")
-            token_encoder = encoder.find(TokenEncoder)
-            if token_encoder is None:
+            if encoder.find(TokenEncoder) is None:
                 raise ValueError(f"{encoder.get_path()} has no TokenEncoder to extend")
-            first = token_encoder.num_embeddings
-            # diffusers adds `tok_1 ... tok_{n-1}` and writes them after `tok` in prompts: the ids follow one another.
-            added = {token: list(range(first, first + embedding.shape[0]))}
-            self.adapters += [
-                TokenizerWithAddedTokens(tokenizer, added),
-                TokenEncoderWithAddedTokens(token_encoder, embedding),
-            ]
+            self._check_new_word(encoder)
+
+    def _check_new_word(self, encoder: CLIPTextEncoder) -> None:
+        if self.token in _words(encoder):
+            raise ValueError(
+                f"{encoder.get_path()} already has a textual inversion for {self.token!r}: eject it first, or give "
+                "this one another word"
+            )
+
+    @property
+    def is_injected(self) -> bool:
+        return self._injected
 
     @staticmethod
     def _assign(
@@ -227,12 +293,21 @@ class TextualInversion:
         return cls(target, embeddings, token)
 
     def inject(self) -> "TextualInversion":
-        """Put the adapters in the text encoder(s)."""
-        for adapter in self.adapters:
-            adapter.inject()
+        """Add the word to the text encoder(s), after the words of the textual inversions already there."""
+        if self._injected:
+            raise ValueError(f"the textual inversion {self.token!r} is already injected; eject it first")
+        for encoder, _ in self._pairs:
+            self._check_new_word(encoder)
+        for encoder, embedding in self._pairs:
+            _set_words(encoder, _words(encoder) | {self.token: embedding})
+        self._injected = True
         return self
 
     def eject(self) -> None:
-        """Take the adapters out: the text encoder(s) are as before `inject`."""
-        for adapter in reversed(self.adapters):
-            adapter.eject()
+        """Take the word out: with the other textual inversions' words, the text encoder(s) are as if this one had
+        never been injected; without, as before any was."""
+        if not self._injected:
+            raise ValueError(f"the textual inversion {self.token!r} is not injected: nothing to eject")
+        for encoder, _ in self._pairs:
+            _set_words(encoder, {token: words for token, words in _words(encoder).items() if token != self.token})
+        self._injected = False
