@@ -16,7 +16,11 @@ own tokens twice, which changes nothing: it is generated as it would be alone. W
 GroupNorm of the UNet normalises an image's map together with the reference's (concatenated along the height), as
 the repository's `register_shared_norm` does; its `share_layer_norm` is not offered, since a LayerNorm normalises each
 token alone and sharing it changes nothing. `only_self_level` keeps a share of the self-attentions plain, chosen in
-the order of diffusers' `attn_processors` as the repository does.
+the order of diffusers' `attn_processors` as the repository does. Its `full_attention_share` (each image attending to
+all the images of its half, without AdaIN), which its demos leave off, is not offered.
+
+AdaIN needs at least two tokens: at a 1x1 map (the middle block of a 64-pixel image) its variance is undefined, as in
+the repository.
 """
 
 import math
