@@ -77,6 +77,23 @@ def test_the_reference_is_generated_as_alone_and_eject_restores(
     assert torch.equal(generate(model, conditioning), plain)
 
 
+def test_the_reference_weighed_zero_is_the_plain_generation(
+    toy: tuple[LatentDiffusionModel[Any, Any], dict[str, Tensor], Tensor],
+) -> None:
+    # Logits of the reference's tokens shifted by -inf: every self-attention attends to its own tokens alone.
+    model, conditioning, plain = toy
+    adapter = StyleAlignedAdapter(
+        target=model.unet,
+        adain_queries=False,
+        adain_keys=False,
+        shared_score_shift=-math.inf,
+        share_group_norm=False,
+    ).inject()
+    unshared = generate(model, conditioning)
+    adapter.eject()
+    torch.testing.assert_close(unshared, plain, atol=1e-5 * plain.abs().max().item(), rtol=0)
+
+
 def attention_outputs(model: LatentDiffusionModel[Any, Any], conditioning: dict[str, Tensor]) -> list[Tensor]:
     """Each self-attention's output in one guided UNet pass, in `transformer_layers`' order."""
     attentions = [layer.ensure_find(fl.SelfAttention) for layer in transformer_layers(model.unet)]
