@@ -154,7 +154,9 @@ class _PointAdapter(fl.Chain, fl.Adapter[fl.Module]):
 class T2IAdapter(fl.Chain, fl.Adapter[ResidualAccumulator], Generic[UNetT]):
     """A T2I-Adapter for a UNet: `inject()` it, set its condition features, generate; `eject()` it.
 
-    The adapter wraps the first place a feature goes; the others are wrapped by adapters it holds (`points`).
+    The adapter wraps the first place a feature goes (the `ResidualAccumulator` that keeps its skip); the
+    others are wrapped by adapters it holds and injects with it. The encoder is held beside the UNet, not in it: it
+    runs once per condition image (`compute_condition_features`), and moves with `adapter.encoder.to(...)`.
 
     Args:
         target: The UNet.
