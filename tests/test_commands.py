@@ -49,6 +49,11 @@ COVERED_ELSEWHERE = {
         "tests/adapters/test_ip_adapter.py::test_the_readme_ip_adapter_blocks_run runs it on a toy image encoder saved "
         "where the Hub id points"
     ),
+    "uv run refiners-convert ip-adapter --from h94/IP-Adapter-FaceID/ip-adapter-faceid_sd15.bin --to "
+    "faceid_sd15.safetensors": (
+        "tests/adapters/test_ip_adapter.py::test_the_readme_ip_adapter_blocks_run runs it on a toy FaceID file saved "
+        "where the Hub path points"
+    ),
     "uv run refiners-convert dinov2 --from facebook/dinov2-small --to dinov2_small.safetensors": (
         "tests/converters/test_dinov2_conversion.py::test_the_readme_dinov2_commands_run runs it on a random DINOv2-small"
     ),

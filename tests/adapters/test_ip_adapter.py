@@ -210,11 +210,13 @@ def test_the_wrong_family_or_encoder_is_refused(
 def test_the_readme_ip_adapter_blocks_run(
     encoders: Encoders, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The README's IP-Adapter section word for word, on the toy SD1 (as `sd15/`) with a toy image encoder saved where
-    the Hub id points, and an h94-layout `.bin` for it."""
+    """The README's IP-Adapter section word for word (the FaceID block with 3 steps), on the toy SD1 (as `sd15/`) with
+    a toy image encoder and a toy FaceID file saved where the Hub ids point, and an h94-layout `.bin` for it."""
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+    from ip_adapter_files import FACE_DIM, faceid_weights
 
     import refiners.converters.clip_image as clip_image
+    import refiners.converters.ip_adapter as ip_adapter_converter
     from refiners.converters.cli import main
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
@@ -222,7 +224,9 @@ def test_the_readme_ip_adapter_blocks_run(
     section = readme[start : readme.index("\n## ", start)]
     commands = re.findall(r"^uv run (refiners-convert .*?)$", section, flags=re.MULTILINE)
     assert commands == [
-        "refiners-convert clip-image --from h94/IP-Adapter/models/image_encoder --to clip_image_h.safetensors"
+        "refiners-convert clip-image --from h94/IP-Adapter/models/image_encoder --to clip_image_h.safetensors",
+        "refiners-convert ip-adapter --from h94/IP-Adapter-FaceID/ip-adapter-faceid_sd15.bin --to "
+        "faceid_sd15.safetensors",
     ]
     encoder_folder = tmp_path / "hub" / "image_encoder"
     encoders.reference.save_pretrained(encoder_folder)
@@ -230,16 +234,25 @@ def test_the_readme_ip_adapter_blocks_run(
         clip_image, "_download", lambda hub_id: encoder_folder if hub_id.startswith("h94/") else Path(hub_id)
     )
     diffusers_folder, _ = save_toy_sd1(tmp_path / "toy")
-    monkeypatch.chdir(tmp_path)
-    assert main(commands[0].split()[1:]) == 0
-    assert main(["sd1", "--from", str(diffusers_folder), "--to", "sd15/"]) == 0
     unet: Any = UNet2DConditionModel.from_pretrained(diffusers_folder / "unet")
+    faceid = save_bin(faceid_weights(unet), tmp_path / "hub" / "ip-adapter-faceid_sd15.bin")
+    monkeypatch.setattr(
+        ip_adapter_converter, "_download", lambda hub_path: faceid if hub_path.startswith("h94/") else Path(hub_path)
+    )
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        assert main(command.split()[1:]) == 0
+    assert main(["sd1", "--from", str(diffusers_folder), "--to", "sd15/"]) == 0
     save_bin(h94_weights(unet, ENCODER_CONFIG["projection_dim"], False), tmp_path / "ip-adapter_sd15.bin")
     image().save(tmp_path / "cat.png")
+    torch.save(torch.nn.functional.normalize(torch.randn(FACE_DIM), dim=0), tmp_path / "face.pt")
     blocks = re.findall(r"^```py\n(.*?)^```$", section, flags=re.MULTILINE | re.DOTALL)
-    assert len(blocks) == 1
+    assert len(blocks) == 2 and "num_inference_steps=30" in blocks[1]
     exec(compile(blocks[0], "README.md, IP-Adapter block", "exec"), {"__name__": "readme"})
     assert Image.open(tmp_path / "ip_cat.png").size == (64, 64)  # the toy's native size
+    faceid_block = blocks[1].replace("num_inference_steps=30", "num_inference_steps=3")
+    exec(compile(faceid_block, "README.md, IP-Adapter FaceID block", "exec"), {"__name__": "readme"})
+    assert Image.open(tmp_path / "face_garden.png").size == (64, 64)
 
 
 @pytest.mark.parametrize(
