@@ -14,6 +14,8 @@ from torch import Tensor
 
 import refiners.fluxion.layers as fl
 from refiners.adapters.style_aligned import (
+    FullAttentionShareAdapter,
+    FullSharedAttention,
     SharedGroupNorm,
     StyleAlignedAdapter,
     StyleAlignedAttention,
@@ -175,6 +177,29 @@ def test_one_attention_equals_the_equations(guided: bool) -> None:
     torch.testing.assert_close(chain(query, key, value), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("guided", [True, False], ids=["guided", "unguided"])
+def test_full_attention_share_attends_to_the_whole_half(guided: bool) -> None:
+    heads = 2
+    attention = fl.ScaledDotProductAttention(num_heads=heads)
+    chain = fl.Chain(attention)
+    FullSharedAttention(attention).inject()
+    chain.set_context(DENOISING_CONTEXT, {GUIDED_KEY: guided})
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(4, 6, 8, generator=generator) for _ in range(3))
+    half = 2 if guided else 4
+    expected: list[Tensor] = []
+    for row in range(4):
+        rows = slice(row // half * half, row // half * half + half)
+
+        def heads_of(x: Tensor) -> Tensor:
+            return x.reshape(-1, heads, 4).transpose(0, 1)  # (heads, tokens, dim)
+
+        keys, values = heads_of(key[rows].reshape(-1, 8)), heads_of(value[rows].reshape(-1, 8))
+        attended = (heads_of(query[row]) @ keys.transpose(-2, -1) / 2).softmax(dim=-1) @ values
+        expected.append(attended.transpose(0, 1).reshape(6, 8))
+    torch.testing.assert_close(chain(query, key, value), torch.stack(expected), atol=1e-5, rtol=0)
+
+
 def test_no_sharing_at_minus_infinity_is_the_plain_attention() -> None:
     attention = fl.ScaledDotProductAttention(num_heads=2)
     chain = fl.Chain(attention)
@@ -217,6 +242,23 @@ def test_only_self_level_keeps_sa_handler_layers_plain() -> None:
     assert shared(1.0) == []
     assert shared(0.25) == [i for i in range(16) if i % 4 != 0]  # every fourth kept plain, from the first
     assert shared(0.75) == [0, 4, 8, 12]
+
+
+def test_full_attention_share_ejects_exactly() -> None:
+    model, conditioning = build("sd1")
+    x = torch.randn(BATCH, 4, SIZE // 8, SIZE // 8, generator=torch.Generator().manual_seed(2))
+    model.set_num_inference_steps(STEPS)
+
+    def step() -> Tensor:
+        with torch.no_grad():
+            return model(x, model.steps[0], condition_scale=7.5, **conditioning)
+
+    plain, keys = step(), list(model.unet.state_dict())
+    adapter = FullAttentionShareAdapter(target=model.unet).inject()
+    shared = step()
+    adapter.eject()
+    assert (shared - plain).abs().max() > 1e-3 * plain.abs().max()
+    assert list(model.unet.state_dict()) == keys and torch.equal(step(), plain)
 
 
 def test_injection_errors() -> None:

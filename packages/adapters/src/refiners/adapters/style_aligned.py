@@ -17,13 +17,14 @@ GroupNorm of the UNet normalises an image's map together with the reference's (c
 the repository's `register_shared_norm` does; its `share_layer_norm` is not offered, since a LayerNorm normalises each
 token alone and sharing it changes nothing. `only_self_level` keeps a share of the self-attentions plain, chosen in
 the order of diffusers' `attn_processors` as the repository does. Its `full_attention_share` (each image attending to
-all the images of its half, without AdaIN), which its demos leave off, is not offered.
+all the images of its half, without AdaIN), which its demos leave off, is `FullAttentionShareAdapter`.
 
 AdaIN needs at least two tokens: at a 1x1 map (the middle block of a 64-pixel image) its variance is undefined, as in
 the repository.
 """
 
 import math
+from collections.abc import Callable
 from typing import Self
 
 import torch
@@ -38,7 +39,9 @@ from refiners.foundationals.latent_diffusion.unet import DownBlocks, MiddleBlock
 
 __all__ = [
     "StyleAlignedAdapter",
+    "FullAttentionShareAdapter",
     "StyleAlignedAttention",
+    "FullSharedAttention",
     "SharedGroupNorm",
     "adain",
     "reference_indices",
@@ -140,6 +143,35 @@ class StyleAlignedAttention(fl.Chain, fl.Adapter[fl.ScaledDotProductAttention]):
         return attention.merge_heads(output)
 
 
+class FullSharedAttention(fl.Chain, fl.Adapter[fl.ScaledDotProductAttention]):
+    """A self-attention's attention over the tokens of all the images of its row's half of the batch (all the
+    batch without guidance): `sa_handler.py`'s `full_attention_share`, its batch rearranged `(k b) n d -> k (b n) d`.
+
+    Args:
+        target: The self-attention's `ScaledDotProductAttention`.
+    """
+
+    def __init__(self, target: fl.ScaledDotProductAttention) -> None:
+        with self.setup_adapter(target):
+            super().__init__(target)
+
+    def init_context(self) -> Contexts:
+        return {DENOISING_CONTEXT: {GUIDED_KEY: False}}
+
+    def forward(self, *args: Tensor) -> Tensor:
+        query, key, value = args
+        batch, tokens, _ = query.shape
+        halves = 2 if _guided(self) else 1
+        if batch % halves != 0:
+            raise ValueError(f"a guided batch has two halves of equal size, got {batch} rows")
+
+        def joined(x: Tensor) -> Tensor:
+            return x.reshape(halves, batch // halves * tokens, x.shape[-1])
+
+        output: Tensor = super().forward(joined(query), joined(key), joined(value))
+        return output.reshape(batch, tokens, output.shape[-1])
+
+
 class SharedGroupNorm(fl.Chain, fl.Adapter[fl.GroupNorm]):
     """A GroupNorm whose statistics are those of each map and its reference's together (concatenated along the
     height, as `sa_handler.py`'s `register_shared_norm`).
@@ -186,7 +218,46 @@ def _plain_layers(count: int, level: float) -> list[bool]:
     return [(index % (count // switched) == 0) != flip for index in range(count)]
 
 
-class StyleAlignedAdapter:
+class _SharedUNet:
+    """The adapters of a UNet's chosen self-attentions (made by `shared_attention`) and, with `share_group_norm`, of
+    its GroupNorms; injected and ejected together."""
+
+    def __init__(
+        self,
+        target: UNet,
+        shared_attention: Callable[[fl.ScaledDotProductAttention], fl.Adapter[fl.ScaledDotProductAttention]],
+        share_group_norm: bool,
+        only_self_level: float,
+    ) -> None:
+        layers = transformer_layers(target)
+        self.target = target
+        self.attentions = [
+            shared_attention(layer.ensure_find(fl.SelfAttention).ensure_find(fl.ScaledDotProductAttention))
+            for layer, plain in zip(layers, _plain_layers(len(layers), only_self_level), strict=True)
+            if not plain
+        ]
+        self.group_norms = [SharedGroupNorm(norm) for norm in target.layers(fl.GroupNorm)] if share_group_norm else []
+        self._injected = False
+
+    def inject(self) -> Self:
+        """Share the self-attentions (and the GroupNorms) with the reference."""
+        if self._injected:
+            raise ValueError(f"this {type(self).__name__} is already injected; eject it first")
+        for adapter in [*self.attentions, *self.group_norms]:
+            adapter.inject()
+        self._injected = True
+        return self
+
+    def eject(self) -> None:
+        """Stop sharing: the UNet is as it was before `inject`."""
+        if not self._injected:
+            raise ValueError(f"this {type(self).__name__} is not injected: nothing to eject")
+        for adapter in [*self.attentions, *self.group_norms]:
+            adapter.eject()
+        self._injected = False
+
+
+class StyleAlignedAdapter(_SharedUNet):
     """StyleAligned on a Stable Diffusion UNet (SD1, SDXL, any `UNet`): the images of a batch take the style of the
     first (of each half, with classifier-free guidance). `inject` shares the attentions, `eject` undoes it.
 
@@ -229,36 +300,29 @@ class StyleAlignedAdapter:
     ) -> None:
         if not math.isfinite(shared_score_scale):
             raise ValueError(f"shared_score_scale must be finite, got {shared_score_scale}")
-        layers = transformer_layers(target)
-        self.target = target
-        self.attentions = [
-            StyleAlignedAttention(
-                layer.ensure_find(fl.SelfAttention).ensure_find(fl.ScaledDotProductAttention),
+
+        def shared_attention(attention: fl.ScaledDotProductAttention) -> StyleAlignedAttention:
+            return StyleAlignedAttention(
+                attention,
                 adain_queries=adain_queries,
                 adain_keys=adain_keys,
                 adain_values=adain_values,
                 shared_score_scale=shared_score_scale,
                 shared_score_shift=shared_score_shift,
             )
-            for layer, plain in zip(layers, _plain_layers(len(layers), only_self_level), strict=True)
-            if not plain
-        ]
-        self.group_norms = [SharedGroupNorm(norm) for norm in target.layers(fl.GroupNorm)] if share_group_norm else []
-        self._injected = False
 
-    def inject(self) -> Self:
-        """Share the self-attentions (and the GroupNorms) with the reference."""
-        if self._injected:
-            raise ValueError("this StyleAlignedAdapter is already injected; eject it first")
-        for adapter in [*self.attentions, *self.group_norms]:
-            adapter.inject()
-        self._injected = True
-        return self
+        super().__init__(target, shared_attention, share_group_norm, only_self_level)
 
-    def eject(self) -> None:
-        """Stop sharing: the UNet is as it was before `inject`."""
-        if not self._injected:
-            raise ValueError("this StyleAlignedAdapter is not injected: nothing to eject")
-        for adapter in [*self.attentions, *self.group_norms]:
-            adapter.eject()
-        self._injected = False
+
+class FullAttentionShareAdapter(_SharedUNet):
+    """The repository's `full_attention_share`: each self-attention attends to the tokens of all the images of its
+    half of the batch (`FullSharedAttention`), without AdaIN.
+
+    Args:
+        target: The UNet.
+        share_group_norm: Normalise each map with its reference's in every GroupNorm.
+        only_self_level: The share of self-attentions left plain, in [0, 1].
+    """
+
+    def __init__(self, target: UNet, share_group_norm: bool = True, only_self_level: float = 0.0) -> None:
+        super().__init__(target, FullSharedAttention, share_group_norm, only_self_level)
