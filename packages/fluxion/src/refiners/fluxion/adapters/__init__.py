@@ -12,6 +12,7 @@ from refiners.fluxion.adapters.lora import (
     LoraScaling,
     SingleLoraAdapter,
     add_loras_to,
+    enable_lora_hotswap,
     lora_parameters,
 )
 
@@ -24,5 +25,6 @@ __all__ = [
     "LoraAdapter",
     "SingleLoraAdapter",
     "add_loras_to",
+    "enable_lora_hotswap",
     "lora_parameters",
 ]

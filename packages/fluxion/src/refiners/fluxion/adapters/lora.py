@@ -47,6 +47,7 @@ __all__ = [
     "LoraAdapter",
     "SingleLoraAdapter",
     "add_loras_to",
+    "enable_lora_hotswap",
     "lora_parameters",
     "unfused_weight",
 ]
@@ -57,16 +58,48 @@ T = TypeVar("T", bound=WeightedModule)
 class LoraScaling(Module):
     """Multiply by a LoRA's factor `scale * alpha / rank` (kept up to date by the `Lora` that holds it).
 
+    The factor is a Python float, which `torch.compile` bakes into the graph: a compiled model recompiles when it
+    changes. `hold_as_tensor` makes it a 0-dim float32 buffer, changed in place (see `enable_lora_hotswap`).
+
     Args:
         factor: The multiplier.
     """
 
     def __init__(self, factor: float) -> None:
         super().__init__()
-        self.factor = factor
+        self.factor: float | Tensor = factor
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.factor
+
+    def set_factor(self, factor: float) -> None:
+        """Set the multiplier (in place when it is held as a tensor)."""
+        if isinstance(self.factor, Tensor):
+            with torch.no_grad():
+                self.factor.fill_(factor)
+        else:
+            self.factor = factor
+
+    def hold_as_tensor(self, device: torch.device | str | None = None) -> None:
+        """Keep the factor in a 0-dim float32 buffer (not saved in state dicts), changed in place from now on.
+
+        Args:
+            device: Where the buffer lives (the LoRA's weights' device); it follows the model's moves.
+        """
+        if isinstance(self.factor, Tensor):
+            return
+        factor = torch.tensor(self.factor, dtype=torch.float32, device=device)
+        del self.factor
+        self.register_buffer("factor", factor, persistent=False)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Self:
+        factor = self.factor
+        super()._apply(fn, recurse)
+        if isinstance(factor, Tensor):
+            # Moved, never cast: a 0-dim float32 factor multiplies a float16 or bfloat16 input at full precision, as
+            # a Python float does, whereas cast along with the model it would be rounded to the model's dtype.
+            self._buffers["factor"] = factor.to(device=self._buffers["factor"].device)
+        return self
 
 
 class Lora(Generic[T], Chain, ABC):
@@ -126,6 +159,10 @@ class Lora(Generic[T], Chain, ABC):
     def scale(self, value: float) -> None:
         self._scale = float(value)
         self._sync_scaling()
+        self._refuse()
+
+    def _refuse(self) -> None:
+        """Write the target's fused weight again if this LoRA is fused (its update changed)."""
         if self._fused:
             adapter = self.parent
             assert isinstance(adapter, LoraAdapter), "a fused LoRA is inside the adapter that fused it"
@@ -144,7 +181,7 @@ class Lora(Generic[T], Chain, ABC):
     def _sync_scaling(self) -> None:
         for layer in self:
             if isinstance(layer, LoraScaling):
-                layer.factor = self.factor
+                layer.set_factor(self.factor)
 
     def reset_parameters(self) -> None:
         """Initialise like PEFT: Kaiming-uniform `down`, zero `up` (so that the LoRA starts as a no-op)."""
@@ -347,6 +384,32 @@ class LinearLora(Lora[Linear]):
     def out_features(self) -> int:
         return self.up.out_features
 
+    def pad_rank(self, rank: int) -> None:
+        """Grow to `rank` with zeros: the same update, from weights that hold a LoRA of any rank up to `rank`.
+
+        The new rows of `down` and columns of `up` are zero and `alpha` is multiplied by `rank / self.rank`, so
+        the factor and the update do not change (the padded LoRA saves and fuses as the same update). New weight
+        tensors replace the old ones: pad before compiling or building an optimizer.
+
+        Args:
+            rank: The new rank, at least the current one.
+        """
+        _pad_rank(self, rank)
+        self.down.out_features = self.up.in_features = rank
+
+    def swap_weights(self, down: Tensor, up: Tensor, alpha: float | None = None) -> None:
+        """Load another LoRA's weights into this one's, in place, padded with zeros up to this LoRA's rank.
+
+        The scale is kept; `alpha` becomes the new LoRA's (scaled as `pad_rank` does). Only the weights and the
+        `LoraScaling` factor change, in place: a model compiled after `enable_lora_hotswap` does not recompile.
+
+        Args:
+            down: `(rank, in_features)`, with a rank up to this LoRA's.
+            up: `(out_features, rank)`.
+            alpha: The new LoRA's alpha; defaults to its rank.
+        """
+        _swap_weights(self, down, up, alpha)
+
     def _incompatibility(self, layer: Module) -> str | None:
         if not isinstance(layer, Linear):
             return f"a LinearLora updates a Linear, not a {type(layer).__name__}"
@@ -443,6 +506,25 @@ class Conv2dLora(Lora[Conv2d]):
     def padding_mode(self) -> PaddingMode:
         return self.down.padding_mode
 
+    def pad_rank(self, rank: int) -> None:
+        """Grow to `rank` with zeros: the same update (see `LinearLora.pad_rank`).
+
+        Args:
+            rank: The new rank, at least the current one.
+        """
+        _pad_rank(self, rank)
+        self.down.out_channels = self.up.in_channels = rank
+
+    def swap_weights(self, down: Tensor, up: Tensor, alpha: float | None = None) -> None:
+        """Load another LoRA's weights into this one's, in place (see `LinearLora.swap_weights`).
+
+        Args:
+            down: `(rank, in_channels, kernel_height, kernel_width)`, with a rank up to this LoRA's.
+            up: `(out_channels, rank, 1, 1)`.
+            alpha: The new LoRA's alpha; defaults to its rank.
+        """
+        _swap_weights(self, down, up, alpha)
+
     def _incompatibility(self, layer: Module) -> str | None:
         if not isinstance(layer, Conv2d):
             return f"a Conv2dLora updates a Conv2d, not a {type(layer).__name__}"
@@ -471,6 +553,51 @@ class Conv2dLora(Lora[Conv2d]):
 def _check_rank(name: str, rank: int) -> None:
     if rank < 1:
         raise ValueError(f"LoRA {name!r}: rank must be a positive integer, got {rank}")
+
+
+def _pad_rank(lora: Lora[Any], rank: int) -> None:
+    if rank < lora.rank:
+        raise ValueError(f"LoRA {lora.name!r} has rank {lora.rank}: it cannot be padded to the lower rank {rank}")
+    down, up = lora.down.weight, lora.up.weight
+    with torch.no_grad():
+        padded_down = down.new_zeros(rank, *down.shape[1:])
+        padded_down[: lora.rank] = down
+        padded_up = up.new_zeros(up.shape[0], rank, *up.shape[2:])
+        padded_up[:, : lora.rank] = up
+    lora.down.weight = torch.nn.Parameter(padded_down, requires_grad=down.requires_grad)
+    lora.up.weight = torch.nn.Parameter(padded_up, requires_grad=up.requires_grad)
+    lora._alpha = lora._alpha * rank / lora.rank
+    lora._rank = rank
+
+
+def _swap_weights(lora: Lora[Any], down: Tensor, up: Tensor, alpha: float | None) -> None:
+    rank = down.shape[0]
+    held_down, held_up = lora.down.weight, lora.up.weight
+    fits = (
+        down.shape[1:] == held_down.shape[1:]
+        and up.dim() == held_up.dim()
+        and up.shape[0] == held_up.shape[0]
+        and up.shape[1] == rank
+        and up.shape[2:] == held_up.shape[2:]
+    )
+    if not fits:
+        raise ValueError(
+            f"LoRA {lora.name!r} ({lora._describe_weights()}) cannot take down {tuple(down.shape)} and up "
+            f"{tuple(up.shape)}: they must update the same layer (equal shapes but for the rank)"
+        )
+    if rank > lora.rank:
+        raise ValueError(
+            f"LoRA {lora.name!r} has rank {lora.rank}, the weights swapped in have rank {rank}: pad it first "
+            f"(`pad_rank({rank})`, or `enable_lora_hotswap(model, target_rank=...)` before compiling)"
+        )
+    with torch.no_grad():
+        held_down.zero_()
+        held_down[:rank].copy_(down)
+        held_up.zero_()
+        held_up[:, :rank].copy_(up)
+    lora._alpha = float(rank if alpha is None else alpha) * lora.rank / rank
+    lora._sync_scaling()
+    lora._refuse()
 
 
 class _Fusion:
@@ -789,6 +916,61 @@ def add_loras_to(
     if not adapters:
         raise LookupError(f"add_loras_to found no layer to update in {model.get_path()}: `select` picked none")
     return adapters
+
+
+def enable_lora_hotswap(model: Chain, target_rank: int | None = None) -> list[Lora[Any]]:
+    """Prepare the LoRAs of `model` to be rescaled and swapped under `torch.compile` without recompiling.
+
+    diffusers' `enable_lora_hotswap`: every LoRA's factor is held in a tensor changed in place
+    (`LoraScaling.hold_as_tensor`), so that `set_scale` does not recompile; with `target_rank`, every `LinearLora`
+    and `Conv2dLora` is padded to that rank (`pad_rank`), so that `swap_weights` loads any LoRA of rank up to it in
+    place. Call it once the LoRAs are injected and before compiling; outputs do not change.
+
+    Args:
+        model: The model holding the LoRAs (e.g. a UNet).
+        target_rank: The highest rank of the LoRAs to swap in; None pads nothing (swaps of equal ranks only).
+
+    Returns:
+        The LoRAs of `model`, in tree order.
+
+    Example:
+        ```py
+        import torch
+        import refiners.fluxion.layers as fl
+        from refiners.fluxion.adapters.lora import LinearLora, LoraAdapter, enable_lora_hotswap
+
+        model = fl.Chain(fl.Linear(8, 4))
+        adapter = LoraAdapter(model.layer(0, fl.Linear), LinearLora("style", 8, 4, rank=2)).inject()
+        (lora,) = enable_lora_hotswap(model, target_rank=8)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        compiled(torch.randn(2, 8))
+        with torch.compiler.set_stance("fail_on_recompile"):
+            adapter.set_scale("style", 0.5)
+            lora.swap_weights(torch.randn(4, 8), torch.randn(4, 4), alpha=2.0)
+            compiled(torch.randn(2, 8))
+        assert lora.rank == 8 and lora.factor == 0.5 * 2.0 / 4
+        ```
+    """
+    loras: list[Lora[Any]] = list(model.layers(Lora))
+    if not loras:
+        raise LookupError(f"enable_lora_hotswap found no LoRA in {model.get_path()}: inject the LoRAs first")
+    if target_rank is not None:
+        unpaddable = [lora.get_path() for lora in loras if not isinstance(lora, LinearLora | Conv2dLora)]
+        if unpaddable:
+            raise TypeError(
+                f"only LinearLora and Conv2dLora can be padded to target_rank={target_rank}, not {unpaddable}. "
+                "Pass target_rank=None to make only their scales hot-swappable."
+            )
+        too_large = [f"{lora.get_path()} (rank {lora.rank})" for lora in loras if lora.rank > target_rank]
+        if too_large:
+            raise ValueError(f"target_rank={target_rank} is lower than the rank of {too_large}: raise it")
+        for lora in loras:
+            assert isinstance(lora, LinearLora | Conv2dLora)
+            lora.pad_rank(target_rank)
+    for lora in loras:
+        for scaling in lora.layers(LoraScaling):
+            scaling.hold_as_tensor(device=lora.device)
+    return loras
 
 
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -63,11 +63,14 @@ class ScaledDotProductAttention(Module):
     def forward(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         self._check_inputs(query, key, value)
         query, key, value = self.split_heads(query), self.split_heads(key), self.split_heads(value)
+        if self.slice_size is None:
+            # Not a loop over one slice: `range` over the sequence length would make torch.compile specialize the
+            # graph to that length (one graph per image size).
+            return self.merge_heads(self._attend(query, key, value, query_offset=0))
         num_queries = query.shape[2]
-        slice_size = self.slice_size or num_queries
         outputs = [
-            self._attend(query[:, :, start : start + slice_size], key, value, query_offset=start)
-            for start in range(0, num_queries, slice_size)
+            self._attend(query[:, :, start : start + self.slice_size], key, value, query_offset=start)
+            for start in range(0, num_queries, self.slice_size)
         ]
         return self.merge_heads(outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2))
 
