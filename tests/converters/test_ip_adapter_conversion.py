@@ -131,6 +131,12 @@ def test_bad_files_are_refused(toy: Toy, tmp_path: Path, capsys: pytest.CaptureF
     with pytest.raises(ValueError, match=r"take 80-wide context \(\d+ cross-attentions\), but this UNet's take 32"):
         SD1IPAdapter(target=toy.unet, weights=tmp_path / "sdxl.safetensors")
 
+    converted = load_from_safetensors(tmp_path / "sdxl.safetensors")
+    metadata = load_metadata_from_safetensors(tmp_path / "sdxl.safetensors")
+    save_to_safetensors(tmp_path / "stray_refiners.safetensors", converted | {"extra": torch.ones(1)}, metadata)
+    with pytest.raises(ValueError, match=r"1 tensors of .*stray_refiners.safetensors are not used: extra$"):
+        SD1IPAdapter(target=toy.unet, weights=tmp_path / "stray_refiners.safetensors")
+
     status, err = convert(tmp_path / "sdxl.safetensors", tmp_path / "again.safetensors", capsys)
     assert status == 1 and "already holds refiners weights" in err
     status, err = convert(tmp_path / "missing.bin", tmp_path / "x.safetensors", capsys)

@@ -295,5 +295,20 @@ def load_ip_adapter_weights(weights: "str | Path | Mapping[str, Any] | IPAdapter
                     f"{weights} holds the weights of a {config.class_name}, not of an IP-Adapter: load it with its "
                     "own class"
                 )
-            return IPAdapterWeights(config, load_from_safetensors(weights))
+            return _checked(IPAdapterWeights(config, load_from_safetensors(weights)), str(weights))
     return convert_h94_ip_adapter(read_ip_adapter_weights(weights))
+
+
+def _checked(weights: IPAdapterWeights, origin: str) -> IPAdapterWeights:
+    """`weights`, if they hold exactly the tensors of refiners' layout for their projection (else an error listing
+    what is missing or unused)."""
+    projection = weights.projection.build([cls for _, cls in PROJECTION_CLASSES.values()], device="meta")
+    expected = {f"image_proj.{key}" for key in projection.state_dict()}
+    count = weights.cross_attention_count
+    expected |= {f"cross_attention.{i}.{name}.weight" for i in range(count) for name in ("to_k_ip", "to_v_ip")}
+    tensors = weights.tensors
+    if missing := sorted(expected - set(tensors)):
+        raise ValueError(f"{origin} lacks {len(missing)} tensors of an IP-Adapter: {', '.join(missing)}")
+    if unused := sorted(key for key in tensors if key not in expected and not _REFINERS_LORA_KEY.fullmatch(key)):
+        raise ValueError(f"{len(unused)} tensors of {origin} are not used: {', '.join(unused)}")
+    return weights
