@@ -16,11 +16,14 @@ import inspect
 import re
 import textwrap
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 from torch import Tensor
+from toy_sd1 import save_toy_sd1
 
 import refiners.fluxion.layers as fl
 from refiners.fluxion.adapters.lora import (
@@ -203,3 +206,21 @@ def test_lora_hotswap_rescales_and_swaps_without_recompiling() -> None:
 def test_docstring_example_runs(documented: Callable[..., Any]) -> None:
     (example,) = re.findall(r"```py\n(.*?)```", inspect.getdoc(documented) or "", flags=re.DOTALL)
     exec(compile(textwrap.dedent(example), f"<{documented.__name__} example>", "exec"), {"__name__": "example"})
+
+
+def test_the_readme_block_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's `### torch.compile` block on the toy SD1 (converted as `sd15/`), word for word but for 3 steps
+    instead of 30 and the "eager" backend (inductor's code generation takes minutes on CI's CPUs)."""
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    section = readme[readme.index("### torch.compile") :]
+    (block,) = re.findall(r"^```py\n(.*?)^```$", re.split(r"\n##+ ", section, maxsplit=1)[0], re.MULTILINE | re.DOTALL)
+    block, steps = re.subn(r"num_inference_steps=30\b", "num_inference_steps=3", block)
+    block, backends = re.subn(
+        r"compile_repeated_blocks\(sd15.unet\)", 'compile_repeated_blocks(sd15.unet, backend="eager")', block
+    )
+    assert (steps, backends) == (2, 1)
+    _, converted = save_toy_sd1(tmp_path)
+    (tmp_path / "sd15").symlink_to(converted, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md, torch.compile block", "exec"), {"__name__": "readme"})
+    assert Image.open("compiled_cat.png").size == Image.open("compiled_cat_swapped.png").size == (64, 64)
