@@ -201,6 +201,29 @@ def test_two_t2i_adapters_with_their_own_scales_match_diffusers_multi_adapter(sd
     assert_moves(alone, expected)  # the second adapter acts
 
 
+def test_one_condition_image_per_latent_matches_diffusers(sd1: SD1Twins) -> None:
+    """Two prompts, two latents, two condition images: each latent is steered by its own."""
+    images = torch.cat([condition_image(16), condition_image(17)])
+    generator = torch.Generator().manual_seed(18)
+    twins = SD1Twins(
+        pipeline=sd1.pipeline,
+        adapters=sd1.adapters,
+        sd=sd1.sd,
+        noise=torch.randn(2, 4, SIZE // 8, SIZE // 8, generator=generator),
+        positive=torch.randn(2, 77, TEXT_WIDTH, generator=generator),
+        negative=torch.randn(2, 77, TEXT_WIDTH, generator=generator),
+    )
+    reference, file = sd1.adapters["full"]
+    expected = diffusers_sd1(twins, reference, images)
+    adapter = SD1T2IAdapter(sd1.sd.unet, name="depth", weights=file).inject()
+    try:
+        adapter.set_condition_features(adapter.compute_condition_features(images))
+        actual = ours_sd1(twins)
+    finally:
+        adapter.eject()
+    assert_matches(actual, expected)
+
+
 def test_eject_gives_back_the_exact_model(sd1: SD1Twins) -> None:
     unet = sd1.sd.unet
     modules, state = list(unet.modules()), {k: v.clone() for k, v in unet.state_dict().items()}
