@@ -297,7 +297,7 @@ def run_t2i_adapter_command(args: argparse.Namespace, progress: Callable[[str], 
         config = None if args.config is None else json.loads(Path(args.config).read_text(encoding="utf-8"))
         dtype = None if args.dtype is None else _DTYPES[args.dtype]
         path, model_config = convert_t2i_adapter(args.source, args.dest, config, dtype)
-        adapter = "SDXLT2IAdapter" if model_config.class_name == FullT2IEncoderXL.__name__ else "SD1T2IAdapter"
+        adapter = next(encoder for encoder in T2I_ENCODERS if encoder.__name__ == model_config.class_name).adapter
         progress(
             f"t2i-adapter: wrote {model_config} to {path} in {time.monotonic() - start:.1f} s; load it with "
             f"{adapter}(target=unet, name=..., weights={str(path)!r})"

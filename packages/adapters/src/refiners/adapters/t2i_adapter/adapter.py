@@ -337,11 +337,10 @@ def _given(
         if recorded is None:
             raise ValueError(f"{weights} holds a {config.class_name}, not a T2I-Adapter")
         if recorded not in kinds:
-            family = "SDXL's (SDXLT2IAdapter)" if recorded is FullT2IEncoderXL else "SD1.x's (SD1T2IAdapter)"
             channels = config.arguments.get("channels")
             raise ValueError(
-                f"{weights} holds a {config.class_name} T2I-Adapter (channels {channels}), {family}, but {adapter} "
-                f"takes {names} for a {type(unet).__name__} (channels {unet.topology.channels})"
+                f"{weights} holds a {config.class_name} T2I-Adapter (channels {channels}), for {recorded.adapter}, but "
+                f"{adapter} takes {names} for a {type(unet).__name__} (channels {unet.topology.channels})"
             )
         built = config.build(kinds, device="meta")
         load_state_dict_from_safetensors(built, weights)

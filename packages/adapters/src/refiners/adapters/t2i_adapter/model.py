@@ -83,11 +83,13 @@ class T2IEncoder(fl.Chain):
 
     Attributes:
         kind: diffusers' `adapter_type` of this layout.
+        adapter: The adapter that takes it (its family's: `SD1T2IAdapter`, `SDXLT2IAdapter`).
         feature_channels: The channels of each feature map.
         feature_downscales: How many image pixels each feature map's cell spans, per side.
     """
 
     kind: ClassVar[str]
+    adapter: ClassVar[str]
 
     def __init__(
         self,
@@ -168,6 +170,7 @@ class FullT2IEncoder(T2IEncoder):
     """
 
     kind = "full_adapter"
+    adapter = "SD1T2IAdapter"
 
     def __init__(
         self,
@@ -216,6 +219,7 @@ class LightT2IEncoder(T2IEncoder):
     """
 
     kind = "light_adapter"
+    adapter = "SD1T2IAdapter"
 
     def __init__(
         self,
@@ -284,6 +288,7 @@ class FullT2IEncoderXL(T2IEncoder):
     """
 
     kind = "full_adapter_xl"
+    adapter = "SDXLT2IAdapter"
 
     def __init__(
         self,
