@@ -53,6 +53,11 @@ def compile_repeated_blocks(
     selected block is compiled as part of it. Compile after injecting adapters (LoRAs...): an adapter injected into a
     compiled block later is traced again at the next call.
 
+    Dynamo keeps compiled graphs per function and bounds their number (`torch._dynamo.config.recompile_limit`, 8 by
+    default; past it, the function runs eagerly, or raises with `fullgraph=True`), and the blocks of every Chain
+    class without a `forward` of its own share `Chain.forward`. The SD1 UNet's blocks need 6 graphs and TINY SDXL's
+    5, at any image size; compiling the blocks of another model in the same process may need a higher limit.
+
     Args:
         model: The model, e.g. an `SD1UNet` or an `SDXLUNet`.
         block_types: The kinds of blocks to compile; defaults to what the model declares (see `repeated_blocks_of`).
