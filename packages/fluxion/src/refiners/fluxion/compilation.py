@@ -55,8 +55,10 @@ def compile_repeated_blocks(
 
     Dynamo keeps compiled graphs per function and bounds their number (`torch._dynamo.config.recompile_limit`, 8 by
     default; past it, the function runs eagerly, or raises with `fullgraph=True`), and the blocks of every Chain
-    class without a `forward` of its own share `Chain.forward`. The SD1 UNet's blocks need 6 graphs and TINY SDXL's
-    5, at any image size; compiling the blocks of another model in the same process may need a higher limit.
+    class without a `forward` of its own share `Chain.forward`. SD1.5's UNet needs 7 graphs at one image size and 8
+    for any number of sizes (the second makes the shapes dynamic); the TINY presets' UNets need 6 (SD1) and 5 (SDXL).
+    A batch of 1 after a batch of 2 compiles each again (Dynamo specialises sizes of 1), and so do the blocks of
+    another model compiled in the same process: raise the limit for those.
 
     Args:
         model: The model, e.g. an `SD1UNet` or an `SDXLUNet`.
