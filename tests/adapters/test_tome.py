@@ -1,6 +1,6 @@
 """ToMe equals `tomesd.apply_patch` on diffusers over a DDIM generation, on SD1 (toy at 128x128: 16x16 latents, 256
-tokens at the highest resolution) and SDXL (toy: its first level has no transformer, so `max_downsample` reaches the
-next ones)."""
+tokens at the highest resolution) and SDXL (toy at 64x64: its first level has no transformer, so `max_downsample`
+reaches the next ones)."""
 
 from typing import Any
 
@@ -114,9 +114,10 @@ def test_sdxl_matches_tomesd() -> None:
         solver=DDIM(num_inference_steps=STEPS, params=SDXL_SOLVER_PARAMS),
         default_size=64,
     )
-    plain = our_latents(model, height=128, width=128)
-    assert_matches(plain, reference_latents(twins.pipeline, None, height=128, width=128))
-    check_tome(twins.pipeline, model, {"ratio": 0.5, "max_downsample": 4}, plain, height=128, width=128)
+    plain = our_latents(model, height=64, width=64)
+    assert_matches(plain, reference_latents(twins.pipeline, None, height=64, width=64))
+    # At 64x64 the transformers' levels have 4x4 and 2x2 tokens: max_downsample=4 merges in both.
+    check_tome(twins.pipeline, model, {"ratio": 0.5, "max_downsample": 4}, plain, height=64, width=64)
 
 
 @pytest.mark.parametrize("use_rand", [False, True])
