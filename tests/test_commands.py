@@ -44,6 +44,15 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "configs").glob("*.yaml"))]
 
 COVERED_ELSEWHERE = {
+    "python examples/digits_data.py outputs/digits/data": (
+        "tests/test_digits.py::test_the_configs_that_made_it_run writes the digits folder with the same function"
+    ),
+    "refiners-train fit --config configs/digits-autoencoder.yaml": (
+        "tests/test_digits.py::test_the_configs_that_made_it_run runs it, 2 steps, on the digits folder"
+    ),
+    "refiners-train fit --config configs/digits-unet.yaml": (
+        "tests/test_digits.py::test_the_configs_that_made_it_run runs it, 2 steps, after the autoencoder's"
+    ),
     "python3 -m pip install uv": "installs uv, which runs every other command: the set-up of the machine itself",
     "uv run refiners-convert clip-image --from h94/IP-Adapter/models/image_encoder --to clip_image_h.safetensors": (
         "tests/adapters/test_ip_adapter.py::test_the_readme_ip_adapter_blocks_run runs it on a toy image encoder saved "

@@ -298,7 +298,7 @@ def test_the_optimizer_gets_the_learning_rates_of_the_module(tmp_path: Path) -> 
     cli = LoraTrainingCLI(args=[*arguments, "--model.train_text_encoder", "true"], run=False)
     model = cli.model
     assert isinstance(model, LoraFineTuning)
-    optimizer = model.optimizer_factory(model.lora_parameter_groups(), model.learning_rate)
+    optimizer = model.optimizer_factory(model.parameter_groups(), model.learning_rate)
     assert [(group["name"], group["lr"], group["weight_decay"]) for group in optimizer.param_groups] == [
         ("unet", 1e-4, 0.01),
         ("text_encoder", 5e-5, 0.01),

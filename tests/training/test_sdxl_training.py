@@ -231,7 +231,7 @@ def test_only_lora_parameters_receive_gradients(run: Run) -> None:
         for parameter in model.parameters():
             assert parameter.requires_grad == (id(parameter) in lora_weights)
     # Both text encoders' LoRAs learn at the text encoders' rate.
-    groups = {group["name"]: group for group in module.lora_parameter_groups()}
+    groups = {group["name"]: group for group in module.parameter_groups()}
     text_encoders = {
         id(p) for n, lora in module.named_loras().items() if n.startswith("text_") for p in lora.parameters()
     }

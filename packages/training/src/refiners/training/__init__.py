@@ -1,4 +1,5 @@
-"""refiners.training: LoRA fine-tuning of Refiners models on Lightning (see the workspace README)."""
+"""refiners.training: LoRA fine-tuning, full training and autoencoder training of Refiners models on Lightning (see
+the workspace README)."""
 
 from refiners.training.callbacks import ExportLora, LoraFormat, SampleImages
 from refiners.training.data import (
@@ -11,9 +12,11 @@ from refiners.training.data import (
 from refiners.training.data_transforms import ImageTransform
 from refiners.training.errors import Setting, TrainingSetupError
 from refiners.training.families import FAMILIES, TrainingFamily, family_of, sdxl_time_ids
+from refiners.training.full_training import AutoencoderTraining, ExportModel, FullFineTuning
 from refiners.training.image_folder import ImageFolderError, find_captioned_images
 from refiners.training.module import (
     BaseModel,
+    DenoisingTraining,
     GradientCheckpointing,
     LoraFineTuning,
     LoraTargets,
@@ -41,7 +44,10 @@ __all__ = [
     "TrainingSetupError",
     "Setting",
     # fine-tuning
+    "DenoisingTraining",
     "LoraFineTuning",
+    "FullFineTuning",
+    "AutoencoderTraining",
     "BaseModel",
     "LoraTargets",
     "PredictionType",
@@ -57,6 +63,7 @@ __all__ = [
     # callbacks
     "SampleImages",
     "ExportLora",
+    "ExportModel",
     "LoraFormat",
     "TrainingProgress",
 ]

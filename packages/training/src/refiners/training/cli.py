@@ -4,6 +4,7 @@
     refiners-train fit --config configs/sd15-lora.yaml --data.data_dir my_images --trainer.max_steps 2000
     refiners-train fit --config configs/sd15-lora.yaml --ckpt_path outputs/.../checkpoints/last.ckpt  # resume
     refiners-train fit --config configs/sam-lora.yaml  # Segment Anything: the config says `task: segment-anything`
+    refiners-train fit --config configs/digits-unet.yaml  # full training: `task: full-fine-tuning` (`autoencoder`)
 
 The config's top-level `task` (or `--task`) picks the classes (see `TASKS`): by default `text-to-image`, i.e.
 Lightning's `LightningCLI` over `LoraFineTuning` and `CaptionedImageDataModule`: every argument of the module
@@ -44,6 +45,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from refiners.training.callbacks import ExportLora
 from refiners.training.data import CaptionedImageDataModule
 from refiners.training.errors import Setting, TrainingSetupError
+from refiners.training.full_training import AutoencoderTraining, ExportModel, FullFineTuning
 from refiners.training.module import LoraFineTuning
 from refiners.training.segment_anything import ExportSAMAdapter, MaskDataModule, SAMFineTuning
 
@@ -74,6 +76,8 @@ class Task:
 
 TASKS: Mapping[str, Task] = {
     "text-to-image": Task(LoraFineTuning, CaptionedImageDataModule, ExportLora),
+    "full-fine-tuning": Task(FullFineTuning, CaptionedImageDataModule, ExportModel),
+    "autoencoder": Task(AutoencoderTraining, CaptionedImageDataModule, ExportModel),
     "segment-anything": Task(SAMFineTuning, MaskDataModule, ExportSAMAdapter),
 }
 """The tasks by the name a config gives as its top-level `task` (default: the first)."""

@@ -72,7 +72,10 @@ class TrainingFamily(ABC):
         label: The family's name in messages.
         text_conditioning: What `encode_texts` makes, by the names `set_unet_context` takes.
         full_base: The `base` of the full-size model (weights required).
-        tiny_base: The `base` of the family's `TINY` preset (random weights without a folder).
+        tiny_base: The `base` of the family's `TINY` preset (random weights without a folder, a byte-level
+            tokenizer).
+        presets: The family's presets by `base` (`random_bases` among them build with random weights without a
+            folder: the tiny one, and models trained from scratch such as SD1's `digits`).
         convert_command: How to make a weights folder for this family.
         kohya_base_model: kohya's `ss_base_model_version` of the family's LoRA files.
         default_size: The side, in pixels, of the images the full-size model is trained at and generates.
@@ -82,18 +85,26 @@ class TrainingFamily(ABC):
     text_conditioning: ClassVar[frozenset[str]]
     full_base: ClassVar[str]
     tiny_base: ClassVar[str]
+    presets: ClassVar[Mapping[str, Any]]
+    random_bases: ClassVar[frozenset[str]]
     convert_command: ClassVar[str]
     kohya_base_model: ClassVar[KohyaBaseModel]
     default_size: ClassVar[int]
 
-    @abstractmethod
-    def build(self, tiny: bool, device: Device) -> dict[str, Any]:
-        """The UNet, autoencoder and text encoder (as the pipeline's keyword arguments) at the preset's sizes, random
-        weights ("meta": to load into); the tiny ones with a byte-level tokenizer."""
+    def build(self, base: str, device: Device, tokenizer: CLIPTokenizer | None = None) -> dict[str, Any]:
+        """The UNet, autoencoder and text encoder (as the pipeline's keyword arguments) at the sizes of the preset
+        `base`, random weights ("meta": to load into), with `tokenizer` (the tiny preset: a byte-level one)."""
+        components = self.presets[base].build(device=device)
+        if base == self.tiny_base and tokenizer is None:
+            tokenizer = _byte_level_tokenizer()
+        if tokenizer is not None:
+            components["clip_text_encoder"].set_tokenizer(tokenizer)
+        return components
 
     @abstractmethod
-    def load(self, folder: Path, tiny: bool) -> dict[str, Any]:
-        """The components of a folder `convert_command` wrote (the files checked to be there)."""
+    def load(self, folder: Path) -> dict[str, Any]:
+        """The components of a folder `convert_command` wrote (the files checked to be there), at the sizes the
+        files record."""
 
     @abstractmethod
     def pipeline(
@@ -144,7 +155,8 @@ class TrainingFamily(ABC):
 
 
 class StableDiffusion1Training(TrainingFamily):
-    """Stable Diffusion 1.x: `sd15` (SD1.5's sizes) and `tiny` (the family's `TINY`)."""
+    """Stable Diffusion 1.x: `sd15` (SD1.5's sizes), `tiny` (the family's `TINY`) and `digits` (`DIGITS`, trained
+    from scratch on handwritten digits: random weights with CLIP's tokenizer, given apart)."""
 
     label = "Stable Diffusion 1.x"
     text_conditioning = frozenset({"clip_text_embedding"})
@@ -154,21 +166,19 @@ class StableDiffusion1Training(TrainingFamily):
     kohya_base_model = "sd_v1"
     default_size = 512
 
-    def build(self, tiny: bool, device: Device) -> dict[str, Any]:
-        components = (sd1_presets.TINY if tiny else sd1_presets.SD15).build(device=device)
-        if tiny and (device is None or torch.device(device).type != "meta"):
-            components["clip_text_encoder"].set_tokenizer(_byte_level_tokenizer())
-        return components
+    presets: ClassVar[Mapping[str, Any]] = {
+        "sd15": sd1_presets.SD15,
+        "tiny": sd1_presets.TINY,
+        "digits": sd1_presets.DIGITS,
+    }
+    random_bases: ClassVar[frozenset[str]] = frozenset({"tiny", "digits"})
 
-    def load(self, folder: Path, tiny: bool) -> dict[str, Any]:
-        components = self.build(tiny, "meta")
-        components["unet"].load_from_safetensors(folder / UNET_FILE)
-        components["lda"].load_from_safetensors(folder / AUTOENCODER_FILE)
-        encoder: CLIPTextEncoder = components["clip_text_encoder"]
-        encoder.load_from_safetensors(folder / CLIP_TEXT_FILE)
-        if encoder.tokenizer is None:
+    def load(self, folder: Path) -> dict[str, Any]:
+        # The folder's files record the sizes of what they hold: the family's `from_folder` builds them.
+        model = StableDiffusion_1.from_folder(folder)
+        if model.clip_text_encoder.tokenizer is None:
             raise self.missing_tokenizer(folder)
-        return components
+        return {"unet": model.unet, "lda": model.lda, "clip_text_encoder": model.clip_text_encoder}
 
     def pipeline(
         self, unet: UNet, lda: LatentDiffusionAutoencoder, clip_text_encoder: fl.Chain, solver: Solver
@@ -246,13 +256,10 @@ class StableDiffusionXLTraining(TrainingFamily):
     kohya_base_model = "sdxl_base_v1-0"
     default_size = 1024
 
-    def build(self, tiny: bool, device: Device) -> dict[str, Any]:
-        components = (sdxl_presets.TINY if tiny else sdxl_presets.SDXL_BASE).build(device=device)
-        if tiny and (device is None or torch.device(device).type != "meta"):
-            components["clip_text_encoder"].set_tokenizer(_byte_level_tokenizer())
-        return components
+    presets: ClassVar[Mapping[str, Any]] = {"sdxl": sdxl_presets.SDXL_BASE, "tiny-sdxl": sdxl_presets.TINY}
+    random_bases: ClassVar[frozenset[str]] = frozenset({"tiny-sdxl"})
 
-    def load(self, folder: Path, tiny: bool) -> dict[str, Any]:
+    def load(self, folder: Path) -> dict[str, Any]:
         # The folder's files record the sizes of what they hold: the family's `from_folder` builds them.
         model = StableDiffusion_XL.from_folder(folder)
         if model.clip_text_encoder.text_encoder_l.tokenizer is None:
@@ -287,9 +294,7 @@ class StableDiffusionXLTraining(TrainingFamily):
 
 
 FAMILIES: Mapping[str, TrainingFamily] = {
-    base: family
-    for family in (StableDiffusion1Training(), StableDiffusionXLTraining())
-    for base in (family.full_base, family.tiny_base)
+    base: family for family in (StableDiffusion1Training(), StableDiffusionXLTraining()) for base in family.presets
 }
 """The family of each `base` of `LoraFineTuning`."""
 

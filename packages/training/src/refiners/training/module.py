@@ -20,6 +20,7 @@ rank), never from torch's global generator: a run resumed from a checkpoint draw
 
 import copy
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,12 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 import refiners.fluxion.layers as fl
 from refiners.fluxion.adapters.lora import Lora, LoraAdapter, add_loras_to
+from refiners.fluxion.model_config import ModelConfig
+from refiners.fluxion.utils import load_metadata_from_safetensors
 from refiners.foundationals.clip.common import TransformerLayer
 from refiners.foundationals.clip.text_encoder import CLIPTextEncoder
-from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
+from refiners.foundationals.clip.tokenizer import CLIPTokenizer
+from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder, SD1Autoencoder
 from refiners.foundationals.latent_diffusion.cross_attention import CrossAttentionBlock2d
 from refiners.foundationals.latent_diffusion.model import LatentDiffusionModel
 from refiners.foundationals.latent_diffusion.solvers import (
@@ -75,10 +79,12 @@ __all__ = [
     "OptimizerFactory",
     "StableDiffusionComponents",
     "build_components",
+    "load_autoencoder",
     "lora_target_layers",
     "relative_path",
     "lr_multiplier",
     "GradientCheckpointing",
+    "DenoisingTraining",
     "LoraFineTuning",
 ]
 
@@ -86,9 +92,10 @@ CONVERT_COMMAND = StableDiffusion1Training.convert_command
 """How to make an SD1 weights folder: `<source>` is a diffusers folder, a single checkpoint file or a Hub id (SDXL's:
 `refiners.training.families.StableDiffusionXLTraining.convert_command`)."""
 
-BaseModel = Literal["sd15", "tiny", "sdxl", "tiny-sdxl"]
+BaseModel = Literal["sd15", "tiny", "digits", "sdxl", "tiny-sdxl"]
 """The architecture: Stable Diffusion 1.5's, or the same at toy sizes (`tiny`: for tests and demos, random weights
-when no weights are given); Stable Diffusion XL base's, or its toy (`tiny-sdxl`). See `families.FAMILIES`."""
+when no weights are given), or the handwritten digits model's (`digits`, trained from scratch: random weights
+without a folder); Stable Diffusion XL base's, or its toy (`tiny-sdxl`). See `families.FAMILIES`."""
 
 LoraTargets = Literal["attention", "transformer", "all"]
 """Which layers get a LoRA (see `lora_target_layers`):
@@ -157,7 +164,11 @@ class StableDiffusionComponents:
 
 
 def build_components(
-    base: BaseModel = "sd15", weights: str | Path | None = None, seed: int = 0
+    base: BaseModel = "sd15",
+    weights: str | Path | None = None,
+    seed: int = 0,
+    tokenizer: str | Path | None = None,
+    autoencoder: str | Path | None = None,
 ) -> StableDiffusionComponents:
     """The UNet, autoencoder and text encoder of `base`, loaded from `weights` (or randomly initialized).
 
@@ -165,18 +176,21 @@ def build_components(
         base: The architecture (see `BaseModel`).
         weights: A folder written by `refiners-convert sd1` (`sdxl` for the SDXL bases): `unet.safetensors`,
             `autoencoder.safetensors`, `clip_text.safetensors`, the last one carrying the tokenizer. The models are
-            built on the "meta" device and the files' tensors assigned to them: nothing is initialized twice.
-            Required for `sd15` and `sdxl`.
+            built on the "meta" device at the sizes the files record, and the files' tensors assigned to them:
+            nothing is initialized twice. Required for `sd15` and `sdxl`.
         seed: The seed of the random initialization (without `weights`).
+        tokenizer: Without `weights`: a folder holding the `vocab.json` and `merges.txt` of the text encoder's
+            tokenizer (CLIP's, for `digits`; `tiny` has a byte-level one of its own).
+        autoencoder: An autoencoder file (`autoencoder.safetensors`, e.g. trained by `AutoencoderTraining`) that
+            replaces the autoencoder of `base` or `weights`.
 
     Raises:
         TrainingSetupError: An unknown base, a full-size base without weights, a folder that lacks a file, or a text
             encoder without tokenizer.
     """
     family = family_of(base)
-    tiny = base == family.tiny_base
     if weights is None:
-        if not tiny:
+        if base not in family.random_bases:
             raise TrainingSetupError(
                 Setting("base", base),
                 " needs weights: pass ",
@@ -186,12 +200,57 @@ def build_components(
                 Setting("base", family.tiny_base),
                 " for a toy model with random weights",
             )
+        if base != family.tiny_base and tokenizer is None:
+            raise TrainingSetupError(
+                Setting("base", base),
+                " builds a text encoder over CLIP's vocabulary: pass ",
+                Setting("tokenizer", "<folder>"),
+                ", a folder holding its vocab.json and merges.txt (models/clip-tokenizer in the repository)",
+            )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return StableDiffusionComponents(**family.build(tiny, "cpu"), family=family)
-    folder = Path(weights)
-    family.check_components(folder)
-    return StableDiffusionComponents(**family.load(folder, tiny), family=family)
+            built = family.build(base, "cpu", None if tokenizer is None else _read_tokenizer(Path(tokenizer)))
+    else:
+        folder = Path(weights)
+        family.check_components(folder)
+        built = family.load(folder)
+    if autoencoder is not None:
+        built["lda"] = load_autoencoder(autoencoder)
+    return StableDiffusionComponents(**built, family=family)
+
+
+def _read_tokenizer(folder: Path) -> CLIPTokenizer:
+    files = [folder / "vocab.json", folder / "merges.txt"]
+    if missing := [path.name for path in files if not path.is_file()]:
+        raise TrainingSetupError(
+            f"{folder} lacks {', '.join(missing)}: ",
+            Setting("tokenizer", "<folder>"),
+            " is a folder holding a CLIP tokenizer's vocab.json and merges.txt (a diffusers model's tokenizer/)",
+        )
+    return CLIPTokenizer(files[0], files[1])
+
+
+def load_autoencoder(path: str | Path) -> LatentDiffusionAutoencoder:
+    """An autoencoder file (`autoencoder.safetensors`), built at the sizes it records.
+
+    Raises:
+        TrainingSetupError: The file does not exist or records no sizes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingSetupError(
+            f"{path} does not exist: ",
+            Setting("autoencoder", "<file>"),
+            f" is an {AUTOENCODER_FILE} written by `refiners-convert autoencoder` or by an autoencoder training",
+        )
+    config = ModelConfig.from_metadata(load_metadata_from_safetensors(path))
+    if config is None:
+        raise TrainingSetupError(
+            f"{path} records no model configuration in its metadata: convert it again with `refiners-convert "
+            "autoencoder`, which records it"
+        )
+    lda = config.build((LatentDiffusionAutoencoder, SD1Autoencoder), device="meta")
+    return lda.load_from_safetensors(path)
 
 
 # -- where the LoRAs go ------------------------------------------------------------------------------------------
@@ -341,87 +400,44 @@ def _checkpointed_blocks(unet: UNet) -> list[fl.Chain]:
 # -- the module --------------------------------------------------------------------------------------------------
 
 
-class LoraFineTuning(LightningModule):
-    """LoRA fine-tuning of Stable Diffusion 1.x or XL: the base frozen, LoRAs trained on noise-prediction MSE.
+class DenoisingTraining(LightningModule, ABC):
+    """The training of a latent diffusion model's denoiser on noise-prediction MSE, whatever trains in it.
 
-    Batches are `TrainingBatch` dicts from `CaptionedImageDataModule`: images (or cached latents) and captions (or
-    cached text embeddings), and for SDXL each image's original size and crop, of which its time ids are made as
-    diffusers' `train_text_to_image_lora_sdxl.py` makes them (`families.sdxl_time_ids`; the target size is the
-    training images'). The module provides `encode_images` and `encode_texts` for the data module's caching (see
-    `CachingEncoders`).
+    It builds (or loads) the UNet, the autoencoder and the text encoder(s) of a model family, and runs the loss of
+    the module's docstring on batches of `CaptionedImageDataModule`; the subclasses decide what trains
+    (`parameter_groups`): LoRAs in a frozen base (`LoraFineTuning`), or the UNet and text encoder themselves
+    (`refiners.training.FullFineTuning`). The components are a plain attribute, not submodules: a subclass registers
+    what it trains, so that checkpoints, DDP and EMA hold that and nothing else.
 
-    Args:
-        base: The architecture: `sd15`, `sdxl`, or their toys `tiny`, `tiny-sdxl` (for tests and demos).
-        weights: The folder of converted weights (`refiners-convert sd1`, `refiners-convert sdxl`); required for
-            `sd15` and `sdxl`, random weights for the toys without it.
-        targets: Which layers get LoRAs (see `LoraTargets`).
-        rank: The LoRAs' rank.
-        alpha: The LoRAs' alpha (their update is scaled by `alpha / rank`); defaults to the rank.
-        train_text_encoder: Also put LoRAs on the text encoder, both of SDXL's (attention, or attention and MLP for
-            the `transformer` and `all` presets).
-        learning_rate: The UNet LoRAs' learning rate.
-        text_encoder_learning_rate: The text encoders' LoRAs' learning rate (default: `learning_rate`).
-        optimizer: Builds the optimizer from the parameter groups and `learning_rate` (see `OptimizerFactory`;
-            default: AdamW with its defaults).
-        warmup_steps: Optimizer steps of linear warmup from 0 to the learning rate.
-        lr_schedule: The learning rate after warmup (see `LrSchedule`).
-        prediction_type: The UNet's target (see `PredictionType`).
-        min_snr_gamma: Weight each sample's loss by min-SNR-gamma (5 in the paper); None for the plain MSE.
-        offset_noise: Add `offset_noise * N(0, 1)` per sample and channel to the noise (0.1 is common; 0 disables).
-        min_timestep: The lowest timestep drawn (inclusive).
-        max_timestep: The highest timestep drawn (inclusive); at most 999 for SD1.5's schedule.
-        gradient_checkpointing: Recompute the UNet's blocks' activations in the backward pass (less memory, ~30%
-            more compute).
-        seed: Seeds the LoRAs' initialization, the tiny model's random weights, and every random draw of a step.
-
-    Example:
-        ```py
-        import torch
-        from refiners.training import LoraFineTuning
-
-        # The toy architecture with random weights; `base="sd15", weights="weights/sd15"` for the real one.
-        module = LoraFineTuning(base="tiny", targets="attention", rank=4)
-        assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" in module.diffusers_loras()
-        latents, text_embeddings = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
-        noise, steps = module.draw(latents, torch.Generator().manual_seed(0))
-        module.loss(latents, text_embeddings, noise, steps).backward()
-        assert all(parameter.grad is not None for parameter in module.parameters())  # the LoRAs, and only them
-        ```
+    Args: those of the subclasses (see `LoraFineTuning`).
     """
 
     def __init__(
         self,
-        base: BaseModel = "sd15",
-        weights: str | None = None,
-        targets: LoraTargets = "attention",
-        rank: int = 16,
-        alpha: float | None = None,
-        train_text_encoder: bool = False,
-        learning_rate: float = 1e-4,
-        text_encoder_learning_rate: float | None = None,
-        optimizer: OptimizerFactory = torch.optim.AdamW,
-        warmup_steps: int = 0,
-        lr_schedule: LrSchedule = "constant",
-        prediction_type: PredictionType = "epsilon",
-        min_snr_gamma: float | None = None,
-        offset_noise: float = 0.0,
-        min_timestep: int = 0,
-        max_timestep: int = 999,
-        gradient_checkpointing: bool = False,
-        seed: int = 0,
+        base: BaseModel,
+        weights: str | None,
+        train_text_encoder: bool,
+        learning_rate: float,
+        text_encoder_learning_rate: float | None,
+        optimizer: OptimizerFactory,
+        warmup_steps: int,
+        lr_schedule: LrSchedule,
+        prediction_type: PredictionType,
+        min_snr_gamma: float | None,
+        offset_noise: float,
+        min_timestep: int,
+        max_timestep: int,
+        seed: int,
+        tokenizer: str | None = None,
+        autoencoder: str | None = None,
     ) -> None:
         super().__init__()
-        # Checkpoints are read with `torch.load(weights_only=True)`: hyperparameters must be plain values.
-        self.save_hyperparameters(ignore=["optimizer"])
-        _check_arguments(
-            base, targets, rank, alpha, learning_rate, text_encoder_learning_rate, warmup_steps, lr_schedule,
-            prediction_type, min_snr_gamma, offset_noise, min_timestep, max_timestep,
+        _check_objective(
+            base, learning_rate, text_encoder_learning_rate, warmup_steps, lr_schedule, prediction_type,
+            min_snr_gamma, offset_noise, min_timestep, max_timestep,
         )  # fmt: skip
         self.base = base
         self.weights = weights
-        self.targets: LoraTargets = targets
-        self.rank = rank
-        self.alpha = alpha
         self.train_text_encoder = train_text_encoder
         self.learning_rate = learning_rate
         self.text_encoder_learning_rate = (
@@ -435,44 +451,29 @@ class LoraFineTuning(LightningModule):
         self.offset_noise = offset_noise
         self.min_timestep = min_timestep
         self.max_timestep = max_timestep
-        self.gradient_checkpointing = gradient_checkpointing
         self.seed = seed
-
-        components = build_components(base, weights, seed)
-        for _, model in components.items():
-            model.requires_grad_(False)
-            model.eval()
-        # A plain attribute, not a submodule: see the module docstring. `_apply` moves and casts it with the LoRAs.
+        components = build_components(base, weights, seed, tokenizer, autoencoder)
+        # A plain attribute, not a submodule: see the class docstring. `_apply` moves and casts it with the module.
         self._components: StableDiffusionComponents | None = components
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            loras = _inject_loras("unet", components.unet, targets, rank, alpha)
-            if train_text_encoder:
-                for component, encoder in components.text_encoders().items():
-                    loras |= _inject_loras(component, encoder, targets, rank, alpha)
-        # The trained parameters, registered under the LoRAs' names (`/` for `.`, which module names cannot hold).
-        self.loras = torch.nn.ModuleDict({name.replace(".", "/"): lora for name, lora in loras.items()})
         # Not submodules either: the schedule (SD1's and SDXL's: 1000 steps of betas scaled-linear from 0.00085 to
         # 0.012) follows the module's device but stays in float32 (see `solver`); the family's pipeline over the
         # components gives the UNet its side inputs (`set_unet_context`).
         solver = DDPM(params=SolverParams(model_prediction_type=self._model_prediction_type))
         object.__setattr__(self, "_solver", solver)
         object.__setattr__(self, "_pipeline", components.pipeline(solver))
-        # Read before the UNet's blocks are wrapped for checkpointing, which the naming of diffusers' modules does
-        # not expect.
-        self.diffusers_names = _diffusers_names(self.__dict__["_pipeline"], loras)
-        if gradient_checkpointing:
-            for block in _checkpointed_blocks(components.unet):
-                GradientCheckpointing(block).inject()
+
+    @abstractmethod
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups (each with its `lr` and `name`): what trains."""
 
     # -- the frozen base -------------------------------------------------------------------------------------------
 
     @property
     def components(self) -> StableDiffusionComponents:
-        """The UNet, autoencoder and text encoder, with the LoRAs injected."""
+        """The UNet, autoencoder and text encoder (with the LoRAs injected, for `LoraFineTuning`)."""
         if self._components is None:
             raise RuntimeError(
-                "this LoraFineTuning is a copy that holds only the LoRAs (e.g. the averaged model of "
+                f"this {type(self).__name__} is a copy that holds only what trains (e.g. the averaged model of "
                 "WeightAveraging): use the module it was copied from to run the models"
             )
         return self._components
@@ -527,67 +528,6 @@ class LoraFineTuning(LightningModule):
             for _, model in components.items():
                 model._apply(fn, recurse)
         return self
-
-    def on_fit_start(self) -> None:
-        sharded = isinstance(self.trainer.strategy, FSDPStrategy)
-        if sharded and any(isinstance(callback, WeightAveraging) for callback in self.trainer.callbacks):  # pyright: ignore[reportAttributeAccessIssue]
-            raise TrainingSetupError(
-                "EMA (Lightning's WeightAveraging callback) does not work under FSDP: it averages an unsharded copy "
-                "of the module, which FSDP's flattened shards do not match. Remove the callback from "
-                "trainer.callbacks, or train with strategy='ddp' (the LoRAs are small: DDP holds them on every "
-                "device at little cost)."
-            )
-        # Strategies that place the parameters themselves (FSDP) do not call `.to()`: the base joins the LoRAs.
-        device = next(iter(self.parameters())).device
-        lora_modules = {id(module) for lora in self.loras.values() for module in lora.modules()}
-        for _, model in self.components.items():
-            for module in model.modules():
-                if id(module) not in lora_modules:
-                    module._apply(lambda tensor: tensor.to(device), recurse=False)
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
-        # A copy (`WeightAveraging`'s averaged model) holds its own LoRAs and nothing of the base: copying a
-        # billion frozen weights to average them with themselves would cost memory and round them.
-        if self._components is not None:
-            lora_modules = {id(module) for lora in self.loras.values() for module in lora.modules()}
-            for _, model in self._components.items():
-                for module in model.modules():
-                    if id(module) not in lora_modules:
-                        memo[id(module)] = module  # e.g. a LoRA's parent adapter: referenced, not copied
-            memo[id(self._components)] = None
-            memo[id(self.__dict__["_pipeline"])] = None
-        # A factory from a config may hold what cannot be copied (LightningCLI's hold a lock); a copy can share it.
-        memo[id(self.optimizer_factory)] = self.optimizer_factory
-        clone = type(self).__new__(type(self))
-        memo[id(self)] = clone
-        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
-        return clone
-
-    # -- LoRAs -----------------------------------------------------------------------------------------------------
-
-    def named_loras(self) -> dict[str, Lora[Any]]:
-        """The trained LoRAs by `<component>.<path of their target>` (e.g. `unet.DownBlocks.Chain_2...Linear_1`)."""
-        return {key.replace("/", "."): cast(Lora[Any], lora) for key, lora in self.loras.items()}
-
-    def diffusers_loras(self) -> dict[str, Lora[Any]]:
-        """The trained LoRAs by the diffusers name of their target (`unet.down_blocks.0.attentions.0...to_q`), as
-        LoRA files name them (see `refiners.adapters.lora.export`)."""
-        return {self.diffusers_names[name]: lora for name, lora in self.named_loras().items()}
-
-    def lora_parameter_groups(self) -> list[dict[str, Any]]:
-        """The optimizer's parameter groups: the UNet's LoRAs, and the text encoders' (both of SDXL's) with their own
-        learning rate."""
-        unet = [p for name, lora in self.named_loras().items() if name.startswith("unet.") for p in lora.parameters()]
-        groups: list[dict[str, Any]] = [{"params": unet, "lr": self.learning_rate, "name": "unet"}]
-        if self.train_text_encoder:
-            text_encoder = [
-                p
-                for name, lora in self.named_loras().items()
-                if not name.startswith("unet.")
-                for p in lora.parameters()
-            ]
-            groups.append({"params": text_encoder, "lr": self.text_encoder_learning_rate, "name": "text_encoder"})
-        return groups
 
     # -- encoders (the data module's caching hook) -----------------------------------------------------------------
 
@@ -743,7 +683,7 @@ class LoraFineTuning(LightningModule):
     # -- optimization ----------------------------------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.lora_parameter_groups(), self.learning_rate)
+        optimizer = self.optimizer_factory(self.parameter_groups(), self.learning_rate)
         total = self.trainer.estimated_stepping_batches if self.lr_schedule != "constant" else None
         if total is not None and not math.isfinite(total):
             raise TrainingSetupError(
@@ -770,6 +710,167 @@ class LoraFineTuning(LightningModule):
         return self.components.pipeline(solver)
 
 
+class LoraFineTuning(DenoisingTraining):
+    """LoRA fine-tuning of Stable Diffusion 1.x or XL: the base frozen, LoRAs trained on noise-prediction MSE.
+
+    Batches are `TrainingBatch` dicts from `CaptionedImageDataModule`: images (or cached latents) and captions (or
+    cached text embeddings), and for SDXL each image's original size and crop, of which its time ids are made as
+    diffusers' `train_text_to_image_lora_sdxl.py` makes them (`families.sdxl_time_ids`; the target size is the
+    training images'). The module provides `encode_images` and `encode_texts` for the data module's caching (see
+    `CachingEncoders`).
+
+    Args:
+        base: The architecture: `sd15`, `sdxl`, or their toys `tiny`, `tiny-sdxl` (for tests and demos).
+        weights: The folder of converted weights (`refiners-convert sd1`, `refiners-convert sdxl`); required for
+            `sd15` and `sdxl`, random weights for the toys without it.
+        targets: Which layers get LoRAs (see `LoraTargets`).
+        rank: The LoRAs' rank.
+        alpha: The LoRAs' alpha (their update is scaled by `alpha / rank`); defaults to the rank.
+        train_text_encoder: Also put LoRAs on the text encoder, both of SDXL's (attention, or attention and MLP for
+            the `transformer` and `all` presets).
+        learning_rate: The UNet LoRAs' learning rate.
+        text_encoder_learning_rate: The text encoders' LoRAs' learning rate (default: `learning_rate`).
+        optimizer: Builds the optimizer from the parameter groups and `learning_rate` (see `OptimizerFactory`;
+            default: AdamW with its defaults).
+        warmup_steps: Optimizer steps of linear warmup from 0 to the learning rate.
+        lr_schedule: The learning rate after warmup (see `LrSchedule`).
+        prediction_type: The UNet's target (see `PredictionType`).
+        min_snr_gamma: Weight each sample's loss by min-SNR-gamma (5 in the paper); None for the plain MSE.
+        offset_noise: Add `offset_noise * N(0, 1)` per sample and channel to the noise (0.1 is common; 0 disables).
+        min_timestep: The lowest timestep drawn (inclusive).
+        max_timestep: The highest timestep drawn (inclusive); at most 999 for SD1.5's schedule.
+        gradient_checkpointing: Recompute the UNet's blocks' activations in the backward pass (less memory, ~30%
+            more compute).
+        seed: Seeds the LoRAs' initialization, the tiny model's random weights, and every random draw of a step.
+
+    Example:
+        ```py
+        import torch
+        from refiners.training import LoraFineTuning
+
+        # The toy architecture with random weights; `base="sd15", weights="weights/sd15"` for the real one.
+        module = LoraFineTuning(base="tiny", targets="attention", rank=4)
+        assert "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" in module.diffusers_loras()
+        latents, text_embeddings = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+        noise, steps = module.draw(latents, torch.Generator().manual_seed(0))
+        module.loss(latents, text_embeddings, noise, steps).backward()
+        assert all(parameter.grad is not None for parameter in module.parameters())  # the LoRAs, and only them
+        ```
+    """
+
+    def __init__(
+        self,
+        base: BaseModel = "sd15",
+        weights: str | None = None,
+        targets: LoraTargets = "attention",
+        rank: int = 16,
+        alpha: float | None = None,
+        train_text_encoder: bool = False,
+        learning_rate: float = 1e-4,
+        text_encoder_learning_rate: float | None = None,
+        optimizer: OptimizerFactory = torch.optim.AdamW,
+        warmup_steps: int = 0,
+        lr_schedule: LrSchedule = "constant",
+        prediction_type: PredictionType = "epsilon",
+        min_snr_gamma: float | None = None,
+        offset_noise: float = 0.0,
+        min_timestep: int = 0,
+        max_timestep: int = 999,
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+    ) -> None:
+        _check_lora(targets, rank, alpha)
+        super().__init__(
+            base, weights, train_text_encoder, learning_rate, text_encoder_learning_rate, optimizer, warmup_steps,
+            lr_schedule, prediction_type, min_snr_gamma, offset_noise, min_timestep, max_timestep, seed,
+        )  # fmt: skip
+        # Checkpoints are read with `torch.load(weights_only=True)`: hyperparameters must be plain values.
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.targets: LoraTargets = targets
+        self.rank = rank
+        self.alpha = alpha
+        self.gradient_checkpointing = gradient_checkpointing
+        components = self.components
+        for _, model in components.items():
+            model.requires_grad_(False)
+            model.eval()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            loras = _inject_loras("unet", components.unet, targets, rank, alpha)
+            if train_text_encoder:
+                for component, encoder in components.text_encoders().items():
+                    loras |= _inject_loras(component, encoder, targets, rank, alpha)
+        # The trained parameters, registered under the LoRAs' names (`/` for `.`, which module names cannot hold).
+        self.loras = torch.nn.ModuleDict({name.replace(".", "/"): lora for name, lora in loras.items()})
+        # Read before the UNet's blocks are wrapped for checkpointing, which the naming of diffusers' modules does
+        # not expect.
+        self.diffusers_names = _diffusers_names(self.__dict__["_pipeline"], loras)
+        if gradient_checkpointing:
+            for block in _checkpointed_blocks(components.unet):
+                GradientCheckpointing(block).inject()
+
+    def on_fit_start(self) -> None:
+        sharded = isinstance(self.trainer.strategy, FSDPStrategy)
+        if sharded and any(isinstance(callback, WeightAveraging) for callback in self.trainer.callbacks):  # pyright: ignore[reportAttributeAccessIssue]
+            raise TrainingSetupError(
+                "EMA (Lightning's WeightAveraging callback) does not work under FSDP: it averages an unsharded copy "
+                "of the module, which FSDP's flattened shards do not match. Remove the callback from "
+                "trainer.callbacks, or train with strategy='ddp' (the LoRAs are small: DDP holds them on every "
+                "device at little cost)."
+            )
+        # Strategies that place the parameters themselves (FSDP) do not call `.to()`: the base joins the LoRAs.
+        device = next(iter(self.parameters())).device
+        lora_modules = {id(module) for lora in self.loras.values() for module in lora.modules()}
+        for _, model in self.components.items():
+            for module in model.modules():
+                if id(module) not in lora_modules:
+                    module._apply(lambda tensor: tensor.to(device), recurse=False)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Self:
+        # A copy (`WeightAveraging`'s averaged model) holds its own LoRAs and nothing of the base: copying a
+        # billion frozen weights to average them with themselves would cost memory and round them.
+        if self._components is not None:
+            lora_modules = {id(module) for lora in self.loras.values() for module in lora.modules()}
+            for _, model in self._components.items():
+                for module in model.modules():
+                    if id(module) not in lora_modules:
+                        memo[id(module)] = module  # e.g. a LoRA's parent adapter: referenced, not copied
+            memo[id(self._components)] = None
+            memo[id(self.__dict__["_pipeline"])] = None
+        # A factory from a config may hold what cannot be copied (LightningCLI's hold a lock); a copy can share it.
+        memo[id(self.optimizer_factory)] = self.optimizer_factory
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return clone
+
+    # -- LoRAs -----------------------------------------------------------------------------------------------------
+
+    def named_loras(self) -> dict[str, Lora[Any]]:
+        """The trained LoRAs by `<component>.<path of their target>` (e.g. `unet.DownBlocks.Chain_2...Linear_1`)."""
+        return {key.replace("/", "."): cast(Lora[Any], lora) for key, lora in self.loras.items()}
+
+    def diffusers_loras(self) -> dict[str, Lora[Any]]:
+        """The trained LoRAs by the diffusers name of their target (`unet.down_blocks.0.attentions.0...to_q`), as
+        LoRA files name them (see `refiners.adapters.lora.export`)."""
+        return {self.diffusers_names[name]: lora for name, lora in self.named_loras().items()}
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: the UNet's LoRAs, and the text encoders' (both of SDXL's) with their own
+        learning rate."""
+        unet = [p for name, lora in self.named_loras().items() if name.startswith("unet.") for p in lora.parameters()]
+        groups: list[dict[str, Any]] = [{"params": unet, "lr": self.learning_rate, "name": "unet"}]
+        if self.train_text_encoder:
+            text_encoder = [
+                p
+                for name, lora in self.named_loras().items()
+                if not name.startswith("unet.")
+                for p in lora.parameters()
+            ]
+            groups.append({"params": text_encoder, "lr": self.text_encoder_learning_rate, "name": "text_encoder"})
+        return groups
+
+
 def lr_multiplier(schedule: LrSchedule, warmup_steps: int, total_steps: int | None) -> Callable[[int], float]:
     """The factor of the learning rate at each optimizer step: linear warmup, then `schedule`."""
 
@@ -784,11 +885,22 @@ def lr_multiplier(schedule: LrSchedule, warmup_steps: int, total_steps: int | No
     return multiplier
 
 
-def _check_arguments(
+def _check_lora(targets: str, rank: int, alpha: float | None) -> None:
+    """Fail before any model is built, saying what to change."""
+    if targets not in _UNET_CONTAINERS:
+        raise TrainingSetupError(
+            Setting("targets"), f" must be one of {', '.join(map(repr, _UNET_CONTAINERS))}, got {targets!r}"
+        )
+    if rank < 1:
+        raise TrainingSetupError(Setting("rank"), f" must be a positive integer, got {rank}")
+    if alpha is not None and alpha <= 0:
+        raise TrainingSetupError(
+            Setting("alpha"), f" must be positive (the LoRAs are scaled by alpha / rank), got {alpha}"
+        )
+
+
+def _check_objective(
     base: str,
-    targets: str,
-    rank: int,
-    alpha: float | None,
     learning_rate: float,
     text_encoder_learning_rate: float | None,
     warmup_steps: int,
@@ -802,19 +914,12 @@ def _check_arguments(
     """Fail before any model is built, saying what to change."""
     choices: Mapping[str, tuple[str, tuple[str, ...]]] = {
         "base": (base, tuple(FAMILIES)),
-        "targets": (targets, tuple(_UNET_CONTAINERS)),
         "lr_schedule": (lr_schedule, ("constant", "linear", "cosine")),
         "prediction_type": (prediction_type, ("epsilon", "v_prediction")),
     }
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise TrainingSetupError(Setting(name), f" must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-    if rank < 1:
-        raise TrainingSetupError(Setting("rank"), f" must be a positive integer, got {rank}")
-    if alpha is not None and alpha <= 0:
-        raise TrainingSetupError(
-            Setting("alpha"), f" must be positive (the LoRAs are scaled by alpha / rank), got {alpha}"
-        )
     for name, rate in (("learning_rate", learning_rate), ("text_encoder_learning_rate", text_encoder_learning_rate)):
         if rate is not None and rate <= 0:
             raise TrainingSetupError(Setting(name), f" must be positive, got {rate}")

@@ -1,6 +1,7 @@
 """Named sizes of the Stable Diffusion 1.x family: `SD15`, and `TINY`, the smallest the architecture allows.
 
-`TINY` is the model the tests, the examples, the demo and `refiners-train`'s `base: tiny` share (instead of each
+`DIGITS` is the architecture of the handwritten digits model the repository ships (trained from scratch with
+`refiners-train`). `TINY` is the model the tests, the examples, the demo and `refiners-train`'s `base: tiny` share (instead of each
 writing the sizes out): SD1's blocks at 32 to 64 channels, 4 attention heads, an autoencoder of 32-channel blocks
 with one layer each, and a 2-layer, 32-wide CLIP text encoder over a byte-level vocabulary (514 ids: each byte
 alone and at the end of a word, then the start and end tokens). Each preset is the `ModelConfig` of every
@@ -26,7 +27,7 @@ from refiners.foundationals.clip.text_encoder import CLIPTextEncoder, CLIPTextEn
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder, SD1Autoencoder
 from refiners.foundationals.latent_diffusion.stable_diffusion_1.unet import SD1UNet
 
-__all__ = ["SD1Preset", "SD15", "TINY", "TINY_VOCABULARY_SIZE"]
+__all__ = ["SD1Preset", "SD15", "TINY", "TINY_VOCABULARY_SIZE", "DIGITS"]
 
 TINY_VOCABULARY_SIZE = 2 * 256 + 2
 """The byte-level vocabulary of `TINY`'s text encoder: each byte alone and at the end of a word, start and end."""
@@ -80,3 +81,25 @@ TINY = SD1Preset(
     ),
 )
 """The SD1 architecture at the smallest sizes it allows (see the module's documentation)."""
+
+DIGITS = SD1Preset(
+    unet=ModelConfig.of(SD1UNet, channels=(32, 32, 64, 64), context_embedding_dim=32, num_attention_heads=4),
+    lda=ModelConfig.of(
+        LatentDiffusionAutoencoder,
+        encoder_scale=1.0,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        num_groups=8,
+    ),
+    clip_text_encoder=ModelConfig.of(
+        CLIPTextEncoder,
+        embedding_dim=32,
+        num_layers=2,
+        num_attention_heads=4,
+        feedforward_dim=64,
+        gelu_approximation="quick",
+    ),
+)
+"""The handwritten digits model, trained from scratch (`models/digits` in the repository): 64x64 images, SD1's
+architecture at `TINY`'s UNet sizes, a 16-to-32-channel autoencoder and a 2-layer, 32-wide text encoder over CLIP's
+real vocabulary (49,408 tokens). The autoencoder's `encoder_scale` is measured on the data when it is trained."""
