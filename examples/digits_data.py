@@ -175,8 +175,11 @@ def digit_accuracies(
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
-    if len(sys.argv) != 2:
-        sys.exit("usage: python examples/digits_data.py FOLDER  (writes the digits' training images and captions)")
-    print(f"wrote {make_digits_folder(sys.argv[1])}")
+    parser = argparse.ArgumentParser(description="Write the digits' training images and captions (metadata.jsonl).")
+    parser.add_argument("folder", help="where to write them")
+    parser.add_argument("--digits", type=int, nargs="+", default=list(range(10)), help="which digits (default: all)")
+    parser.add_argument("--phrase", default=None, help='caption every image with this phrase (e.g. "a lucky number")')
+    args = parser.parse_args()
+    print(f"wrote {make_digits_folder(args.folder, tuple(args.digits), args.phrase)}")

@@ -50,6 +50,13 @@ COVERED_ELSEWHERE = {
     "refiners-train fit --config configs/digits-autoencoder.yaml": (
         "tests/test_digits.py::test_the_configs_that_made_it_run runs it, 2 steps, on the digits folder"
     ),
+    'python examples/digits_data.py outputs/digits/lucky --digits 7 --phrase "a lucky number"': (
+        "tests/test_digits.py::test_a_lora_learns_a_new_phrase_and_forgets_nothing writes the sevens' folder with the "
+        "same function"
+    ),
+    "refiners-train fit --config configs/digits-lora.yaml": (
+        "tests/test_digits.py::test_a_lora_learns_a_new_phrase_and_forgets_nothing runs it as shipped and judges the LoRA"
+    ),
     "refiners-train fit --config configs/digits-unet.yaml": (
         "tests/test_digits.py::test_the_configs_that_made_it_run runs it, 2 steps, after the autoencoder's"
     ),
