@@ -89,7 +89,7 @@ COVERED_ELSEWHERE = {
         "tests/converters/test_sdxl_refiner_conversion.py::"
         "test_an_lcm_unet_published_alone_converts_with_its_guidance_embedding runs it on a toy SDXL and LCM UNet"
     ),
-    "uv sync --locked --all-packages && uv run python examples/stable_diffusion_demo.py": (
+    "uv sync --locked --all-packages && uv run python examples/digits_demo.py": (
         "tests/test_examples.py::test_example_runs runs the demo, tests/test_readme.py::test_commands_install_then_run "
         "checks the command"
     ),

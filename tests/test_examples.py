@@ -31,6 +31,14 @@ EXPECTED_OUTPUT = {
         "\nstep 24/24  loss ",
         "\n[4/5] done in ",
     ],
+    "digits_demo.py": [
+        "right on digits it never saw",
+        "  accuracy ",
+        "training 45,568 parameters on cpu to step 100\nstep 1/100  loss ",
+        "sevens (judged ",
+        "LoRA ejected: the base model's images are back, bit for bit",
+    ],
+    "digits_data.py": ["wrote "],
 }
 # What an example must not print: third-party notices that do not concern its reader.
 UNEXPECTED_OUTPUT = {
@@ -49,13 +57,17 @@ UNEXPECTED_OUTPUT = {
         "Traceback",
     ],
 }
-# Where an example writes its outputs, if it does (kept out of the repository by the tests).
-OUTPUT_ARGUMENT = {"stable_diffusion_demo.py": "--output"}
+# The arguments that make an example write its outputs under the test's folder ("{tmp}"), out of the repository.
+ARGUMENTS = {
+    "stable_diffusion_demo.py": ["--output", "{tmp}"],
+    "digits_demo.py": ["--output", "{tmp}"],
+    "digits_data.py": ["{tmp}/digits"],
+}
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=[path.name for path in EXAMPLES])
 def test_example_runs(script: Path, tmp_path: Path) -> None:
-    output = [OUTPUT_ARGUMENT[script.name], str(tmp_path)] if script.name in OUTPUT_ARGUMENT else []
+    output = [argument.format(tmp=tmp_path) for argument in ARGUMENTS.get(script.name, [])]
     result = subprocess.run(
         [sys.executable, str(script), *output], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
     )
@@ -68,4 +80,4 @@ def test_example_runs(script: Path, tmp_path: Path) -> None:
 
 
 def test_expectations_name_existing_examples() -> None:
-    assert set(EXPECTED_OUTPUT) | set(UNEXPECTED_OUTPUT) | set(OUTPUT_ARGUMENT) <= {path.name for path in EXAMPLES}
+    assert set(EXPECTED_OUTPUT) | set(UNEXPECTED_OUTPUT) | set(ARGUMENTS) <= {path.name for path in EXAMPLES}

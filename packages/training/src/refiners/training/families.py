@@ -19,6 +19,8 @@ from torch import Tensor
 
 import refiners.fluxion.layers as fl
 from refiners.adapters.lora import KohyaBaseModel
+from refiners.fluxion.model_config import ModelConfig
+from refiners.fluxion.utils import load_metadata_from_safetensors
 from refiners.foundationals.clip.text_encoder import CLIPTextEncoder
 from refiners.foundationals.clip.tokenizer import CLIPTokenizer, bytes_to_unicode
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
@@ -102,9 +104,9 @@ class TrainingFamily(ABC):
         return components
 
     @abstractmethod
-    def load(self, folder: Path) -> dict[str, Any]:
+    def load(self, folder: Path, base: str) -> dict[str, Any]:
         """The components of a folder `convert_command` wrote (the files checked to be there), at the sizes the
-        files record."""
+        files record (files that record none: at the sizes of the preset `base`)."""
 
     @abstractmethod
     def pipeline(
@@ -173,12 +175,19 @@ class StableDiffusion1Training(TrainingFamily):
     }
     random_bases: ClassVar[frozenset[str]] = frozenset({"tiny", "digits"})
 
-    def load(self, folder: Path) -> dict[str, Any]:
-        # The folder's files record the sizes of what they hold: the family's `from_folder` builds them.
-        model = StableDiffusion_1.from_folder(folder)
-        if model.clip_text_encoder.tokenizer is None:
+    def load(self, folder: Path, base: str) -> dict[str, Any]:
+        if ModelConfig.from_metadata(load_metadata_from_safetensors(folder / UNET_FILE)) is not None:
+            # The folder's files record the sizes of what they hold: the family's `from_folder` builds them.
+            model = StableDiffusion_1.from_folder(folder)
+            components = {"unet": model.unet, "lda": model.lda, "clip_text_encoder": model.clip_text_encoder}
+        else:
+            components = self.presets[base].build(device="meta")
+            components["unet"].load_from_safetensors(folder / UNET_FILE)
+            components["lda"].load_from_safetensors(folder / AUTOENCODER_FILE)
+            components["clip_text_encoder"].load_from_safetensors(folder / CLIP_TEXT_FILE)
+        if components["clip_text_encoder"].tokenizer is None:
             raise self.missing_tokenizer(folder)
-        return {"unet": model.unet, "lda": model.lda, "clip_text_encoder": model.clip_text_encoder}
+        return components
 
     def pipeline(
         self, unet: UNet, lda: LatentDiffusionAutoencoder, clip_text_encoder: fl.Chain, solver: Solver
@@ -259,7 +268,7 @@ class StableDiffusionXLTraining(TrainingFamily):
     presets: ClassVar[Mapping[str, Any]] = {"sdxl": sdxl_presets.SDXL_BASE, "tiny-sdxl": sdxl_presets.TINY}
     random_bases: ClassVar[frozenset[str]] = frozenset({"tiny-sdxl"})
 
-    def load(self, folder: Path) -> dict[str, Any]:
+    def load(self, folder: Path, base: str) -> dict[str, Any]:
         # The folder's files record the sizes of what they hold: the family's `from_folder` builds them.
         model = StableDiffusion_XL.from_folder(folder)
         if model.clip_text_encoder.text_encoder_l.tokenizer is None:

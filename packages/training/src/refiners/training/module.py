@@ -213,7 +213,7 @@ def build_components(
     else:
         folder = Path(weights)
         family.check_components(folder)
-        built = family.load(folder)
+        built = family.load(folder, base)
     if autoencoder is not None:
         built["lda"] = load_autoencoder(autoencoder)
     return StableDiffusionComponents(**built, family=family)
