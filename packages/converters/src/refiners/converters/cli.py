@@ -12,6 +12,7 @@
     refiners-convert clip-image --from SOURCE --to FILE.safetensors # a transformers CLIPVisionModelWithProjection
     refiners-convert controlnet --from SOURCE --to FILE.safetensors # diffusers' ControlNetModel, lllyasviel's files
     refiners-convert ip-adapter --from FILE --to FILE.safetensors   # h94's IP-Adapter files (base, plus, FaceID)
+    refiners-convert sd1-to-diffusers --from FOLDER --to FOLDER     # back: a diffusers StableDiffusionPipeline folder
 
 SOURCE is a diffusers folder (or one component's folder), a single checkpoint file (`.safetensors`, `.ckpt`; the
 original layout, or one component's weights), or a Hugging Face Hub id such as `runwayml/stable-diffusion-v1-5`.
@@ -59,6 +60,7 @@ from refiners.converters.stable_diffusion import (
     convert_unet,
 )
 from refiners.converters.t2i_adapter import add_t2i_adapter_command, run_t2i_adapter_command
+from refiners.converters.to_diffusers import add_to_diffusers_command, run_to_diffusers_command
 
 __all__ = ["main", "build_parser", "CHECK_TOLERANCE", "CHECK_TOLERANCE_AFTER_CAST"]
 
@@ -131,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_controlnet_command(commands)
     add_t2i_adapter_command(commands)
     add_ip_adapter_command(commands)
+    add_to_diffusers_command(commands)
     return parser
 
 
@@ -183,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_t2i_adapter_command(args, _print_progress)
     if args.command == "ip-adapter":
         return run_ip_adapter_command(args, _print_progress)
+    if args.command == "sd1-to-diffusers":
+        return run_to_diffusers_command(args, _print_progress)
     dtype = _DTYPES[args.dtype] if args.dtype is not None else None
     if args.check and (missing := missing_reference_packages()):
         _print_progress(
