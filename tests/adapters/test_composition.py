@@ -29,10 +29,13 @@ from toy_models import UNET_CHANNELS
 from toy_sd1 import ours, reference, save_toy_sd1
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from refiners.adapters.controlnet import SD1ControlnetAdapter
+from refiners.adapters.controlnet import CONTROLNET_CONTEXT, SD1ControlnetAdapter
+from refiners.adapters.controlnet.adapter import CONTROLNET_RESIDUALS_CONTEXT
 from refiners.adapters.ip_adapter import SD1IPAdapter
+from refiners.adapters.ip_adapter.ip_adapter import IP_ADAPTER_CONTEXT
 from refiners.adapters.lora import SD1LoraAdapter
 from refiners.adapters.t2i_adapter import SD1T2IAdapter
+from refiners.adapters.t2i_adapter.adapter import T2I_ADAPTER_CONTEXT
 from refiners.adapters.textual_inversion import TextualInversion
 from refiners.converters.clip_image import convert_clip_image
 from refiners.converters.controlnet import convert_controlnet
@@ -371,4 +374,12 @@ def test_ejecting_all_in_any_order_gives_back_the_exact_model(
     after = models.state_dict()
     assert after.keys() == state.keys()
     assert all(torch.equal(after[key], value) for key, value in state.items())
+    # Nor does the UNet keep tensors of the adapters: their images, tokens and features are gone with them.
+    kept = {
+        (context, key)
+        for context in (CONTROLNET_CONTEXT, CONTROLNET_RESIDUALS_CONTEXT, IP_ADAPTER_CONTEXT, T2I_ADAPTER_CONTEXT)
+        for key, value in sd.unet.provider.contexts.get(context, {}).items()
+        if isinstance(value, torch.Tensor)
+    }
+    assert not kept, kept
     assert torch.equal(generate(sd), before)

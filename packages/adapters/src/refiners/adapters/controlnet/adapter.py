@@ -256,6 +256,9 @@ class ControlnetAdapter(fl.Chain, fl.Adapter[fl.Conv2d], Generic[UNetT, Controln
         return self
 
     def eject(self) -> None:
+        # The UNet keeps no tensor of it: neither the condition image nor the last residuals.
+        self.set_context(CONTROLNET_CONTEXT, {self.name: None})
+        self.set_context(CONTROLNET_RESIDUALS_CONTEXT, {self.name: None})
         self._residuals_adapter[0].eject()
         super().eject()
 

@@ -422,7 +422,8 @@ class IPAdapter:
         return self
 
     def eject(self) -> None:
-        """Remove them: the UNet is exactly as it was before `inject`."""
+        """Remove them: the UNet is exactly as it was before `inject`, and keeps no tensor of this adapter."""
+        self.target.set_context(IP_ADAPTER_CONTEXT, {self.name: None})
         for adapter in reversed(self._adapters):
             adapter.eject()
 
