@@ -8,6 +8,8 @@ shown. No download: everything is in the repository.
 3. Fine-tune a LoRA with `refiners-train` and `configs/digits-lora.yaml` on the sevens, captioned "a lucky number".
 4. Generate "a lucky number" before and after, with the judge's counts; the ten digits again with the LoRA (nothing
    forgotten); eject the LoRA and get the base model's images back, bit for bit.
+5. The converters both ways: export the model as a diffusers folder (`refiners-convert sd1-to-diffusers`), convert that
+   back (`refiners-convert sd1 --check`, each component against diffusers and transformers), and get the same images.
 
 Usage:
     uv run python examples/digits_demo.py [--output outputs/digits-demo] [--steps 100]
@@ -36,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LUCKY = "a lucky number"
 PER_ROW = 8
 STEPS, GUIDANCE = 20, 3.0  # DPM-Solver++ steps and classifier-free guidance of every generation here
-_TOTAL = 4
+_TOTAL = 5
 _START = time.monotonic()
 
 
@@ -46,6 +48,14 @@ def _step(number: int, title: str) -> Generator[None]:
     start = time.monotonic()
     yield
     print(f"[{number}/{_TOTAL}] done in {time.monotonic() - start:.0f} s", flush=True)
+
+
+def _run(name: str, module: str, *arguments: str, cwd: Path) -> None:
+    """Run one of the workspace's commands as a user would, showing it and its output as it comes."""
+    script = Path(sys.executable).with_name(name)  # the virtual environment's console script
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", module]
+    print(f"$ (cd {cwd} && {shlex.join([name, *arguments])})", flush=True)
+    subprocess.run([*command, *arguments], cwd=cwd, check=True)
 
 
 def grid(images: torch.Tensor, per_row: int) -> Image.Image:
@@ -107,10 +117,7 @@ def main() -> None:
             "--model.weights", str(ROOT / "models" / "digits"), "--data.data_dir", "lucky",
             "--export.dirpath", "lora", "--trainer.max_steps", str(args.steps),
         ]  # fmt: skip
-        script = Path(sys.executable).with_name("refiners-train")
-        command = [str(script)] if script.is_file() else [sys.executable, "-m", "refiners.training.cli"]
-        print(f"$ (cd {output} && {shlex.join(['refiners-train', *arguments])})", flush=True)
-        subprocess.run([*command, *arguments], cwd=output, check=True)
+        _run("refiners-train", "refiners.training.cli", *arguments, cwd=output)
         lora = output / "lora" / "lora.safetensors"
 
     with _step(4, f"{LUCKY!r} before and after the LoRA; the digits with it; then ejected"):
@@ -125,6 +132,18 @@ def main() -> None:
         restored = torch.equal(plain, generate(sd, [caption(3)], 4, seed=3, steps=STEPS, guidance_scale=GUIDANCE))
         print(f"  LoRA ejected: the base model's images are {'back, bit for bit' if restored else 'NOT back'}")
         assert restored and after.count(7) > before.count(7)
+
+    with _step(5, "Export the model as a diffusers folder, convert it back with refiners-convert: the same images"):
+        _run("refiners-convert", "refiners.converters.cli", "sd1-to-diffusers", "--from", str(ROOT / "models" / "digits"),
+             "--to", "diffusers", cwd=output)  # fmt: skip
+        _run("refiners-convert", "refiners.converters.cli", "sd1", "--from", "diffusers", "--to", "refiners", "--check",
+             cwd=output)  # fmt: skip
+        back = StableDiffusion_1.from_folder(output / "refiners")
+        same = torch.equal(plain, generate(back, [caption(3)], 4, seed=3, steps=STEPS, guidance_scale=GUIDANCE))
+        print(
+            f"  the model converted there and back draws {'the same images, bit for bit' if same else 'OTHER images'}"
+        )
+        assert same
 
     print(f"\nDone in {time.monotonic() - _START:.0f} s. Everything is in {output}:")
     print("  digits.png, digits-with-lora.png  the ten digits (a row each), without and with the LoRA")

@@ -309,7 +309,7 @@ def test_a_misspelled_task_names_the_nearest(capsys: pytest.CaptureFixture[str])
         main(["fit", "--config", str(CONFIG), "--task", "segment-anythin"])
     assert exit.value.code == 2
     assert capsys.readouterr().err.splitlines()[0] == (
-        "refiners-train: error: task: segment-anythin is not one of text-to-image, segment-anything: did you mean "
+        "refiners-train: error: task: segment-anythin is not one of text-to-image, full-fine-tuning, autoencoder, segment-anything: did you mean "
         "segment-anything?"
     )
 
