@@ -9,7 +9,8 @@ shown. No download: everything is in the repository.
 4. Generate "a lucky number" before and after, with the judge's counts; the ten digits again with the LoRA (nothing
    forgotten); eject the LoRA and get the base model's images back, bit for bit.
 5. The converters both ways: export the model as a diffusers folder (`refiners-convert sd1-to-diffusers`), convert that
-   back (`refiners-convert sd1 --check`, each component against diffusers and transformers), and get the same images.
+   back (`refiners-convert sd1 --from diffusers --to refiners --check`, each component against diffusers and
+   transformers), and get the same images.
 
 Usage:
     uv run python examples/digits_demo.py [--output outputs/digits-demo] [--steps 100]
