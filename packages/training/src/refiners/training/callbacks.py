@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Generator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import WeightAveraging
@@ -38,13 +38,15 @@ LoraFormat = Literal["refiners", "peft", "kohya"]
 diffusers' module names, every alpha written), `peft` (what diffusers' `save_lora_weights` writes and
 `load_lora_weights` reads), `kohya` (A1111, ComfyUI, kohya's and LyCORIS's tools)."""
 
+M = TypeVar("M", bound=LightningModule)
+
 _SUFFIXES: dict[LoraFormat, str] = {"refiners": "", "peft": "-peft", "kohya": "-kohya"}
 _TEXT_MODEL = "text_model."
 METADATA_KEY = "refiners_training"
 """The metadata key of an exported LoRA that holds the training's settings, as JSON."""
 
 
-def _output_folder(trainer: Trainer, dirpath: str | None, name: str) -> Path:
+def output_folder(trainer: Trainer, dirpath: str | None, name: str) -> Path:
     """`dirpath`, or `name` inside the run's log folder (the logger's versioned folder, else the root dir).
 
     Call it on every rank: `Trainer.log_dir` broadcasts rank zero's folder.
@@ -74,12 +76,12 @@ def _fine_tuning(pl_module: LightningModule, callback: str) -> LoraFineTuning:
     return pl_module
 
 
-def _averaged(trainer: Trainer, module: LoraFineTuning) -> LoraFineTuning:
-    """The module whose LoRAs are the ones to keep: `WeightAveraging`'s averaged copy when there is one."""
+def averaged(trainer: Trainer, module: M) -> M:
+    """The module whose weights are the ones to keep: `WeightAveraging`'s averaged copy when there is one."""
     for callback in trainer.callbacks:  # pyright: ignore[reportAttributeAccessIssue]
-        # WeightAveraging keeps its `AveragedModel` private; its `module` is a copy of ours holding the averaged LoRAs.
+        # WeightAveraging keeps its `AveragedModel` private; its `module` is a copy of ours holding the averaged weights.
         average = getattr(callback, "_average_model", None) if isinstance(callback, WeightAveraging) else None
-        if average is not None and isinstance(average.module, LoraFineTuning):
+        if average is not None and isinstance(average.module, type(module)):
             return average.module
     return module
 
@@ -206,7 +208,7 @@ class ExportLora(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         _fine_tuning(pl_module, type(self).__name__)
         # On every rank: the log folder is agreed on by a collective call (only rank zero writes).
-        self._folder = _output_folder(trainer, self.dirpath, "loras")
+        self._folder = output_folder(trainer, self.dirpath, "loras")
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # Several checkpoints may be saved at one step (`epoch=...ckpt` and `last.ckpt`): export once.
@@ -222,7 +224,7 @@ class ExportLora(Callback):
 
         Call it on every rank (as Lightning calls the hooks): under FSDP, the LoRAs are gathered first.
         """
-        source = _averaged(trainer, module)
+        source = averaged(trainer, module)
         with _full_loras(trainer):
             if not trainer.is_global_zero:
                 return {}
@@ -231,7 +233,7 @@ class ExportLora(Callback):
             specs if self.peft_text_model_prefix else {_without_text_model(name): spec for name, spec in specs.items()}
         )
         metadata = lora_metadata(trainer, module, averaged=source is not module)
-        folder = self._folder or _output_folder(trainer, self.dirpath, "loras")
+        folder = self._folder or output_folder(trainer, self.dirpath, "loras")
         folder.mkdir(parents=True, exist_ok=True)
         paths = self.paths(folder, step)
         for format, path in paths.items():
@@ -333,7 +335,7 @@ class SampleImages(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         _fine_tuning(pl_module, type(self).__name__)
         # On every rank: the log folder is agreed on by a collective call (only rank zero samples).
-        self._folder = _output_folder(trainer, self.dirpath, "samples")
+        self._folder = output_folder(trainer, self.dirpath, "samples")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.at_start:
@@ -389,7 +391,7 @@ class SampleImages(Callback):
             resolution = getattr(getattr(trainer, "datamodule", None), "resolution", None)
             size = self.size or resolution or module.family.default_size
             grid = image_grid(self.images(module, size))
-        folder = self._folder or _output_folder(trainer, self.dirpath, "samples")
+        folder = self._folder or output_folder(trainer, self.dirpath, "samples")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"step={step:06d}.png"
         temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")

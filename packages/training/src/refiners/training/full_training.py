@@ -24,15 +24,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import WeightAveraging
 from torch import Tensor
-from torch.optim.lr_scheduler import LambdaLR
 
 from refiners.fluxion.model_config import ModelConfig
 from refiners.fluxion.utils import load_metadata_from_safetensors, save_to_safetensors
 from refiners.foundationals.clip.text_encoder import CLIPTextEncoder
 from refiners.foundationals.latent_diffusion.auto_encoder import LatentDiffusionAutoencoder
 from refiners.foundationals.latent_diffusion.weights import unet_metadata
+from refiners.training.callbacks import averaged, output_folder
 from refiners.training.data import TrainingBatch
 from refiners.training.data_transforms import seeded_generator
 from refiners.training.errors import Setting, TrainingSetupError
@@ -44,7 +43,7 @@ from refiners.training.module import (
     OptimizerFactory,
     PredictionType,
     build_components,
-    lr_multiplier,
+    scheduled,
 )
 
 __all__ = ["FullFineTuning", "AutoencoderTraining", "ExportModel", "ModelFiles"]
@@ -314,15 +313,9 @@ class AutoencoderTraining(LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(
-            [{"params": list(self.parameters()), "name": "autoencoder"}], self.learning_rate
-        )
-        total = self.trainer.estimated_stepping_batches if self.lr_schedule != "constant" else None
-        schedule = lr_multiplier(self.lr_schedule, self.warmup_steps, None if total is None else int(total))
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "step"},
-        }
+        groups = [{"params": list(self.parameters()), "name": "autoencoder"}]
+        optimizer = self.optimizer_factory(groups, self.learning_rate)
+        return scheduled(optimizer, self.trainer, self.lr_schedule, self.warmup_steps)
 
     def encoder_scale(self, images: Iterable[Tensor]) -> float:
         """One over the standard deviation of the posterior means of `images` (batches in [-1, 1])."""
@@ -359,9 +352,7 @@ class ExportModel(Callback):
         self._last_checkpoint_step: int | None = None
 
     def folder(self, trainer: Trainer) -> Path:
-        if self.dirpath is not None:
-            return Path(self.dirpath)
-        return Path(trainer.log_dir or trainer.default_root_dir) / "model"
+        return output_folder(trainer, self.dirpath, "model")
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.at_checkpoints and trainer.global_step != self._last_checkpoint_step:
@@ -373,7 +364,7 @@ class ExportModel(Callback):
 
     def export(self, trainer: Trainer, pl_module: LightningModule, folder: Path) -> list[Path]:
         """Write the files into `folder` on the global rank zero; returns them."""
-        source = _averaged(trainer, pl_module)
+        source = averaged(trainer, pl_module)
         if not trainer.is_global_zero:
             return []
         match source:
@@ -404,11 +395,3 @@ class ExportModel(Callback):
                 break
             images.append(batch["images"])
         return images
-
-
-def _averaged(trainer: Trainer, module: LightningModule) -> LightningModule:
-    for callback in trainer.callbacks:  # pyright: ignore[reportAttributeAccessIssue]
-        average = getattr(callback, "_average_model", None) if isinstance(callback, WeightAveraging) else None
-        if average is not None and isinstance(average.module, type(module)):
-            return average.module
-    return module

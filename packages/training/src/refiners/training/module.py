@@ -684,17 +684,7 @@ class DenoisingTraining(LightningModule, ABC):
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameter_groups(), self.learning_rate)
-        total = self.trainer.estimated_stepping_batches if self.lr_schedule != "constant" else None
-        if total is not None and not math.isfinite(total):
-            raise TrainingSetupError(
-                Setting("lr_schedule", self.lr_schedule),
-                " decays to zero at the last step, but the training has no end: set trainer.max_steps or "
-                "trainer.max_epochs, or use ",
-                Setting("lr_schedule", "constant"),
-            )
-        schedule = lr_multiplier(self.lr_schedule, self.warmup_steps, None if total is None else int(total))
-        scheduler = LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+        return scheduled(optimizer, self.trainer, self.lr_schedule, self.warmup_steps)
 
     # -- sampling --------------------------------------------------------------------------------------------------
 
@@ -869,6 +859,26 @@ class LoraFineTuning(DenoisingTraining):
             ]
             groups.append({"params": text_encoder, "lr": self.text_encoder_learning_rate, "name": "text_encoder"})
         return groups
+
+
+def scheduled(optimizer: Optimizer, trainer: Any, schedule: LrSchedule, warmup_steps: int) -> dict[str, Any]:
+    """`configure_optimizers`'s answer: `optimizer` with the learning rate of `schedule` after `warmup_steps`,
+    stepped at every optimizer step.
+
+    Raises:
+        TrainingSetupError: A decaying schedule, but the training (`trainer`'s) has no end.
+    """
+    total = trainer.estimated_stepping_batches if schedule != "constant" else None
+    if total is not None and not math.isfinite(total):
+        raise TrainingSetupError(
+            Setting("lr_schedule", schedule),
+            " decays to zero at the last step, but the training has no end: set trainer.max_steps or "
+            "trainer.max_epochs, or use ",
+            Setting("lr_schedule", "constant"),
+        )
+    multiplier = lr_multiplier(schedule, warmup_steps, None if total is None else int(total))
+    scheduler = LambdaLR(optimizer, multiplier)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
 
 def lr_multiplier(schedule: LrSchedule, warmup_steps: int, total_steps: int | None) -> Callable[[int], float]:
